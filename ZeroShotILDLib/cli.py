@@ -1,0 +1,237 @@
+"""``zeroshot-ild``: the command line over the pipeline.
+
+    zeroshot-ild analyze SCAN --out DIR [options]   one scan (file or DICOM folder), or several
+    zeroshot-ild demo --out DIR                     everything offline on a generated phantom
+    zeroshot-ild models                             the registry and where weights are looked for
+
+Bad input ends with one line on stderr and exit code 2; nothing partial is left in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import Cancelled, InputError
+from .settings import COMMON_FINDINGS, DEFAULT_SUBTYPES, AnalysisSettings, LungMaskSettings
+
+EXIT_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+class TqdmProgress:
+    """One tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total or None, desc=stage, unit="", leave=False, file=sys.stderr,
+                             dynamic_ncols=True)
+        if self._bar is not None:
+            if total and self._bar.total != total:
+                self._bar.total = total
+            self._bar.n = done
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    d = AnalysisSettings()
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="registry name (see `zeroshot-ild models`), dapt:<checkpoint>, "
+                   f"or a checkpoint path (default: {d.model})")
+    g.add_argument("--checkpoint", help="weights file for a registry model (e.g. a manually downloaded CheXzero .pt)")
+    g.add_argument("--weights-dir", help="folder where weights are looked for (default: $ZEROSHOT_ILD_WEIGHTS or "
+                   "~/.cache/zeroshot-ild/weights)")
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass; halves itself on "
+                   "out-of-memory")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                   help=f"finding to search for, repeatable (default: '{d.prompts[0]}'; e.g. "
+                   + ", ".join(f"'{f}'" for f in COMMON_FINDINGS[1:4]) + ")")
+    g.add_argument("--negative", action="append", dest="negatives", metavar="TEXT",
+                   help="negative prompt for the prompt at the same position (default: 'no {prompt}')")
+    g.add_argument("--subtypes", help="comma-separated subtype names (default: " + ", ".join(DEFAULT_SUBTYPES) + ")")
+    g = p.add_argument_group("patches and montage")
+    g.add_argument("--patch-mm", type=float, default=d.patch_mm, help="patch side in millimetres")
+    g.add_argument("--patch-px", type=int, help="patch side in pixels at native spacing (overrides --patch-mm)")
+    g.add_argument("--stride-fraction", type=float, default=d.stride_fraction,
+                   help="grid stride as a fraction of the patch side (1 = non-overlapping)")
+    g.add_argument("--slice-step-mm", type=float, default=d.slice_step_mm, help="distance between scored slices")
+    g.add_argument("--filter-threshold", type=float, default=d.filter_threshold,
+                   help="minimum lung fraction of a patch (paper: 0.2, 0.5, 0.8)")
+    g.add_argument("--hu-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=d.hu_window,
+                   help="HU window mapped to the model's input (default: lung window -1350 150)")
+    g.add_argument("--montage-size", type=int, default=d.montage_size, choices=[4, 8, 16])
+    g.add_argument("--retrieval", default=d.retrieval, choices=["clip", "random"],
+                   help="montage patches: most probable (clip) or a seeded random draw")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="ranked patches listed in result.json")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--mode", dest="scoring_mode", default=d.scoring_mode, choices=["exact", "fast"],
+                   help="exact: encode every candidate; fast: two-stage search (see bench/RESULTS.md)")
+    g.add_argument("--cache-dir", help="keep patch embeddings here so re-running a scan skips encoding")
+
+
+def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
+    d = AnalysisSettings()
+    subtypes = [s.strip() for s in args.subtypes.split(",")] if args.subtypes is not None else list(d.subtypes)
+    return AnalysisSettings(
+        model=args.model, checkpoint=args.checkpoint, weights_dir=args.weights_dir, device=args.device,
+        batch_size=args.batch_size, prompts=args.prompts or list(d.prompts), negatives=args.negatives,
+        subtypes=subtypes, patch_mm=args.patch_mm, patch_px=args.patch_px, stride_fraction=args.stride_fraction,
+        slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold, hu_window=tuple(args.hu_window),
+        retrieval=args.retrieval, montage_size=args.montage_size, top_k=args.top_k, seed=args.seed,
+        scoring_mode=args.scoring_mode, lung=LungMaskSettings(),
+    ).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="analyse one or more scans")
+    p.add_argument("inputs", nargs="+", metavar="SCAN", help="NIfTI/NRRD/MHA file or DICOM folder")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per scan when several are given)")
+    _add_settings_args(p)
+    p = sub.add_parser("demo", help="run everything offline on a generated phantom")
+    p.add_argument("--out", required=True)
+    p.add_argument("--phantom-seed", type=int, default=7)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(120, 256, 256))
+    _add_settings_args(p)
+    p.set_defaults(model=None)
+    sub.add_parser("models", help="list supported models and where their weights are looked for")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="zeroshot-ild: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = TqdmProgress(enabled=not args.quiet)
+    try:
+        if args.command == "models":
+            return _cmd_models()
+        if args.command == "demo":
+            return _cmd_demo(args, progress)
+        return _cmd_analyze(args, progress)
+    except InputError as exc:
+        progress.close()
+        print(f"zeroshot-ild: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (Cancelled, KeyboardInterrupt):
+        progress.close()
+        print("zeroshot-ild: cancelled; no output written", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        progress.close()
+
+
+def _cmd_models() -> int:
+    from .models import default_weights_dir, list_models
+
+    root = default_weights_dir()
+    print(f"weights folder: {root}  (set $ZEROSHOT_ILD_WEIGHTS or --weights-dir to change)")
+    for spec in list_models():
+        print(f"\n{spec.name}  [{spec.architecture}]\n  {spec.description}\n  licence: {spec.licence}")
+        print("  weights: " + spec.how_to_obtain.format(weights_dir=root))
+    return 0
+
+
+def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None):
+    from .embeddings import EmbeddingCache
+    from .outputs import check_out_dir, write_outputs
+    from .pipeline import Analyzer
+    from .scan import read_scan
+
+    check_out_dir(out_dir)
+    if analyzer is None:
+        analyzer = Analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
+    scan = read_scan(scan_path) if not hasattr(scan_path, "hu") else scan_path
+    result = analyzer.analyze(scan)
+    progress("writing outputs", 0, 1)
+    write_outputs(result, scan, out_dir)
+    progress.close()
+    return result, analyzer
+
+
+def _summary(result, out_dir: Path) -> str:
+    lines = [f"{result.source or 'scan'} -> {out_dir}",
+             f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} candidate patches"]
+    for k, v in result.finding_probabilities.items():
+        lines.append(f"  P({k}) = {v:.3f}")
+    for k, v in result.subtype_probabilities.items():
+        lines.append(f"  P({k}) = {v:.3f}")
+    lines += [f"  note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def _cmd_analyze(args, progress) -> int:
+    settings = settings_from_args(args)
+    out = Path(args.out)
+    analyzer = None
+    many = len(args.inputs) > 1
+    for path in args.inputs:
+        target = out / _safe_name(path) if many else out
+        result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer)
+        print(_summary(result, target))
+    return 0
+
+
+def _safe_name(path: str) -> str:
+    name = Path(path.rstrip("/")).name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name or "scan"
+
+
+def _cmd_demo(args, progress) -> int:
+    from .models import get_spec, list_models
+    from .phantom import generate_phantom
+    from .scan import scan_from_array
+
+    if args.model is None:
+        args.model = _demo_model()
+    settings = settings_from_args(args)
+    if settings.model in {s.name for s in list_models()} and not get_spec(settings.model).meaningful:
+        print(f"zeroshot-ild demo: model '{settings.model}' has random weights, so its scores are meaningless; "
+              "this demo shows the pipeline and its outputs, not a diagnosis.", file=sys.stderr)
+    phantom = generate_phantom(args.phantom_seed, shape_zyx=tuple(args.shape), spacing_mm=(1.4, 1.4, 2.5),
+                               subtype="idiopathic pulmonary fibrosis")
+    scan = scan_from_array(phantom.hu, phantom.spacing_mm, phantom.origin_mm, phantom.direction,
+                           source=f"phantom(seed={args.phantom_seed})")
+    out = Path(args.out)
+    result, _ = _run_one(scan, out, settings, progress, args.cache_dir)
+    print(_summary(result, out))
+    return 0
+
+
+def _demo_model() -> str:
+    """The phantom-trained model when it ships with the package, else the tiny random one."""
+    from .models import _PACKAGE_WEIGHTS, get_spec
+
+    spec = get_spec("phantom-demo")
+    if any((_PACKAGE_WEIGHTS / f).is_file() for f in spec.files):
+        return "phantom-demo"
+    return "tiny-random"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

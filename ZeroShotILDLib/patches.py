@@ -1,0 +1,167 @@
+"""Candidate patches: a grid of square axial boxes over the lungs, and their pixels for a model.
+
+Patch size is given in millimetres and converted per scan, so a patch covers the same anatomy at
+any pixel spacing; pixels are resampled to the model's input size when they are read.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .geometry import index_to_ras
+from .results import PatchSet
+from .settings import AnalysisSettings
+
+
+def patch_side_px(spacing_mm, patch_mm: float = 32.0, patch_px: Optional[int] = None) -> tuple[int, int]:
+    """Box side in voxels (rows, cols) for ``patch_mm`` at this in-plane spacing (or ``patch_px``)."""
+    if patch_px:
+        return int(patch_px), int(patch_px)
+    sx, sy = float(spacing_mm[0]), float(spacing_mm[1])
+    return max(2, int(round(patch_mm / sy))), max(2, int(round(patch_mm / sx)))
+
+
+def slice_step_voxels(spacing_mm, slice_step_mm: float) -> int:
+    return max(1, int(round(slice_step_mm / float(spacing_mm[2]))))
+
+
+def _box_sums(mask_slice: np.ndarray, rows: int, cols: int, row0: np.ndarray, col0: np.ndarray) -> np.ndarray:
+    """Sum of ``mask_slice`` over every box of the grid, with one summed-area table per slice."""
+    sat = np.zeros((mask_slice.shape[0] + 1, mask_slice.shape[1] + 1), dtype=np.int64)
+    np.cumsum(np.cumsum(mask_slice, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    r0 = row0[:, None]
+    c0 = col0[None, :]
+    return sat[r0 + rows, c0 + cols] - sat[r0, c0 + cols] - sat[r0 + rows, c0] + sat[r0, c0]
+
+
+def candidate_patches(lung_mask: np.ndarray, spacing_mm, *, patch_mm: float = 32.0, patch_px: Optional[int] = None,
+                      stride_fraction: float = 1.0, slice_step_mm: float = 1.0, filter_threshold: float = 0.5,
+                      origin_mm=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> PatchSet:
+    """Grid boxes on lung slices whose lung fraction is at least ``filter_threshold``.
+
+    The grid is anchored at the lungs' bounding box and shared by all slices, so neighbouring slices
+    have boxes at the same (row, col) and the heatmap lines up across slices. Slices are taken every
+    ``slice_step_mm`` (rounded to whole slices). Patches with no lung at all are never kept, even with
+    a threshold of 0.
+    """
+    if lung_mask.ndim != 3:
+        raise ValueError("lung_mask must be 3-D [z, y, x]")
+    rows, cols = patch_side_px(spacing_mm, patch_mm, patch_px)
+    nz, ny, nx = lung_mask.shape
+    rows, cols = min(rows, ny), min(cols, nx)
+    lung_slices = np.flatnonzero(lung_mask.any(axis=(1, 2)))
+    empty = PatchSet(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), rows, cols, np.zeros(0), np.zeros((0, 3)))
+    if lung_slices.size == 0:
+        return empty
+    step = slice_step_voxels(spacing_mm, slice_step_mm)
+    # Anchor slices at the first lung slice so the same scan always gives the same set.
+    slices = np.arange(lung_slices[0], lung_slices[-1] + 1, step)
+    ys = np.flatnonzero(lung_mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(lung_mask.any(axis=(0, 1)))
+    stride_r = max(1, int(round(rows * stride_fraction)))
+    stride_c = max(1, int(round(cols * stride_fraction)))
+    row0 = _grid_starts(ys[0], ys[-1], rows, stride_r, ny)
+    col0 = _grid_starts(xs[0], xs[-1], cols, stride_c, nx)
+    area = float(rows * cols)
+    out_z, out_r, out_c, out_f = [], [], [], []
+    for z in slices:
+        sl = lung_mask[z]
+        if not sl.any():
+            continue
+        frac = _box_sums(sl, rows, cols, row0, col0) / area
+        keep = (frac >= filter_threshold) & (frac > 0)
+        rr, cc = np.nonzero(keep)
+        out_z.append(np.full(rr.size, z))
+        out_r.append(row0[rr])
+        out_c.append(col0[cc])
+        out_f.append(frac[rr, cc])
+    if not out_z:
+        return empty
+    z = np.concatenate(out_z).astype(np.int64)
+    r = np.concatenate(out_r).astype(np.int64)
+    c = np.concatenate(out_c).astype(np.int64)
+    f = np.concatenate(out_f).astype(np.float64)
+    centres = np.stack([z, r + (rows - 1) / 2.0, c + (cols - 1) / 2.0], axis=1)
+    ras = index_to_ras(centres, spacing_mm, origin_mm, direction)
+    return PatchSet(z, r, c, rows, cols, f, ras)
+
+
+def _grid_starts(lo: int, hi: int, size: int, stride: int, limit: int) -> np.ndarray:
+    """Box starts covering [lo, hi] with boxes of ``size`` that stay inside [0, limit)."""
+    extent = hi - lo + 1
+    count = max(1, math.ceil(max(extent - size, 0) / stride) + 1)
+    span = (count - 1) * stride + size
+    start = lo - (span - extent) // 2  # centre the grid on the lungs
+    starts = start + stride * np.arange(count)
+    return np.clip(starts, 0, max(limit - size, 0)).astype(np.int64)
+
+
+def candidates_for(lung_mask: np.ndarray, spacing_mm, settings: AnalysisSettings, origin_mm=(0, 0, 0),
+                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> PatchSet:
+    return candidate_patches(
+        lung_mask, spacing_mm, patch_mm=settings.patch_mm, patch_px=settings.patch_px,
+        stride_fraction=settings.stride_fraction, slice_step_mm=settings.slice_step_mm,
+        filter_threshold=settings.filter_threshold, origin_mm=origin_mm, direction=direction,
+    )
+
+
+def window_hu(values: torch.Tensor, hu_window=(-1350.0, 150.0)) -> torch.Tensor:
+    """HU -> [0, 1] through a window (low, high); values outside are clipped."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return ((values.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def patch_pixels(hu: np.ndarray, patches: PatchSet, indices: np.ndarray, *, image_size: int,
+                 hu_window=(-1350.0, 150.0), device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixels of ``patches[indices]`` as (n, 1, image_size, image_size) float32 in [0, 1].
+
+    One gather and one resize per slice rather than a Python loop per patch: all boxes of a slice
+    are cut out with a single advanced-indexing op and resized together.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    out = torch.empty((indices.size, 1, image_size, image_size), dtype=torch.float32, device=device)
+    if indices.size == 0:
+        return out
+    rows, cols = patches.size_rows, patches.size_cols
+    dr = torch.arange(rows, device=device)
+    dc = torch.arange(cols, device=device)
+    zs = patches.slice_index[indices]
+    order = np.argsort(zs, kind="stable")
+    sorted_z = zs[order]
+    bounds = np.flatnonzero(np.diff(sorted_z)) + 1
+    for group in np.split(order, bounds):
+        z = int(zs[group[0]])
+        sl = torch.as_tensor(np.ascontiguousarray(hu[z]), device=device)
+        sl = window_hu(sl, hu_window)
+        r0 = torch.as_tensor(patches.row0[indices[group]], device=device)
+        c0 = torch.as_tensor(patches.col0[indices[group]], device=device)
+        crops = sl[(r0[:, None] + dr)[:, :, None], (c0[:, None] + dc)[:, None, :]]  # (g, rows, cols)
+        crops = crops[:, None]
+        if (rows, cols) != (image_size, image_size):
+            crops = F.interpolate(crops, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                                  antialias=rows > image_size or cols > image_size)
+        out[torch.as_tensor(group, device=device)] = crops.clamp_(0.0, 1.0)
+    return out
+
+
+def iter_patch_batches(hu: np.ndarray, patches: PatchSet, indices: np.ndarray, *, batch_size: int, image_size: int,
+                       hu_window=(-1350.0, 150.0), device="cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (indices, pixels) batches in slice order, so each slice is windowed once per batch."""
+    indices = np.asarray(indices, dtype=np.int64)
+    order = indices[np.argsort(patches.slice_index[indices], kind="stable")]
+    for start in range(0, order.size, batch_size):
+        chunk = order[start:start + batch_size]
+        yield chunk, patch_pixels(hu, patches, chunk, image_size=image_size, hu_window=hu_window, device=device)
+
+
+def require_candidates(patches: PatchSet, source: str, filter_threshold: float) -> None:
+    if len(patches) == 0:
+        raise InputError(
+            f"no lung patches in {source} pass the filter threshold {filter_threshold}: "
+            "lower --filter-threshold or --patch-mm, or check that the scan covers the lungs"
+        )

@@ -1,0 +1,59 @@
+"""Prompt probabilities, CheXzero style.
+
+For a finding, text features of ``"{finding}"`` and ``"no {finding}"`` are compared with
+L2-normalised image features by raw cosine similarity (no logit scale), and the probability is
+``exp(s_pos) / (exp(s_pos) + exp(s_neg))`` (CheXzero ``zero_shot.py``, ``run_softmax_eval``). With
+several templates each template's embedding is normalised, averaged and re-normalised.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+
+DEFAULT_TEMPLATES = ("{}",)
+
+
+class TextEncoder:
+    """Encodes prompts with a model and keeps the results, so re-prompting costs one text pass."""
+
+    def __init__(self, model: LoadedModel, templates: Sequence[str] = DEFAULT_TEMPLATES):
+        self.model = model
+        self.templates = tuple(templates)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def embed(self, text: str) -> torch.Tensor:
+        """(D,) float32 CPU unit vector for ``text`` averaged over the templates."""
+        if text not in self._cache:
+            tokens = self.model.tokenize([t.format(text) for t in self.templates]).to(self.model.device)
+            with torch.inference_mode():
+                feats = self.model.model.encode_text(tokens).float()
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            mean = feats.mean(dim=0)
+            self._cache[text] = (mean / mean.norm()).cpu()
+        return self._cache[text]
+
+    def pair(self, positive: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(positive), self.embed(negative)
+
+
+def softmax_probability(image_features: np.ndarray, positive: torch.Tensor, negative: torch.Tensor,
+                        logit_scale: float = 1.0) -> np.ndarray:
+    """P(positive) per row of L2-normalised ``image_features`` (N, D).
+
+    ``exp(a)/(exp(a)+exp(b))`` is computed as ``sigmoid(a-b)``, the same number without overflow
+    once a logit scale is used.
+    """
+    feats = torch.as_tensor(np.asarray(image_features, dtype=np.float32))
+    pos = feats @ positive.float()
+    neg = feats @ negative.float()
+    return torch.sigmoid(logit_scale * (pos - neg)).numpy().astype(np.float64)
+
+
+def prompt_probabilities(image_features: np.ndarray, text: TextEncoder, prompts: Sequence[str],
+                         negatives: Sequence[str]) -> dict[str, np.ndarray]:
+    """{prompt: P(prompt) per image} for each (prompt, negative) pair."""
+    return {p: softmax_probability(image_features, *text.pair(p, n)) for p, n in zip(prompts, negatives)}

@@ -1,0 +1,175 @@
+"""One settings type shared by the command line, the Slicer module and training.
+
+A parameter means the same thing everywhere: the CLI flags, the Slicer parameter node and the
+training configs are all read into ``AnalysisSettings``. Names carry their units.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .errors import InputError
+
+DEFAULT_PROMPT = "interstitial lung disease"
+DEFAULT_SUBTYPES = (
+    "idiopathic pulmonary fibrosis",
+    "systemic sclerosis",
+    "hypersensitivity pneumonitis",
+)
+#: Findings offered as quick picks in the Slicer module and documented for the CLI.
+COMMON_FINDINGS = (
+    "interstitial lung disease",
+    "honeycombing",
+    "reticulation",
+    "ground-glass opacity",
+    "traction bronchiectasis",
+    "emphysema",
+    "consolidation",
+)
+#: Lung window (level -600 HU, width 1500 HU), the usual reading window for HRCT parenchyma.
+LUNG_WINDOW_HU = (-1350.0, 150.0)
+MONTAGE_SIZES = (4, 8, 16)
+RETRIEVAL_METHODS = ("clip", "random")
+DEVICES = ("auto", "cpu", "cuda")
+SCORING_MODES = ("exact", "fast")
+
+
+@dataclass
+class LungMaskSettings:
+    """Parameters of the paper-000 lung segmentation (threshold + morphology + hole filling)."""
+
+    threshold_hu: float = -400.0
+    #: Components smaller than this (mL) are dropped (noise, bowel gas).
+    min_component_ml: float = 5.0
+    #: Radius (mm) of the in-plane opening that cuts thin bridges to airways.
+    opening_mm: float = 2.0
+    #: Radius (mm) of the in-plane closing that pulls vessels and dense subpleural tissue in.
+    closing_mm: float = 6.0
+    #: Radius (mm) of the final erosion that keeps the mask off the chest wall.
+    erosion_mm: float = 0.0
+    #: Airway lumen below this HU is taken for trachea/main bronchi candidates.
+    airway_hu: float = -950.0
+    fill_holes: bool = True
+
+
+@dataclass
+class AnalysisSettings:
+    """Everything that decides what ``analyze`` computes."""
+
+    # Model
+    model: str = "chexzero"
+    checkpoint: Optional[str] = None
+    weights_dir: Optional[str] = None
+    device: str = "auto"
+    batch_size: int = 64
+
+    # Prompts (paper 000: positive prompt vs "no {prompt}")
+    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
+    negatives: Optional[list[str]] = None
+    subtypes: list[str] = field(default_factory=lambda: list(DEFAULT_SUBTYPES))
+
+    # Candidate patches
+    patch_mm: float = 32.0
+    #: If set, the patch is this many pixels at the scan's native in-plane spacing instead of patch_mm.
+    patch_px: Optional[int] = None
+    #: Grid stride as a fraction of the patch side (1.0 = non-overlapping).
+    stride_fraction: float = 1.0
+    slice_step_mm: float = 1.0
+    filter_threshold: float = 0.5
+    hu_window: tuple[float, float] = LUNG_WINDOW_HU
+
+    # Ranking and montage
+    retrieval: str = "clip"
+    montage_size: int = 4
+    top_k: int = 16
+    seed: int = 0
+    #: "exact" encodes every candidate at full resolution; "fast" is the two-stage search.
+    scoring_mode: str = "exact"
+
+    lung: LungMaskSettings = field(default_factory=LungMaskSettings)
+
+    # ------------------------------------------------------------------
+    def negative_for(self, index: int) -> str:
+        if self.negatives and index < len(self.negatives) and self.negatives[index]:
+            return self.negatives[index]
+        return f"no {self.prompts[index]}"
+
+    def validate(self) -> "AnalysisSettings":
+        """Raise ``InputError`` with a one-line reason for the first invalid setting."""
+        self.prompts = [p.strip() for p in self.prompts]
+        if not self.prompts or any(not p for p in self.prompts):
+            raise InputError("empty prompt: give a finding to search for, e.g. --prompt 'honeycombing'")
+        if self.negatives is not None and len(self.negatives) > len(self.prompts):
+            raise InputError("more --negative prompts than --prompt: give one negative per prompt at most")
+        self.subtypes = [s.strip() for s in self.subtypes if s and s.strip()]
+        if self.montage_size not in MONTAGE_SIZES:
+            raise InputError(f"montage size {self.montage_size} is not supported: use one of {MONTAGE_SIZES}")
+        if not 0.0 <= self.filter_threshold <= 1.0:
+            raise InputError(f"filter threshold {self.filter_threshold} must be between 0 and 1")
+        if self.patch_px is None and not self.patch_mm > 0:
+            raise InputError(f"patch size {self.patch_mm} mm must be positive")
+        if self.patch_px is not None and self.patch_px < 4:
+            raise InputError(f"patch size {self.patch_px} px is too small: use at least 4 pixels")
+        if not 0.1 <= self.stride_fraction <= 4.0:
+            raise InputError(f"stride fraction {self.stride_fraction} must be between 0.1 and 4")
+        if not self.slice_step_mm > 0:
+            raise InputError(f"slice step {self.slice_step_mm} mm must be positive")
+        lo, hi = self.hu_window
+        if not hi > lo:
+            raise InputError(f"HU window {self.hu_window} is empty: give (low, high) with high > low")
+        if self.retrieval not in RETRIEVAL_METHODS:
+            raise InputError(f"retrieval '{self.retrieval}' is unknown: use one of {RETRIEVAL_METHODS}")
+        if self.device not in DEVICES:
+            raise InputError(f"device '{self.device}' is unknown: use one of {DEVICES}")
+        if self.scoring_mode not in SCORING_MODES:
+            raise InputError(f"scoring mode '{self.scoring_mode}' is unknown: use one of {SCORING_MODES}")
+        if self.top_k < 1:
+            raise InputError("top-k must be at least 1")
+        if self.batch_size < 1:
+            raise InputError("batch size must be at least 1")
+        return self
+
+    @property
+    def montage_patches(self) -> int:
+        return self.montage_size * self.montage_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnalysisSettings":
+        data = dict(data)
+        lung = LungMaskSettings(**data.pop("lung", {}) or {})
+        if "hu_window" in data:
+            data["hu_window"] = tuple(data["hu_window"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown settings {sorted(unknown)}: check the spelling against AnalysisSettings")
+        return cls(lung=lung, **data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def patch_key(self) -> dict:
+        """The settings that decide which patches exist and what their pixels are (cache key)."""
+        return {
+            "patch_mm": self.patch_mm,
+            "patch_px": self.patch_px,
+            "stride_fraction": self.stride_fraction,
+            "slice_step_mm": self.slice_step_mm,
+            "filter_threshold": self.filter_threshold,
+            "hu_window": list(self.hu_window),
+            "lung": dataclasses.asdict(self.lung),
+        }
+
+
+def with_overrides(settings: AnalysisSettings, **overrides) -> AnalysisSettings:
+    """Copy of ``settings`` with fields replaced (the Slicer re-prompt path uses this)."""
+    return dataclasses.replace(settings, **overrides)
+
+
+def as_list(value: Optional[Sequence[str]]) -> list[str]:
+    return list(value) if value else []
