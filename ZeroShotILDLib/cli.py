@@ -53,6 +53,8 @@ class TqdmProgress:
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     d = AnalysisSettings()
+    # -q is accepted before or after the sub-command; SUPPRESS keeps the top-level value otherwise.
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="registry name (see `zeroshot-ild models`), dapt:<checkpoint>, "
                    f"or a checkpoint path (default: {d.model})")
@@ -87,6 +89,14 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", dest="scoring_mode", default=d.scoring_mode, choices=["exact", "fast"],
                    help="exact: encode every candidate; fast: two-stage search (see bench/RESULTS.md)")
     g.add_argument("--cache-dir", help="keep patch embeddings here so re-running a scan skips encoding")
+    g.add_argument("--proposal-grid", dest="proposal_grid_tokens", type=int, default=d.proposal_grid_tokens,
+                   help="fast mode: ViT tokens per side in the proposal pass (1 = 32 px for ViT-B/32)")
+    g.add_argument("--rescore-fraction", type=float, default=d.rescore_fraction,
+                   help="fast mode: share of candidates re-scored at full resolution")
+    g.add_argument("--rescore-min", type=int, default=d.rescore_min,
+                   help="fast mode: re-score at least this many candidates at full resolution")
+    g.add_argument("--lung-working-spacing-mm", type=float, default=d.lung.working_spacing_mm,
+                   help="segment the lungs on a grid of about this spacing and upsample (0 = full resolution)")
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
@@ -98,7 +108,9 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         subtypes=subtypes, patch_mm=args.patch_mm, patch_px=args.patch_px, stride_fraction=args.stride_fraction,
         slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold, hu_window=tuple(args.hu_window),
         retrieval=args.retrieval, montage_size=args.montage_size, top_k=args.top_k, seed=args.seed,
-        scoring_mode=args.scoring_mode, lung=LungMaskSettings(),
+        scoring_mode=args.scoring_mode, proposal_grid_tokens=args.proposal_grid_tokens,
+        rescore_fraction=args.rescore_fraction, rescore_min=args.rescore_min,
+        lung=LungMaskSettings(working_spacing_mm=args.lung_working_spacing_mm or None),
     ).validate()
 
 

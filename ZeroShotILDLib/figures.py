@@ -36,7 +36,7 @@ def overlay_figure(scan: Scan, result: AnalysisResult, heat: np.ndarray, *, alph
     gray = window_to_uint8(scan.hu[z], result.settings.hu_window)
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     h = heat[z]
-    inside = h > 0
+    inside = (h > 0) & result.lung_mask[z]  # boxes spill past the pleura; show heat on lung only
     if inside.any():
         lo, hi = float(h[inside].min()), float(h[inside].max())
         rel = (h - lo) / (hi - lo) if hi > lo else np.ones_like(h)

@@ -116,40 +116,50 @@ def window_hu(values: torch.Tensor, hu_window=(-1350.0, 150.0)) -> torch.Tensor:
     return ((values.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
-def patch_pixels(hu: np.ndarray, patches: PatchSet, indices: np.ndarray, *, image_size: int,
+def _slice_tensor(hu, z: int, device: torch.device) -> torch.Tensor:
+    """One axial slice as a tensor on ``device``; numpy slices go through pinned memory to a GPU."""
+    if isinstance(hu, torch.Tensor):
+        return hu[z].to(device, non_blocking=True)
+    sl = torch.from_numpy(np.ascontiguousarray(hu[z]))
+    if device.type == "cuda":
+        sl = sl.pin_memory().to(device, non_blocking=True)
+    return sl
+
+
+def patch_pixels(hu, patches: PatchSet, indices: np.ndarray, *, image_size: int,
                  hu_window=(-1350.0, 150.0), device: torch.device | str = "cpu") -> torch.Tensor:
     """Pixels of ``patches[indices]`` as (n, 1, image_size, image_size) float32 in [0, 1].
 
-    One gather and one resize per slice rather than a Python loop per patch: all boxes of a slice
-    are cut out with a single advanced-indexing op and resized together.
+    ``hu`` is the [z, y, x] volume as a numpy array or a torch tensor (e.g. already on the GPU).
+    All boxes of a slice are cut out with one advanced-indexing op, and all boxes of the call are
+    resized together with one interpolation, rather than a Python loop per patch.
     """
+    device = torch.device(device)
     indices = np.asarray(indices, dtype=np.int64)
-    out = torch.empty((indices.size, 1, image_size, image_size), dtype=torch.float32, device=device)
     if indices.size == 0:
-        return out
+        return torch.empty((0, 1, image_size, image_size), dtype=torch.float32, device=device)
     rows, cols = patches.size_rows, patches.size_cols
     dr = torch.arange(rows, device=device)
     dc = torch.arange(cols, device=device)
     zs = patches.slice_index[indices]
     order = np.argsort(zs, kind="stable")
-    sorted_z = zs[order]
-    bounds = np.flatnonzero(np.diff(sorted_z)) + 1
+    bounds = np.flatnonzero(np.diff(zs[order])) + 1
+    crops = []
     for group in np.split(order, bounds):
-        z = int(zs[group[0]])
-        sl = torch.as_tensor(np.ascontiguousarray(hu[z]), device=device)
-        sl = window_hu(sl, hu_window)
+        sl = window_hu(_slice_tensor(hu, int(zs[group[0]]), device), hu_window)
         r0 = torch.as_tensor(patches.row0[indices[group]], device=device)
         c0 = torch.as_tensor(patches.col0[indices[group]], device=device)
-        crops = sl[(r0[:, None] + dr)[:, :, None], (c0[:, None] + dc)[:, None, :]]  # (g, rows, cols)
-        crops = crops[:, None]
-        if (rows, cols) != (image_size, image_size):
-            crops = F.interpolate(crops, size=(image_size, image_size), mode="bicubic", align_corners=False,
-                                  antialias=rows > image_size or cols > image_size)
-        out[torch.as_tensor(group, device=device)] = crops.clamp_(0.0, 1.0)
+        crops.append(sl[(r0[:, None] + dr)[:, :, None], (c0[:, None] + dc)[:, None, :]])  # (g, rows, cols)
+    pixels = torch.cat(crops)[:, None]
+    if (rows, cols) != (image_size, image_size):
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                               antialias=rows > image_size or cols > image_size)
+    out = torch.empty_like(pixels)
+    out[torch.as_tensor(order, device=device)] = pixels.clamp_(0.0, 1.0)
     return out
 
 
-def iter_patch_batches(hu: np.ndarray, patches: PatchSet, indices: np.ndarray, *, batch_size: int, image_size: int,
+def iter_patch_batches(hu, patches: PatchSet, indices: np.ndarray, *, batch_size: int, image_size: int,
                        hu_window=(-1350.0, 150.0), device="cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (indices, pixels) batches in slice order, so each slice is windowed once per batch."""
     indices = np.asarray(indices, dtype=np.int64)

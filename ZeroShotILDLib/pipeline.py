@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from . import lung_mask as lung_mask_mod
+from . import proposals
 from .classification import classify_montage, montage_features, subtype_pairs
 from .embeddings import EmbeddingCache, ImageEncoder, cache_key, scan_fingerprint
 from .errors import InputError
@@ -23,7 +25,7 @@ from .progress import CancelToken, ProgressCallback, resolve
 from .ranking import rank_patches
 from .results import AnalysisResult, PatchSet
 from .scan import Scan, read_scan
-from .scoring import TextEncoder, prompt_probabilities
+from .scoring import TextEncoder, prompt_probabilities, softmax_probability
 from .settings import AnalysisSettings
 
 
@@ -35,10 +37,17 @@ class _ScanState:
     lung_mask: np.ndarray
     lung_volume_ml: float
     patches: PatchSet
-    features: np.ndarray  # (N, D) for every candidate (exact) or the exactly re-scored ones (fast)
-    encoded_exactly: int
+    #: (N, D) unit features: full-resolution rows where ``exact``, proposal-pass rows elsewhere (fast mode).
+    features: np.ndarray
+    exact: np.ndarray  # (N,) bool
+    #: (prompt, negative) whose proposal ranking chose the exactly re-scored set; None when all are exact.
+    rescored_for: Optional[tuple]
     notes: list
     timings_s: dict
+
+    @property
+    def encoded_exactly(self) -> int:
+        return int(np.count_nonzero(self.exact))
 
 
 class Analyzer:
@@ -78,8 +87,8 @@ class Analyzer:
         return self._text
 
     # ------------------------------------------------------------------
-    def analyze(self, scan: Union[Scan, str]) -> AnalysisResult:
-        """Full run on a scan (or a path to one)."""
+    def analyze(self, scan: Union[Scan, str], lung_mask: Optional[np.ndarray] = None) -> AnalysisResult:
+        """Full run on a scan (or a path to one); ``lung_mask`` skips the segmentation when given."""
         s = self.settings
         timings: dict = {}
         t0 = time.perf_counter()
@@ -89,7 +98,13 @@ class Analyzer:
         timings["read_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, s.lung, progress=self.progress, cancel=self.cancel)
+        if lung_mask is not None:
+            if lung_mask.shape != scan.hu.shape:
+                raise InputError(f"lung mask shape {lung_mask.shape} differs from the scan's {scan.hu.shape}")
+            mask = lung_mask.astype(bool, copy=False)
+        else:
+            mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, s.lung, progress=self.progress,
+                                               cancel=self.cancel, working_spacing_mm=_lung_working_spacing(s))
         volume_ml = lung_mask_mod.lung_volume_ml(mask, scan.spacing_mm)
         timings["lung_mask_s"] = time.perf_counter() - t
         self.cancel.raise_if_cancelled()
@@ -99,20 +114,10 @@ class Analyzer:
         require_candidates(patches, scan.source or "the scan", s.filter_threshold)
         timings["patches_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        key = cache_key(scan_fingerprint(scan.hu, scan.spacing_mm), self.model.identity, s.patch_key(), s.scoring_mode)
-        cached = self.cache.get(key)
-        if cached is not None and cached["features"].shape[0] == len(patches):
-            features = cached["features"]
-            encoded = int(cached["encoded_exactly"])
-            notes = list(scan.notes) + ["patch embeddings reused from the cache"]
-        else:
-            features, encoded = self._encode_all(scan, patches)
-            notes = list(scan.notes)
-            self.cache.put(key, {"features": features, "encoded_exactly": np.int64(encoded)})
-        timings["encode_s"] = time.perf_counter() - t
+        notes = list(scan.notes)
+        features, exact, rescored_for = self._embed(scan, patches, notes, timings)
 
-        self._state = _ScanState(scan, mask, volume_ml, patches, features, encoded, notes, timings)
+        self._state = _ScanState(scan, mask, volume_ml, patches, features, exact, rescored_for, notes, timings)
         result = self._score(s)
         result.timings_s["total_s"] = time.perf_counter() - t0
         return result
@@ -131,7 +136,8 @@ class Analyzer:
         if subtypes is not None:
             changes["subtypes"] = list(subtypes)
         affects_patches = {"patch_mm", "patch_px", "stride_fraction", "slice_step_mm", "filter_threshold",
-                           "hu_window", "lung", "model", "checkpoint", "weights_dir", "scoring_mode"}
+                           "hu_window", "lung", "model", "checkpoint", "weights_dir", "scoring_mode",
+                           "proposal_grid_tokens", "rescore_fraction", "rescore_min"}
         if affects_patches & set(changes):
             raise InputError(f"{sorted(affects_patches & set(changes))} change the patches: run analyze() again")
         import dataclasses
@@ -144,15 +150,115 @@ class Analyzer:
         return result
 
     # ------------------------------------------------------------------
-    def _encode_all(self, scan: Scan, patches: PatchSet) -> tuple[np.ndarray, int]:
+    def _embed(self, scan: Scan, patches: PatchSet, notes: list, timings: dict):
+        """Patch features for ``patches``: all exact, or proposal pass + exact re-scoring (fast mode).
+
+        One cache entry per (scan content, model, patch settings) serves both modes: it holds the
+        exact features computed so far, a mask of which rows they are, and the proposal features.
+        A later run encodes only what the entry lacks (exact mode: the rows not yet exact; fast mode
+        with another prompt: the new prompt's re-scoring set).
+        """
         s = self.settings
-        size = self.model.image_size
-        batches = iter_patch_batches(scan.hu, patches, np.arange(len(patches)), batch_size=self.encoder.batch_size,
-                                     image_size=size, hu_window=s.hu_window)
-        idx, feats = self.encoder.encode_batches(batches, len(patches), progress=self.progress, cancel=self.cancel)
+        n = len(patches)
+        key = cache_key(scan_fingerprint(scan.hu, scan.spacing_mm), self.model.identity, s.patch_key(),
+                        "patch-embeddings/2")
+        entry = self.cache.get(key)
+        if entry is not None and not (entry.get("features") is not None and entry["features"].shape[0] == n
+                                      and entry.get("exact") is not None and entry["exact"].shape == (n,)):
+            entry = None
+        if entry is not None:
+            exact_feats, exact = entry["features"].copy(), entry["exact"].astype(bool)
+            proposal, proposal_grid = entry.get("proposal"), int(entry.get("proposal_grid", 0))
+        else:
+            exact_feats, exact, proposal, proposal_grid = None, np.zeros(n, bool), None, 0
+        changed = False
+        volume = self._device_volume(scan.hu)
+
+        use_proposals = s.scoring_mode == "fast" and proposals.supports_proposals(self.model)
+        count = n
+        if use_proposals:
+            count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
+                                            rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
+            use_proposals = proposals.proposals_pay_off(n, count, s.proposal_grid_tokens,
+                                                        proposals.full_grid_tokens(self.model))
+        elif s.scoring_mode == "fast":
+            notes.append(f"fast mode needs a ViT image tower; '{self.model.spec.name}' encoded every patch exactly")
+
+        rescored_for = None
+        t = time.perf_counter()
+        if use_proposals:
+            if proposal is None or proposal.shape[0] != n or proposal_grid != s.proposal_grid_tokens:
+                proposal = self._encode_proposals(volume, patches, s.proposal_grid_tokens)
+                proposal_grid, changed = s.proposal_grid_tokens, True
+            timings["proposals_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pair = (s.prompts[0], s.negative_for(0))
+            proposal_p = softmax_probability(proposal, *self.text.pair(*pair))
+            todo = proposals.select_for_rescoring(proposal_p, count, exact)
+            rescored_for = pair
+        else:
+            todo = np.flatnonzero(~exact)
+        if todo.size:
+            feats = self._encode_exact(volume, patches, todo)
+            if exact_feats is None:
+                exact_feats = np.zeros((n, feats.shape[1]), np.float32)
+            exact_feats[todo] = feats
+            exact[todo] = True
+            changed = True
+        timings["encode_s"] = time.perf_counter() - t
+        if entry is not None and not changed:
+            notes.append("patch embeddings reused from the cache")
+        if changed:
+            entry = {"features": exact_feats, "exact": exact, "proposal_grid": np.int64(proposal_grid)}
+            if proposal is not None:
+                entry["proposal"] = proposal
+            self.cache.put(key, entry)
+
+        features = exact_feats.copy()
+        if not exact.all():
+            features[~exact] = proposal[~exact]
+            notes.append(f"fast mode: {n} candidates ranked by a {s.proposal_grid_tokens}x{s.proposal_grid_tokens}-token "
+                         f"proposal pass, the best {int(exact.sum())} re-scored at full resolution; top patches and "
+                         "montage come from the re-scored ones, the heatmap elsewhere shows proposal scores")
+        else:
+            rescored_for = None
+        return features, exact, rescored_for
+
+    def _device_volume(self, hu: np.ndarray):
+        """The scan where patches are cut: the numpy array on CPU, a GPU copy (via pinned memory) on CUDA.
+
+        On a GPU the whole volume is uploaded once (int16, ~160 MB for 512x512x300), so windowing,
+        cropping and resizing of every batch run there and the CPU only launches kernels.
+        """
+        device = self.model.device
+        if device.type != "cuda":
+            return hu
+        host = torch.from_numpy(np.ascontiguousarray(hu))
+        return host.pin_memory().to(device, non_blocking=True)
+
+    def _encode_exact(self, volume, patches: PatchSet, indices: np.ndarray) -> np.ndarray:
+        s = self.settings
+        batches = iter_patch_batches(volume, patches, indices, batch_size=self.encoder.batch_size,
+                                     image_size=self.model.image_size, hu_window=s.hu_window,
+                                     device=self.model.device)
+        idx, feats = self.encoder.encode_batches(batches, len(indices), progress=self.progress, cancel=self.cancel)
+        # Batches come back in slice order; put the rows back in the order of ``indices``.
+        row_of = {int(i): k for k, i in enumerate(idx)}
+        return feats[[row_of[int(i)] for i in indices]]
+
+    def _encode_proposals(self, volume, patches: PatchSet, grid_tokens: int) -> np.ndarray:
+        """Every candidate encoded at ``grid_tokens``^2 tokens (the proposal pass)."""
+        s = self.settings
+        # Proposal images are ~25x cheaper, so larger batches keep the matrix multiplies efficient.
+        encoder = ImageEncoder(self.model, self.encoder.batch_size * 4)
+        with proposals.low_resolution(self.model, grid_tokens) as size:
+            batches = iter_patch_batches(volume, patches, np.arange(len(patches)), batch_size=encoder.batch_size,
+                                         image_size=size, hu_window=s.hu_window, device=self.model.device)
+            idx, feats = encoder.encode_batches(batches, len(patches), progress=self.progress, cancel=self.cancel,
+                                                stage="proposal pass")
         out = np.empty_like(feats)
         out[idx] = feats
-        return out, len(patches)
+        return out
 
     def _score(self, s: AnalysisSettings) -> AnalysisResult:
         st = self._state
@@ -161,9 +267,20 @@ class Analyzer:
         negatives = [s.negative_for(i) for i in range(len(s.prompts))]
         probs = prompt_probabilities(st.features, self.text, s.prompts, negatives)
         primary = probs[s.prompts[0]]
-        ranked = rank_patches(primary, s.top_k, "clip")
-        montage_idx = rank_patches(primary, s.montage_patches, s.retrieval, s.seed)
         notes = list(st.notes)
+        if st.rescored_for is not None and st.rescored_for == (s.prompts[0], negatives[0]):
+            # The re-scored set holds this prompt's best proposals: rank within its exact scores,
+            # so a proposal score never outranks an exact one.
+            ranked = proposals.rank_exact_first(primary, st.exact, s.top_k)
+            montage_idx = (proposals.rank_exact_first(primary, st.exact, s.montage_patches)
+                           if s.retrieval == "clip" else rank_patches(primary, s.montage_patches, s.retrieval, s.seed))
+        else:
+            ranked = rank_patches(primary, s.top_k, "clip")
+            montage_idx = rank_patches(primary, s.montage_patches, s.retrieval, s.seed)
+            if st.rescored_for is not None:
+                approx = int(np.count_nonzero(~st.exact[ranked]))
+                notes.append(f"fast mode: the patches were re-scored for '{st.rescored_for[0]}'; {approx} of the top "
+                             f"{len(ranked)} for '{s.prompts[0]}' carry proposal-pass scores (analyze again for exact ones)")
         if len(montage_idx) < s.montage_patches:
             notes.append(f"only {len(montage_idx)} candidate patches for a {s.montage_size}x{s.montage_size} montage; "
                          "the remaining cells are black")
@@ -191,6 +308,49 @@ class Analyzer:
     @property
     def scan(self) -> Optional[Scan]:
         return self._state.scan if self._state else None
+
+
+def _lung_working_spacing(settings: AnalysisSettings) -> Optional[float]:
+    """Grid spacing (mm) for lung segmentation, once LungMaskSettings carries it; None = full resolution."""
+    return getattr(settings.lung, "working_spacing_mm", None)
+
+
+def montage_for_scan(scan: Scan, settings: AnalysisSettings, *, analyzer: Optional[Analyzer] = None,
+                     whole_image_if_no_lungs: bool = False, image_size: int = 224) -> tuple[np.ndarray, dict]:
+    """The montage of one scan as DAPT preprocessing needs it, plus what it was built from.
+
+    Random retrieval needs no model: lung mask -> candidates -> seeded draw -> montage at
+    ``image_size``. CLIP retrieval runs the analyzer (whose model picks the patches). With
+    ``whole_image_if_no_lungs`` a scan in which no lungs are found (a 2-D figure crop) is taken
+    whole instead of refused.
+    """
+    try:
+        mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, settings.lung,
+                                           working_spacing_mm=_lung_working_spacing(settings))
+    except InputError:
+        if not whole_image_if_no_lungs:
+            raise
+        mask = np.ones(scan.hu.shape, dtype=bool)
+    if settings.retrieval == "clip":
+        analyzer = analyzer or Analyzer(settings)
+        result = analyzer.analyze(scan, lung_mask=mask)
+        patches, chosen, montage = result.patches, result.montage_indices, result.montage
+        probabilities = {k: [float(v[i]) for i in chosen] for k, v in result.patch_probabilities.items()}
+    else:
+        patches = candidates_for(mask, scan.spacing_mm, settings, scan.origin_mm, scan.direction)
+        require_candidates(patches, scan.source or "the scan", settings.filter_threshold)
+        chosen = rank_patches(np.zeros(len(patches)), settings.montage_patches, "random", settings.seed)
+        pixels = patch_pixels(scan.hu, patches, chosen, image_size=image_size, hu_window=settings.hu_window)
+        montage = build_montage(pixels, settings.montage_size, image_size)
+        probabilities = {}
+    info = {
+        "candidates": len(patches),
+        "patches": [{"slice_index": int(patches.slice_index[i]), "row0": int(patches.row0[i]),
+                     "col0": int(patches.col0[i]), "size_rows": int(patches.size_rows),
+                     "size_cols": int(patches.size_cols)} for i in chosen],
+        "probabilities": probabilities,
+    }
+    return montage, info
 
 
 def analyze(scan: Union[Scan, str], settings: Optional[AnalysisSettings] = None, **kwargs) -> AnalysisResult:

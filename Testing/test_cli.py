@@ -1,0 +1,151 @@
+"""End-to-end command line: outputs, schema, bad inputs (one line, non-zero exit, nothing left behind)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from ZeroShotILDLib.cli import main
+
+FAST = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "30", "--slice-step-mm", "5", "-q"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory, small_phantom):
+    path = tmp_path_factory.mktemp("scan") / "phantom.nii.gz"
+    small_phantom.save(path)
+    return path
+
+
+def test_analyze_writes_every_output(phantom_file, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    out = tmp_path / "result"
+    code, stdout, err = _run(["-q", "analyze", str(phantom_file), "--out", str(out), *FAST[:-1],
+                              "--prompt", "interstitial lung disease", "--prompt", "honeycombing",
+                              "--subtypes", "idiopathic pulmonary fibrosis,sarcoidosis", "--top-k", "5"], capsys)
+    assert code == 0, err
+    for name in ("result.json", "patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["schema"] == "zeroshot-ild-result/1"
+    assert set(doc["probabilities"]) == {"interstitial lung disease", "honeycombing"}
+    assert set(doc["subtype_probabilities"]) == {"idiopathic pulmonary fibrosis", "sarcoidosis"}
+    assert len(doc["top_patches"]) == 5 and doc["top_patches"][0]["rank"] == 1
+    assert doc["lung_volume_ml"] > 100 and doc["model"]["meaningful"] is False
+    with open(out / "patches.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == doc["candidates"]
+    assert rows[0]["rank"] == "1"
+    top = doc["top_patches"][0]
+    assert int(rows[0]["slice_index"]) == top["slice_index"]
+    assert [float(rows[0][k]) for k in ("center_r_mm", "center_a_mm", "center_s_mm")] == pytest.approx(top["center_ras_mm"], abs=1e-3)
+    ref = sitk.ReadImage(str(phantom_file))
+    for name in ("heatmap.nii.gz", "lung_mask.nii.gz"):
+        img = sitk.ReadImage(str(out / name))
+        assert img.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing())
+        np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin())
+        np.testing.assert_allclose(img.GetDirection(), ref.GetDirection())
+    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "heatmap.nii.gz")))
+    z, y0, x0 = top["slice_index"], top["bbox_voxels"]["y0"], top["bbox_voxels"]["x0"]
+    assert heat[z, y0, x0] == pytest.approx(top["probabilities"]["interstitial lung disease"], abs=1e-6)
+    assert "P(interstitial lung disease)" in stdout
+
+
+@pytest.mark.parametrize("content,suffix,reason", [
+    (b"\x89PNG\r\n\x1a\n" + b"0" * 100, ".png", "not a CT"),
+    (b"", ".nii.gz", ""),
+    (b"hello", ".txt", ""),
+])
+def test_bad_files_fail_with_one_line_and_no_output(tmp_path, capsys, content, suffix, reason):
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    code, _, err = _run(["analyze", str(bad), "--out", str(out), *FAST], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("zeroshot-ild: error:"), err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_mr_like_volume_is_refused(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    mr = sitk.GetImageFromArray(rng.integers(0, 3000, size=(20, 64, 64)).astype(np.int16))
+    path = tmp_path / "t1.nii.gz"
+    sitk.WriteImage(mr, str(path))
+    code, _, err = _run(["analyze", str(path), "--out", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and "error" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scan_without_lungs_is_refused(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    body = np.full((20, 64, 64), -1000, np.int16)
+    yy, xx = np.mgrid[:64, :64]
+    body[:, (yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2] = 40  # a solid soft-tissue cylinder: no air inside
+    img = sitk.GetImageFromArray(body)
+    img.SetSpacing((2.0, 2.0, 5.0))
+    path = tmp_path / "nolungs.nii.gz"
+    sitk.WriteImage(img, str(path))
+    code, _, err = _run(["analyze", str(path), "--out", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and "lung" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_prompt_and_bad_checkpoint(phantom_file, tmp_path, capsys):
+    code, _, err = _run(["analyze", str(phantom_file), "--out", str(tmp_path / "o"), *FAST, "--prompt", " "], capsys)
+    assert code == 2 and "empty prompt" in err
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = _run(["analyze", str(phantom_file), "--out", str(tmp_path / "o"), *FAST, "--checkpoint", str(bad)],
+                        capsys)
+    assert code == 2 and "checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_empty_foreign_out_dir_is_refused(phantom_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    code, _, err = _run(["analyze", str(phantom_file), "--out", str(out), *FAST], capsys)
+    assert code == 2 and (out / "thesis.docx").read_text() == "precious"
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    code, stdout, err = _run(["demo", "--out", str(tmp_path / "demo"), "--shape", "40", "96", "96",
+                              "--model", "tiny-random", "--slice-step-mm", "5", "-q"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "demo" / "montage.png").is_file() and (tmp_path / "demo" / "overlay.png").is_file()
+    assert "meaningless" in err
+
+
+REAL_CTS = ["totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "totalseg/abdomen_lung_bases.nii.gz",
+            "totalseg/abdomen_dicom_series", "lidc_slices", "osic_ipf_sparse"]
+
+
+@pytest.mark.parametrize("name", REAL_CTS)
+def test_analyze_real_ct(name, tmp_path, capsys):
+    path = shared_data("real", "ct", name)
+    out = tmp_path / "o"
+    code, _, err = _run(["analyze", str(path), "--out", str(out), *FAST, "--filter-threshold", "0.2"], capsys)
+    if code == 2:
+        # Only a clear refusal of a scan with too little lung is acceptable, never a crash.
+        assert name in ("totalseg/abdomen_lung_bases.nii.gz", "totalseg/abdomen_dicom_series"), err
+        assert "lung" in err and len(err.strip().splitlines()) == 1
+        return
+    assert code == 0, err
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["lung_volume_ml"] > 0 and doc["candidates"] > 0
+    if name.startswith("totalseg/chest"):
+        assert doc["lung_volume_ml"] > 100

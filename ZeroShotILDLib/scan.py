@@ -1,0 +1,645 @@
+"""Step 1 of the pipeline: read a CT scan into Hounsfield units with its geometry.
+
+``read_scan`` accepts NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``), a folder holding a DICOM series (or several: the series with the most
+slices is used), a single DICOM file, or a list of DICOM slice files. Everything that is not a CT
+in HU is refused with ``errors.InputError`` and a one-line message saying what to give instead.
+
+What the reader does to the pixels, and why:
+
+- DICOM rescale slope/intercept are applied (GDCM does this per slice), so values are HU.
+- Scanner padding outside the reconstructed field of view (any value at or below -1500 HU, e.g.
+  -2048, -3024) and a constant frame pasted around every side of a slice (OSIC pastes 0 HU around
+  the reconstruction) are set to -1000 HU (air), so that they look like the air they replace.
+- The array is ``int16`` ``[z, y, x]``: HU are integers by definition, and 2 bytes per voxel keeps a
+  512 x 512 x 600 scan at 300 MB. Values are rounded and clipped to the int16 range.
+- Slices read one by one from DICOM are sorted along the slice normal; the z spacing comes from the
+  slice positions (not the slice thickness), the median gap when gaps differ.
+
+Decision on 2-D input: a single slice (a 2-D image or one DICOM file) is read as a volume of one
+slice when it passes the same CT checks as a volume (scalar pixels, air or lung near -1000 HU);
+colour pictures and non-HU images are refused. The z spacing of one slice is its DICOM slice
+thickness, or 1 mm.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import index_to_ras
+
+#: Values at or below this are scanner padding outside the reconstruction, not anatomy.
+PADDING_HU = -1500
+AIR_HU = -1000
+#: A CT of the chest (or of anything with air around or inside it) has voxels darker than this.
+AIR_OR_LUNG_HU = -500
+#: Fraction of voxels that must be air or lung for an image to count as a CT in HU.
+MIN_AIR_FRACTION = 1e-3
+
+WHAT_TO_GIVE = "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file or a DICOM folder"
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+_OTHER_KINDS = {
+    ".png": "a PNG image", ".jpg": "a JPEG image", ".jpeg": "a JPEG image", ".bmp": "a BMP image",
+    ".gif": "a GIF image", ".tif": "a TIFF image", ".tiff": "a TIFF image", ".webp": "a WebP image",
+    ".txt": "a text file", ".csv": "a text (CSV) file", ".json": "a JSON file", ".md": "a text file",
+    ".pdf": "a PDF document", ".zip": "a ZIP archive", ".npy": "a NumPy array file", ".npz": "a NumPy archive",
+    ".pt": "a PyTorch file", ".safetensors": "a weights file",
+}
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"BM", "a BMP image"))
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# DICOM tags read from slice headers (no patient identifiers are read or kept).
+_TAG_MODALITY = "0008|0060"
+_TAG_SERIES = "0020|000e"
+_TAG_THICKNESS = "0018|0050"
+_TAG_IMAGE_TYPE = "0008|0008"
+
+
+@dataclass
+class Scan:
+    """A CT volume in HU with the geometry needed to place masks and patches in patient space.
+
+    Attributes
+    ----------
+    hu : ndarray, int16, [z, y, x]
+        Hounsfield units; scanner padding is -1000 (air).
+    spacing_mm : tuple of 3 floats
+        Voxel size (x, y, z) in mm, as SimpleITK reports it.
+    origin_mm : tuple of 3 floats
+        Centre of voxel [0, 0, 0] in LPS mm.
+    direction : tuple of 9 floats
+        Row-major 3x3 direction cosines (SimpleITK order).
+    source : str
+        The path the user gave (nothing from the DICOM header is added).
+    notes : list of str
+        Human-readable remarks on how the scan was read.
+    """
+
+    hu: np.ndarray
+    spacing_mm: tuple
+    origin_mm: tuple
+    direction: tuple
+    source: str = ""
+    notes: list = field(default_factory=list)
+
+    @property
+    def shape_zyx(self) -> tuple:
+        return tuple(int(n) for n in self.hu.shape)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (spacing product in mm^3 / 1000)."""
+        return float(np.prod(np.asarray(self.spacing_mm, dtype=np.float64))) / 1000.0
+
+    def to_sitk(self, array: Optional[np.ndarray] = None) -> sitk.Image:
+        """``array`` (default ``hu``; same [z, y, x] shape) as a SimpleITK image with this scan's geometry.
+
+        Boolean arrays become ``uint8`` (SimpleITK has no bool pixel type).
+        """
+        data = self.hu if array is None else np.asarray(array)
+        if data.shape != self.hu.shape:
+            raise ValueError(f"array shape {data.shape} differs from the scan shape {self.hu.shape}")
+        if data.dtype == bool:
+            data = data.astype(np.uint8)
+        image = sitk.GetImageFromArray(data)
+        image.SetSpacing(tuple(float(v) for v in self.spacing_mm))
+        image.SetOrigin(tuple(float(v) for v in self.origin_mm))
+        image.SetDirection(tuple(float(v) for v in self.direction))
+        return image
+
+    def index_to_ras(self, zyx: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices ``[z, y, x]`` (N, 3) -> RAS millimetres (N, 3)."""
+        return index_to_ras(zyx, self.spacing_mm, self.origin_mm, self.direction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+def read_scan(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> Scan:
+    """Read a CT scan from a file, a DICOM folder or a list of DICOM slice files.
+
+    Parameters
+    ----------
+    path : path or sequence of paths
+        NIfTI/NRRD/MetaImage file, DICOM folder, single DICOM file, or a list of DICOM files.
+
+    Returns
+    -------
+    Scan
+        int16 HU volume [z, y, x] with spacing (mm), LPS origin (mm) and direction.
+
+    Raises
+    ------
+    InputError
+        The path is missing, is not a CT volume, is corrupt, or does not hold HU values.
+    """
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+        if not files:
+            raise InputError(f"empty list of files: {WHAT_TO_GIVE}")
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{f} does not exist or is not a file: check the path")
+        source = str(files[0].parent) if len(files) > 1 else str(files[0])
+        return _read_dicom_files(files, source, [])
+    p = Path(path)
+    source = str(path)
+    if not p.exists():
+        raise InputError(f"{source} does not exist: check the path")
+    if p.is_dir():
+        return _read_dicom_folder(p, source)
+    if p.stat().st_size == 0:
+        raise InputError(f"{source} is empty (0 bytes): the download or export failed; {WHAT_TO_GIVE}")
+    name = p.name.lower()
+    if name.endswith(VOLUME_EXTENSIONS):
+        return _read_volume_file(p, source)
+    if name.endswith(DICOM_EXTENSIONS) or _is_dicom(p):
+        return _read_dicom_files([p], source, [])
+    kind = _kind_of(p)
+    if kind:
+        raise InputError(f"{source} is {kind}, not a CT volume: {WHAT_TO_GIVE}")
+    raise InputError(f"{source} has an unsupported file type '{p.suffix or p.name}': {WHAT_TO_GIVE}")
+
+
+def scan_from_sitk(image: sitk.Image, source: str = "") -> Scan:
+    """Validate a SimpleITK image as a CT in HU and convert it to a ``Scan``.
+
+    Used by ``read_scan`` and by the Slicer module (which hands over its volume node as an image).
+    2-D images become one slice; colour/vector images, non-HU intensities and constant images
+    raise ``InputError``. The image's buffer is converted slice by slice to int16, so no float64
+    copy of the volume is made.
+    """
+    name = source or "the image"
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        n = image.GetNumberOfComponentsPerPixel()
+        what = "an RGB/colour picture" if n in (3, 4) else "a vector image"
+        raise InputError(f"{name} has {n} values per pixel ({what}), not a CT in HU: {WHAT_TO_GIVE}")
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"{name} has complex pixels, not a CT in HU: {WHAT_TO_GIVE}")
+    notes: list[str] = []
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise InputError(f"{name} is a 4-D image with {size[3]} time points/channels: give one 3-D CT volume")
+        image = sitk.Extract(image, (size[0], size[1], size[2], 0), (0, 0, 0, 0))
+        dim = 3
+    if dim == 2:
+        sx, sy = image.GetSpacing()
+        ox, oy = image.GetOrigin()
+        d = image.GetDirection()
+        spacing = (float(sx), float(sy), 1.0)
+        origin = (float(ox), float(oy), 0.0)
+        direction = (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0)
+        notes.append("2-D image: read as a single slice")
+    elif dim == 3:
+        spacing = tuple(float(v) for v in image.GetSpacing())
+        origin = tuple(float(v) for v in image.GetOrigin())
+        direction = tuple(float(v) for v in image.GetDirection())
+    else:
+        raise InputError(f"{name} is a {dim}-D image: give a 3-D CT volume")
+    view = sitk.GetArrayViewFromImage(image)
+    if view.ndim == 2:
+        view = view[None]
+    hu = np.empty(view.shape, dtype=np.int16)
+    for z in range(view.shape[0]):
+        hu[z] = _to_int16(view[z], name)
+    del view
+    return _finish(hu, spacing, origin, direction, source, notes)
+
+
+def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direction=_IDENTITY,
+                    source: str = "") -> Scan:
+    """Wrap an HU array [z, y, x] (or one 2-D slice) as a validated ``Scan``.
+
+    Parameters
+    ----------
+    hu : ndarray
+        HU values; any real dtype. Copied to int16 (rounded, clipped); padding mapped to air.
+    spacing_mm : (x, y, z) voxel size in mm ((x, y) for a 2-D slice: z becomes 1 mm).
+    origin_mm : (x, y, z) LPS position of voxel [0, 0, 0] in mm; default (0, 0, 0).
+    direction : 9 floats, row-major direction cosines; default identity.
+    """
+    arr = np.asarray(hu)
+    name = source or "the array"
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InputError(f"{name} has {arr.ndim} dimensions: give a 3-D [z, y, x] HU array")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool):
+        raise InputError(f"{name} has dtype {arr.dtype}: give real-valued HU")
+    spacing = tuple(float(v) for v in spacing_mm)
+    if len(spacing) == 2:
+        spacing = spacing + (1.0,)
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    origin = tuple(float(v) for v in origin_mm)
+    if len(origin) == 2:
+        origin = origin + (0.0,)
+    direction = tuple(float(v) for v in np.asarray(direction, dtype=np.float64).ravel())
+    if len(direction) != 9:
+        raise InputError(f"direction has {len(direction)} values: give 9 (row-major 3x3)")
+    out = np.empty(arr.shape, dtype=np.int16)
+    for z in range(arr.shape[0]):
+        out[z] = _to_int16(arr[z], name)
+    return _finish(out, spacing, origin, direction, source, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+def _read_volume_file(p: Path, source: str) -> Scan:
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(p, source)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        kind = _kind_of(p)
+        if kind:
+            raise InputError(f"{source} is {kind} with a volume extension, not a CT volume: {WHAT_TO_GIVE}") from None
+        raise InputError(f"{source} could not be read ({_short_reason(exc)}): the file is truncated or corrupt; "
+                         f"export it again") from None
+    scan = scan_from_sitk(image, source)
+    return scan
+
+
+def _check_nifti_complete(p: Path, source: str) -> None:
+    """ITK's NIfTI reader fills a truncated file with zeros instead of failing; check the size here."""
+    try:
+        if p.name.lower().endswith(".gz"):
+            with gzip.open(p, "rb") as fh:
+                head = fh.read(540)
+        else:
+            with open(p, "rb") as fh:
+                head = fh.read(540)
+    except (OSError, EOFError, zlib.error):
+        raise InputError(f"{source} is not a readable NIfTI file (bad header or compression): export it again") from None
+    expected = _nifti_expected_bytes(head)
+    if expected is None:
+        raise InputError(f"{source} does not start with a NIfTI header: the file is corrupt or mislabelled; "
+                         f"{WHAT_TO_GIVE}")
+    if not p.name.lower().endswith(".gz"):
+        if p.stat().st_size < expected:
+            raise InputError(f"{source} is truncated ({p.stat().st_size} of {expected} bytes): copy or export it again")
+        return
+    # gzip stores the uncompressed size (mod 2^32) in its last 4 bytes; only when that disagrees is
+    # the whole stream decompressed (chunk by chunk, nothing kept) to tell truncation from oddities.
+    with open(p, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == expected % (1 << 32):
+        return
+    total = 0
+    try:
+        with gzip.open(p, "rb") as fh:
+            while True:
+                chunk = fh.read(1 << 24)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{source} is truncated or corrupt (the compressed data ends early): "
+                         f"copy or export it again") from None
+    if total < expected:
+        raise InputError(f"{source} is truncated ({total} of {expected} bytes): copy or export it again")
+
+
+def _nifti_expected_bytes(head: bytes) -> Optional[int]:
+    if len(head) < 348:
+        return None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if size == 540 and len(head) >= 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    n = 1
+    for d in dims[1:ndim + 1]:
+        n *= max(int(d), 1)
+    return max(offset, 348) + n * bitpix // 8
+
+
+def _kind_of(p: Path) -> Optional[str]:
+    """What a non-CT file is, from its extension or its first bytes (for the error message)."""
+    kind = _OTHER_KINDS.get(p.suffix.lower())
+    if kind:
+        return kind
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return None
+
+
+def _is_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _short_reason(exc: Exception) -> str:
+    """The last meaningful line of a SimpleITK/ITK error, trimmed to one short line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    for prefix in ("sitk::ERROR:", "itk::ERROR:"):
+        if prefix in reason:
+            reason = reason.split(prefix, 1)[1].strip()
+    return reason[:120].rstrip(" .")
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Slice:
+    path: Path
+    size: tuple
+    spacing: tuple
+    origin: np.ndarray
+    direction: tuple
+    modality: str
+    series: str
+    thickness: Optional[float]
+    localizer: bool
+
+
+def _read_header(path: Path) -> Optional[_Slice]:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    thickness = None
+    try:
+        thickness = float(tag(_TAG_THICKNESS)) if tag(_TAG_THICKNESS) else None
+    except ValueError:
+        thickness = None
+    return _Slice(path=path, size=tuple(reader.GetSize()), spacing=tuple(reader.GetSpacing()),
+                  origin=np.asarray(reader.GetOrigin(), dtype=np.float64),
+                  direction=tuple(round(v, 4) for v in reader.GetDirection()),
+                  modality=tag(_TAG_MODALITY).upper(), series=tag(_TAG_SERIES),
+                  thickness=thickness, localizer="LOCALIZER" in tag(_TAG_IMAGE_TYPE).upper())
+
+
+def _read_dicom_folder(folder: Path, source: str) -> Scan:
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not files:
+        sub = [d.name for d in folder.iterdir() if d.is_dir()]
+        hint = f" (it has sub-folders {sub[:3]}: give the one with the slices)" if sub else ""
+        raise InputError(f"{source} is an empty folder{hint}: {WHAT_TO_GIVE}")
+    volumes = [f for f in files if f.name.lower().endswith(VOLUME_EXTENSIONS)]
+    headers = [h for h in (_read_header(f) for f in files) if h is not None]
+    if not headers:
+        if len(volumes) == 1:
+            raise InputError(f"{source} holds no DICOM files but one volume file: give {volumes[0]} itself")
+        raise InputError(f"no DICOM files found in folder {source}: give the folder that holds the series' "
+                         f"slices, or a NIfTI/NRRD/MHA file")
+    notes: list[str] = []
+    skipped = len(files) - len(headers)
+    if skipped:
+        notes.append(f"{skipped} non-DICOM file(s) in the folder ignored")
+    return _read_dicom_headers(headers, source, notes)
+
+
+def _read_dicom_files(files: Sequence[Path], source: str, notes: list) -> Scan:
+    headers = []
+    for f in files:
+        h = _read_header(Path(f))
+        if h is None:
+            kind = _kind_of(Path(f))
+            what = f"is {kind}, not a DICOM slice" if kind else "is not a readable DICOM file (truncated or corrupt)"
+            raise InputError(f"{f} {what}: {WHAT_TO_GIVE}")
+        headers.append(h)
+    return _read_dicom_headers(headers, source, list(notes))
+
+
+def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
+    if len(headers) == 1 and len(headers[0].size) == 3 and headers[0].size[2] > 1:
+        return _read_multiframe(headers[0], source, notes)
+    by_series: dict[str, list] = {}
+    for h in headers:
+        by_series.setdefault(h.series, []).append(h)
+    non_ct = {s: hs for s, hs in by_series.items() if hs[0].modality not in ("", "CT")}
+    candidates = {s: hs for s, hs in by_series.items() if s not in non_ct}
+    if not candidates:
+        modality = Counter(h.modality for h in headers).most_common(1)[0][0]
+        raise InputError(f"{source} is a {modality} DICOM series, not CT: give a CT series in HU")
+    series, chosen = max(candidates.items(), key=lambda kv: len(kv[1]))
+    if len(by_series) > 1:
+        notes.append(f"{len(by_series)} DICOM series found; using the one with {len(chosen)} slices")
+    if non_ct and len(by_series) > 1:
+        notes.append(f"{sum(len(v) for v in non_ct.values())} non-CT slice(s) ignored")
+    # Localizers and odd-sized images share the series UID on some scanners: keep the main stack.
+    kept = [h for h in chosen if not h.localizer] or chosen
+    geometry = Counter((h.size, h.direction) for h in kept).most_common(1)[0][0]
+    stack = [h for h in kept if (h.size, h.direction) == geometry]
+    if len(stack) < len(chosen):
+        notes.append(f"{len(chosen) - len(stack)} slice(s) with another size or orientation (e.g. a localizer) ignored")
+    direction = np.asarray(geometry[1], dtype=np.float64).reshape(3, 3)
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    positions = np.array([float(h.origin @ normal) for h in stack])
+    order = np.argsort(positions, kind="stable")
+    stack = [stack[i] for i in order]
+    positions = positions[order]
+    keep = np.concatenate([[True], np.diff(positions) > 1e-3])
+    if not keep.all():
+        notes.append(f"{int((~keep).sum())} duplicate slice(s) at the same position ignored")
+        stack = [h for h, k in zip(stack, keep) if k]
+        positions = positions[keep]
+    thickness = stack[0].thickness
+    if len(stack) > 1:
+        gaps = np.diff(positions)
+        spacing_z = float(np.median(gaps))
+        if gaps.max() - gaps.min() > max(0.01, 0.05 * spacing_z):
+            notes.append(f"slice gaps are not uniform ({gaps.min():.2f}-{gaps.max():.2f} mm); "
+                         f"using the median {spacing_z:.2f} mm")
+        if thickness and spacing_z > 2.0 * thickness:
+            notes.append(f"slices are {spacing_z:.1f} mm apart but {thickness:.2f} mm thick: a sparse series, "
+                         f"the lung mask and patches use the slices as they are")
+    else:
+        spacing_z = float(thickness) if thickness and thickness > 0 else 1.0
+        notes.append(f"a single DICOM slice: read as a volume of one slice ({spacing_z:g} mm thick)")
+    sx, sy = float(stack[0].spacing[0]), float(stack[0].spacing[1])
+    ny, nx = int(geometry[0][1]), int(geometry[0][0])
+    hu = np.empty((len(stack), ny, nx), dtype=np.int16)
+    for z, h in enumerate(stack):
+        try:
+            image = sitk.ReadImage(str(h.path), imageIO="GDCMImageIO")
+        except RuntimeError as exc:
+            raise InputError(f"DICOM slice {h.path} could not be read ({_short_reason(exc)}): "
+                             f"the file is truncated or corrupt") from None
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            raise InputError(f"{source} holds colour DICOM images (e.g. screenshots), not CT slices: "
+                             f"give the original CT series")
+        arr = sitk.GetArrayViewFromImage(image)
+        hu[z] = _to_int16(arr.reshape(ny, nx), source)
+    origin = tuple(float(v) for v in stack[0].origin)
+    return _finish(hu, (sx, sy, spacing_z), origin, tuple(float(v) for v in direction.ravel()), source, notes)
+
+
+def _read_multiframe(header: "_Slice", source: str, notes: list) -> Scan:
+    """A multi-frame DICOM file already holds a whole volume with its geometry."""
+    if header.modality not in ("", "CT"):
+        raise InputError(f"{source} is a {header.modality} DICOM file, not CT: give a CT series in HU")
+    try:
+        image = sitk.ReadImage(str(header.path), imageIO="GDCMImageIO")
+    except RuntimeError as exc:
+        raise InputError(f"{source} could not be read ({_short_reason(exc)}): the file is truncated or corrupt") from None
+    scan = scan_from_sitk(image, source)
+    scan.notes[:0] = notes
+    return scan
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and padding
+# ----------------------------------------------------------------------------------------------
+def _to_int16(values: np.ndarray, name: str) -> np.ndarray:
+    """One slice to int16 HU (rounded, clipped); refuses NaN/inf."""
+    if values.dtype == np.int16:
+        return values
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise InputError(f"{name} contains NaN or infinite values: give a CT volume in HU")
+        return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    if values.dtype == bool or values.dtype.itemsize < 2:
+        # (u)int8 and bool fit in int16; NumPy 2 refuses to compare them with 32767.
+        return values.astype(np.int16)
+    if np.issubdtype(values.dtype, np.unsignedinteger):
+        return np.minimum(values, 32767).astype(np.int16)
+    return np.clip(values, -32768, 32767).astype(np.int16)
+
+
+def _map_padding(hu: np.ndarray) -> tuple[int, Optional[int], list]:
+    """Set scanner padding and pasted constant frames to air, in place, slice by slice.
+
+    Returns (number of padding voxels, lowest padding value, frame values found).
+    """
+    n_pad = 0
+    lowest: Optional[int] = None
+    frames: list = []
+    for z in range(hu.shape[0]):
+        s = hu[z]
+        pad = s <= PADDING_HU
+        count = int(np.count_nonzero(pad))
+        if count:
+            low = int(s.min())
+            lowest = low if lowest is None else min(lowest, low)
+            s[pad] = AIR_HU
+            n_pad += count
+        frame = _constant_frame(s)
+        if frame is not None:
+            value, (top, bottom, left, right) = frame
+            if value > -900:  # an air-like frame needs no change
+                s[:top] = AIR_HU
+                s[s.shape[0] - bottom:] = AIR_HU
+                s[:, :left] = AIR_HU
+                s[:, s.shape[1] - right:] = AIR_HU
+                frames.append(value)
+    return n_pad, lowest, frames
+
+
+def _constant_frame(s: np.ndarray):
+    """(value, widths) of a constant band on all four sides of a slice, else None.
+
+    Whole rows/columns of one exact value on every side are not anatomy (noise alone rules that
+    out): they are a canvas the image was pasted onto.
+    """
+    if s.shape[0] < 3 or s.shape[1] < 3:
+        return None
+    value = s[0, 0]
+    rows = (s == value).all(axis=1)
+    cols = (s == value).all(axis=0)
+    if rows.all():
+        return None
+
+    def run(flags: np.ndarray) -> int:
+        off = np.flatnonzero(~flags)
+        return int(off[0]) if off.size else flags.size
+
+    widths = (run(rows), run(rows[::-1]), run(cols), run(cols[::-1]))
+    if min(widths) < 1:
+        return None
+    return int(value), widths
+
+
+def _finish(hu: np.ndarray, spacing, origin, direction, source: str, notes: list) -> Scan:
+    name = source or "the image"
+    if hu.size == 0 or min(hu.shape) == 0:
+        raise InputError(f"{name} has no voxels (shape {hu.shape}): {WHAT_TO_GIVE}")
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputError(f"{name} has invalid spacing {spacing} mm: fix the header or re-export the scan")
+    lo, hi = int(hu.min()), int(hu.max())
+    if lo == hi:
+        raise InputError(f"{name} is a constant image (every voxel is {lo}): give a CT volume with anatomy in it")
+    n_pad, lowest, frames = _map_padding(hu)
+    if n_pad:
+        notes.append(f"{n_pad} padding voxel(s) outside the field of view (down to {lowest} HU) set to "
+                     f"{AIR_HU} HU (air)")
+    if frames:
+        notes.append(f"a constant {Counter(frames).most_common(1)[0][0]} HU frame around {len(frames)} slice(s) "
+                     f"(pasted canvas) set to {AIR_HU} HU (air)")
+    _check_hu(hu, name, lo, hi)
+    return Scan(hu=hu, spacing_mm=tuple(float(v) for v in spacing), origin_mm=tuple(float(v) for v in origin),
+                direction=tuple(float(v) for v in direction), source=source, notes=notes)
+
+
+def _check_hu(hu: np.ndarray, name: str, lo: int, hi: int) -> None:
+    """Refuse intensities that are not CT Hounsfield units.
+
+    A CT in HU has air (outside the body, in the lungs or bowel) near -1000 HU; MR, PET, photos
+    and raw detector values have no negative values or nothing darker than -500. The statistics
+    are taken on a strided sample so a large scan costs no extra memory.
+    """
+    step = max(1, int(round((hu.size / 2e6) ** (1 / 3))))
+    sample = hu[::step, ::step, ::step]
+    air = float(np.count_nonzero(sample <= AIR_OR_LUNG_HU)) / sample.size
+    if air < MIN_AIR_FRACTION:
+        if lo >= 0:
+            raise InputError(f"intensities {lo}..{hi} in {name} look like MR or non-HU data (nothing below 0, no air "
+                             f"near -1000 HU): give a CT in Hounsfield units")
+        raise InputError(f"{name} has no air or lung (intensities {lo}..{hi}, nothing below {AIR_OR_LUNG_HU} HU): "
+                         f"this is not a CT in Hounsfield units of the chest; give a chest CT")
+    median = float(np.median(sample))
+    if median > 1500:
+        raise InputError(f"intensities in {name} have a median of {median:.0f}, too bright for HU: "
+                         f"give a CT in Hounsfield units (DICOM rescale applied)")
