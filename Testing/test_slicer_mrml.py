@@ -1,0 +1,594 @@
+"""The Slicer module's MRML side on a real vtkMRMLScene (slicer-core), without the Slicer application.
+
+A phantom CT is put into a scalar volume node with an oblique, mirrored geometry, analysed with the
+tiny random model through the module's session, and the resulting nodes are checked against the
+engine's own outputs (patches.csv, heatmap.nii.gz, AnalysisResult).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_settings
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' package here is not slicer-core", allow_module_level=True)
+
+sys.path.insert(0, str(REPO / "ZeroShotILD"))
+
+from ZeroShotILDLib.errors import Cancelled, InputError  # noqa: E402
+from ZeroShotILDLib.settings import AnalysisSettings, LungMaskSettings  # noqa: E402
+from ZeroShotILDMRML import catalog, dependencies, mrml_results, parameters, runner, volumes  # noqa: E402
+from ZeroShotILDMRML.headless import add_ct_volume, ijk_to_ras_from_lps, make_scene  # noqa: E402
+from ZeroShotILDMRML.session import AnalysisSession, reprompt_changes  # noqa: E402
+
+TOP_K = 6
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
+
+#: An oblique (rotated about z) and mirrored (flipped y) LPS direction, so that any mix-up of axes,
+#: LPS/RAS signs or row/column order in the geometry conversion moves the patches.
+OBLIQUE_DIRECTION = tuple((_rotation_z(20.0) @ np.diag([1.0, -1.0, 1.0])).ravel())
+ORIGIN_MM = (12.5, -40.0, 310.0)
+
+
+@pytest.fixture(scope="module")
+def analysed(small_phantom, tmp_path_factory):
+    """(headless scene, input volume node, session, nodes) after a full analysis with tiny-random."""
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, ORIGIN_MM,
+                           OBLIQUE_DIRECTION, "Phantom CT")
+    # Exact scoring: every candidate goes through the image encoder, which the re-prompt test counts on.
+    session = AnalysisSession(volume, tiny_settings(top_k=TOP_K, slice_step_mm=10.0, prompts=["honeycombing"],
+                                                    scoring_mode="exact"))
+    session.compute()
+    nodes = session.apply(app_logic=headless.app_logic)
+    return headless, volume, session, nodes
+
+
+@pytest.fixture(scope="module")
+def cli_outputs(analysed, tmp_path_factory):
+    """The command line's output folder for the same result (patches.csv, heatmap.nii.gz, ...)."""
+    from ZeroShotILDLib.outputs import write_outputs
+
+    _, _, session, _ = analysed
+    return write_outputs(session.result, session.scan, tmp_path_factory.mktemp("cli") / "out")
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    return volumes.ijk_to_ras(node)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+def test_volume_geometry_round_trips_through_the_node():
+    headless = make_scene()
+    hu = np.full((4, 5, 6), -1000, np.int16)
+    hu[:, 2:4, 2:5] = 40
+    spacing = (0.7, 0.8, 2.5)
+    node = add_ct_volume(headless.scene, hu, spacing, ORIGIN_MM, OBLIQUE_DIRECTION)
+    got_spacing, got_origin, got_direction = volumes.volume_geometry(node)
+    np.testing.assert_allclose(got_spacing, spacing, atol=1e-9)
+    np.testing.assert_allclose(got_origin, ORIGIN_MM, atol=1e-9)
+    np.testing.assert_allclose(got_direction, OBLIQUE_DIRECTION, atol=1e-9)
+
+    from ZeroShotILDLib.geometry import index_to_ras
+
+    zyx = np.array([[0, 0, 0], [3, 4, 5], [1.5, 2.25, 0.5]])
+    np.testing.assert_allclose(volumes.index_to_ras(node, zyx), index_to_ras(zyx, spacing, ORIGIN_MM, OBLIQUE_DIRECTION),
+                               atol=1e-9)
+    scan = volumes.scan_from_volume_node(node)
+    assert scan.hu.dtype == np.int16 and scan.hu.shape == hu.shape
+    np.testing.assert_array_equal(scan.hu, hu)
+    assert scan.hu is not slicer.util.arrayFromVolume(node)
+
+
+def test_refuses_labelmaps_and_colour_volumes():
+    headless = make_scene()
+    label = headless.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
+    slicer.util.updateVolumeFromArray(label, np.ones((4, 20, 20), np.uint8))
+    with pytest.raises(InputError, match="labelmap"):
+        volumes.scan_from_volume_node(label)
+    rgb = headless.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    slicer.util.updateVolumeFromArray(rgb, np.zeros((1, 20, 20, 3), np.uint8))
+    with pytest.raises(InputError, match="components"):
+        volumes.scan_from_volume_node(rgb)
+    with pytest.raises(InputError, match="no input volume"):
+        volumes.check_ct_volume(None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Result nodes
+# ----------------------------------------------------------------------------------------------
+def test_results_are_grouped_under_the_input(analysed):
+    headless, volume, _, nodes = analysed
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(headless.scene)
+    folder = nodes.folder_item
+    assert sh.GetItemParent(folder) == sh.GetItemByDataNode(volume)
+    assert sh.GetItemName(folder) == mrml_results.FOLDER_NAME
+    for node in nodes.nodes():
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == folder, node.GetName()
+    found = mrml_results.find_result_nodes(volume)
+    assert found.heatmap is nodes.heatmap and found.lungs is nodes.lungs
+    assert [n.GetID() for n in found.patch_rois] == [n.GetID() for n in nodes.patch_rois]
+
+
+def test_lungs_segmentation_matches_the_engine_mask(analysed):
+    headless, volume, session, nodes = analysed
+    seg = nodes.lungs
+    assert seg.GetName() == "Lungs"
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert seg.GetSegmentation().GetNthSegment(0).GetName() == "Lungs"
+    labelmap = headless.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    seg.GetSegmentation().GetSegmentIDs(ids)
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, volume)
+    exported = slicer.util.arrayFromVolume(labelmap) > 0
+    headless.scene.RemoveNode(labelmap)
+    assert exported.shape == session.result.lung_mask.shape
+    np.testing.assert_array_equal(exported, session.result.lung_mask)
+    assert session.result.lung_mask.sum() > 1000
+    # Reference geometry is the input's grid.
+    reference = seg.GetSegmentation().GetConversionParameter("Reference image geometry")
+    values = [float(v) for v in reference.split(";")[:12]]
+    expected = _ijk_to_ras(volume)[:3, :].ravel()
+    np.testing.assert_allclose(values, expected, atol=1e-6)
+
+
+def test_heatmap_has_the_input_geometry_and_the_cli_values(analysed, cli_outputs):
+    import SimpleITK as sitk
+
+    _, volume, session, nodes = analysed
+    heat = nodes.heatmap
+    assert heat.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    np.testing.assert_allclose(_ijk_to_ras(heat), _ijk_to_ras(volume), atol=1e-9)
+    values = slicer.util.arrayFromVolume(heat)
+    image = sitk.ReadImage(str(cli_outputs / "heatmap.nii.gz"))
+    np.testing.assert_allclose(values, sitk.GetArrayFromImage(image), atol=1e-7)
+    # The CLI file's geometry, converted to RAS, is the node's geometry too.
+    cli_matrix = ijk_to_ras_from_lps(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    np.testing.assert_allclose(cli_matrix, _ijk_to_ras(heat), atol=1e-6)
+    # Every candidate's box holds at least its own probability (overlaps keep the maximum).
+    probs = session.result.patch_probabilities["honeycombing"]
+    p = session.result.patches
+    for i in range(len(p)):
+        z, r, c = int(p.slice_index[i]), int(p.row0[i]), int(p.col0[i])
+        assert values[z, r:r + p.size_rows, c:c + p.size_cols].min() >= np.float32(probs[i]) - 1e-7
+    assert float(values.max()) == pytest.approx(float(probs.max()), abs=1e-7)
+
+
+def test_heatmap_display_is_a_coloured_thresholded_overlay_with_a_legend(analysed):
+    _, _, session, nodes = analysed
+    display = nodes.heatmap.GetDisplayNode()
+    color = display.GetColorNode()
+    assert color.GetName() == mrml_results.COLOR_NODE_NAME and color.GetNumberOfColors() == 256
+    probs = session.result.patch_probabilities["honeycombing"]
+    lo, hi = mrml_results.display_range(probs)
+    assert display.GetWindowLevelMin() == pytest.approx(lo) and display.GetWindowLevelMax() == pytest.approx(hi)
+    assert lo <= probs.min() and probs.max() <= hi
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(mrml_results.OUTSIDE_THRESHOLD)
+    legends = [nodes.heatmap.GetNthDisplayNode(i) for i in range(nodes.heatmap.GetNumberOfDisplayNodes())
+               if nodes.heatmap.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode")]
+    assert len(legends) == 1 and legends[0].GetTitleText() == "P(honeycombing)"
+
+
+def _csv_rows(path: Path) -> list:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_patch_markups_sit_at_the_engine_and_cli_patch_centres(analysed, cli_outputs):
+    _, volume, session, nodes = analysed
+    result = session.result
+    probs = result.patch_probabilities["honeycombing"]
+    rows = _csv_rows(cli_outputs / "patches.csv")
+    assert len(nodes.patch_rois) == TOP_K
+    spacing, _, _ = volumes.volume_geometry(volume)
+    for rank, (roi, i) in enumerate(zip(nodes.patch_rois, result.ranked), start=1):
+        centre = np.array(roi.GetCenter())
+        np.testing.assert_allclose(centre, result.patches.center_ras_mm[i], atol=1e-6)
+        row = rows[rank - 1]
+        assert int(row["rank"]) == rank and int(row["candidate"]) == int(i)
+        cli_centre = [float(row["center_r_mm"]), float(row["center_a_mm"]), float(row["center_s_mm"])]
+        np.testing.assert_allclose(centre, cli_centre, atol=6e-4)
+        assert roi.GetName() == f"#{rank} {probs[i]:.3f}"
+        assert roi.GetLocked()
+        np.testing.assert_allclose(roi.GetSize(), (result.patches.size_cols * spacing[0],
+                                                   result.patches.size_rows * spacing[1], spacing[2]), atol=1e-9)
+        # The outline lies in the patch's own slice: every corner maps back to index z of the box.
+        from ZeroShotILDMRML.figure import roi_outline_ras
+
+        corners, _, _ = roi_outline_ras(roi)
+        ras_to_ijk = np.linalg.inv(_ijk_to_ras(volume))
+        ijk = (np.c_[corners, np.ones(4)] @ ras_to_ijk.T)[:, :3]
+        np.testing.assert_allclose(ijk[:, 2], result.patches.slice_index[i], atol=1e-6)
+        r0, c0 = result.patches.row0[i], result.patches.col0[i]
+        np.testing.assert_allclose(sorted(set(np.round(ijk[:, 0], 6))), [c0 - 0.5, c0 + result.patches.size_cols - 0.5])
+        np.testing.assert_allclose(sorted(set(np.round(ijk[:, 1], 6))), [r0 - 0.5, r0 + result.patches.size_rows - 0.5])
+
+
+def test_tables_and_chart_hold_the_engine_probabilities(analysed, cli_outputs):
+    _, _, session, nodes = analysed
+    result = session.result
+    table = nodes.probabilities.GetTable()
+    expected = [("finding", k, v) for k, v in result.finding_probabilities.items()] + \
+               [("subtype", k, v) for k, v in result.subtype_probabilities.items()]
+    assert table.GetNumberOfRows() == len(expected) == 1 + 3
+    for row, (kind, label, value) in enumerate(expected):
+        assert table.GetValueByName(row, "Kind").ToString() == kind
+        assert table.GetValueByName(row, "Label").ToString() == label
+        assert table.GetValueByName(row, "Probability").ToDouble() == pytest.approx(value, abs=1e-12)
+    summary = json.loads((cli_outputs / "result.json").read_text())
+    assert summary["probabilities"]["honeycombing"] == pytest.approx(table.GetValueByName(0, "Probability").ToDouble())
+    patches = nodes.patch_table.GetTable()
+    assert patches.GetNumberOfRows() == TOP_K
+    rows = _csv_rows(cli_outputs / "patches.csv")
+    for k in range(TOP_K):
+        for column in ("rank", "candidate", "slice_index", "x0", "y0", "x1", "y1"):
+            assert patches.GetValueByName(k, column).ToInt() == int(rows[k][column])
+        assert patches.GetValueByName(k, "p[honeycombing]").ToDouble() == pytest.approx(float(rows[k]["p[honeycombing]"]), abs=1e-6)
+    series = nodes.series
+    assert series.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeBar
+    assert series.GetTableNodeID() == nodes.probabilities.GetID() and series.GetYColumnName() == "Probability"
+    assert nodes.chart.GetPlotSeriesNodeID() == series.GetID()
+    assert "random weights" in nodes.chart.GetTitle()  # tiny-random is flagged as meaningless
+
+
+def test_montage_node_and_png(analysed, tmp_path):
+    from PIL import Image
+
+    _, _, session, nodes = analysed
+    image = mrml_results.montage_image(nodes.montage)
+    np.testing.assert_array_equal(image, session.result.montage)
+    path = mrml_results.save_montage(nodes.montage, str(tmp_path / "m.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), session.result.montage)
+    headless, _, _, _ = analysed
+    headless.scene.SetRootDirectory(str(tmp_path / "scene"))
+    assert mrml_results.default_montage_path(nodes.montage) == tmp_path / "scene" / "Phantom_CT_montage.png"
+
+
+def test_show_result_sets_layers_views_and_jumps_to_the_best_patch(analysed):
+    headless, volume, _, nodes = analysed
+    scene = headless.scene
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetLayoutName("Red")
+    slice_node.SetOrientationToAxial()
+    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    try:
+        mrml_results.show_result(nodes, volume, app_logic=headless.app_logic, opacity=0.4)
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
+        assert composite.GetForegroundVolumeID() == nodes.heatmap.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+        assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView
+        selection = headless.app_logic.GetSelectionNode()
+        assert selection.GetActiveTableID() == nodes.probabilities.GetID()
+        assert selection.GetActivePlotChartID() == nodes.chart.GetID()
+        # The axial slice moved to the best patch's S coordinate.
+        offset = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[2, 3]
+        assert offset == pytest.approx(nodes.patch_rois[0].GetCenter()[2], abs=1e-6)
+        mrml_results.set_heatmap_opacity(scene, nodes.heatmap, 0.8)
+        assert composite.GetForegroundOpacity() == pytest.approx(0.8)
+        # A click on a row of the panel's patch table jumps to that row's patch.
+        rank = mrml_results.rank_in_patch_table(nodes.patch_table, 2)
+        assert rank == 3 and mrml_results.rank_in_patch_table(nodes.patch_table, TOP_K) is None
+        mrml_results.jump_to_patch(nodes.patch_rois[rank - 1])
+        offset = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[2, 3]
+        assert offset == pytest.approx(nodes.patch_rois[2].GetCenter()[2], abs=1e-6)
+    finally:
+        for node in (composite, slice_node, layout):
+            scene.RemoveNode(node)
+
+
+def test_rendered_figure_shows_the_ct_heatmap_and_outlines(analysed, tmp_path):
+    from PIL import Image
+
+    from ZeroShotILDMRML.figure import render_slice_figure
+
+    headless, volume, _, nodes = analysed
+    before = headless.scene.GetNumberOfNodes()
+    path = render_slice_figure(nodes, volume, tmp_path / "fig.png", app_logic=headless.app_logic, size_px=(256, 256))
+    assert headless.scene.GetNumberOfNodes() == before  # temporary slice/label nodes removed
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    cyan = (rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)
+    assert cyan.sum() > 50  # patch outlines
+    grey = (np.abs(rgb[..., 0] - rgb[..., 1]) < 4) & (np.abs(rgb[..., 1] - rgb[..., 2]) < 4) & (rgb[..., 0] > 150)
+    assert grey.sum() > 500  # CT soft tissue/bone in the lung window
+    assert rgb.shape[0] > 256 and rgb.shape[1] > 256  # caption above, legend to the right
+
+    def warm_pixels(rgb):
+        view = rgb[-256:, :256]  # the slice itself, without caption and legend
+        return int(((view[..., 0] > 120) & (view[..., 0] - view[..., 2] > 60)).sum())
+
+    warm = warm_pixels(rgb)
+    assert warm > 100  # heatmap colours blended over the lungs
+    # Without the heatmap layer the same slice has no warm colours: they come from the heatmap.
+    bare = dataclasses.replace(nodes, heatmap=None)
+    path = render_slice_figure(bare, volume, tmp_path / "bare.png", app_logic=headless.app_logic, size_px=(256, 256))
+    assert warm_pixels(np.asarray(Image.open(path).convert("RGB")).astype(int)) < warm / 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-prompt, re-run, cancel
+# ----------------------------------------------------------------------------------------------
+def test_reprompt_updates_nodes_without_encoding_patches_again(analysed):
+    headless, volume, session, nodes = analysed
+    scene = headless.scene
+    encoder = session.analyzer.encoder
+    before = encoder.images_encoded
+    assert before == len(session.result.patches) + 1  # every candidate plus the montage
+    roi_ids = {n.GetID() for n in nodes.patch_rois}
+    n_nodes = scene.GetNumberOfNodes()
+
+    new = session.reprompt(["reticulation"], app_logic=headless.app_logic)
+    assert encoder.images_encoded == before + 1  # the new montage only, no patch
+    probs = session.result.patch_probabilities["reticulation"]
+    assert new.heatmap is nodes.heatmap and "reticulation" in new.heatmap.GetName()
+    assert float(slicer.util.arrayFromVolume(new.heatmap).max()) == pytest.approx(float(probs.max()), abs=1e-7)
+    assert new.lungs is nodes.lungs
+    assert len(new.patch_rois) == TOP_K and not roi_ids & {n.GetID() for n in new.patch_rois}
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == TOP_K
+    assert scene.GetNumberOfNodes() == n_nodes  # replaced, not piled up
+    for roi, i in zip(new.patch_rois, session.result.ranked):
+        assert roi.GetName().endswith(f"{probs[i]:.3f}")
+    table = new.probabilities.GetTable()
+    assert table.GetValueByName(0, "Label").ToString() == "reticulation"
+    assert table.GetValueByName(0, "Probability").ToDouble() == pytest.approx(session.result.finding_probabilities["reticulation"])
+
+    # Settings that only change the ranking re-prompt; settings that change the patches do not.
+    assert session.can_reprompt(volume, dataclasses.replace(session.settings, prompts=["emphysema"], top_k=3))
+    assert not session.can_reprompt(volume, dataclasses.replace(session.settings, patch_mm=20.0))
+    new = session.reprompt_to(dataclasses.replace(session.settings, prompts=["honeycombing"], top_k=3),
+                              app_logic=headless.app_logic)
+    assert len(new.patch_rois) == 3 and encoder.images_encoded == before + 2
+    with pytest.raises(InputError, match="Apply"):
+        session.reprompt_to(dataclasses.replace(session.settings, filter_threshold=0.9))
+    # Edited voxels make the kept embeddings stale: Apply analyses again instead of re-prompting.
+    voxels = slicer.util.arrayFromVolume(volume)
+    saved = voxels[0, 0, 0]
+    voxels[0, 0, 0] = saved + 1
+    slicer.util.arrayFromVolumeModified(volume)
+    try:
+        assert not session.can_reprompt(volume, session.settings)
+    finally:
+        voxels[0, 0, 0] = saved
+        slicer.util.arrayFromVolumeModified(volume)
+
+
+def test_reprompt_changes_classifies_settings():
+    base = AnalysisSettings()
+    assert reprompt_changes(base, AnalysisSettings()) == {}
+    assert reprompt_changes(base, AnalysisSettings(prompts=["emphysema"], batch_size=8)) == {"prompts": ["emphysema"]}
+    assert reprompt_changes(base, AnalysisSettings(device="cpu")) is None
+    assert reprompt_changes(base, AnalysisSettings(lung=LungMaskSettings(threshold_hu=-500.0))) is None
+
+
+def test_second_run_updates_the_same_nodes(small_phantom):
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                           small_phantom.direction)
+    from ZeroShotILDLib.embeddings import EmbeddingCache
+
+    settings = tiny_settings(top_k=3, slice_step_mm=20.0, scoring_mode="exact")
+    first = AnalysisSession(volume, settings)
+    events = []
+    cache = EmbeddingCache()  # what ZeroShotILDLogic keeps across runs
+    first.compute(lambda stage, done, total: events.append((stage, done, total)), cache=cache)
+    # The engine's real stage names drive the panel's progress bar from 0 to 1 without going back.
+    staged = runner.StagedProgress()
+    fractions = [staged.update(*event) for event in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    named = {name for name, _ in runner.STAGES}
+    assert {"loading model", "encoding patches", "scoring prompts", "building montage", "done"} <= {e[0] for e in events}
+    assert all(stage in named or "lung" in stage for stage, _, _ in events), sorted({e[0] for e in events})
+    nodes1 = first.apply(app_logic=headless.app_logic)
+    count = headless.scene.GetNumberOfNodes()
+    # A second Apply on the same voxels with the same model reuses the loaded model and the embeddings.
+    second = AnalysisSession(volume, dataclasses.replace(settings, prompts=["emphysema"]))
+    second.compute(model=first.analyzer.model, cache=cache)
+    assert second.analyzer.encoder.images_encoded == 1  # the montage only
+    np.testing.assert_array_equal(second.result.lung_mask, first.result.lung_mask)
+    nodes2 = second.apply(app_logic=headless.app_logic)
+    assert headless.scene.GetNumberOfNodes() == count
+    assert nodes2.heatmap is nodes1.heatmap and nodes2.lungs is nodes1.lungs and nodes2.chart is nodes1.chart
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged(small_phantom):
+    headless = make_scene()
+    scene = headless.scene
+    volume = add_ct_volume(scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                           small_phantom.direction)
+    session = AnalysisSession(volume, tiny_settings(slice_step_mm=20.0, batch_size=4))
+    count, mtime = scene.GetNumberOfNodes(), volume.GetMTime()
+    stages = []
+
+    def work(progress, cancel):
+        def report(stage, done, total):
+            stages.append((stage, done))
+            progress(stage, done, total)
+            if stage == "encoding patches" and done >= 4:
+                cancel.cancel()  # what the Cancel button does, from inside the run
+
+        return session.compute(report, cancel)
+
+    job = runner.BackgroundJob(work).start()
+    assert job.wait(timeout=120)
+    assert job.state == runner.CANCELLED and isinstance(job.error, Cancelled)
+    encoded = [d for s, d in stages if s == "encoding patches"]
+    assert max(encoded) <= 8  # stopped within one batch of the cancel
+    assert session.result is None
+    assert scene.GetNumberOfNodes() == count and volume.GetMTime() == mtime
+    assert mrml_results.find_result_nodes(volume) is None
+    assert job.poll()  # progress reports were queued for the UI
+
+
+def test_background_job_reports_progress_and_results():
+    def work(progress, cancel):
+        for k in range(3):
+            progress("encoding patches", k + 1, 3)
+        return "done"
+
+    job = runner.BackgroundJob(work).start()
+    assert job.wait(timeout=10) and job.state == runner.SUCCEEDED and job.result == "done"
+    assert job.poll() == [("encoding patches", k, 3) for k in (1, 2, 3)] and job.poll() == []
+
+    def broken(progress, cancel):
+        raise InputError("bad input")
+
+    job = runner.BackgroundJob(broken).start()
+    assert job.wait(timeout=10) and job.state == runner.FAILED and str(job.error) == "bad input"
+
+
+def test_staged_progress_is_monotonic_and_labelled():
+    staged = runner.StagedProgress()
+    fractions = [staged.update(*event) for event in [
+        ("loading model", 0, 1), ("loading model", 1, 1), ("lung mask: threshold", 1, 4), ("encoding patches", 0, 100),
+        ("encoding patches", 50, 100), ("lung mask: threshold", 4, 4), ("encoding patches", 100, 100),
+        ("scoring prompts", 0, 1), ("building montage", 0, 1), ("done", 1, 1)]]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert 0.4 < fractions[4] < 0.7
+    assert staged.label == "done"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter node
+# ----------------------------------------------------------------------------------------------
+def _non_default_settings() -> AnalysisSettings:
+    return AnalysisSettings(
+        model="clip-vit-b-16-laion", checkpoint="/data/w/open_clip_model.safetensors", weights_dir="/data/w",
+        device="cpu", batch_size=16, prompts=["honeycombing", "ground-glass opacity"], negatives=["", "normal lung"],
+        subtypes=["idiopathic pulmonary fibrosis", "sarcoidosis"], patch_mm=24.5, patch_px=None, stride_fraction=0.5,
+        slice_step_mm=2.5, filter_threshold=0.8, hu_window=(-1200.0, 200.0), retrieval="random", montage_size=8,
+        top_k=12, seed=7, scoring_mode="fast", proposal_grid_tokens=2, rescore_fraction=0.25, rescore_min=5,
+        lung=LungMaskSettings(threshold_hu=-450.0, min_component_ml=3.0, opening_mm=1.0, closing_mm=4.0,
+                              erosion_mm=0.5, airway_hu=-960.0, fill_holes=False),
+    ).validate()
+
+
+def test_parameter_mapping_covers_every_settings_field():
+    assert parameters.settings_fields_covered() == parameters.all_settings_fields()
+    names = [p.name for p in parameters.PARAMETERS]
+    assert len(names) == len(set(names))
+    assert parameters.values_to_settings(parameters.DEFAULTS) == AnalysisSettings().validate()
+
+
+def test_parameter_node_round_trip_through_a_saved_scene():
+    headless = make_scene()
+    node = headless.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "ZeroShotILD")
+    node.SetAttribute("ModuleName", "ZeroShotILD")
+    settings = _non_default_settings()
+    parameters.write_settings(node, settings, catalog.model_names())
+    # Strings as slicer.parameterNodeWrapper's serializers write them.
+    assert node.GetParameter("lungFillHoles") == "False" and node.GetParameter("montageSize") == "8"
+    assert node.GetParameter("patchMm") == "24.5" and node.GetParameter("patchPx") == "0"
+    assert node.GetParameter("prompts") == "honeycombing;ground-glass opacity"
+    assert parameters.read_settings(node) == settings
+
+    scene = headless.scene
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    xml = scene.GetSceneXMLString()
+    reloaded = make_scene().scene
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(xml)
+    reloaded.Import()
+    loaded = [reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+              for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))]
+    loaded = [n for n in loaded if n.GetName() == "ZeroShotILD"]
+    assert len(loaded) == 1
+    assert parameters.read_settings(loaded[0]) == settings
+
+
+def test_custom_checkpoint_and_defaults_mapping():
+    node = make_scene().scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    parameters.ensure_defaults(node)
+    assert parameters.read_settings(node) == AnalysisSettings().validate()
+    custom = AnalysisSettings(model="dapt:/ckpt/dapt.safetensors")
+    values = parameters.settings_to_values(custom, catalog.model_names())
+    assert values["model"] == catalog.CUSTOM_MODEL and values["checkpointPath"] == "/ckpt/dapt.safetensors"
+    assert parameters.values_to_settings(values).model == "dapt:/ckpt/dapt.safetensors"
+    bare = parameters.settings_to_values(AnalysisSettings(model="/ckpt/other.safetensors"), catalog.model_names())
+    assert bare["model"] == catalog.CUSTOM_MODEL and bare["checkpointPath"] == "/ckpt/other.safetensors"
+    with pytest.raises(InputError, match="checkpoint file"):
+        parameters.values_to_settings({"model": catalog.CUSTOM_MODEL, "checkpointPath": " "})
+    with pytest.raises(InputError, match="empty prompt"):
+        parameters.values_to_settings({"prompts": " ; "})
+    with pytest.raises(InputError, match="montage size"):
+        parameters.values_to_settings({"montageSize": 5})
+    node.SetParameter("topK", "many")
+    with pytest.raises(InputError, match="topK"):
+        parameters.read_settings(node)
+    # Negatives keep their positions: an empty entry means the default "no {prompt}".
+    s = parameters.values_to_settings({"prompts": "a; b", "negatives": "; not b"})
+    assert s.negatives == ["", "not b"] and s.negative_for(0) == "no a" and s.negative_for(1) == "not b"
+
+
+# ----------------------------------------------------------------------------------------------
+# Model list, requirements, dependencies
+# ----------------------------------------------------------------------------------------------
+def test_slicer_model_list_is_the_engine_model_list(monkeypatch, tmp_path):
+    from ZeroShotILDLib import models
+
+    resources = json.loads((REPO / "Resources" / "models.json").read_text())
+    engine = json.loads((REPO / "ZeroShotILDLib" / "model_list.json").read_text())
+    assert resources == engine, "Resources/models.json differs: copy ZeroShotILDLib/model_list.json over it"
+    assert catalog.model_names() == models.model_names()
+    monkeypatch.delenv(catalog.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert catalog.default_weights_dir() == models.default_weights_dir()
+    monkeypatch.setenv(catalog.WEIGHTS_ENV, str(tmp_path / "w"))
+    assert catalog.default_weights_dir() == models.default_weights_dir() == tmp_path / "w"
+    text = catalog.describe_model("chexzero", str(tmp_path / "w"))
+    assert "PhysioNet" in text and str(tmp_path / "w" / "chexzero") in text
+    assert "meaningless" in catalog.describe_model("tiny-random")
+
+
+def test_requirements_and_constraints():
+    reqs = catalog.requirements()
+    names = [dependencies.split_requirement(r)[0].lower() for r in reqs]
+    assert "open_clip_torch" in names and "scikit-image" in names
+    assert not set(names) & {"torch", "torchvision", "numpy", "simpleitk"}  # never installed by pip here
+    installed = {"open_clip_torch": "2.20.0", "scikit-image": "0.24.0", "safetensors": "0.4.5"}
+    missing = dependencies.missing_requirements(reqs, version_of=installed.get)
+    assert missing == [r for r in reqs if r.startswith(("open_clip_torch", "pillow"))]
+    assert dependencies.missing_requirements(reqs) == []  # this environment has everything
+    versions = {"torch": "2.5.1+cu124", "numpy": "1.26.4", "SimpleITK": "2.4.0"}
+    text = dependencies.constraints_text(version_of=versions.get)
+    assert "torch==2.5.1+cu124" in text and "numpy==1.26.4" in text and "SimpleITK==2.4.0" in text
+    assert "torchvision" not in text
+    args = dependencies.pip_arguments(["open_clip_torch>=3.0"], "/tmp/with space/c.txt")
+    assert args == ["open_clip_torch>=3.0", "-c", "/tmp/with space/c.txt"]
+
+
+def test_module_support_code_imports_without_torch_or_qt():
+    """The module must load (and list models) before the first Apply has installed torch."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'open_clip', 'skimage', 'qt', 'ctk', 'PythonQt'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'ZeroShotILD')!r}]\n"
+        "from ZeroShotILDMRML import catalog, parameters, dependencies, runner\n"
+        "from ZeroShotILDLib.settings import COMMON_FINDINGS\n"
+        "print(len(catalog.model_names()), len(parameters.PARAMETERS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(catalog.model_names())), str(len(parameters.PARAMETERS))]

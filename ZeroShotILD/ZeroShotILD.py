@@ -1,0 +1,837 @@
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    Choice,
+    Decimals,
+    SingleStep,
+    WithinRange,
+    parameterNodeWrapper,
+)
+
+from slicer import vtkMRMLScalarVolumeNode
+
+
+def _ensureEngineImportable():
+    """Make ZeroShotILDLib importable.
+
+    Installed, CMake copies the engine next to this file; in a source checkout (Extension Wizard or
+    a module path in Application Settings) it is the repository folder one level up.
+    """
+    try:
+        import ZeroShotILDLib  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+_ensureEngineImportable()
+
+# Only torch-free parts of the engine are imported here: the module must load before the first
+# Apply has installed torch and open_clip.
+from ZeroShotILDLib.errors import Cancelled, InputError  # noqa: E402
+from ZeroShotILDLib.settings import COMMON_FINDINGS, DEVICES, MONTAGE_SIZES, RETRIEVAL_METHODS, SCORING_MODES  # noqa: E402
+from ZeroShotILDMRML import catalog  # noqa: E402
+from ZeroShotILDMRML.parameters import DEFAULTS  # noqa: E402
+
+MODEL_CHOICES = tuple(catalog.model_names()) + (catalog.CUSTOM_MODEL,)
+
+
+#
+# ZeroShotILD
+#
+
+
+class ZeroShotILD(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ZeroShotILD")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Chest Imaging")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ZeroShotILD contributors"]
+        self.parent.helpText = _("""
+<p>Zero-shot search for interstitial lung disease (ILD) findings on chest HRCT with CLIP-style
+vision-language models.</p>
+<p><b>Method.</b> The lungs are segmented (threshold at -400 HU, morphology, hole filling); square
+candidate patches are laid over the lungs on axial slices; every patch is encoded by the model's
+image tower and scored by comparing it with the text prompt (e.g. "honeycombing") against its
+negative ("no honeycombing"), CheXzero style. The most probable patches are outlined and painted
+into a heatmap; the top n&times;n patches form a montage, which is classified for the findings and
+the ILD subtypes. A new prompt re-ranks the same patches from the kept embeddings without encoding
+the scan again.</p>
+<p><b>Limits.</b> Research use only: this is <b>not a diagnostic device</b> and must not be used for
+clinical decisions. Zero-shot scores are uncalibrated (CheXzero-style probabilities often sit near
+0.5: compare patches with each other, not with a fixed cut-off); chest radiograph models see CT
+patches out of their training domain; models marked "random" have random weights and their scores
+are meaningless.</p>
+<p><b>How to cite.</b> If you use this module, cite the method papers: C. Van Uden, C. Bluethgen,
+et al., "Exploring the Versatility of Zero-Shot CLIP for Interstitial Lung Disease
+Classification"; J. Jang, D. Kyung, et al., "Significantly Improving Zero-Shot X-ray Pathology
+Classification via Fine-tuning Pre-trained Image-Text Encoders"; J. Silva-Rodr&iacute;guez,
+J. Dolz, I. Ben Ayed, "A Reality Check of Vision-Language Pre-training in Radiology: Have We
+Progressed Using Text?"; and the model you used (e.g. E. Tiu et al., "Expert-level detection of
+pathologies from unannotated chest X-ray images via self-supervised learning", Nature Biomedical
+Engineering 2022, for CheXzero; A. Radford et al., "Learning Transferable Visual Models From
+Natural Language Supervision", ICML 2021, for CLIP).</p>
+<p>Documentation: README.md of the ZeroShotILD repository, section "Installing the module in 3D Slicer" (installation, first-run packages, offline weights, usage).</p>
+""")
+        self.parent.acknowledgementText = _("""
+Built on 3D Slicer's scripted-module template (J.-C. Fillion-Robin, Kitware; A. Lasso, PerkLab;
+S. Pieper, Isomics), the PyTorch extension (F. P&eacute;rez-Garc&iacute;a and A. Lasso) and
+OpenCLIP (G. Ilharco, M. Wortsman, R. Wightman, et al.). Model weights belong to their authors and
+keep their own licences (see the model list in Resources/models.json).
+""")
+
+
+#
+# ZeroShotILDParameterNode
+#
+
+
+@parameterNodeWrapper
+class ZeroShotILDParameterNode:
+    """
+    The module's parameters; each maps onto a field of ZeroShotILDLib.settings.AnalysisSettings
+    (ZeroShotILDMRML/parameters.py holds the mapping, CI checks that every field is covered).
+
+    inputVolume - chest CT in HU.
+    model - registry model name, or "custom checkpoint…" for a DAPT checkpoint in checkpointPath.
+    checkpointPath - checkpoint file: the custom model, or weights for the chosen registry model.
+    weightsDir - folder searched for downloaded weights (empty: the user cache folder).
+    prompts - findings separated by ";" (the first is ranked and painted); negatives likewise.
+    subtypes - one ILD subtype per line.
+    heatmapOpacity - foreground opacity of the heatmap in the slice views (display only).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: Annotated[str, Choice(MODEL_CHOICES)] = DEFAULTS["model"]
+    checkpointPath: str = DEFAULTS["checkpointPath"]
+    weightsDir: str = DEFAULTS["weightsDir"]
+    device: Annotated[str, Choice(DEVICES)] = DEFAULTS["device"]
+    batchSize: Annotated[int, WithinRange(1, 1024)] = DEFAULTS["batchSize"]
+    prompts: str = DEFAULTS["prompts"]
+    negatives: str = DEFAULTS["negatives"]
+    subtypes: str = DEFAULTS["subtypes"]
+    patchMm: Annotated[float, WithinRange(2.0, 200.0), Decimals(1), SingleStep(1.0)] = DEFAULTS["patchMm"]
+    patchPx: Annotated[int, WithinRange(0, 1024)] = DEFAULTS["patchPx"]
+    strideFraction: Annotated[float, WithinRange(0.1, 4.0), Decimals(2), SingleStep(0.05)] = DEFAULTS["strideFraction"]
+    sliceStepMm: Annotated[float, WithinRange(0.1, 100.0), Decimals(1), SingleStep(0.5)] = DEFAULTS["sliceStepMm"]
+    filterThreshold: Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.05)] = DEFAULTS["filterThreshold"]
+    windowLowHu: Annotated[float, WithinRange(-3000.0, 3000.0), Decimals(0), SingleStep(10.0)] = DEFAULTS["windowLowHu"]
+    windowHighHu: Annotated[float, WithinRange(-3000.0, 3000.0), Decimals(0), SingleStep(10.0)] = DEFAULTS["windowHighHu"]
+    retrieval: Annotated[str, Choice(RETRIEVAL_METHODS)] = DEFAULTS["retrieval"]
+    montageSize: Annotated[int, Choice(MONTAGE_SIZES)] = DEFAULTS["montageSize"]
+    topK: Annotated[int, WithinRange(1, 256)] = DEFAULTS["topK"]
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = DEFAULTS["seed"]
+    scoringMode: Annotated[str, Choice(SCORING_MODES)] = DEFAULTS["scoringMode"]
+    proposalGridTokens: Annotated[int, WithinRange(1, 64)] = DEFAULTS["proposalGridTokens"]
+    rescoreFraction: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = DEFAULTS["rescoreFraction"]
+    rescoreMin: Annotated[int, WithinRange(0, 100000)] = DEFAULTS["rescoreMin"]
+    lungThresholdHu: Annotated[float, WithinRange(-1000.0, 0.0), Decimals(0), SingleStep(10.0)] = DEFAULTS["lungThresholdHu"]
+    lungMinComponentMl: Annotated[float, WithinRange(0.0, 1000.0), Decimals(1), SingleStep(1.0)] = DEFAULTS["lungMinComponentMl"]
+    lungOpeningMm: Annotated[float, WithinRange(0.0, 50.0), Decimals(1), SingleStep(0.5)] = DEFAULTS["lungOpeningMm"]
+    lungClosingMm: Annotated[float, WithinRange(0.0, 50.0), Decimals(1), SingleStep(0.5)] = DEFAULTS["lungClosingMm"]
+    lungErosionMm: Annotated[float, WithinRange(0.0, 50.0), Decimals(1), SingleStep(0.5)] = DEFAULTS["lungErosionMm"]
+    lungAirwayHu: Annotated[float, WithinRange(-1100.0, 0.0), Decimals(0), SingleStep(10.0)] = DEFAULTS["lungAirwayHu"]
+    lungWorkingSpacingMm: Annotated[float, WithinRange(0.0, 10.0), Decimals(1), SingleStep(0.1)] = DEFAULTS["lungWorkingSpacingMm"]
+    lungFillHoles: bool = DEFAULTS["lungFillHoles"]
+    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0), Decimals(2), SingleStep(0.05)] = 0.5
+
+
+#
+# ZeroShotILDWidget
+#
+
+
+class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._progress = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ZeroShotILD.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = ZeroShotILDLogic()
+
+        for finding in COMMON_FINDINGS:
+            self.ui.findingsListWidget.addItem(finding)
+        self.ui.checkpointPathLineEdit.filters = ctkPathFilters("file")
+        self.ui.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.safetensors *.pt *.pth *.bin)", "All files (*)"]
+        self.ui.weightsDirLineEdit.filters = ctkPathFilters("dir")
+        self.ui.progressBar.hide()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._pollJob)
+
+        # These connections ensure that we update parameter node when scene is closed
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Paths are plain strings in the parameter node (an empty string means "default"), which the
+        # wrapper cannot bind to path widgets, so these two are connected by hand.
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointPathChanged)
+        self.ui.weightsDirLineEdit.connect("currentPathChanged(QString)", self.onWeightsDirChanged)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.repromptButton.connect("clicked(bool)", self.onRepromptButton)
+        self.ui.promptLineEdit.connect("returnPressed()", self.onRepromptButton)
+        self.ui.findingsListWidget.connect("itemClicked(QListWidgetItem*)", self.onFindingClicked)
+        self.ui.openWeightsDirButton.connect("clicked(bool)", self.onOpenWeightsDir)
+        self.ui.showMontageButton.connect("clicked(bool)", self.onShowMontage)
+        self.ui.saveMontageButton.connect("clicked(bool)", self.onSaveMontage)
+        self.ui.patchTableView.connect("selectionChanged()", self.onPatchSelected)
+
+        # Make sure parameter node is initialized (needed for module reload)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self._job is not None:
+            self._job.cancel()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        if self._job is not None:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        self.logic.forgetSession()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.GetAttribute("ZeroShotILD.Role"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[ZeroShotILDParameterNode]) -> None:
+        """Set and observe parameter node."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets carry the Qt dynamic property "SlicerParameterName" in the .ui file.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        pn = self._parameterNode
+        running = self._job is not None
+        if pn is None:
+            self.ui.applyButton.enabled = False
+            return
+        self._setPathWidget(self.ui.checkpointPathLineEdit, pn.checkpointPath)
+        self._setPathWidget(self.ui.weightsDirLineEdit, pn.weightsDir or str(catalog.default_weights_dir()))
+        self.ui.modelInfoLabel.text = catalog.describe_model(pn.model, pn.weightsDir or None)
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the analysis; the scene is left as it was")
+            self.ui.applyButton.enabled = not self._job.cancel_requested
+        else:
+            self.ui.applyButton.text = _("Apply")
+            self.ui.applyButton.enabled = bool(pn.inputVolume)
+            self.ui.applyButton.toolTip = (_("Segment the lungs, score patches for the prompt, build the montage and classify")
+                                           if pn.inputVolume else _("Select an input CT volume"))
+        canReprompt = not running and self.logic.hasSessionFor(pn.inputVolume)
+        self.ui.repromptButton.enabled = canReprompt
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.modelCollapsibleButton.enabled = not running
+        self.ui.patchesCollapsibleButton.enabled = not running
+        self.ui.advancedCollapsibleButton.enabled = not running
+        self.logic.setHeatmapOpacity(pn.heatmapOpacity)
+
+    @staticmethod
+    def _setPathWidget(widget, path: str) -> None:
+        if widget.currentPath != path:
+            wasBlocked = widget.blockSignals(True)
+            widget.currentPath = path
+            widget.blockSignals(wasBlocked)
+
+    def onCheckpointPathChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.checkpointPath = path.strip()
+
+    def onWeightsDirChanged(self, path: str) -> None:
+        if self._parameterNode:
+            path = path.strip()
+            # The default folder is stored as "" so that $ZEROSHOT_ILD_WEIGHTS keeps working.
+            self._parameterNode.weightsDir = "" if path == str(catalog.default_weights_dir()) else path
+
+    # -- Apply / Cancel ------------------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        """Run the analysis (or cancel the one running)."""
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling…")
+            self._onParameterNodeModified()
+            return
+        with slicer.util.tryWithErrorDisplay(_("ZeroShotILD could not start."), waitCursor=True):
+            if not self.logic.setupPythonRequirements(askConfirmation=True):
+                self.ui.statusLabel.text = _("Python packages were not installed; nothing was done.")
+                return
+            inputVolume = self._parameterNode.inputVolume
+            settings = self.logic.settingsFromParameterNode(self._parameterNode)
+            if self.logic.canReprompt(inputVolume, settings):
+                self._reprompt(settings)
+                return
+            self._job = self.logic.startProcess(inputVolume, settings)
+            from ZeroShotILDMRML.runner import StagedProgress
+
+            self._progress = StagedProgress()
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setFormat(_("starting"))
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = ""
+            self._pollTimer.start()
+            self._onParameterNodeModified()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            self._pollTimer.stop()
+            return
+        for stage, done, total in job.poll():
+            fraction = self._progress.update(stage, done, total)
+            self.ui.progressBar.value = int(round(100 * fraction))
+            self.ui.progressBar.setFormat(f"%p%  {self._progress.label}")
+        if not job.finished:
+            return
+        self._pollTimer.stop()
+        self._job = None
+        self.ui.progressBar.hide()
+        try:
+            from ZeroShotILDMRML import runner
+
+            if job.state == runner.SUCCEEDED:
+                with slicer.util.tryWithErrorDisplay(_("Failed to add the results to the scene."), waitCursor=True):
+                    self.logic.finishProcess(job, opacity=self._parameterNode.heatmapOpacity if self._parameterNode else 0.5)
+                    self._showResultSummary()
+            elif job.state == runner.CANCELLED:
+                self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
+            else:
+                self._reportError(job.error)
+        finally:
+            self._onParameterNodeModified()
+
+    def _reportError(self, error) -> None:
+        if isinstance(error, InputError):
+            self.ui.statusLabel.text = str(error)
+            slicer.util.errorDisplay(str(error))
+        else:
+            self.ui.statusLabel.text = _("Analysis failed: see the Python console for details.")
+            logging.error("ZeroShotILD analysis failed", exc_info=(type(error), error, error.__traceback__))
+            slicer.util.errorDisplay(_("Analysis failed: {error}").format(error=f"{type(error).__name__}: {error}"))
+
+    # -- Re-prompt -----------------------------------------------------------------------------
+
+    def onRepromptButton(self) -> None:
+        if self._job is not None or not self._parameterNode:
+            return
+        if not self.logic.hasSessionFor(self._parameterNode.inputVolume):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Re-ranking failed."), waitCursor=True):
+            settings = self.logic.settingsFromParameterNode(self._parameterNode)
+            self._reprompt(settings)
+
+    def _reprompt(self, settings) -> None:
+        self.logic.repromptTo(settings)
+        self._showResultSummary()
+
+    def onFindingClicked(self, item) -> None:
+        if not self._parameterNode or self._job is not None:
+            return
+        self._parameterNode.prompts = item.text()
+        if self.logic.hasSessionFor(self._parameterNode.inputVolume):
+            self.onRepromptButton()
+
+    # -- Results -------------------------------------------------------------------------------
+
+    def _showResultSummary(self) -> None:
+        nodes = self.logic.resultNodes()
+        if nodes is None:
+            return
+        self.ui.probabilityTableView.setMRMLTableNode(nodes.probabilities)
+        self.ui.patchTableView.setMRMLTableNode(nodes.patch_table)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        self.ui.statusLabel.text = self.logic.summary()
+
+    def onPatchSelected(self) -> None:
+        view = self.ui.patchTableView
+        selection = view.selectionModel()
+        indexes = selection.selectedIndexes() if selection is not None else []
+        if not indexes:
+            return
+        # Clicking one cell selects a cell, not a row; the view may be sorted, so map the cell back
+        # to the table node's row and read that row's rank rather than trusting the view's order.
+        row = view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(indexes[0]))
+        self.logic.jumpToPatchInTableRow(row)
+
+    def onShowMontage(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot show the montage."), waitCursor=True):
+            path = self.logic.saveMontage(os.path.join(slicer.app.temporaryPath, "ZeroShotILD-montage.png"))
+            dialog = qt.QDialog(slicer.util.mainWindow())
+            dialog.setWindowTitle(_("ZeroShotILD montage: {prompt}").format(prompt=self.logic.primaryPrompt()))
+            layout = qt.QVBoxLayout(dialog)
+            label = qt.QLabel()
+            pixmap = qt.QPixmap(str(path))
+            label.setPixmap(pixmap.scaled(2 * pixmap.width(), 2 * pixmap.height(), qt.Qt.KeepAspectRatio, qt.Qt.FastTransformation))
+            layout.addWidget(label)
+            dialog.setAttribute(qt.Qt.WA_DeleteOnClose)
+            dialog.show()
+
+    def onSaveMontage(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot save the montage."), waitCursor=True):
+            default = str(self.logic.defaultMontagePath())
+            path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save montage"), default, "PNG (*.png)")
+            if path:
+                saved = self.logic.saveMontage(path)
+                self.ui.statusLabel.text = _("Montage saved to {path}").format(path=saved)
+
+    def onOpenWeightsDir(self) -> None:
+        folder = Path(self._parameterNode.weightsDir or catalog.default_weights_dir()) if self._parameterNode else catalog.default_weights_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+
+def ctkPathFilters(kind: str):
+    """ctkPathLineEdit filter flags for existing files or folders."""
+    import ctk
+
+    if kind == "dir":
+        return ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Executable | ctk.ctkPathLineEdit.NoDot | ctk.ctkPathLineEdit.NoDotDot
+    return ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+
+
+#
+# ZeroShotILDLogic
+#
+
+
+class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, usable from the Python console without the widget:
+
+    >>> logic = slicer.util.getModuleLogic("ZeroShotILD")  # or ZeroShotILDLogic()
+    >>> nodes = logic.process(getNode("CTChest"), prompts=["honeycombing"], model="tiny-random")
+    >>> logic.reprompt(["ground-glass opacity"])   # re-ranks from the kept patch embeddings
+    >>> logic.saveMontage()                         # next to the saved scene
+
+    The analysis state (the engine's Analyzer with its patch embeddings) of the last analysed volume
+    is kept in ``self.session``; the loaded model is kept across runs with the same model settings.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.session = None
+        self._model = None
+        self._modelKey = None
+        self._cache = None
+
+    def getParameterNode(self):
+        return ZeroShotILDParameterNode(super().getParameterNode())
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def settingsFromParameterNode(self, parameterNode=None):
+        """``AnalysisSettings`` from the (wrapped or raw) parameter node; InputError if invalid."""
+        from ZeroShotILDMRML.parameters import read_settings
+
+        node = parameterNode if parameterNode is not None else self.getParameterNode()
+        raw = node.parameterNode if hasattr(node, "parameterNode") else node
+        return read_settings(raw)
+
+    def settingsToParameterNode(self, settings, parameterNode=None) -> None:
+        from ZeroShotILDMRML.parameters import write_settings
+
+        node = parameterNode if parameterNode is not None else self.getParameterNode()
+        raw = node.parameterNode if hasattr(node, "parameterNode") else node
+        write_settings(raw, settings, catalog.model_names())
+
+    def _settings(self, settings=None, **overrides):
+        """Settings from the argument (or the parameter node) with keyword overrides applied."""
+        from ZeroShotILDLib.settings import with_overrides
+
+        settings = settings if settings is not None else self.settingsFromParameterNode()
+        return with_overrides(settings, **overrides).validate() if overrides else settings.validate()
+
+    # -- dependencies --------------------------------------------------------------------------
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
+        """Install torch (PyTorch extension) and the packages of Resources/requirements.txt if missing.
+
+        Asks first when ``askConfirmation``; returns False if the user declines. pip runs with a
+        constraints file that pins Slicer's torch, torchvision, numpy and SimpleITK.
+        """
+        from ZeroShotILDMRML import dependencies
+
+        requirements = catalog.requirements()
+        needTorch = not dependencies.torch_installed() or dependencies.installed_version("torchvision") is None
+        missing = dependencies.missing_requirements(requirements)
+        if not needTorch and not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("ZeroShotILD needs Python packages that are not installed yet. Installing them needs a network "
+              "connection and may take several minutes. Slicer's own torch, numpy and SimpleITK are kept as they are."),
+            _("Install Python packages?"),
+            detailedText=dependencies.describe_install(missing, needTorch),
+        ):
+            return False
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise InputError("ZeroShotILD needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and restart Slicer") from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False,
+                torchVersionRequirement=dependencies.TORCH_REQUIREMENT,
+                torchvisionVersionRequirement=dependencies.TORCHVISION_REQUIREMENT,
+            )
+            if torch is None:
+                raise InputError("PyTorch was not installed: install it with the 'PyTorch Util' module, then press Apply again")
+        missing = dependencies.missing_requirements(requirements)
+        if missing:
+            constraints = dependencies.write_constraints(slicer.app.temporaryPath)
+            slicer.util.pip_install(dependencies.pip_arguments(missing, constraints))
+            import importlib
+
+            importlib.invalidate_caches()  # so that this session imports what pip just installed
+            still = dependencies.missing_requirements(requirements)
+            if still:
+                raise InputError(f"pip did not install {', '.join(still)}: see the Python console, or install them "
+                                 "offline with PythonSlicer -m pip (README, 'Installing the module in 3D Slicer')")
+        return True
+
+    # -- analysis ------------------------------------------------------------------------------
+
+    def process(self, inputVolume, settings=None, *, progress=None, cancel=None, show: bool = True, **overrides):
+        """Analyse ``inputVolume`` and put the results in the scene; blocks until done.
+
+        ``settings`` is an ``AnalysisSettings`` (default: the parameter node's); keyword arguments
+        override its fields, e.g. ``prompts=["honeycombing"], model="tiny-random"``. ``progress`` is
+        ``progress(stage, done, total)``, ``cancel`` a ``ZeroShotILDLib.progress.CancelToken``.
+        Returns the ``ResultNodes``. Raises ``InputError`` for problems the user can fix and
+        ``Cancelled`` if cancelled (the scene is then unchanged).
+        """
+        settings = self._settings(settings, **overrides)
+        session = self._newSession(inputVolume, settings)
+        session.compute(progress or _logProgress, cancel, model=self._reusableModel(settings), cache=self._embeddingCache())
+        return self._applySession(session, show=show)
+
+    def startProcess(self, inputVolume, settings=None, **overrides):
+        """Start the analysis in a background thread; returns a ``BackgroundJob`` to poll.
+
+        The voxels are copied here, on the calling (main) thread; the thread touches no MRML node.
+        Call :meth:`finishProcess` on the main thread once ``job.finished``.
+        """
+        from ZeroShotILDMRML.runner import BackgroundJob
+
+        settings = self._settings(settings, **overrides)
+        session = self._newSession(inputVolume, settings)
+        model, cache = self._reusableModel(settings), self._embeddingCache()
+
+        def work(progress, cancel):
+            session.compute(progress, cancel, model=model, cache=cache)
+            return session
+
+        return BackgroundJob(work).start()
+
+    def finishProcess(self, job, *, show: bool = True, opacity: float = 0.5):
+        """Put a finished job's results in the scene (main thread). Raises its error if it failed."""
+        from ZeroShotILDMRML import runner
+
+        if job.state == runner.CANCELLED:
+            raise Cancelled("cancelled by the user")
+        if job.state != runner.SUCCEEDED:
+            raise job.error or RuntimeError("the analysis did not finish")
+        return self._applySession(job.result, show=show, opacity=opacity)
+
+    def _newSession(self, inputVolume, settings):
+        from ZeroShotILDMRML.session import AnalysisSession
+
+        return AnalysisSession(inputVolume, settings)
+
+    def _applySession(self, session, *, show: bool, opacity: float = 0.5):
+        nodes = session.apply(app_logic=_appLogic())
+        self.session = session
+        self._model = session.analyzer.model
+        self._modelKey = _modelKey(session.settings)
+        if show:
+            self.showResult(opacity=opacity)
+        return nodes
+
+    def _reusableModel(self, settings):
+        return self._model if self._modelKey == _modelKey(settings) else None
+
+    def _embeddingCache(self):
+        if self._cache is None:
+            from ZeroShotILDLib.embeddings import EmbeddingCache
+
+            self._cache = EmbeddingCache()
+        return self._cache
+
+    def forgetSession(self) -> None:
+        """Drop the kept analysis (scene closed); the loaded model stays for the next run."""
+        self.session = None
+
+    # -- re-prompt -----------------------------------------------------------------------------
+
+    def hasSessionFor(self, inputVolume) -> bool:
+        s = self.session
+        return bool(s is not None and inputVolume is not None and s.input_volume_id == inputVolume.GetID()
+                    and s.scene is inputVolume.GetScene() and s.scene.GetNodeByID(s.input_volume_id) is not None)
+
+    def canReprompt(self, inputVolume, settings) -> bool:
+        return self.hasSessionFor(inputVolume) and self.session.can_reprompt(inputVolume, settings)
+
+    def reprompt(self, prompts=None, negatives=None, subtypes=None, **overrides):
+        """New prompts on the last analysed volume, from its kept patch embeddings (no image encoding)."""
+        if self.session is None:
+            raise InputError("nothing analysed yet: run process() (or press Apply) first")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.session.reprompt(prompts, negatives, subtypes, app_logic=_appLogic(), **overrides)
+
+    def repromptTo(self, settings):
+        if self.session is None:
+            raise InputError("nothing analysed yet: press Apply first")
+        return self.session.reprompt_to(settings, app_logic=_appLogic())
+
+    # -- results -------------------------------------------------------------------------------
+
+    def resultNodes(self):
+        return self.session.nodes if self.session is not None else None
+
+    def primaryPrompt(self) -> str:
+        return self.session.result.primary_prompt if self.session and self.session.result else ""
+
+    def summary(self) -> str:
+        """One paragraph for the panel: what was found, how long it took, and any caveats."""
+        if self.session is None or self.session.result is None:
+            return ""
+        r = self.session.result
+        lines = [_("{n} candidate patches, lungs {ml:.0f} mL; model {model}.").format(
+            n=len(r.patches), ml=r.lung_volume_ml, model=r.model_name)]
+        lines += [f"P({k}) = {v:.3f}" for k, v in r.finding_probabilities.items()]
+        if r.timings_s:
+            lines.append(_("Time: {seconds:.1f} s").format(seconds=r.timings_s.get("total_s", r.timings_s.get("reprompt_s", 0.0))))
+        lines += list(r.notes)
+        return "\n".join(lines)
+
+    def showResult(self, opacity: float = 0.5) -> None:
+        from ZeroShotILDMRML import mrml_results
+
+        if self.session is None or self.session.nodes is None:
+            return
+        mrml_results.show_result(self.session.nodes, self.session.input_volume, app_logic=_appLogic(), opacity=opacity)
+
+    def setHeatmapOpacity(self, opacity: float) -> None:
+        nodes = self.resultNodes()
+        if nodes is not None and nodes.heatmap is not None and nodes.heatmap.GetScene() is not None:
+            from ZeroShotILDMRML import mrml_results
+
+            mrml_results.set_heatmap_opacity(nodes.heatmap.GetScene(), nodes.heatmap, opacity)
+
+    def jumpToPatch(self, rank: int) -> None:
+        """Centre the slice views on the patch with this rank (1 = most probable)."""
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        if nodes is not None and 1 <= rank <= len(nodes.patch_rois):
+            mrml_results.jump_to_patch(nodes.patch_rois[rank - 1])
+
+    def jumpToPatchInTableRow(self, row: int) -> None:
+        """Centre the slice views on the patch listed in ``row`` of the top-patches table node."""
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        rank = mrml_results.rank_in_patch_table(nodes.patch_table, row) if nodes is not None else None
+        if rank is not None:
+            self.jumpToPatch(rank)
+
+    def defaultMontagePath(self) -> Path:
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        if nodes is None or nodes.montage is None:
+            raise InputError("no montage yet: press Apply first")
+        return mrml_results.default_montage_path(nodes.montage)
+
+    def saveMontage(self, path: Optional[str] = None) -> Path:
+        """Save the montage PNG (default: next to the saved scene) and return its path."""
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        if nodes is None or nodes.montage is None:
+            raise InputError("no montage yet: press Apply first")
+        return mrml_results.save_montage(nodes.montage, path)
+
+
+def _modelKey(settings):
+    return (settings.model, settings.checkpoint, settings.weights_dir, settings.device)
+
+
+def _appLogic():
+    return slicer.app.applicationLogic() if hasattr(slicer, "app") else None
+
+
+def _logProgress(stage: str, done: int, total: int) -> None:
+    if done == 0 or done == total:
+        logging.info(f"ZeroShotILD: {stage} {done}/{total}")
+    # Keeps the application responsive during a blocking process() from the Python console
+    # (there is no application under slicer-core, where the same logic runs in CI).
+    app = getattr(slicer, "app", None)
+    if app is not None:
+        app.processEvents()
+
+
+#
+# ZeroShotILDTest
+#
+
+
+class ZeroShotILDTest(ScriptedLoadableModuleTest):
+    """
+    Self-test run inside Slicer (`Slicer --testing` or the Reload & Test button): loads the
+    "CTChest" sample, runs the logic with the tiny random model and checks the output nodes.
+    """
+
+    def setUp(self):
+        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        self.test_ZeroShotILD_CTChest()
+
+    def test_ZeroShotILD_CTChest(self):
+        import numpy as np
+        import SampleData
+
+        from ZeroShotILDMRML import mrml_results, volumes
+
+        self.delayDisplay("Loading CTChest")
+        inputVolume = SampleData.downloadSample("CTChest")
+        self.assertIsNotNone(inputVolume)
+
+        logic = ZeroShotILDLogic()
+        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
+
+        self.delayDisplay("Analysing with the tiny random model")
+        # Coarse settings keep the test to seconds on a CPU; the tiny model's scores are meaningless.
+        nodes = logic.process(inputVolume, model="tiny-random", device="cpu", prompts=["honeycombing"],
+                              patch_mm=40.0, slice_step_mm=20.0, top_k=5, montage_size=4)
+        result = logic.session.result
+
+        # Lungs: a non-empty segment on the input's grid, with a plausible volume for an adult chest.
+        self.assertEqual(nodes.lungs.GetName(), "Lungs")
+        self.assertEqual(nodes.lungs.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertGreater(result.lung_volume_ml, 1000.0)
+        self.assertLess(result.lung_volume_ml, 10000.0)
+
+        # Heatmap: same grid and geometry as the input, values are the patch probabilities.
+        self.assertEqual(nodes.heatmap.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
+        np.testing.assert_allclose(volumes.ijk_to_ras(nodes.heatmap), volumes.ijk_to_ras(inputVolume))
+        heat = slicer.util.arrayFromVolume(nodes.heatmap)
+        probs = result.patch_probabilities["honeycombing"]
+        self.assertAlmostEqual(float(heat.max()), float(probs.max()), places=5)
+
+        # Top patches: one ROI per rank at the engine's patch centre, named by rank and probability.
+        self.assertEqual(len(nodes.patch_rois), 5)
+        for rank, (roi, i) in enumerate(zip(nodes.patch_rois, result.ranked), start=1):
+            centre = [0.0, 0.0, 0.0]
+            roi.GetCenter(centre)
+            np.testing.assert_allclose(centre, result.patches.center_ras_mm[i], atol=1e-3)
+            self.assertTrue(roi.GetName().startswith(f"#{rank} "))
+
+        # Table: finding and subtype probabilities as the engine computed them.
+        table = nodes.probabilities
+        self.assertEqual(table.GetNumberOfRows(), 1 + len(result.subtype_probabilities))
+        self.assertAlmostEqual(float(table.GetTable().GetValueByName(0, "Probability").ToDouble()),
+                               result.finding_probabilities["honeycombing"], places=6)
+        self.assertEqual(nodes.montage.GetImageData().GetDimensions()[:2], result.montage.shape[::-1])
+        self.assertEqual(mrml_results.find_result_nodes(inputVolume).heatmap, nodes.heatmap)
+
+        self.delayDisplay("Re-prompting")
+        encoded = logic.session.analyzer.encoder.images_encoded
+        nodes = logic.reprompt(["reticulation"])
+        # Only the new montage went through the image encoder.
+        self.assertEqual(logic.session.analyzer.encoder.images_encoded, encoded + 1)
+        self.assertIn("reticulation", nodes.heatmap.GetName())
+        self.assertEqual(len(nodes.patch_rois), 5)
+
+        self.delayDisplay("Parameter node")
+        parameterNode = logic.getParameterNode()
+        parameterNode.inputVolume = inputVolume
+        logic.settingsToParameterNode(logic.session.settings)
+        self.assertEqual(parameterNode.prompts, "reticulation")
+        self.assertEqual(parameterNode.patchMm, 40.0)
+        self.assertEqual(logic.settingsFromParameterNode(), logic.session.settings)
+        self.assertTrue(logic.canReprompt(inputVolume, logic.settingsFromParameterNode()))
+
+        self.delayDisplay("Cancelling a background run")
+        nodeCount = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.startProcess(inputVolume, prompts=["emphysema"], patch_mm=30.0)
+        job.cancel()
+        self.assertTrue(job.wait(timeout=300))
+        with self.assertRaises(Cancelled):
+            logic.finishProcess(job)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+        self.assertIn("reticulation", logic.resultNodes().heatmap.GetName())  # the kept result is untouched
+
+        self.delayDisplay("Test passed")

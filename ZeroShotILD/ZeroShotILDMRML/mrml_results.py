@@ -1,0 +1,590 @@
+"""An ``AnalysisResult`` as MRML nodes, grouped under the input volume in the subject hierarchy.
+
+Outputs of one input volume live in one subject-hierarchy folder, a child of the volume's item:
+
+- segmentation "Lungs" (one segment, reference geometry = the input);
+- the heatmap: a scalar volume with the input's geometry holding the first prompt's patch
+  probability in each patch box (0 elsewhere, thresholded away so only patches are coloured), with
+  a colour table, a colour legend and the display range set to the probabilities' range;
+- one locked ROI markup per top-ranked patch, the box outline on its own slice, named
+  "#rank probability" (three decimals: zero-shot scores often differ only there);
+- the montage as a one-slice scalar volume (the image the model classified);
+- a table of finding and subtype probabilities with a bar chart, and a table of the top patches
+  with the same columns as the command line's ``patches.csv``.
+
+Every output node carries the attribute ``ZeroShotILD.Role`` so that a new run or a new prompt
+updates the nodes in place instead of piling up copies. Imports ``slicer`` and ``vtk`` but never
+Qt, so it runs in Slicer and under ``slicer-core``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import slicer
+import vtk
+
+from .volumes import ijk_to_ras, index_to_ras, set_ijk_to_ras
+
+ROLE_ATTRIBUTE = "ZeroShotILD.Role"
+FOLDER_ATTRIBUTE = "ZeroShotILD.Results"
+NOTES_ATTRIBUTE = "ZeroShotILD.Notes"
+PROMPT_ATTRIBUTE = "ZeroShotILD.Prompt"
+RANK_ATTRIBUTE = "ZeroShotILD.Rank"
+FOLDER_NAME = "ZeroShotILD results"
+COLOR_NODE_NAME = "ZeroShotILD heatmap"
+LUNGS_NAME = "Lungs"
+
+LUNGS = "lungs"
+HEATMAP = "heatmap"
+PATCH = "patch"
+MONTAGE = "montage"
+PROBABILITIES = "probabilities"
+PATCH_TABLE = "patches"
+CHART = "chart"
+SERIES = "series"
+COLORS = "heatmapColors"
+
+LUNG_COLOR = (0.55, 0.75, 1.0)
+OUTLINE_COLOR = (0.0, 1.0, 1.0)
+#: Heatmap voxels at or below this are outside every patch and drawn transparent.
+OUTSIDE_THRESHOLD = 1e-6
+
+
+@dataclass
+class ResultNodes:
+    """The nodes holding one input volume's results."""
+
+    folder_item: int
+    lungs: object = None
+    heatmap: object = None
+    patch_rois: list = field(default_factory=list)
+    montage: object = None
+    probabilities: object = None
+    patch_table: object = None
+    chart: object = None
+    series: object = None
+
+    def nodes(self) -> list:
+        single = [self.lungs, self.heatmap, self.montage, self.probabilities, self.patch_table, self.chart, self.series]
+        return [n for n in single if n is not None] + list(self.patch_rois)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subject hierarchy
+# ----------------------------------------------------------------------------------------------
+def _sh(scene):
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _item(sh, node) -> int:
+    """The node's subject-hierarchy item; created when nothing else did (no SH plugins under slicer-core)."""
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        item = sh.CreateItem(sh.GetSceneItemID(), node)
+    return item
+
+
+def _children(sh, item) -> list:
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(item, ids)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+
+
+def results_folder(input_volume, *, create: bool = True) -> int:
+    """The folder item holding ``input_volume``'s results (0 when absent and not created)."""
+    sh = _sh(input_volume.GetScene())
+    parent = _item(sh, input_volume)
+    for child in _children(sh, parent):
+        if sh.GetItemAttribute(child, FOLDER_ATTRIBUTE) == "1":
+            return child
+    if not create:
+        return 0
+    folder = sh.CreateFolderItem(parent, FOLDER_NAME)
+    sh.SetItemAttribute(folder, FOLDER_ATTRIBUTE, "1")
+    return folder
+
+
+def _folder_nodes(input_volume, folder: int) -> list:
+    sh = _sh(input_volume.GetScene())
+    out = []
+    for child in _children(sh, folder):
+        node = sh.GetItemDataNode(child)
+        if node is not None:
+            out.append(node)
+    return out
+
+
+def find_result_nodes(input_volume) -> Optional[ResultNodes]:
+    """The result nodes already in the scene for ``input_volume``, or None."""
+    folder = results_folder(input_volume, create=False)
+    if not folder:
+        return None
+    nodes = ResultNodes(folder)
+    for node in _folder_nodes(input_volume, folder):
+        role = node.GetAttribute(ROLE_ATTRIBUTE)
+        if role == PATCH:
+            nodes.patch_rois.append(node)
+        elif role == LUNGS:
+            nodes.lungs = node
+        elif role == HEATMAP:
+            nodes.heatmap = node
+        elif role == MONTAGE:
+            nodes.montage = node
+        elif role == PROBABILITIES:
+            nodes.probabilities = node
+        elif role == PATCH_TABLE:
+            nodes.patch_table = node
+        elif role == CHART:
+            nodes.chart = node
+        elif role == SERIES:
+            nodes.series = node
+    nodes.patch_rois.sort(key=lambda n: int(n.GetAttribute(RANK_ATTRIBUTE) or 0))
+    return nodes
+
+
+class _Builder:
+    """Finds or creates role-tagged nodes in one results folder; remembers what it created."""
+
+    def __init__(self, input_volume):
+        self.input = input_volume
+        self.scene = input_volume.GetScene()
+        self.sh = _sh(self.scene)
+        self.folder = results_folder(input_volume)
+        self.created: list = []
+
+    def node(self, class_name: str, role: str, name: str):
+        for existing in _folder_nodes(self.input, self.folder):
+            if existing.GetAttribute(ROLE_ATTRIBUTE) == role and existing.IsA(class_name):
+                existing.SetName(name)
+                return existing
+        return self.new(class_name, role, name)
+
+    def new(self, class_name: str, role: str, name: str):
+        node = self.scene.AddNewNodeByClass(class_name, name)
+        self.created.append(node)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        self.sh.SetItemParent(_item(self.sh, node), self.folder)
+        return node
+
+    def follow_input_transform(self, node) -> None:
+        # Results are in the input's own frame; the same parent transform keeps them aligned with it.
+        node.SetAndObserveTransformNodeID(self.input.GetTransformNodeID())
+
+    @contextlib.contextmanager
+    def rollback_on_error(self):
+        """Remove the nodes this builder created if building fails, so a failed run adds nothing."""
+        try:
+            yield self
+        except BaseException:
+            for node in reversed(self.created):
+                remove_node(node)
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+def write_result(input_volume, result, *, app_logic=None) -> ResultNodes:
+    """All outputs of a full analysis of ``input_volume`` (replacing that volume's earlier results)."""
+    builder = _Builder(input_volume)
+    with builder.rollback_on_error():
+        lungs = _write_lungs(builder, result.lung_mask)
+        nodes = _write_prompt_outputs(builder, result, app_logic)
+        nodes.lungs = lungs
+    return nodes
+
+
+def write_prompt_outputs(input_volume, result, *, app_logic=None) -> ResultNodes:
+    """The outputs that depend on the prompts (after a re-prompt): heatmap, patches, montage, tables.
+
+    The lung segmentation depends only on the scan and stays as it is.
+    """
+    builder = _Builder(input_volume)
+    with builder.rollback_on_error():
+        nodes = _write_prompt_outputs(builder, result, app_logic)
+    existing = find_result_nodes(input_volume)
+    nodes.lungs = existing.lungs if existing else None
+    return nodes
+
+
+def _write_prompt_outputs(builder: _Builder, result, app_logic) -> ResultNodes:
+    nodes = ResultNodes(builder.folder)
+    nodes.heatmap = _write_heatmap(builder, result, app_logic)
+    nodes.patch_rois = _write_patch_rois(builder, result)
+    nodes.montage = _write_montage(builder, result)
+    nodes.probabilities = _write_probability_table(builder, result)
+    nodes.patch_table = _write_patch_table(builder, result)
+    nodes.chart, nodes.series = _write_chart(builder, result, nodes.probabilities)
+    return nodes
+
+
+def _write_lungs(builder: _Builder, lung_mask: np.ndarray):
+    """Segmentation "Lungs" whose reference geometry is the input volume."""
+    scene, ref = builder.scene, builder.input
+    seg = builder.node("vtkMRMLSegmentationNode", LUNGS, LUNGS_NAME)
+    if seg.GetDisplayNode() is None:
+        seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ref)
+    builder.follow_input_transform(seg)
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    # Import through a temporary labelmap with the input's geometry: that keeps the voxel grid exact.
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", LUNGS_NAME)
+    try:
+        labelmap.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(ref)))
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(lung_mask, dtype=np.uint8))
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
+            raise RuntimeError("importing the lung mask into the segmentation failed")
+    finally:
+        remove_node(labelmap)
+    if segmentation.GetNumberOfSegments() == 0:
+        # An empty mask imports no segment; keep the named segment so the user sees it is empty.
+        segmentation.AddEmptySegment(LUNGS_NAME, LUNGS_NAME, LUNG_COLOR)
+    segment = segmentation.GetNthSegment(0)
+    segment.SetName(LUNGS_NAME)
+    segment.SetColor(*LUNG_COLOR)
+    display = seg.GetDisplayNode()
+    # Outline only in slice views, so the heatmap underneath stays readable.
+    display.SetOpacity2DFill(0.0)
+    display.SetOpacity2DOutline(0.8)
+    return seg
+
+
+def heatmap_array(result) -> np.ndarray:
+    """The first prompt's probabilities painted into the scan grid, as the command line's heatmap.nii.gz."""
+    from ZeroShotILDLib.heatmap import paint_heatmap
+    from ZeroShotILDLib.patches import slice_step_voxels
+
+    slab = slice_step_voxels(result.spacing_mm, result.settings.slice_step_mm)
+    probs = result.patch_probabilities[result.primary_prompt]
+    return paint_heatmap(result.patches, probs, tuple(result.shape_zyx), slab_voxels=slab)
+
+
+def display_range(probabilities: np.ndarray) -> tuple[float, float]:
+    """Colour range of the heatmap: the probabilities' own range.
+
+    CheXzero-style scores often sit in a narrow band around 0.5; a fixed 0..1 range would paint
+    every patch the same colour, so the legend shows the actual range instead.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(p.min()), float(p.max())
+    if hi - lo < 1e-3:
+        lo, hi = max(0.0, lo - 0.005), min(1.0, hi + 0.005)
+    return lo, hi
+
+
+def _write_heatmap(builder: _Builder, result, app_logic):
+    prompt = result.primary_prompt
+    heat = builder.node("vtkMRMLScalarVolumeNode", HEATMAP, f"{builder.input.GetName()} P({prompt})")
+    heat.SetAttribute(PROMPT_ATTRIBUTE, prompt)
+    values = heatmap_array(result)
+    slicer.util.updateVolumeFromArray(heat, values)
+    set_ijk_to_ras(heat, ijk_to_ras(builder.input))
+    builder.follow_input_transform(heat)
+    if heat.GetDisplayNode() is None:
+        heat.CreateDefaultDisplayNodes()
+    display = heat.GetDisplayNode()
+    display.SetAndObserveColorNodeID(heatmap_color_node(builder.scene).GetID())
+    lo, hi = display_range(result.patch_probabilities[prompt])
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lo, hi)
+    display.AutoThresholdOff()
+    display.SetThreshold(OUTSIDE_THRESHOLD, 1.0e6)
+    display.ApplyThresholdOn()
+    # Nearest-neighbour display keeps the patch boxes' edges where they are.
+    display.SetInterpolate(0)
+    _color_legend(heat, f"P({prompt})", app_logic)
+    return heat
+
+
+def heatmap_color_node(scene):
+    """A colour table shared by all heatmaps, the same ramp as the command line's overlay.png."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == COLORS:
+            return node
+    from ZeroShotILDLib.figures import colorize
+
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(COLOR_NODE_NAME)
+    table.SetTypeToUser()
+    table.SetAttribute(ROLE_ATTRIBUTE, COLORS)
+    n = 256
+    table.SetNumberOfColors(n)
+    rgb = colorize(np.linspace(0.0, 1.0, n)).astype(np.float64) / 255.0
+    for i in range(n):
+        table.SetColor(i, f"{i / (n - 1):.3f}", rgb[i, 0], rgb[i, 1], rgb[i, 2], 1.0)
+    scene.AddNode(table)
+    return table
+
+
+def _color_legend(volume, title: str, app_logic) -> None:
+    colors = app_logic.GetModuleLogic("Colors") if app_logic is not None else None
+    legend = None
+    if colors is not None:
+        legend = colors.GetColorLegendDisplayNode(volume) or colors.AddDefaultColorLegendDisplayNode(volume)
+    else:
+        # No colours logic (bare scene): build the legend the way the logic does.
+        for i in range(volume.GetNumberOfDisplayNodes()):
+            if volume.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode"):
+                legend = volume.GetNthDisplayNode(i)
+        if legend is None:
+            legend = volume.GetScene().AddNewNodeByClass("vtkMRMLColorLegendDisplayNode")
+            legend.SetAndObservePrimaryDisplayNode(volume.GetDisplayNode())
+            volume.AddAndObserveDisplayNodeID(legend.GetID())
+    if legend is not None:
+        legend.SetTitleText(title)
+        legend.SetLabelFormat("%.2f")
+        legend.SetVisibility(True)
+
+
+def _patch_frame(input_volume) -> tuple[np.ndarray, np.ndarray]:
+    """Unit axes (3x3, columns = i, j, k in RAS) of the volume and its spacing, as a proper rotation."""
+    m = ijk_to_ras(input_volume)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    axes = m[:3, :3] / spacing
+    if np.linalg.det(axes) < 0:
+        # ROIs need a rotation; a mirrored volume frame gives the same box with its k axis flipped.
+        axes = axes.copy()
+        axes[:, 2] *= -1
+    return axes, spacing
+
+
+def patch_center_ras(input_volume, patches, index: int) -> np.ndarray:
+    """RAS centre of candidate ``index``'s box, from the volume node's own geometry."""
+    z, r, c = int(patches.slice_index[index]), int(patches.row0[index]), int(patches.col0[index])
+    centre = [z, r + (patches.size_rows - 1) / 2.0, c + (patches.size_cols - 1) / 2.0]
+    return index_to_ras(input_volume, centre)[0]
+
+
+def _write_patch_rois(builder: _Builder, result) -> list:
+    for node in _folder_nodes(builder.input, builder.folder):
+        if node.GetAttribute(ROLE_ATTRIBUTE) == PATCH:
+            remove_node(node)
+    prompt = result.primary_prompt
+    probs = result.patch_probabilities[prompt]
+    p = result.patches
+    axes, spacing = _patch_frame(builder.input)
+    # Thickness of one slice: the outline shows on the patch's own slice and not on its neighbours.
+    size_mm = (p.size_cols * spacing[0], p.size_rows * spacing[1], spacing[2])
+    rois = []
+    for rank, i in enumerate(result.ranked, start=1):
+        i = int(i)
+        roi = builder.new("vtkMRMLMarkupsROINode", PATCH, f"#{rank} {probs[i]:.3f}")
+        roi.SetAttribute(RANK_ATTRIBUTE, str(rank))
+        roi.SetAttribute(PROMPT_ATTRIBUTE, prompt)
+        roi.SetDescription(f"P({prompt}) = {probs[i]:.4f}; slice {int(p.slice_index[i])}; candidate {i}; "
+                           f"lung fraction {p.lung_fraction[i]:.2f}")
+        frame = np.eye(4)
+        frame[:3, :3] = axes
+        frame[:3, 3] = patch_center_ras(builder.input, p, i)
+        roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(frame))
+        roi.SetSize(*size_mm)
+        builder.follow_input_transform(roi)
+        roi.SetLocked(True)
+        if roi.GetDisplayNode() is None:
+            roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetFillVisibility(False)
+        display.SetHandlesInteractive(False)
+        display.SetSelectedColor(*OUTLINE_COLOR)
+        display.SetColor(*OUTLINE_COLOR)
+        display.SetTextScale(2.0)
+        rois.append(roi)
+    return rois
+
+
+def _write_montage(builder: _Builder, result):
+    montage = builder.node("vtkMRMLScalarVolumeNode", MONTAGE, f"{builder.input.GetName()} montage")
+    image = np.ascontiguousarray(result.montage, dtype=np.uint8)
+    slicer.util.updateVolumeFromArray(montage, image[np.newaxis])
+    # LPS-like axes (like a PNG loaded into Slicer) so the image is upright in an axial view.
+    set_ijk_to_ras(montage, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    if montage.GetDisplayNode() is None:
+        montage.CreateDefaultDisplayNodes()
+    display = montage.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0, 255)
+    montage.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
+    return montage
+
+
+def _fill_table(table_node, columns: list) -> None:
+    """Replace the table's contents with ``columns``: (name, "string"|"double"|"int", values)."""
+    was = table_node.StartModify()
+    table_node.RemoveAllColumns()
+    for name, kind, values in columns:
+        array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
+        array.SetName(name)
+        for v in values:
+            array.InsertNextValue(str(v) if kind == "string" else (float(v) if kind == "double" else int(v)))
+        table_node.AddColumn(array)
+    table_node.EndModify(was)
+
+
+def _write_probability_table(builder: _Builder, result):
+    table = builder.node("vtkMRMLTableNode", PROBABILITIES, f"{builder.input.GetName()} probabilities")
+    findings = list(result.finding_probabilities.items())
+    subtypes = list(result.subtype_probabilities.items())
+    rows = [("finding", k, v) for k, v in findings] + [("subtype", k, v) for k, v in subtypes]
+    _fill_table(table, [
+        ("Index", "int", range(1, len(rows) + 1)),
+        ("Kind", "string", [r[0] for r in rows]),
+        ("Label", "string", [r[1] for r in rows]),
+        ("Probability", "double", [r[2] for r in rows]),
+    ])
+    table.SetAttribute(NOTES_ATTRIBUTE, "\n".join(result.notes))
+    table.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
+    return table
+
+
+def _write_patch_table(builder: _Builder, result):
+    """The top patches with the columns of the command line's patches.csv (centres from the volume node)."""
+    table = builder.node("vtkMRMLTableNode", PATCH_TABLE, f"{builder.input.GetName()} top patches")
+    p = result.patches
+    ranked = [int(i) for i in result.ranked]
+    centres = np.array([patch_center_ras(builder.input, p, i) for i in ranked]).reshape(-1, 3)
+    columns = [
+        ("rank", "int", range(1, len(ranked) + 1)),
+        ("candidate", "int", ranked),
+        ("slice_index", "int", [p.slice_index[i] for i in ranked]),
+        ("x0", "int", [p.col0[i] for i in ranked]),
+        ("y0", "int", [p.row0[i] for i in ranked]),
+        ("x1", "int", [p.col0[i] + p.size_cols for i in ranked]),
+        ("y1", "int", [p.row0[i] + p.size_rows for i in ranked]),
+        ("center_r_mm", "double", centres[:, 0]),
+        ("center_a_mm", "double", centres[:, 1]),
+        ("center_s_mm", "double", centres[:, 2]),
+        ("lung_fraction", "double", [p.lung_fraction[i] for i in ranked]),
+    ]
+    for prompt, probs in result.patch_probabilities.items():
+        columns.append((f"p[{prompt}]", "double", [probs[i] for i in ranked]))
+    _fill_table(table, columns)
+    return table
+
+
+def _write_chart(builder: _Builder, result, table):
+    series = builder.node("vtkMRMLPlotSeriesNode", SERIES, "Probability")
+    series.SetAndObserveTableNodeID(table.GetID())
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+    series.SetXColumnName("Index")
+    series.SetYColumnName("Probability")
+    series.SetLabelColumnName("Label")
+    series.SetColor(0.98, 0.55, 0.04)
+    chart = builder.node("vtkMRMLPlotChartNode", CHART, f"{builder.input.GetName()} probabilities chart")
+    if chart.GetNumberOfPlotSeriesNodes() == 0 or chart.GetNthPlotSeriesNodeID(0) != series.GetID():
+        chart.RemoveAllPlotSeriesNodeIDs()
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    title = f"P(finding) and P(subtype): {builder.input.GetName()}"
+    if not result.model_meaningful:
+        title += " (random weights: meaningless)"
+    chart.SetTitle(title)
+    chart.SetXAxisTitle("finding / subtype (see table)")
+    chart.SetYAxisTitle("probability")
+    chart.SetYAxisRangeAuto(False)
+    chart.SetYAxisRange(0.0, 1.0)
+    chart.SetLegendVisibility(False)
+    return chart, series
+
+
+def remove_node(node) -> None:
+    """Remove ``node`` with its display and storage nodes.
+
+    ``vtkMRMLScene.RemoveNode`` leaves a displayable node's display nodes behind (the Slicer
+    application's subject hierarchy plugins clean them up, a bare scene does not), and replaced
+    outputs must not pile up orphans in either.
+    """
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return
+    owned = []
+    for getter, count in (("GetNthDisplayNode", "GetNumberOfDisplayNodes"), ("GetNthStorageNode", "GetNumberOfStorageNodes")):
+        if hasattr(node, count):
+            owned += [getattr(node, getter)(i) for i in range(getattr(node, count)())]
+    scene.RemoveNode(node)
+    for child in owned:
+        if child is not None and child.GetScene() is scene:
+            scene.RemoveNode(child)
+
+
+def _vtk_matrix(array4: np.ndarray):
+    return slicer.util.vtkMatrixFromArray(np.asarray(array4, dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Showing and saving
+# ----------------------------------------------------------------------------------------------
+def show_result(nodes: ResultNodes, input_volume, *, app_logic=None, opacity: float = 0.5,
+                switch_layout: bool = True, jump: bool = True) -> None:
+    """CT as background, heatmap as semi-transparent foreground, table and chart in their views."""
+    scene = input_volume.GetScene()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        composite.SetBackgroundVolumeID(input_volume.GetID())
+        composite.SetForegroundVolumeID(nodes.heatmap.GetID() if nodes.heatmap else None)
+        composite.SetForegroundOpacity(float(opacity))
+    if switch_layout:
+        layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layout is not None:
+            layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+    if app_logic is not None:
+        selection = app_logic.GetSelectionNode()
+        if selection is not None and nodes.probabilities is not None and nodes.chart is not None:
+            selection.SetActiveTableID(nodes.probabilities.GetID())
+            selection.SetActivePlotChartID(nodes.chart.GetID())
+            app_logic.PropagateTableSelection()
+            app_logic.PropagatePlotChartSelection()
+    if jump and nodes.patch_rois:
+        jump_to_patch(nodes.patch_rois[0])
+
+
+def rank_in_patch_table(patch_table, row: int) -> Optional[int]:
+    """The rank held in ``row`` of the top-patches table node (None for a row that is not a patch)."""
+    if patch_table is None or row is None:
+        return None
+    table = patch_table.GetTable()
+    if not 0 <= int(row) < table.GetNumberOfRows():
+        return None
+    return int(table.GetValueByName(int(row), "rank").ToInt())
+
+
+def set_heatmap_opacity(scene, heatmap, opacity: float) -> None:
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if heatmap is not None and composite.GetForegroundVolumeID() == heatmap.GetID():
+            composite.SetForegroundOpacity(float(opacity))
+
+
+def jump_to_patch(roi) -> None:
+    """Centre every slice view on a patch (world coordinates, so parent transforms are honoured)."""
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(centre)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(roi.GetScene(), *centre, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+def montage_image(montage_node) -> np.ndarray:
+    """The montage node's pixels as a uint8 (S, S) image, row 0 at the top."""
+    return np.array(slicer.util.arrayFromVolume(montage_node)[0], dtype=np.uint8)
+
+
+def default_montage_path(montage_node) -> Path:
+    """``<scene folder>/<node name>.png``: next to the saved scene (or the current folder if unsaved)."""
+    root = montage_node.GetScene().GetRootDirectory() or "."
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in montage_node.GetName()).strip("_")
+    return Path(root).expanduser() / f"{safe or 'montage'}.png"
+
+
+def save_montage(montage_node, path: Optional[str] = None) -> Path:
+    """Write the montage as an 8-bit PNG (to :func:`default_montage_path` when no path is given)."""
+    from PIL import Image
+
+    out = Path(path).expanduser() if path else default_montage_path(montage_node)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(montage_image(montage_node)).save(out)
+    return out

@@ -1,0 +1,110 @@
+"""One analysed input volume: the engine's ``Analyzer`` (with its patch embeddings) and its nodes.
+
+A session is made on the main thread (it copies the voxels out of the volume node), computed on
+any thread (:meth:`AnalysisSession.compute` touches no MRML), and applied to the scene on the main
+thread. After that, :meth:`AnalysisSession.reprompt` re-ranks the same patches for new prompts from
+the kept embeddings: only the prompt text and the new montage go through the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from ZeroShotILDLib.errors import InputError
+from ZeroShotILDLib.settings import AnalysisSettings
+
+from . import mrml_results
+from .volumes import check_ct_volume, scan_from_volume_node
+
+#: Settings a re-prompt may change; any other difference needs a new analysis (new patches/model).
+REPROMPT_FIELDS = ("prompts", "negatives", "subtypes", "top_k", "retrieval", "montage_size", "seed")
+#: Settings that change neither the patches nor the scores.
+IGNORED_FIELDS = ("batch_size",)
+
+
+def reprompt_changes(old: AnalysisSettings, new: AnalysisSettings) -> Optional[dict]:
+    """The re-prompt overrides that turn ``old`` into ``new``, or None if a new analysis is needed."""
+    changes = {}
+    for f in dataclasses.fields(AnalysisSettings):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b or f.name in IGNORED_FIELDS:
+            continue
+        if f.name not in REPROMPT_FIELDS:
+            return None
+        changes[f.name] = b
+    return changes
+
+
+def _voxels_mtime(volume_node) -> int:
+    image = volume_node.GetImageData()
+    return int(image.GetMTime()) if image is not None else 0
+
+
+class AnalysisSession:
+    """Analysis of one volume node, kept for re-prompting."""
+
+    def __init__(self, input_volume, settings: AnalysisSettings):
+        check_ct_volume(input_volume)  # a one-line InputError before anything touches the node
+        self.scene = input_volume.GetScene()
+        self.input_volume_id = input_volume.GetID()
+        self.settings = settings.validate()
+        self.scan = scan_from_volume_node(input_volume)
+        # Voxels edited after this copy (Segment Editor, filters) make the kept embeddings stale.
+        self.voxels_mtime = _voxels_mtime(input_volume)
+        self.analyzer = None
+        self.result = None
+        self.nodes: Optional[mrml_results.ResultNodes] = None
+
+    # -- any thread ---------------------------------------------------------------------------
+    def compute(self, progress=None, cancel=None, *, model=None, cache=None):
+        """Run the engine on the copied voxels; returns the ``AnalysisResult``. Touches no MRML."""
+        from ZeroShotILDLib.pipeline import Analyzer
+
+        analyzer = Analyzer(self.settings, progress=progress, cancel=cancel, model=model, cache=cache)
+        result = analyzer.analyze(self.scan)
+        self.analyzer, self.result = analyzer, result
+        return result
+
+    # -- main thread --------------------------------------------------------------------------
+    @property
+    def input_volume(self):
+        node = self.scene.GetNodeByID(self.input_volume_id) if self.scene is not None else None
+        if node is None:
+            raise InputError("the input volume was removed from the scene: select it again and press Apply")
+        return node
+
+    def apply(self, *, app_logic=None) -> mrml_results.ResultNodes:
+        """Write the computed result into the scene (the only step that changes the scene)."""
+        if self.result is None:
+            raise RuntimeError("apply() before compute() finished")
+        self.nodes = mrml_results.write_result(self.input_volume, self.result, app_logic=app_logic)
+        return self.nodes
+
+    def can_reprompt(self, input_volume, settings: AnalysisSettings) -> bool:
+        """True when ``settings`` on ``input_volume`` differ from this session only in re-prompt fields
+        and the volume's voxels are unchanged since they were copied."""
+        if self.analyzer is None or input_volume is None or input_volume.GetID() != self.input_volume_id:
+            return False
+        if _voxels_mtime(input_volume) != self.voxels_mtime:
+            return False
+        return reprompt_changes(self.settings, settings) is not None
+
+    def reprompt(self, prompts: Optional[Sequence[str]] = None, negatives: Optional[Sequence[str]] = None,
+                 subtypes: Optional[Sequence[str]] = None, *, app_logic=None, **overrides) -> mrml_results.ResultNodes:
+        """New prompts on the kept embeddings; updates heatmap, patch markups, montage and tables."""
+        if self.analyzer is None:
+            raise InputError("nothing analysed yet: press Apply first")
+        result = self.analyzer.reprompt(prompts, negatives, subtypes, **overrides)
+        self.result, self.settings = result, self.analyzer.settings
+        self.nodes = mrml_results.write_prompt_outputs(self.input_volume, result, app_logic=app_logic)
+        return self.nodes
+
+    def reprompt_to(self, settings: AnalysisSettings, *, app_logic=None) -> mrml_results.ResultNodes:
+        """Re-prompt so that this session's settings become ``settings`` (see :func:`reprompt_changes`)."""
+        changes = reprompt_changes(self.settings, settings)
+        if changes is None:
+            raise InputError("these settings change the patches or the model: press Apply to analyse again")
+        prompts = changes.pop("prompts", settings.prompts)
+        negatives = changes.pop("negatives", settings.negatives)
+        subtypes = changes.pop("subtypes", settings.subtypes)
+        return self.reprompt(prompts, negatives, subtypes, app_logic=app_logic, **changes)
