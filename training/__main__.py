@@ -1,0 +1,6 @@
+"""``python -m training`` = ``zeroshot-ild-train``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
