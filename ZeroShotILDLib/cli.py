@@ -56,8 +56,9 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     # -q is accepted before or after the sub-command; SUPPRESS keeps the top-level value otherwise.
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="registry name (see `zeroshot-ild models`), dapt:<checkpoint>, "
-                   f"or a checkpoint path (default: {d.model})")
+    g.add_argument("--model", default=d.model,
+                   help="registry name (see `zeroshot-ild models`), dapt:<checkpoint>, ensemble:<ensemble.json> "
+                        f"(a training run's top-k, probabilities averaged), or a checkpoint path (default: {d.model})")
     g.add_argument("--checkpoint", help="weights file for a registry model (e.g. a manually downloaded CheXzero .pt)")
     g.add_argument("--weights-dir", help="folder where weights are looked for (default: $ZEROSHOT_ILD_WEIGHTS or "
                    "~/.cache/zeroshot-ild/weights)")
@@ -168,13 +169,13 @@ def _cmd_models() -> int:
 
 def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None):
     from .embeddings import EmbeddingCache
+    from .ensemble import make_analyzer
     from .outputs import check_out_dir, write_outputs
-    from .pipeline import Analyzer
     from .scan import read_scan
 
     check_out_dir(out_dir)
     if analyzer is None:
-        analyzer = Analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
+        analyzer = make_analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
     scan = read_scan(scan_path) if not hasattr(scan_path, "hu") else scan_path
     result = analyzer.analyze(scan)
     progress("writing outputs", 0, 1)

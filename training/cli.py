@@ -324,16 +324,9 @@ def _cmd_export(args) -> int:
 # Scoring scans with the engine (evaluate, grid)
 # ----------------------------------------------------------------------------------------------
 def _ensemble_members(path: str) -> list:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"ensemble {path} does not exist: give a run's ensemble.json")
-    try:
-        members = [c["path"] for c in json.loads(file.read_text())["checkpoints"]]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{file.name} is not an ensemble.json written by `{PROG} train`") from None
-    if not members:
-        raise InputError(f"{file.name} lists no checkpoints: the run has not validated yet")
-    return [f"dapt:{m}" for m in members]
+    from ZeroShotILDLib.ensemble import read_ensemble
+
+    return read_ensemble(path)
 
 
 class _Scorer:
