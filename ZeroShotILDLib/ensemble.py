@@ -104,6 +104,15 @@ class EnsembleAnalyzer:
     def scan(self) -> Optional[Scan]:
         return self.analyzers[0].scan
 
+    @property
+    def model(self):
+        """The best member's model (what picks the patches and builds the montage)."""
+        return self.analyzers[0].model
+
+    @property
+    def encoder(self):
+        return self.analyzers[0].encoder
+
 
 def make_analyzer(settings: AnalysisSettings, **kwargs):
     """An ``EnsembleAnalyzer`` for ``ensemble:<file>`` models, else a plain ``Analyzer``."""

@@ -58,9 +58,13 @@ class AnalysisSession:
     # -- any thread ---------------------------------------------------------------------------
     def compute(self, progress=None, cancel=None, *, model=None, cache=None):
         """Run the engine on the copied voxels; returns the ``AnalysisResult``. Touches no MRML."""
+        from ZeroShotILDLib.ensemble import EnsembleAnalyzer, is_ensemble
         from ZeroShotILDLib.pipeline import Analyzer
 
-        analyzer = Analyzer(self.settings, progress=progress, cancel=cancel, model=model, cache=cache)
+        if is_ensemble(self.settings.model):  # a training run's top-k checkpoints (ensemble.json)
+            analyzer = EnsembleAnalyzer(self.settings, progress=progress, cancel=cancel, cache=cache)
+        else:
+            analyzer = Analyzer(self.settings, progress=progress, cancel=cancel, model=model, cache=cache)
         result = analyzer.analyze(self.scan)
         self.analyzer, self.result = analyzer, result
         return result
