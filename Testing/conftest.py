@@ -48,6 +48,8 @@ def small_scan(small_phantom):
 def tiny_settings(**overrides):
     from ZeroShotILDLib.settings import AnalysisSettings
 
-    base = dict(model="tiny-random", device="cpu", patch_mm=30.0, slice_step_mm=5.0, batch_size=32)
+    # Exact scoring: these tests check the reference path (fast mode has its own tests).
+    base = dict(model="tiny-random", device="cpu", patch_mm=30.0, slice_step_mm=5.0, batch_size=32,
+                scoring_mode="exact")
     base.update(overrides)
     return AnalysisSettings(**base)

@@ -17,6 +17,7 @@ def montage_features(encoder: ImageEncoder, montage: np.ndarray) -> np.ndarray:
 
 def classify_montage(features: np.ndarray, text: TextEncoder, pairs: Sequence[tuple[str, str]]) -> list[float]:
     """P(positive) of each (positive, negative) prompt pair for one montage's features."""
+    text.embed_many([t for pair in pairs for t in pair])  # one text pass for all pairs
     return [float(softmax_probability(features, *text.pair(pos, neg))[0]) for pos, neg in pairs]
 
 

@@ -146,11 +146,13 @@ def patch_pixels(hu, patches: PatchSet, indices: np.ndarray, *, image_size: int,
     bounds = np.flatnonzero(np.diff(zs[order])) + 1
     crops = []
     for group in np.split(order, bounds):
-        sl = window_hu(_slice_tensor(hu, int(zs[group[0]]), device), hu_window)
+        sl = _slice_tensor(hu, int(zs[group[0]]), device)
         r0 = torch.as_tensor(patches.row0[indices[group]], device=device)
         c0 = torch.as_tensor(patches.col0[indices[group]], device=device)
         crops.append(sl[(r0[:, None] + dr)[:, :, None], (c0[:, None] + dc)[:, None, :]])  # (g, rows, cols)
-    pixels = torch.cat(crops)[:, None]
+    # Window after cutting: the cost follows the patch pixels, not whole slices (a montage of 16
+    # patches from 16 slices is what a re-prompt needs).
+    pixels = window_hu(torch.cat(crops), hu_window)[:, None]
     if (rows, cols) != (image_size, image_size):
         pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bicubic", align_corners=False,
                                antialias=rows > image_size or cols > image_size)

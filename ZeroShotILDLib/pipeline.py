@@ -6,6 +6,7 @@ an on-disk cache), so ``Analyzer.reprompt`` only encodes the new text and the ne
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -63,6 +64,7 @@ class Analyzer:
         self._text: Optional[TextEncoder] = None
         self.cache = cache if cache is not None else EmbeddingCache()
         self._state: Optional[_ScanState] = None
+        self._fast_model = None  # the bf16 proposal tower, built on first use (False: none on this device)
 
     # ------------------------------------------------------------------
     @property
@@ -174,22 +176,30 @@ class Analyzer:
         changed = False
         volume = self._device_volume(scan.hu)
 
-        use_proposals = s.scoring_mode == "fast" and proposals.supports_proposals(self.model)
-        count = n
-        if use_proposals:
-            count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
-                                            rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
-            use_proposals = proposals.proposals_pay_off(n, count, s.proposal_grid_tokens,
-                                                        proposals.full_grid_tokens(self.model))
-        elif s.scoring_mode == "fast":
-            notes.append(f"fast mode needs a ViT image tower; '{self.model.spec.name}' encoded every patch exactly")
+        fast_model, grid, count = None, 0, n
+        if s.scoring_mode == "fast" and not exact.all():
+            fast_model = self._proposal_model()
+            grid = s.proposal_grid_tokens or proposals.full_grid_tokens(self.model)
+            if fast_model is None:
+                notes.append("fast mode: no cheaper proposal pass on this device (it needs a CPU with native bf16, "
+                             "or runs exact under autocast on a GPU); every patch was encoded exactly")
+            elif s.proposal_grid_tokens and not proposals.supports_low_resolution(self.model):
+                notes.append(f"fast mode: '{self.model.spec.name}' cannot run at another resolution; "
+                             "every patch was encoded exactly")
+                fast_model = None
+            else:
+                count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
+                                                rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
+                if not proposals.proposals_pay_off(n, count, grid, proposals.full_grid_tokens(self.model)):
+                    fast_model = None  # a small scan: encoding everything exactly is as cheap
+        use_proposals = fast_model is not None
 
         rescored_for = None
         t = time.perf_counter()
         if use_proposals:
-            if proposal is None or proposal.shape[0] != n or proposal_grid != s.proposal_grid_tokens:
-                proposal = self._encode_proposals(volume, patches, s.proposal_grid_tokens)
-                proposal_grid, changed = s.proposal_grid_tokens, True
+            if proposal is None or proposal.shape[0] != n or proposal_grid != grid:
+                proposal = self._encode_proposals(fast_model, volume, patches, grid)
+                proposal_grid, changed = grid, True
             timings["proposals_s"] = time.perf_counter() - t
             t = time.perf_counter()
             pair = (s.prompts[0], s.negative_for(0))
@@ -217,9 +227,9 @@ class Analyzer:
         features = exact_feats.copy()
         if not exact.all():
             features[~exact] = proposal[~exact]
-            notes.append(f"fast mode: {n} candidates ranked by a {s.proposal_grid_tokens}x{s.proposal_grid_tokens}-token "
-                         f"proposal pass, the best {int(exact.sum())} re-scored at full resolution; top patches and "
-                         "montage come from the re-scored ones, the heatmap elsewhere shows proposal scores")
+            notes.append(f"fast mode: {n} candidates ranked by a bf16 proposal pass ({proposal_grid}x{proposal_grid} "
+                         f"tokens), the best {int(exact.sum())} re-scored exactly in fp32; top patches and montage "
+                         "come from the re-scored ones, the heatmap elsewhere shows proposal scores")
         else:
             rescored_for = None
         return features, exact, rescored_for
@@ -246,12 +256,20 @@ class Analyzer:
         row_of = {int(i): k for k, i in enumerate(idx)}
         return feats[[row_of[int(i)] for i in indices]]
 
-    def _encode_proposals(self, volume, patches: PatchSet, grid_tokens: int) -> np.ndarray:
-        """Every candidate encoded at ``grid_tokens``^2 tokens (the proposal pass)."""
+    def _proposal_model(self) -> Optional[LoadedModel]:
+        if self._fast_model is None:
+            self._fast_model = proposals.proposal_model(self.model) or False
+        return self._fast_model or None
+
+    def _encode_proposals(self, fast_model: LoadedModel, volume, patches: PatchSet, grid_tokens: int) -> np.ndarray:
+        """Every candidate encoded by the bf16 tower at ``grid_tokens``^2 tokens (the proposal pass)."""
         s = self.settings
-        # Proposal images are ~25x cheaper, so larger batches keep the matrix multiplies efficient.
-        encoder = ImageEncoder(self.model, self.encoder.batch_size * 4)
-        with proposals.low_resolution(self.model, grid_tokens) as size:
+        encoder = ImageEncoder(fast_model, self.encoder.batch_size)
+        if grid_tokens == proposals.full_grid_tokens(self.model):
+            context = contextlib.nullcontext(self.model.image_size)
+        else:
+            context = proposals.low_resolution(fast_model, grid_tokens)
+        with context as size:
             batches = iter_patch_batches(volume, patches, np.arange(len(patches)), batch_size=encoder.batch_size,
                                          image_size=size, hu_window=s.hu_window, device=self.model.device)
             idx, feats = encoder.encode_batches(batches, len(patches), progress=self.progress, cancel=self.cancel,

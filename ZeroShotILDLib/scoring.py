@@ -27,17 +27,29 @@ class TextEncoder:
 
     def embed(self, text: str) -> torch.Tensor:
         """(D,) float32 CPU unit vector for ``text`` averaged over the templates."""
-        if text not in self._cache:
-            tokens = self.model.tokenize([t.format(text) for t in self.templates]).to(self.model.device)
+        return self.embed_many([text])[0]
+
+    def embed_many(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """``embed`` for several texts, the uncached ones in one text-encoder pass.
+
+        One batched pass instead of one per text: a new prompt and its negative (and subtypes)
+        cost one forward, which is most of a cold re-prompt on CPU.
+        """
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            n = len(self.templates)
+            tokens = self.model.tokenize([tpl.format(t) for t in missing for tpl in self.templates])
             with torch.inference_mode():
-                feats = self.model.model.encode_text(tokens).float()
+                feats = self.model.model.encode_text(tokens.to(self.model.device)).float()
             feats = feats / feats.norm(dim=-1, keepdim=True)
-            mean = feats.mean(dim=0)
-            self._cache[text] = (mean / mean.norm()).cpu()
-        return self._cache[text]
+            for i, text in enumerate(missing):
+                mean = feats[i * n:(i + 1) * n].mean(dim=0)
+                self._cache[text] = (mean / mean.norm()).cpu()
+        return [self._cache[t] for t in texts]
 
     def pair(self, positive: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed(positive), self.embed(negative)
+        pos, neg = self.embed_many([positive, negative])
+        return pos, neg
 
 
 def softmax_probability(image_features: np.ndarray, positive: torch.Tensor, negative: torch.Tensor,
@@ -56,4 +68,5 @@ def softmax_probability(image_features: np.ndarray, positive: torch.Tensor, nega
 def prompt_probabilities(image_features: np.ndarray, text: TextEncoder, prompts: Sequence[str],
                          negatives: Sequence[str]) -> dict[str, np.ndarray]:
     """{prompt: P(prompt) per image} for each (prompt, negative) pair."""
+    text.embed_many([*prompts, *negatives])  # one text pass for all of them
     return {p: softmax_probability(image_features, *text.pair(p, n)) for p, n in zip(prompts, negatives)}

@@ -1,0 +1,240 @@
+"""Speed benchmark (issue 5): exact vs fast scoring mode, side by side in one run.
+
+For the reference phantom (512x512x300 at 0.7x0.7x1.0 mm, ILD-positive, ViT-B/32 with random
+weights, montage 4x4, filter 0.5) each mode runs end to end in its own subprocess (read the .nii.gz
+-> lung mask -> patches -> scores -> montage -> classification -> outputs), so its peak resident
+memory is its own. Then a re-prompt on the analysed scan. Printed and written as Markdown:
+time of each mode and fast/exact ratio, share of the exact top-16 found in fast mode's top-16 and
+in its exactly re-scored set, largest |delta p| of the montage-level probabilities, peak RSS, re-prompt
+time; the same for extra (smaller) ILD phantoms and for each real CT in ../shared/data/real/ct.
+
+    nice .venv/bin/python bench/bench_speed.py --out bench/RESULTS.md
+    nice .venv/bin/python bench/bench_speed.py --shape 120 256 256 --spacing 1.4 1.4 2.5  # quicker look
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+REAL_CT = REPO.parent / "shared" / "data" / "real" / "ct"
+REAL_INPUTS = ("totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "osic_ipf_sparse")
+SECOND_PROMPT = "honeycombing"
+
+
+def make_settings(mode: str, args) -> "AnalysisSettings":
+    from ZeroShotILDLib.settings import AnalysisSettings
+
+    s = AnalysisSettings(model=args.model, device=args.device, montage_size=4, filter_threshold=0.5, top_k=16,
+                         scoring_mode=mode)
+    if args.lung_working_spacing_mm:
+        if "working_spacing_mm" in {f.name for f in dataclasses.fields(s.lung)}:
+            s.lung = dataclasses.replace(s.lung, working_spacing_mm=args.lung_working_spacing_mm)
+        else:  # until LungMaskSettings has the field (requested from the lead); read by pipeline via getattr
+            s.lung.working_spacing_mm = args.lung_working_spacing_mm
+    return s.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker: one mode, one scan, in its own process
+# ----------------------------------------------------------------------------------------------
+def worker(args) -> None:
+    import torch
+
+    from ZeroShotILDLib.models import load_model
+    from ZeroShotILDLib.outputs import write_outputs
+    from ZeroShotILDLib.pipeline import Analyzer
+    from ZeroShotILDLib.scan import read_scan
+
+    torch.set_num_threads(args.threads)
+    settings = make_settings(args.mode, args)
+    t = time.perf_counter()
+    model = load_model(settings.model, device=settings.device)
+    load_s = time.perf_counter() - t
+    analyzer = Analyzer(settings, model=model)
+    t0 = time.perf_counter()
+    scan = read_scan(args.scan)
+    read_s = time.perf_counter() - t0
+    result = analyzer.analyze(scan)
+    t = time.perf_counter()
+    write_outputs(result, scan, args.out_dir)
+    outputs_s = time.perf_counter() - t
+    total_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    second = analyzer.reprompt([SECOND_PROMPT])
+    reprompt_s = time.perf_counter() - t
+    t = time.perf_counter()
+    analyzer.reprompt([SECOND_PROMPT])  # text embedding now cached: the montage dominates
+    reprompt_warm_s = time.perf_counter() - t
+    state = analyzer._state
+    report = {
+        "mode": args.mode, "model_load_s": load_s, "read_s": read_s, "outputs_s": outputs_s, "total_s": total_s,
+        "timings_s": {k: float(v) for k, v in result.timings_s.items()},
+        "reprompt_s": reprompt_s, "reprompt_warm_s": reprompt_warm_s,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+        "candidates": len(result.patches), "encoded_exactly": int(result.encoded_exactly),
+        "boxes": np.stack([result.patches.slice_index, result.patches.row0, result.patches.col0], 1).tolist(),
+        "ranked": [int(i) for i in result.ranked], "montage": [int(i) for i in result.montage_indices],
+        "exact_set": [int(i) for i in np.flatnonzero(state.exact)],
+        "probabilities": {**result.finding_probabilities, **result.subtype_probabilities},
+        "second_ranked": [int(i) for i in second.ranked],
+        "second_probabilities": {**second.finding_probabilities, **second.subtype_probabilities},
+    }
+    Path(args.report).write_text(json.dumps(report))
+
+
+def run_worker(mode: str, scan: Path, args, tmp: Path) -> dict:
+    report = tmp / f"{mode}-{scan.name}.json"
+    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--scan", str(scan), "--report", str(report),
+           "--out-dir", str(tmp / f"out-{mode}-{scan.name}"), "--model", args.model, "--device", args.device,
+           "--threads", str(args.threads), "--lung-working-spacing-mm", str(args.lung_working_spacing_mm or 0)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"  {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
+    return json.loads(report.read_text())
+
+
+def compare(exact: dict, fast: dict) -> dict:
+    """Fidelity of fast against exact on the same candidates."""
+    if exact["boxes"] != fast["boxes"]:
+        raise RuntimeError("the two modes saw different candidate patches; compare needs the same lung mask")
+    top_exact = set(exact["ranked"][:16])
+    in_top = len(top_exact & set(fast["ranked"][:16])) / len(top_exact)
+    in_rescored = len(top_exact & set(fast["exact_set"])) / len(top_exact)
+    dp = max(abs(exact["probabilities"][k] - fast["probabilities"][k]) for k in exact["probabilities"])
+    top2 = set(exact["second_ranked"][:16])
+    second_in_top = len(top2 & set(fast["second_ranked"][:16])) / len(top2)
+    dp2 = max(abs(exact["second_probabilities"][k] - fast["second_probabilities"][k])
+              for k in exact["second_probabilities"])
+    return {"time_ratio": fast["total_s"] / exact["total_s"], "top16_in_top16": in_top,
+            "top16_in_rescored": in_rescored, "max_dp": dp, "reprompt_top16_in_top16": second_in_top,
+            "reprompt_max_dp": dp2}
+
+
+# ----------------------------------------------------------------------------------------------
+def lung_mask_check(hu, spacing_mm, working_spacing_mm: float) -> dict:
+    from ZeroShotILDLib.lung_mask import segment_lungs
+
+    t = time.perf_counter()
+    full = segment_lungs(hu, spacing_mm)
+    full_s = time.perf_counter() - t
+    t = time.perf_counter()
+    coarse = segment_lungs(hu, spacing_mm, working_spacing_mm=working_spacing_mm)
+    coarse_s = time.perf_counter() - t
+    dice = 2.0 * np.count_nonzero(full & coarse) / (np.count_nonzero(full) + np.count_nonzero(coarse))
+    return {"full_s": full_s, "coarse_s": coarse_s, "dice": float(dice), "working_spacing_mm": working_spacing_mm}
+
+
+def row(name: str, exact: dict, fast: dict, cmp: dict) -> str:
+    return (f"| {name} | {exact['candidates']} | {fast['encoded_exactly']} | {exact['total_s']:.1f} | "
+            f"{fast['total_s']:.1f} | {cmp['time_ratio']:.3f} | {cmp['top16_in_top16']:.3f} | "
+            f"{cmp['top16_in_rescored']:.3f} | {cmp['max_dp']:.4f} | {exact['peak_rss_gb']:.2f} / "
+            f"{fast['peak_rss_gb']:.2f} | {fast['reprompt_s']:.3f} / {fast['reprompt_warm_s']:.3f} | "
+            f"{cmp['reprompt_top16_in_top16']:.3f} | {cmp['reprompt_max_dp']:.4f} |")
+
+
+HEADER = ("| input | candidates | fast: re-scored exactly | exact s | fast s | fast/exact | exact top-16 in fast top-16 "
+          "| exact top-16 in re-scored | max abs dp montage | peak RSS GB exact / fast | re-prompt s fast (cold / warm) "
+          f"| re-prompt '{SECOND_PROMPT}': top-16 kept | re-prompt max abs dp |\n" + "|---" * 13 + "|")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), help="reference phantom z y x")
+    ap.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 1.0), help="reference spacing x y z (mm)")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--extra-seeds", type=int, nargs="*", default=(12, 13), help="more ILD phantoms for fidelity")
+    ap.add_argument("--extra-shape", type=int, nargs=3, default=(60, 256, 256))
+    ap.add_argument("--extra-spacing", type=float, nargs=3, default=(1.4, 1.4, 5.0))
+    ap.add_argument("--no-real", action="store_true", help="skip the real CTs")
+    ap.add_argument("--model", default="vit-b-32-random")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lung-working-spacing-mm", type=float, default=1.4,
+                    help="lung segmentation grid for both modes (0 = full resolution)")
+    ap.add_argument("--out", type=Path, help="append the results as Markdown to this file")
+    # worker mode
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--scan", help=argparse.SUPPRESS)
+    ap.add_argument("--report", help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from ZeroShotILDLib.phantom import generate_phantom
+
+    started = time.strftime("%Y-%m-%d %H:%M")
+    load_before = os.getloadavg()
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmpdir:
+        tmp = Path(tmpdir)
+        inputs = []
+        print(f"generating reference phantom {tuple(args.shape)} at {tuple(args.spacing)} mm", flush=True)
+        ref = generate_phantom(args.seed, shape_zyx=tuple(args.shape), spacing_mm=tuple(args.spacing), ild=True)
+        ref_path = tmp / f"phantom{args.seed}.nii.gz"
+        ref.save(ref_path)
+        if args.lung_working_spacing_mm:
+            mc = lung_mask_check(ref.hu, ref.spacing_mm, args.lung_working_spacing_mm)
+            notes.append(f"lung mask on the reference: full resolution {mc['full_s']:.1f} s, "
+                         f"{mc['working_spacing_mm']} mm grid {mc['coarse_s']:.1f} s, Dice {mc['dice']:.4f}")
+            print(notes[-1], flush=True)
+        del ref
+        inputs.append((f"phantom seed {args.seed} {'x'.join(map(str, args.shape))} (reference)", ref_path))
+        for seed in args.extra_seeds:
+            p = generate_phantom(seed, shape_zyx=tuple(args.extra_shape), spacing_mm=tuple(args.extra_spacing), ild=True)
+            path = tmp / f"phantom{seed}.nii.gz"
+            p.save(path)
+            inputs.append((f"phantom seed {seed} {'x'.join(map(str, args.extra_shape))}", path))
+        if not args.no_real and REAL_CT.exists():
+            inputs += [(f"real: {name}", REAL_CT / name) for name in REAL_INPUTS if (REAL_CT / name).exists()]
+        elif not args.no_real:
+            notes.append(f"real CTs skipped: {REAL_CT} is absent")
+        for name, path in inputs:
+            print(f"{name}", flush=True)
+            try:
+                exact = run_worker("exact", path, args, tmp)
+                fast = run_worker("fast", path, args, tmp)
+            except subprocess.CalledProcessError as exc:
+                notes.append(f"{name}: a worker failed ({exc.returncode}); see the console")
+                continue
+            cmp = compare(exact, fast)
+            rows.append(row(name, exact, fast, cmp))
+            print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
+            if path == ref_path:
+                for mode, rep in (("exact", exact), ("fast", fast)):
+                    stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings_s"].items())
+                    notes.append(f"reference, {mode}: model load {rep['model_load_s']:.1f} s (not in the total); "
+                                 f"read {rep['read_s']:.1f} s; {stages}; outputs {rep['outputs_s']:.1f} s; "
+                                 f"total {rep['total_s']:.1f} s; peak RSS {rep['peak_rss_gb']:.2f} GB")
+    load_after = os.getloadavg()
+    text = [
+        f"\n## Speed: exact vs fast scoring mode (issue 5), {started}\n",
+        f"`nice .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
+        f"({os.cpu_count()} cores, shared; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), "
+        f"model {args.model}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
+        f"lung grid {args.lung_working_spacing_mm or 'full'} mm in both modes. Each mode is its own subprocess; "
+        "times are end to end (read .nii.gz -> outputs written), model load excluded. No GPU was lent.\n",
+        HEADER, *rows, "", *[f"- {n}" for n in notes], "",
+    ]
+    print("\n".join(text))
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
