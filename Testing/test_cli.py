@@ -34,13 +34,13 @@ def test_analyze_writes_every_output(phantom_file, tmp_path, capsys):
     assert code == 0, err
     for name in ("result.json", "patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png"):
         assert (out / name).is_file(), name
-    doc = json.loads((out / "result.json").read_text())
+    doc = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert doc["schema"] == "zeroshot-ild-result/1"
     assert set(doc["probabilities"]) == {"interstitial lung disease", "honeycombing"}
     assert set(doc["subtype_probabilities"]) == {"idiopathic pulmonary fibrosis", "sarcoidosis"}
     assert len(doc["top_patches"]) == 5 and doc["top_patches"][0]["rank"] == 1
     assert doc["lung_volume_ml"] > 100 and doc["model"]["meaningful"] is False
-    with open(out / "patches.csv") as handle:
+    with open(out / "patches.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == doc["candidates"]
     assert rows[0]["rank"] == "1"
@@ -117,9 +117,9 @@ def test_empty_prompt_and_bad_checkpoint(phantom_file, tmp_path, capsys):
 def test_non_empty_foreign_out_dir_is_refused(phantom_file, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "thesis.docx").write_text("precious")
+    (out / "thesis.docx").write_text("precious", encoding="utf-8")
     code, _, err = _run(["analyze", str(phantom_file), "--out", str(out), *FAST], capsys)
-    assert code == 2 and (out / "thesis.docx").read_text() == "precious"
+    assert code == 2 and (out / "thesis.docx").read_text(encoding="utf-8") == "precious"
 
 
 def test_demo_runs_offline(tmp_path, capsys):
@@ -145,7 +145,7 @@ def test_analyze_real_ct(name, tmp_path, capsys):
         assert "lung" in err and len(err.strip().splitlines()) == 1
         return
     assert code == 0, err
-    doc = json.loads((out / "result.json").read_text())
+    doc = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert doc["lung_volume_ml"] > 0 and doc["candidates"] > 0
     if name.startswith("totalseg/chest"):
         assert doc["lung_volume_ml"] > 100

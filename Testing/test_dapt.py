@@ -181,7 +181,7 @@ def test_one_step_per_loss(tmp_path, pairs, loss):
         assert "label_head.prototypes" in changed
     assert result.global_step == 1 and result.best_val_loss is not None and math.isfinite(result.best_val_loss)
     assert Path(result.best_checkpoint).is_file() and Path(result.resume_checkpoint).is_file()
-    ensemble = json.loads(Path(result.ensemble_json).read_text())
+    ensemble = json.loads(Path(result.ensemble_json).read_text(encoding="utf-8"))
     assert [c["path"] for c in ensemble["checkpoints"]] == [c["path"] for c in result.top_k]
 
 
@@ -262,7 +262,7 @@ def test_sweep_picks_the_lowest_validation_loss(tmp_path, pairs):
     losses = {rate: run.best_val_loss for rate, run in result.runs.items()}
     assert result.best_learning_rate == min(losses, key=losses.get)
     assert losses[1e-5] != losses[1e-2]
-    summary = json.loads(Path(result.summary_json).read_text())
+    summary = json.loads(Path(result.summary_json).read_text(encoding="utf-8"))
     assert summary["best_learning_rate"] == result.best_learning_rate
-    assert len(Path(result.summary_csv).read_text().strip().splitlines()) == 3
+    assert len(Path(result.summary_csv).read_text(encoding="utf-8").strip().splitlines()) == 3
     assert Path(result.best.best_checkpoint).is_file()

@@ -43,7 +43,7 @@ def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
     recipe = dm.PairRecipe(n_phantoms=2, cohort_seed=5, geometries=(SMALL,), patches_diseased=4, patches_normal=4,
                            retrieved_montages=1, image_size=32)
     jsonl = dm.build_pairs(tmp_path / "pairs", recipe, progress=False)
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     by_scan = {}
     for row in rows:
         by_scan.setdefault(row["patient_id"], []).append(row)

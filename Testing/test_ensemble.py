@@ -27,7 +27,7 @@ def ensemble_json(tmp_path_factory):
         path = models.save_checkpoint(folder / f"step{i}.safetensors", member.model, member.spec)
         entries.append({"path": path.name if i else str(path), "val_loss": 1.0 + i, "step": 100 * (i + 1)})
     file = folder / "ensemble.json"
-    file.write_text(json.dumps({"format": "zeroshot-ild-ensemble/1", "checkpoints": entries}))
+    file.write_text(json.dumps({"format": "zeroshot-ild-ensemble/1", "checkpoints": entries}), encoding="utf-8")
     return file
 
 
@@ -67,6 +67,6 @@ def test_probabilities_are_the_members_means(ensemble_json, small_scan):
 def test_bad_ensemble_files_are_refused(tmp_path, content, words):
     file = tmp_path / "ensemble.json"
     if content is not None:
-        file.write_text(content)
+        file.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=words):
         read_ensemble(file)

@@ -23,7 +23,7 @@ def tree(tmp_path):
         (tmp_path / "scans" / name).write_bytes(b"x")
     (tmp_path / "scans" / "dicom_d").mkdir()
     (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "b.txt").write_text("FINDINGS: Clear lungs.\nIMPRESSION: Normal.")
+    (tmp_path / "reports" / "b.txt").write_text("FINDINGS: Clear lungs.\nIMPRESSION: Normal.", encoding="utf-8")
     return tmp_path
 
 
@@ -39,7 +39,7 @@ def test_phantom_cohort_manifest_reads_back(tmp_path):
     recs = read_manifest(m, require_report=True, require_ild=True)
     assert len(recs) == 4 and all(r.scan_path.is_file() for r in recs)
     # Multi-line quoted reports: each record is named by the line it starts on.
-    lines = m.read_text().splitlines()
+    lines = m.read_text(encoding="utf-8").splitlines()
     for r in recs:
         n = int(r.source.rsplit(" ", 1)[1])
         assert lines[n - 1].startswith(r.scan_id + ",")

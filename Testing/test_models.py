@@ -103,7 +103,7 @@ def test_quickgelu_weights_into_gelu_config_are_refused(tmp_path):
     folder = tmp_path / "hub"
     folder.mkdir()
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}), encoding="utf-8")
     with pytest.raises(InputError, match="QuickGELU"):
         models.load_model(gelu.name, checkpoint=str(folder / "open_clip_pytorch_model.bin"), device="cpu")
 

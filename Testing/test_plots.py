@@ -58,7 +58,7 @@ def test_grid_tables_csv_and_markdown(tmp_path):
     assert "threshold" in got[0] and "n_positive" in got[0]
     assert len(got) == 8
     assert float(got[3]["f1_high"]) == rows[3]["f1"].ci_high
-    md = md_path.read_text().splitlines()
+    md = md_path.read_text(encoding="utf-8").splitlines()
     assert md[0].startswith("Table 2.")
     assert md[2] == "| Patch Montage Method | Classification Model | Montage Size | AUROC | AUPRC | F1 |"
     body = md[4:]

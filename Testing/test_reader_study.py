@@ -90,7 +90,7 @@ def test_export_fill_import_and_table(tmp_path):
     assert len(out["images"]) == 10 and all(p.is_file() for p in out["images"])
     assert Image.open(out["images"][0]).size == (64 * 4, 64 * 4)
     assert [p.name for p in out["sheets"]] == ["counts_A.csv", "counts_B.csv"]
-    with out["sheets"][0].open() as f:
+    with out["sheets"][0].open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image", "scan_id", "method", "reader", "count"]
     assert len(rows) == 10 and all(r["count"] == "" and r["reader"] == "A" for r in rows)
@@ -131,12 +131,12 @@ def test_blinded_export_uses_key(tmp_path):
     out = export_reader_study(montages, tmp_path, grid_n=2, readers=["R1"], blind=True, seed=4)
     names = sorted(p.name for p in out["images"])
     assert names == [f"case_{i:03d}.png" for i in range(1, 7)]
-    with out["sheets"][0].open() as f:
+    with out["sheets"][0].open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert all(r["scan_id"] == "" and r["method"] == "" for r in rows)
     for r in rows:
         r["count"] = "1"
-    with out["sheets"][0].open("w", newline="") as f:
+    with out["sheets"][0].open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -156,7 +156,7 @@ def test_blinded_export_uses_key(tmp_path):
 ])
 def test_sheet_errors(tmp_path, body, match):
     p = tmp_path / "s.csv"
-    p.write_text(body)
+    p.write_text(body, encoding="utf-8")
     with pytest.raises(InputError, match=match) as e:
         read_reader_counts([p], grid_n=4)
     assert "\n" not in str(e.value)

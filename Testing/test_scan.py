@@ -396,8 +396,8 @@ def test_corrupt_nrrd_is_refused(tmp_path, phantom):
 def test_folder_without_images_is_refused(tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()
-    (folder / "readme.txt").write_text("nothing to see")
-    (folder / "table.csv").write_text("a,b\n1,2\n")
+    (folder / "readme.txt").write_text("nothing to see", encoding="utf-8")
+    (folder / "table.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     _refused(folder, "no DICOM files")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -406,7 +406,7 @@ def test_folder_without_images_is_refused(tmp_path):
 
 def test_wrong_extension_is_refused(tmp_path):
     path = tmp_path / "scan.txt"
-    path.write_text("this is not a scan\n")
+    path.write_text("this is not a scan\n", encoding="utf-8")
     _refused(path, "text file", "NIfTI")
     other = tmp_path / "scan.xyz"
     other.write_bytes(bytes(range(256)))

@@ -263,7 +263,7 @@ def test_dependencies_are_asked_for_and_installed_under_constraints(module, monk
     assert logic.setupPythonRequirements(askConfirmation=True)
     (args,) = recorder.pip
     assert args[0] == "open_clip_torch>=3.0" and args[1] == "-c"
-    constraints = open(args[2]).read()
+    constraints = open(args[2], encoding="utf-8").read()
     assert f"numpy=={dependencies.installed_version('numpy')}" in constraints
     assert f"torch=={dependencies.installed_version('torch')}" in constraints
 

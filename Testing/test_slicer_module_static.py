@@ -144,7 +144,7 @@ def test_choices_are_the_engine_choices():
             assert getattr(settings, constant)
     assert catalog.CUSTOM_MODEL not in catalog.model_names()
     # The module builds MODEL_CHOICES from the model list plus the custom-checkpoint entry.
-    assert "MODEL_CHOICES = tuple(catalog.model_names()) + (catalog.CUSTOM_MODEL,)" in MODULE_FILE.read_text()
+    assert "MODEL_CHOICES = tuple(catalog.model_names()) + (catalog.CUSTOM_MODEL,)" in MODULE_FILE.read_text(encoding="utf-8")
 
 
 def _calls_in(node: ast.AST) -> set:

@@ -188,7 +188,7 @@ def test_heatmap_display_is_a_coloured_thresholded_overlay_with_a_legend(analyse
 
 
 def _csv_rows(path: Path) -> list:
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -233,7 +233,7 @@ def test_tables_and_chart_hold_the_engine_probabilities(analysed, cli_outputs):
         assert table.GetValueByName(row, "Kind").ToString() == kind
         assert table.GetValueByName(row, "Label").ToString() == label
         assert table.GetValueByName(row, "Probability").ToDouble() == pytest.approx(value, abs=1e-12)
-    summary = json.loads((cli_outputs / "result.json").read_text())
+    summary = json.loads((cli_outputs / "result.json").read_text(encoding="utf-8"))
     assert summary["probabilities"]["honeycombing"] == pytest.approx(table.GetValueByName(0, "Probability").ToDouble())
     patches = nodes.patch_table.GetTable()
     assert patches.GetNumberOfRows() == TOP_K
@@ -544,8 +544,8 @@ def test_custom_checkpoint_and_defaults_mapping():
 def test_slicer_model_list_is_the_engine_model_list(monkeypatch, tmp_path):
     from ZeroShotILDLib import models
 
-    resources = json.loads((REPO / "Resources" / "models.json").read_text())
-    engine = json.loads((REPO / "ZeroShotILDLib" / "model_list.json").read_text())
+    resources = json.loads((REPO / "Resources" / "models.json").read_text(encoding="utf-8"))
+    engine = json.loads((REPO / "ZeroShotILDLib" / "model_list.json").read_text(encoding="utf-8"))
     assert resources == engine, "Resources/models.json differs: copy ZeroShotILDLib/model_list.json over it"
     assert catalog.model_names() == models.model_names()
     monkeypatch.delenv(catalog.WEIGHTS_ENV, raising=False)

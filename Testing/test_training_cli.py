@@ -102,7 +102,7 @@ def test_preprocess_shards_resume_and_errors(capsys, cohort, tmp_path):
 
 
 def test_train_writes_engine_checkpoints_and_resume_is_a_no_op(capsys, cohort, cache, trained):
-    summary = json.loads((trained / "dapt_summary.json").read_text())
+    summary = json.loads((trained / "dapt_summary.json").read_text(encoding="utf-8"))
     assert summary["result"]["global_step"] == 2 and summary["config"]["loss"] == "clip"
     best = trained / "best.safetensors"
     meta = read_checkpoint_metadata(best)
@@ -110,7 +110,7 @@ def test_train_writes_engine_checkpoints_and_resume_is_a_no_op(capsys, cohort, c
     assert meta["training"]["montage_settings"]["retrieval"] == "random"
     assert meta["training"]["montage_settings"]["montage_size"] == 4
     load_model(f"dapt:{best}", device="cpu")
-    ensemble = json.loads((trained / "ensemble.json").read_text())
+    ensemble = json.loads((trained / "ensemble.json").read_text(encoding="utf-8"))
     assert len(ensemble["checkpoints"]) == 2
     # Resuming a finished run trains nothing more and reports the same best checkpoint.
     code, out, _ = run(capsys, "train", cohort["manifest"], "--cache", cache, "--out", trained, *TRAIN, "--resume")
@@ -149,7 +149,7 @@ def test_sweep_over_two_learning_rates(capsys, cohort, cache, tmp_path):
 def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
     out = tmp_path / "eval"
     # The best top-k checkpoint is also an ensemble member, so it is scored once for both rows.
-    members = [c["path"] for c in json.loads((trained / "ensemble.json").read_text())["checkpoints"]]
+    members = [c["path"] for c in json.loads((trained / "ensemble.json").read_text(encoding="utf-8"))["checkpoints"]]
     best = members[0]
     code, stdout, _ = run(capsys, "evaluate", cohort["manifest"], "--out", out, *ENGINE, "--retrieval", "clip",
                           "--models", "tiny-random", "--models", f"dapt:{best}", "--ensemble", trained / "ensemble.json",
@@ -190,7 +190,7 @@ def test_grid_reproduces_the_table_layout(capsys, cohort, tmp_path):
     rows = read_rows(out / "grid.csv")
     assert [(r["retrieval"], r["montage_size"]) for r in rows] == [("clip", "4"), ("clip", "8"), ("random", "4"),
                                                                    ("random", "8")]
-    table = (out / "grid.md").read_text()
+    table = (out / "grid.md").read_text(encoding="utf-8")
     assert "Patch Montage Method" in table and "Montage Size" in table and "8 × 8" in table
     assert (out / "roc.png").is_file() and (out / "pr.png").is_file()
     code, _, err = run(capsys, "grid", cohort["manifest"], "--out", out, *ENGINE, "--montage-sizes", "5")
@@ -231,12 +231,12 @@ def test_probe_and_alignment(capsys, cohort, cache, tmp_path):
                           "--model", "tiny-random", "--device", "cpu", "--label", "ild", "--k", "1", "--repeats", "2",
                           "-q")
     assert code == 0 and "1-shot linear probe" in stdout
-    result = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    result = json.loads((tmp_path / "probe" / "probe.json").read_text(encoding="utf-8"))
     assert result["classes"] == ["no ild", "ild"] and len(result["linear_probe"]["runs"]) == 2
     code, stdout, _ = run(capsys, "alignment", cohort["manifest"], "--cache", cache, "--out", tmp_path / "align",
                           "--model", "tiny-random", "--device", "cpu", "-q")
     assert code == 0 and "report-level cosine" in stdout
-    result = json.loads((tmp_path / "align" / "alignment.json").read_text())
+    result = json.loads((tmp_path / "align" / "alignment.json").read_text(encoding="utf-8"))
     assert result["n_images"] == 2 and -1.0 <= result["report_mean"] <= 1.0 and "sentence_mean" in result
     code, _, err = run(capsys, "probe", cohort["manifest"], "--cache", cache, "--out", tmp_path / "p2",
                        "--model", "tiny-random", "--device", "cpu", "--base", "emphysema", "-q")

@@ -41,7 +41,7 @@ def read_ensemble(path: Union[str, Path]) -> list[str]:
     if not file.is_file():
         raise InputError(f"ensemble {file} does not exist: give a training run's ensemble.json")
     try:
-        payload = json.loads(file.read_text())
+        payload = json.loads(file.read_text(encoding="utf-8"))
         paths = [str(c["path"]) for c in payload["checkpoints"]]
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{file.name} is not an ensemble.json written by `zeroshot-ild-train train`") from None

@@ -67,7 +67,7 @@ def _register_configs() -> None:
 
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, ModelSpec]:
-    data = json.loads(_MODEL_LIST.read_text())
+    data = json.loads(_MODEL_LIST.read_text(encoding="utf-8"))
     specs = {}
     for entry in data["models"]:
         entry = dict(entry)
@@ -307,7 +307,7 @@ def _check_architecture(spec: ModelSpec, ckpt: Path) -> None:
             )
     elif sidecar.is_file():
         try:
-            declared = bool(json.loads(sidecar.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+            declared = bool(json.loads(sidecar.read_text(encoding="utf-8")).get("model_cfg", {}).get("quick_gelu", False))
         except (json.JSONDecodeError, AttributeError):
             declared = None
     if declared is not None and declared != spec.quick_gelu:

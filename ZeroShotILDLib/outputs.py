@@ -70,7 +70,7 @@ def write_patches_csv(result: AnalysisResult, path: Path) -> None:
     p = result.patches
     prompts = list(result.patch_probabilities)
     order = np.lexsort((np.arange(len(p)), -result.patch_probabilities[prompts[0]]))
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         w = csv.writer(handle)
         w.writerow(["rank", "candidate", "slice_index", "x0", "y0", "x1", "y1", "center_r_mm", "center_a_mm",
                     "center_s_mm", "lung_fraction"] + [f"p[{q}]" for q in prompts])
@@ -89,7 +89,7 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike) -> P
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        with open(tmp / "result.json", "w") as handle:
+        with open(tmp / "result.json", "w", encoding="utf-8") as handle:
             json.dump(result_to_dict(result), handle, indent=2)
         write_patches_csv(result, tmp / "patches.csv")
         Image.fromarray(result.montage).save(tmp / "montage.png")

@@ -50,7 +50,7 @@ def supports_low_resolution(model: LoadedModel) -> bool:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return " amx_bf16" in flags or " avx512_bf16" in flags

@@ -92,7 +92,7 @@ def worker(args) -> None:
         "second_ranked": [int(i) for i in second.ranked],
         "second_probabilities": {**second.finding_probabilities, **second.subtype_probabilities},
     }
-    Path(args.report).write_text(json.dumps(report))
+    Path(args.report).write_text(json.dumps(report), encoding="utf-8")
 
 
 def run_worker(mode: str, scan: Path, args, tmp: Path) -> dict:
@@ -103,7 +103,7 @@ def run_worker(mode: str, scan: Path, args, tmp: Path) -> dict:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     print(f"  {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
-    return json.loads(report.read_text())
+    return json.loads(report.read_text(encoding="utf-8"))
 
 
 def compare(exact: dict, fast: dict) -> dict:
@@ -232,7 +232,7 @@ def main() -> None:
     ]
     print("\n".join(text))
     if args.out:
-        with open(args.out, "a") as handle:
+        with open(args.out, "a", encoding="utf-8") as handle:
             handle.write("\n".join(text) + "\n")
 
 

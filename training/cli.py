@@ -116,7 +116,7 @@ def _cache_settings(cache: str) -> AnalysisSettings:
     path = Path(cache).expanduser() / CACHE_SETTINGS
     if not path.is_file():
         raise InputError(f"{cache} holds no {CACHE_SETTINGS}: run `{PROG} preprocess MANIFEST --cache {cache}` first")
-    return AnalysisSettings.from_dict(json.loads(path.read_text()))
+    return AnalysisSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _pairs(records, cache: str, class_names=None):
@@ -164,12 +164,12 @@ def _cmd_preprocess(args, progress) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     stored = cache / CACHE_SETTINGS
     if stored.is_file():
-        previous = AnalysisSettings.from_dict(json.loads(stored.read_text()))
+        previous = AnalysisSettings.from_dict(json.loads(stored.read_text(encoding="utf-8")))
         if preprocess.settings_key(previous) != preprocess.settings_key(settings):
             raise InputError(f"{cache} was preprocessed with other montage settings: use a new --cache folder per setting")
     else:  # shards of one job array may race here; they write the same content atomically
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}.partial")
-        tmp.write_text(settings.to_json())
+        tmp.write_text(settings.to_json(), encoding="utf-8")
         os.replace(tmp, stored)
     summary = preprocess.preprocess(records, cache, settings, workers=args.workers, shard=shard, progress=progress)
     progress.close()
@@ -559,7 +559,7 @@ def _cmd_reader_analyze(args) -> int:
     meta_path = study / "study.json"
     if not meta_path.is_file():
         raise InputError(f"{study} holds no study.json: give the folder written by `reader-study export`")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     key = study / "key.csv"
     counts = reader_study.read_reader_counts(args.sheets, grid_n=int(meta["grid_n"]),
                                              key_path=key if key.is_file() else None)

@@ -192,7 +192,7 @@ def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int
         for p in prompts:
             est = bootstrap_ci(roc_auc, y, np.array(scores[p]), seed=0)
             results["auroc"][name][p] = {"auroc": est.value, "ci95": [est.ci_low, est.ci_high]}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
 
 

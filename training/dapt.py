@@ -682,7 +682,7 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         raise InputError(f"{output} already holds a run: pass --resume to continue it or choose another output folder")
     summary_path = output / "dapt_summary.json"
     if resume and summary_path.is_file():  # written only when a run has finished: nothing left to do
-        return FitResult(**json.loads(summary_path.read_text())["result"])
+        return FitResult(**json.loads(summary_path.read_text(encoding="utf-8"))["result"])
     L.seed_everything(config.seed, workers=True, verbose=False)
     if train_records is None or val_records is None:
         train_records, val_records = split_records(records, val_fraction=config.val_fraction, seed=config.seed)
@@ -736,7 +736,7 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     # Read back from disk rather than from the callback: with ddp_spawn training ran elsewhere.
     ensemble_path = output / "ensemble.json"
     if ensemble_path.is_file():
-        ensemble = json.loads(ensemble_path.read_text())
+        ensemble = json.loads(ensemble_path.read_text(encoding="utf-8"))
         result.top_k = ensemble["checkpoints"]
         result.global_step = max(result.global_step, int(ensemble.get("global_step", 0)))
         result.ensemble_json = str(ensemble_path)
@@ -832,7 +832,7 @@ def export(lightning_checkpoint: Union[str, Path], output: Union[str, Path], con
         summary = lightning_checkpoint.parent.parent / "dapt_summary.json"
         if not summary.is_file():
             raise InputError(f"no dapt_summary.json beside {lightning_checkpoint.name}: pass the run's settings")
-        stored = json.loads(summary.read_text())["config"]
+        stored = json.loads(summary.read_text(encoding="utf-8"))["config"]
         stored["class_names"] = tuple(stored.get("class_names") or ())
         config = DaptConfig(**stored)
     state = torch.load(str(lightning_checkpoint), map_location="cpu", weights_only=True)

@@ -293,7 +293,7 @@ def build_pairs(out_dir, recipe: PairRecipe = PairRecipe(), *, retrieval_model: 
     recipe_path = out_dir / "recipe.json"
     # Through JSON once, so tuples compare equal to the lists read back from recipe.json.
     described = json.loads(json.dumps(dict(recipe.to_json(), retrieval_model=_model_identity(retrieval_model))))
-    if jsonl.is_file() and recipe_path.is_file() and json.loads(recipe_path.read_text()) == described:
+    if jsonl.is_file() and recipe_path.is_file() and json.loads(recipe_path.read_text(encoding="utf-8")) == described:
         return jsonl
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     analyzer = None
@@ -338,7 +338,7 @@ def read_pairs(jsonl) -> list:
     if not path.is_file():
         raise InputError(f"{path} does not exist: run `python -m training.demo_model build` first")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         out.append(PairRecord(image_path=row["image_path"], report=row["report"],
                               labels=(float(row["ild"]), float(1 - row["ild"])), scan_id=row["scan_id"],
@@ -443,7 +443,7 @@ def train(pairs_jsonl, out_dir, *, output=DEMO_WEIGHTS, init: Optional[str] = No
                          learning_rate=learning_rate, loss=loss, seed=seed, progress=progress)
     result = dapt.fit(config, records, resume=(out_dir / "dapt" / "checkpoints" / dapt.RESUME_NAME).exists())
     best = result.best_checkpoint or result.last_checkpoint
-    recipes = [json.loads((Path(p).parent / "recipe.json").read_text()) for p in paths
+    recipes = [json.loads((Path(p).parent / "recipe.json").read_text(encoding="utf-8")) for p in paths
                if (Path(p).parent / "recipe.json").is_file()]
     training = {"dapt": config.to_json(), "recipes": recipes,
                 "best_val_loss": result.best_val_loss, "global_step": result.global_step,
@@ -574,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "build":
             recipe = PairRecipe(n_phantoms=args.phantoms, cohort_seed=args.seed)
             path = build_pairs(args.out, recipe, retrieval_model=args.retrieval_model, progress=not args.quiet)
-            print(f"{sum(1 for _ in open(path))} pairs in {path}")
+            print(f"{sum(1 for _ in open(path, encoding='utf-8'))} pairs in {path}")
         elif args.command == "train":
             path = train([Path(p) / "pairs.jsonl" for p in args.pairs], args.out, output=args.weights, init=args.init,
                          max_steps=args.steps,
