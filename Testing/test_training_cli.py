@@ -94,6 +94,11 @@ def test_preprocess_shards_resume_and_errors(capsys, cohort, tmp_path):
     assert len(list((folder / "montages").glob("*.png"))) == 8
     code, again, _ = run(capsys, *common)
     assert code == 0 and "0 montages written, 8 already finished" in again
+    # A half-written item (montage without its sidecar, as after a crash) is redone, not taken.
+    sidecar = sorted((folder / "montages").glob("*.json"))[0]
+    sidecar.unlink()
+    code, redone, _ = run(capsys, *common)
+    assert code == 0 and "1 montages written, 7 already finished" in redone and sidecar.is_file()
     code, _, err = run(capsys, *common, "--shard", "3/2")
     assert code == 2 and err.count("\n") == 1 and "shard" in err
     # Another montage setting in the same folder would mix caches.

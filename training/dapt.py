@@ -778,7 +778,7 @@ def write_ensemble(path: Union[str, Path], top_k: Sequence[dict], config: DaptCo
 
 def _write_json(path: Path, payload: dict) -> Path:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2))
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2), encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -192,7 +192,7 @@ def preprocess(records: Sequence, out_dir, settings: AnalysisSettings, *, worker
         else:
             todo.append((r.scan_id, str(r.scan_path), str(png)))
     (out_dir / "montages").mkdir(parents=True, exist_ok=True)
-    (out_dir / "settings.json").write_text(json.dumps(settings_key(settings), indent=1, sort_keys=True))
+    (out_dir / "settings.json").write_text(json.dumps(settings_key(settings), indent=1, sort_keys=True), encoding="utf-8")
     progress("preprocessing", 0, len(todo))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     if workers <= 1:
