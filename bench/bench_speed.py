@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit-b-32-random")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lung-working-spacing-mm", type=float, default=1.4,
+    ap.add_argument("--lung-working-spacing-mm", type=float, default=0.0,
                     help="lung segmentation grid for both modes (0 = full resolution)")
     ap.add_argument("--out", type=Path, help="append the results as Markdown to this file")
     # worker mode
@@ -223,7 +223,7 @@ def main() -> None:
     load_after = os.getloadavg()
     text = [
         f"\n## Speed: exact vs fast scoring mode (issue 5), {started}\n",
-        f"`nice .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
+        f"`OMP_NUM_THREADS=2 .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
         f"({os.cpu_count()} cores, shared; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), "
         f"model {args.model}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
         f"lung grid {args.lung_working_spacing_mm or 'full'} mm in both modes. Each mode is its own subprocess; "
