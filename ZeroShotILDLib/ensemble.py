@@ -62,13 +62,16 @@ def read_ensemble(path: Union[str, Path]) -> list[str]:
 def combine(results: Sequence[AnalysisResult], model_name: str) -> AnalysisResult:
     """The first result with its montage-level probabilities replaced by the members' means."""
     first = results[0]
-    mean = lambda key, d: float(np.mean([r.__dict__[d][key] for r in results]))  # noqa: E731
+
+    def mean(field: str) -> dict:
+        return {k: float(np.mean([getattr(r, field)[k] for r in results])) for k in getattr(first, field)}
+
     return dataclasses.replace(
         first,
         model_name=model_name,
         model_meaningful=all(r.model_meaningful for r in results),
-        finding_probabilities={k: mean(k, "finding_probabilities") for k in first.finding_probabilities},
-        subtype_probabilities={k: mean(k, "subtype_probabilities") for k in first.subtype_probabilities},
+        finding_probabilities=mean("finding_probabilities"),
+        subtype_probabilities=mean("subtype_probabilities"),
         notes=list(first.notes) + [f"ensemble of {len(results)} checkpoints: montage probabilities averaged; "
                                    "patches, heatmap and montage from the best checkpoint"],
         timings_s={k: sum(r.timings_s.get(k, 0.0) for r in results) for k in first.timings_s},

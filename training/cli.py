@@ -397,6 +397,17 @@ def _both_classes(y: np.ndarray) -> bool:
     return y.size > 0 and 0 < int(y.sum()) < y.size
 
 
+def _evaluation_sets(args):
+    """Test and validation records of a labelled manifest, their ILD labels, and whether the
+    validation set can choose the F1 threshold (it needs both classes); AUROC needs both in test."""
+    records = _read_manifest(args.manifest, require_ild=True)
+    test, val = _eval_split(records, args.split)
+    y_test, y_val = _labels(test), _labels(val)
+    if not _both_classes(y_test):
+        raise InputError(f"the {args.split} rows need both ILD-positive and -negative scans for AUROC")
+    return test, val, y_test, y_val, _both_classes(y_val)
+
+
 def _row(factors: dict, report) -> dict:
     """A table row: ``plots.grid_row`` plus where the F1 threshold was chosen."""
     from . import plots
@@ -410,12 +421,7 @@ def _cmd_evaluate(args) -> int:
     base = settings_from_args(args)
     models_ = list(dict.fromkeys(args.models or [base.model]))
     ensembles = {f"ensemble:{Path(p).expanduser().resolve().parent.name}": _ensemble_members(p) for p in args.ensemble or []}
-    records = _read_manifest(args.manifest, require_ild=True)
-    test, val = _eval_split(records, args.split)
-    y_test, y_val = _labels(test), _labels(val)
-    use_val = _both_classes(y_val)
-    if not _both_classes(y_test):
-        raise InputError(f"the {args.split} rows need both ILD-positive and -negative scans for AUROC")
+    test, val, y_test, y_val, use_val = _evaluation_sets(args)
     members = list(dict.fromkeys(models_ + [m for ms in ensembles.values() for m in ms]))
     variants = [dict(model=m, filter_threshold=base.filter_threshold, retrieval=base.retrieval,
                      montage_size=base.montage_size) for m in members]
@@ -482,12 +488,7 @@ def _cmd_grid(args) -> int:
         dataclasses.replace(base, montage_size=s).validate()
     for t in thresholds:
         dataclasses.replace(base, filter_threshold=t).validate()
-    records = _read_manifest(args.manifest, require_ild=True)
-    test, val = _eval_split(records, args.split)
-    y_test, y_val = _labels(test), _labels(val)
-    use_val = _both_classes(y_val)
-    if not _both_classes(y_test):
-        raise InputError(f"the {args.split} rows need both ILD-positive and -negative scans for AUROC")
+    test, val, y_test, y_val, use_val = _evaluation_sets(args)
     variants = [dict(retrieval=r, model=m, montage_size=s, filter_threshold=t)
                 for r in retrievals for m in models_ for s in sizes for t in thresholds]
     scored = _Scorer(base).score(test + (val if use_val else []), variants, quiet=args.quiet)

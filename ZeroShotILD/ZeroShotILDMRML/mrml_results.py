@@ -124,24 +124,14 @@ def find_result_nodes(input_volume) -> Optional[ResultNodes]:
     if not folder:
         return None
     nodes = ResultNodes(folder)
+    single = {LUNGS: "lungs", HEATMAP: "heatmap", MONTAGE: "montage", PROBABILITIES: "probabilities",
+              PATCH_TABLE: "patch_table", CHART: "chart", SERIES: "series"}
     for node in _folder_nodes(input_volume, folder):
         role = node.GetAttribute(ROLE_ATTRIBUTE)
         if role == PATCH:
             nodes.patch_rois.append(node)
-        elif role == LUNGS:
-            nodes.lungs = node
-        elif role == HEATMAP:
-            nodes.heatmap = node
-        elif role == MONTAGE:
-            nodes.montage = node
-        elif role == PROBABILITIES:
-            nodes.probabilities = node
-        elif role == PATCH_TABLE:
-            nodes.patch_table = node
-        elif role == CHART:
-            nodes.chart = node
-        elif role == SERIES:
-            nodes.series = node
+        elif role in single:
+            setattr(nodes, single[role], node)
     nodes.patch_rois.sort(key=lambda n: int(n.GetAttribute(RANK_ATTRIBUTE) or 0))
     return nodes
 
