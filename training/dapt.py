@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 from . import losses
 from .data import GlobalBatchSampler, MontagePairDataset, PairRecord
 from .distributed import all_gather_no_grad, all_gather_with_grad
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -777,10 +778,7 @@ def write_ensemble(path: Union[str, Path], top_k: Sequence[dict], config: DaptCo
 
 
 def _write_json(path: Path, payload: dict) -> Path:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(payload), indent=2))
 
 
 def default_learning_rates(count: int = 5, low: float = 1e-5, high: float = 1e-3) -> list:

@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -57,6 +56,7 @@ import numpy as np
 
 from ZeroShotILDLib.errors import InputError
 from ZeroShotILDLib.settings import DEFAULT_PROMPT, AnalysisSettings
+from training.files import atomic_write_text
 
 #: The architecture of the demo model (``ZeroShotILDLib/model_configs/zsild-phantom.json``).
 ARCHITECTURE = "zsild-phantom"
@@ -317,8 +317,8 @@ def build_pairs(out_dir, recipe: PairRecipe = PairRecipe(), *, retrieval_model: 
                          "subtype": phantom.labels["subtype"] or ""})
         bar.update(1)
     bar.close()
-    _write_text(recipe_path, json.dumps(described, indent=1))
-    _write_text(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(recipe_path, json.dumps(described, indent=1))
+    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
     return jsonl
 
 
@@ -345,16 +345,6 @@ def read_pairs(jsonl) -> list:
                               patient_id=row["patient_id"], source=row["scan_id"]))
     return out
 
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,7 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               progress=not args.quiet)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                _write_text(Path(args.out), json.dumps(result, indent=1))
+                atomic_write_text(Path(args.out), json.dumps(result, indent=1))
             print(markdown_summary(result))
     except InputError as exc:
         print(f"demo_model: error: {exc}", file=sys.stderr)
