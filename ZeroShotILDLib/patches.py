@@ -6,7 +6,7 @@ any pixel spacing; pixels are resampled to the model's input size when they are 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch

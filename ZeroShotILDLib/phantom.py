@@ -974,7 +974,6 @@ class _Builder:
         tx, ty, tr, tw = p["trachea"]
         z_car = an.z_at(p["h_carina"])
         z_hil = an.z_at(p["h_hilum"])
-        hw = p["band_hw"][4]
         carina = np.array([tx, ty, z_car])
         end_r = np.array([p["hilum_x"][0], ty + 6 * s, z_car - 0.55 * (z_car - z_hil) - 6 * s])
         end_l = np.array([p["hilum_x"][1], ty + 10 * s, z_hil - 4 * s])
@@ -1565,7 +1564,7 @@ def _make_report(rng, labels, info) -> str:
             if sub == _IPF:
                 lung.append(_pick(rng, [
                     f"Subpleural, basal-predominant reticulation, most marked in the {bases}.",
-                    f"There is bilateral subpleural reticulation with a basal and posterior predominance.",
+                    "There is bilateral subpleural reticulation with a basal and posterior predominance.",
                     f"Peripheral reticulation is seen in both lungs, worst in the {bases}.",
                 ]))
             elif sub == _SSC:
@@ -1576,13 +1575,13 @@ def _make_report(rng, labels, info) -> str:
             else:
                 lung.append(_pick(rng, [
                     f"Some reticulation is present in the {where}.",
-                    f"Mild reticulation accompanies the ground-glass change.",
+                    "Mild reticulation accompanies the ground-glass change.",
                 ]))
         if "ground-glass opacity" in pats:
             if sub == _SSC:
                 lung.insert(0, _pick(rng, [
                     f"Bilateral symmetric ground-glass opacity in the {bases} with relative sparing of the immediate subpleural lung.",
-                    f"Basal-predominant ground-glass opacity, symmetric, with subpleural sparing.",
+                    "Basal-predominant ground-glass opacity, symmetric, with subpleural sparing.",
                     f"There is ground-glass opacity in the {bases}, sparing the immediate subpleural region.",
                 ]))
             elif sub == _HP:
@@ -1599,7 +1598,7 @@ def _make_report(rng, labels, info) -> str:
         if "honeycombing" in pats:
             lung.append(_pick(rng, [
                 f"Honeycombing is present in the subpleural {bases}.",
-                f"Subpleural honeycombing with stacked cysts in several rows at both bases.",
+                "Subpleural honeycombing with stacked cysts in several rows at both bases.",
                 f"Clustered thick-walled subpleural cysts at the {bases} in keeping with honeycombing.",
             ]))
         elif sub == _SSC and rng.random() < 0.6:

@@ -515,7 +515,7 @@ def evaluate(model: str = "phantom-demo", *, n: int = 40, seed: int = 777, geome
 
 
 def markdown_summary(result: dict) -> str:
-    lines = [f"| retrieval | AUROC (95 % CI) | % of montage patches on disease (positives) |",
+    lines = ["| retrieval | AUROC (95 % CI) | % of montage patches on disease (positives) |",
              "|---|---|---|"]
     for method in ("clip", "random"):
         r = result[method]
