@@ -180,3 +180,112 @@ def test_reprompt_refuses_fast_mode_changes(runs):
     _, _, analyzer, _ = runs[0]
     with pytest.raises(InputError, match="analyze"):
         analyzer.reprompt(rescore_fraction=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coarse-to-fine in z (proposal_slice_step_mm)
+# ----------------------------------------------------------------------------------------------
+def test_slice_neighbours_first_pass_refine_and_interpolation():
+    # One box column (row 0) on slices 0..4, and a box (row 10) that exists on slice 1 only.
+    z = np.array([0, 1, 2, 3, 4, 1])
+    r = np.array([0, 0, 0, 0, 0, 10])
+    c = np.zeros(6, dtype=np.int64)
+    assert proposals.proposal_slice_step(1.0, 3.0) == 3
+    assert proposals.proposal_slice_step(1.5, 3.0) == 2
+    assert proposals.proposal_slice_step(5.0, 3.0) == 1 and proposals.proposal_slice_step(1.0, 0.0) == 1
+    nb = proposals.slice_neighbours(z, r, c, 3)  # columns dz = -1, +1, -2, +2
+    np.testing.assert_array_equal(nb[1], [0, 2, -1, 3])
+    np.testing.assert_array_equal(nb[4], [3, -1, 2, -1])
+    np.testing.assert_array_equal(nb[5], [-1, -1, -1, -1])
+    first = proposals.first_pass(z, nb, 3)
+    # Slices 0 and 3 are coarse; the lone box on slice 1 has nothing to interpolate from.
+    np.testing.assert_array_equal(first, [True, False, False, True, False, True])
+    assert proposals.first_pass(z, proposals.slice_neighbours(z, r, c, 1), 1).all()
+    scores = np.array([0.1, 0.0, 0.0, 0.9, 0.0, 0.5])
+    np.testing.assert_array_equal(proposals.neighbours_to_refine(scores, first, nb, 1), [1, 2, 4])
+    assert proposals.neighbours_to_refine(scores, first, nb, 0).size == 0
+
+    feats = np.zeros((6, 2), np.float32)
+    feats[0], feats[3], feats[5] = [1, 0], [0, 1], [1, 1]
+    out = proposals.interpolate_skipped(feats, first, z, nb)
+    # Slice 1 lies 1 slice above slice 0 and 2 below slice 3: weights 1 and 1/2, then unit length.
+    np.testing.assert_allclose(out[1], np.array([1, 0.5]) / np.hypot(1, 0.5), rtol=1e-6)
+    np.testing.assert_allclose(out[2], np.array([0.5, 1]) / np.hypot(1, 0.5), rtol=1e-6)
+    np.testing.assert_allclose(out[4], [0, 1])  # only a neighbour below
+    np.testing.assert_array_equal(out[first], feats[first])  # encoded rows are left alone
+
+
+def _thin_scan(seed):
+    from ZeroShotILDLib.phantom import generate_phantom
+    from ZeroShotILDLib.scan import scan_from_array
+
+    p = generate_phantom(seed, shape_zyx=(48, 128, 128), spacing_mm=(2.5, 2.5, 1.0), ild=True)
+    return scan_from_array(p.hu, p.spacing_mm, p.origin_mm, p.direction, source=f"thin phantom {seed}")
+
+
+def _count_proposals(analyzer):
+    """Wrap the analyzer's proposal encoder to count the candidates it encodes."""
+    counted = []
+    original = analyzer._encode_proposals
+
+    def counting(fast_model, volume, patches, grid_tokens, indices, stage):
+        counted.append(len(indices))
+        return original(fast_model, volume, patches, grid_tokens, indices, stage)
+
+    analyzer._encode_proposals = counting
+    return counted
+
+
+@needs_bf16
+def test_slice_step_proposals_keep_the_exact_top_patches_on_thin_slices(tiny_model, tmp_path):
+    scan = _thin_scan(5)
+    base = dict(patch_mm=30.0, slice_step_mm=1.0, scoring_mode="fast", rescore_fraction=0.05, rescore_min=16)
+    exact = Analyzer(tiny_settings(**{**base, "scoring_mode": "exact"}), model=tiny_model).analyze(scan)
+    n = len(exact.patches)
+    fast_analyzer = Analyzer(tiny_settings(**base, proposal_slice_step_mm=3.0), model=tiny_model,
+                             cache=EmbeddingCache(tmp_path))
+    counted = _count_proposals(fast_analyzer)
+    fast = fast_analyzer.analyze(scan)
+    # The first pass took every third slice, the second the neighbours of its best boxes, and
+    # the rest were interpolated: fewer proposal encodings than candidates.
+    assert len(counted) == 2 and sum(counted) < 0.7 * n
+    assert any("interpolated" in note for note in fast.notes)
+    rescored = set(np.flatnonzero(fast_analyzer._state.exact).tolist())
+    top_exact = set(exact.ranked[:16].tolist())
+    assert len(top_exact & rescored) / 16 >= 0.95
+    assert len(top_exact & set(fast.ranked[:16].tolist())) / 16 >= 0.95
+    for k, p in {**exact.finding_probabilities, **exact.subtype_probabilities}.items():
+        assert abs({**fast.finding_probabilities, **fast.subtype_probabilities}[k] - p) <= 0.01
+
+    # Another prompt on the same cache: only its own skipped neighbours are encoded, none again.
+    other = Analyzer(tiny_settings(**base, proposal_slice_step_mm=3.0, prompts=["honeycombing"]),
+                     model=tiny_model, cache=EmbeddingCache(tmp_path))
+    counted_again = _count_proposals(other)
+    other.analyze(scan)
+    assert len(counted_again) <= 1 and sum(counted_again) <= counted[1]
+
+
+@needs_bf16
+def test_thick_slices_are_never_skipped(runs):
+    # 5 mm slices: a 3 mm step rounds to every slice, so nothing is interpolated.
+    for _, _, _, fast in runs:
+        assert not any("interpolated" in note for note in fast.notes)
+
+
+def test_folding_quick_gelu_keeps_the_function():
+    import copy
+
+    from open_clip.transformer import QuickGELU
+
+    mlp = torch.nn.Sequential()
+    mlp.add_module("c_fc", torch.nn.Linear(8, 32))
+    mlp.add_module("gelu", QuickGELU())
+    mlp.add_module("c_proj", torch.nn.Linear(32, 8))
+    block = torch.nn.Module()
+    block.mlp = mlp
+    tower = torch.nn.Sequential(block)
+    before = copy.deepcopy(mlp)
+    assert proposals.fold_quick_gelu(tower) == 1 and isinstance(mlp.gelu, torch.nn.SiLU)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(mlp(x), before(x), rtol=1e-5, atol=1e-6)
+    assert proposals.fold_quick_gelu(tower) == 0  # already folded: nothing left to change

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import edt
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -273,7 +274,7 @@ def _airways(mask, hu, spacing, s: LungMaskSettings, cancel) -> Optional[np.ndar
     wall = max(AIRWAY_WALL_MM, max(sx, sy) * 1.01)
     for i in range(airway.shape[0]):
         if airway[i].any():
-            grown = ndi.distance_transform_edt(~airway[i], sampling=(sy, sx)) <= wall
+            grown = _distance_mm(~airway[i], (sy, sx)) <= wall
             out[z0 + i] = grown & mask[z0 + i]
     return out
 
@@ -322,6 +323,11 @@ def _per_slice(mask, hu, spacing, s: LungMaskSettings, progress, cancel, *, done
         cols += np.count_nonzero(mask[z], axis=0)
     mid_col = int(np.searchsorted(np.cumsum(cols), cols.sum() / 2.0))
     nz = mask.shape[0]
+    # Every step below moves the lung edge outward by at most its radius, and the distance
+    # transforms never look farther, so each side is cut to its bounding box plus that reach
+    # (and a background ring): the same result as on the whole slice, at ~60 % of the pixels.
+    side_margin_px = int(np.ceil(max(s.closing_mm, RIM_MM, DENSE_GROW_MM, RIM_WINDOW_MM) / min(samp))) + 3
+    final_margin_px = int(np.ceil(max(s.opening_mm, s.erosion_mm) / min(samp))) + 3
     for z in range(nz):
         m = mask[z]
         if m.any():
@@ -335,36 +341,71 @@ def _per_slice(mask, hu, spacing, s: LungMaskSettings, progress, cancel, *, done
                 # lung (for crops through the lungs), which must not happen at the midline cut.
                 part = np.pad(m[:, side], ((0, 0), pad))
                 hu_part = np.pad(hu[z][:, side], ((0, 0), pad), constant_values=0)
-                if s.closing_mm > 0:
-                    part = _close(part, s.closing_mm, samp)
-                part = _rim(part, hu_part, samp)
-                if s.fill_holes:
-                    part = _fill_holes(part, hu_part, small_hole_px, max_hole_px)
-                if airway is not None:
-                    # The closings pull the removed trachea and main bronchi back in: take them out
-                    # again, but keep bronchi inside the lung (enclosed, small), which are lung.
-                    airway_part = np.pad(airway[z][:, side], ((0, 0), pad))
-                    if airway_part.any():
-                        part = _fill_holes(part & ~airway_part, hu_part, small_hole_px, 0)
+                airway_part = np.pad(airway[z][:, side], ((0, 0), pad)) if airway is not None else None
+                part = _in_box(part, side_margin_px, lambda p, h, a: _side_morphology(
+                    p, h, a, s, samp, small_hole_px, max_hole_px), hu_part, airway_part)
                 out[:, side] = part[:, pad[0]:part.shape[1] - pad[1]]
             m = out
             if s.opening_mm > 0:
-                m = _open(m, s.opening_mm, samp)
+                m = _in_box(m, final_margin_px, lambda p: _open(p, s.opening_mm, samp))
             if s.erosion_mm > 0:
-                m = ndi.distance_transform_edt(m, sampling=samp) > s.erosion_mm
+                m = _in_box(m, final_margin_px, lambda p: _distance_mm(p, samp) > s.erosion_mm)
             mask[z] = m
         if z % 8 == 7 or z == nz - 1:
             cancel.raise_if_cancelled()
             progress(STAGE, done + z + 1, total)
 
 
+def _side_morphology(part, hu_part, airway_part, s: LungMaskSettings, samp, small_hole_px, max_hole_px):
+    """Closing, dense rim and hole filling of one lung side of one slice."""
+    if s.closing_mm > 0:
+        part = _close(part, s.closing_mm, samp)
+    part = _rim(part, hu_part, samp)
+    if s.fill_holes:
+        part = _fill_holes(part, hu_part, small_hole_px, max_hole_px)
+    if airway_part is not None and airway_part.any():
+        # The closings pull the removed trachea and main bronchi back in: take them out
+        # again, but keep bronchi inside the lung (enclosed, small), which are lung.
+        part = _fill_holes(part & ~airway_part, hu_part, small_hole_px, 0)
+    return part
+
+
+def _in_box(m, margin_px: int, fn, *arrays):
+    """``fn(m, *arrays)`` on the bounding box of ``m`` grown by ``margin_px``; False outside it.
+
+    Equal to ``fn`` on the whole slice when ``fn`` grows ``m`` by less than the margin: a box side
+    away from the image edge then ends in background, so distances to background inside the box
+    are the true ones (the nearest outside point, clamped into the box, is no farther), and a box
+    side on the image edge keeps that edge's meaning. ``None`` arrays pass through.
+    """
+    rows = np.flatnonzero(m.any(axis=1))
+    cols = np.flatnonzero(m.any(axis=0))
+    r0, r1 = max(rows[0] - margin_px, 0), min(rows[-1] + margin_px + 1, m.shape[0])
+    c0, c1 = max(cols[0] - margin_px, 0), min(cols[-1] + margin_px + 1, m.shape[1])
+    box = (slice(r0, r1), slice(c0, c1))
+    out = np.zeros_like(m)
+    out[box] = fn(m[box], *(a[box] if a is not None else None for a in arrays))
+    return out
+
+
+def _distance_mm(m, samp):
+    """Euclidean distance (mm) from each True pixel to the nearest False one in the slice; 0 on False.
+
+    Pixels beyond the image edge are not background, and a slice without any False pixel is inf
+    everywhere. The ``edt`` package computes the same exact transform as scipy's
+    ``distance_transform_edt`` (to float32 rounding) about 3-5x faster, which matters because the
+    per-slice morphology runs it ~10 times per slice (most of the lung mask's time with scipy).
+    """
+    return edt.edt(np.ascontiguousarray(m), anisotropy=tuple(float(d) for d in samp), black_border=False, parallel=1)
+
+
 def _dilate(m, r_mm, samp):
-    return ndi.distance_transform_edt(~m, sampling=samp) <= r_mm
+    return _distance_mm(~m, samp) <= r_mm
 
 
 def _erode(m, r_mm, samp):
     # Pixels beyond the image edge count as foreground, so lungs cut by a crop are not eaten away.
-    return ndi.distance_transform_edt(m, sampling=samp) > r_mm
+    return _distance_mm(m, samp) > r_mm
 
 
 def _close(m, r_mm, samp):
@@ -399,7 +440,7 @@ def _rim(m, hu2, samp):
     closed = _close(m, RIM_MM, samp)
     # Ground glass itself (not solid tissue) is followed, so the growth never runs along the
     # partial-volume edge of chest wall, heart or liver.
-    grow = candidate & (hu2 <= GROUND_GLASS_MAX_HU) & (ndi.distance_transform_edt(~m, sampling=samp) <= DENSE_GROW_MM)
+    grow = candidate & (hu2 <= GROUND_GLASS_MAX_HU) & (_distance_mm(~m, samp) <= DENSE_GROW_MM)
     labels, _ = ndi.label(grow | m)
     reached = np.unique(labels[m])
     connected = grow & np.isin(labels, reached[reached > 0])

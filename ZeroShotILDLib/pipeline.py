@@ -139,7 +139,7 @@ class Analyzer:
             changes["subtypes"] = list(subtypes)
         affects_patches = {"patch_mm", "patch_px", "stride_fraction", "slice_step_mm", "filter_threshold",
                            "hu_window", "lung", "model", "checkpoint", "weights_dir", "scoring_mode",
-                           "proposal_grid_tokens", "rescore_fraction", "rescore_min"}
+                           "proposal_grid_tokens", "proposal_slice_step_mm", "rescore_fraction", "rescore_min"}
         if affects_patches & set(changes):
             raise InputError(f"{sorted(affects_patches & set(changes))} change the patches: run analyze() again")
         import dataclasses
@@ -163,16 +163,19 @@ class Analyzer:
         s = self.settings
         n = len(patches)
         key = cache_key(scan_fingerprint(scan.hu, scan.spacing_mm), self.model.identity, s.patch_key(),
-                        "patch-embeddings/2")
+                        "patch-embeddings/3")
         entry = self.cache.get(key)
         if entry is not None and not (entry.get("features") is not None and entry["features"].shape[0] == n
                                       and entry.get("exact") is not None and entry["exact"].shape == (n,)):
             entry = None
+        exact_feats, exact = None, np.zeros(n, bool)
+        # Proposal features as encoded (zero rows where a slice was skipped) and which rows they are.
+        proposal, proposal_encoded, proposal_grid, proposal_step = None, np.zeros(n, bool), 0, 0
         if entry is not None:
             exact_feats, exact = entry["features"].copy(), entry["exact"].astype(bool)
-            proposal, proposal_grid = entry.get("proposal"), int(entry.get("proposal_grid", 0))
-        else:
-            exact_feats, exact, proposal, proposal_grid = None, np.zeros(n, bool), None, 0
+            if entry.get("proposal") is not None and entry.get("proposal_encoded") is not None:
+                proposal, proposal_encoded = entry["proposal"].copy(), entry["proposal_encoded"].astype(bool)
+                proposal_grid, proposal_step = int(entry["proposal_grid"]), int(entry["proposal_step"])
         changed = False
         volume = self._device_volume(scan.hu)
 
@@ -197,14 +200,33 @@ class Analyzer:
         rescored_for = None
         t = time.perf_counter()
         if use_proposals:
-            if proposal is None or proposal.shape[0] != n or proposal_grid != grid:
-                proposal = self._encode_proposals(fast_model, volume, patches, grid)
-                proposal_grid, changed = grid, True
+            step = proposals.proposal_slice_step(scan.spacing_mm[2], s.proposal_slice_step_mm)
+            if proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step:
+                proposal, proposal_encoded = None, np.zeros(n, bool)
+            neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step)
+            pair = (s.prompts[0], s.negative_for(0))
+            text_pair = self.text.pair(*pair)
+            if proposal is None:
+                first = np.flatnonzero(proposals.first_pass(patches.slice_index, neighbours, step))
+                feats = self._encode_proposals(fast_model, volume, patches, grid, first, "proposal pass")
+                proposal = np.zeros((n, feats.shape[1]), np.float32)
+                proposal[first] = feats
+                proposal_encoded[first] = True
+                proposal_grid, proposal_step, changed = grid, step, True
+            if step > 1:
+                # The slices skipped next to this prompt's best boxes: where its top patches may be.
+                more = proposals.neighbours_to_refine(softmax_probability(proposal, *text_pair), proposal_encoded,
+                                                      neighbours, proposals.REFINE_PER_RESCORED * count)
+                if more.size:
+                    proposal[more] = self._encode_proposals(fast_model, volume, patches, grid, more,
+                                                            "proposal pass: neighbours")
+                    proposal_encoded[more] = True
+                    changed = True
             timings["proposals_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            pair = (s.prompts[0], s.negative_for(0))
-            proposal_p = softmax_probability(proposal, *self.text.pair(*pair))
-            todo = proposals.select_for_rescoring(proposal_p, count, exact)
+            ranking_features = proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index,
+                                                             neighbours)
+            todo = proposals.select_for_rescoring(softmax_probability(ranking_features, *text_pair), count, exact)
             rescored_for = pair
         else:
             todo = np.flatnonzero(~exact)
@@ -219,17 +241,21 @@ class Analyzer:
         if entry is not None and not changed:
             notes.append("patch embeddings reused from the cache")
         if changed:
-            entry = {"features": exact_feats, "exact": exact, "proposal_grid": np.int64(proposal_grid)}
+            entry = {"features": exact_feats, "exact": exact}
             if proposal is not None:
-                entry["proposal"] = proposal
+                entry.update(proposal=proposal, proposal_encoded=proposal_encoded,
+                             proposal_grid=np.int64(proposal_grid), proposal_step=np.int64(proposal_step))
             self.cache.put(key, entry)
 
         features = exact_feats.copy()
         if not exact.all():
-            features[~exact] = proposal[~exact]
+            features[~exact] = ranking_features[~exact]
+            skipped = n - int(proposal_encoded.sum())
+            how = (f", {skipped} on skipped slices interpolated from the boxes {proposal_step} slices apart"
+                   if skipped else "")
             notes.append(f"fast mode: {n} candidates ranked by a bf16 proposal pass ({proposal_grid}x{proposal_grid} "
-                         f"tokens), the best {int(exact.sum())} re-scored exactly in fp32; top patches and montage "
-                         "come from the re-scored ones, the heatmap elsewhere shows proposal scores")
+                         f"tokens{how}), the best {int(exact.sum())} re-scored exactly in fp32; top patches and "
+                         "montage come from the re-scored ones, the heatmap elsewhere shows proposal scores")
         else:
             rescored_for = None
         return features, exact, rescored_for
@@ -261,8 +287,9 @@ class Analyzer:
             self._fast_model = proposals.proposal_model(self.model) or False
         return self._fast_model or None
 
-    def _encode_proposals(self, fast_model: LoadedModel, volume, patches: PatchSet, grid_tokens: int) -> np.ndarray:
-        """Every candidate encoded by the bf16 tower at ``grid_tokens``^2 tokens (the proposal pass)."""
+    def _encode_proposals(self, fast_model: LoadedModel, volume, patches: PatchSet, grid_tokens: int,
+                          indices: np.ndarray, stage: str) -> np.ndarray:
+        """``patches[indices]`` encoded by the bf16 tower at ``grid_tokens``^2 tokens, in ``indices`` order."""
         s = self.settings
         encoder = ImageEncoder(fast_model, self.encoder.batch_size)
         if grid_tokens == proposals.full_grid_tokens(self.model):
@@ -270,13 +297,12 @@ class Analyzer:
         else:
             context = proposals.low_resolution(fast_model, grid_tokens)
         with context as size:
-            batches = iter_patch_batches(volume, patches, np.arange(len(patches)), batch_size=encoder.batch_size,
+            batches = iter_patch_batches(volume, patches, indices, batch_size=encoder.batch_size,
                                          image_size=size, hu_window=s.hu_window, device=self.model.device)
-            idx, feats = encoder.encode_batches(batches, len(patches), progress=self.progress, cancel=self.cancel,
-                                                stage="proposal pass")
-        out = np.empty_like(feats)
-        out[idx] = feats
-        return out
+            idx, feats = encoder.encode_batches(batches, len(indices), progress=self.progress, cancel=self.cancel,
+                                                stage=stage)
+        row_of = {int(i): k for k, i in enumerate(idx)}
+        return feats[[row_of[int(i)] for i in indices]]
 
     def _score(self, s: AnalysisSettings) -> AnalysisResult:
         st = self._state

@@ -97,6 +97,10 @@ class AnalysisSettings:
     #: Fast mode: ViT tokens per side in the (bf16) proposal pass; 0 = the model's full input size.
     #: Lower grids are cheaper but lost the exact top patches on random weights (bench/RESULTS.md).
     proposal_grid_tokens: int = 0
+    #: Fast mode: the proposal pass encodes candidate slices this far apart (rounded to whole slices),
+    #: then the skipped slices next to its best boxes; the rest get features interpolated in z.
+    #: 0, or a step below the slice spacing, encodes every slice.
+    proposal_slice_step_mm: float = 3.0
     #: Fast mode: share of the candidates re-scored exactly in fp32 (never fewer than rescore_min).
     rescore_fraction: float = 0.02
     rescore_min: int = 64
@@ -140,6 +144,9 @@ class AnalysisSettings:
             raise InputError(f"scoring mode '{self.scoring_mode}' is unknown: use one of {SCORING_MODES}")
         if not 0 <= self.proposal_grid_tokens <= 64:
             raise InputError(f"proposal grid {self.proposal_grid_tokens} tokens must be between 0 (full) and 64")
+        if not 0.0 <= self.proposal_slice_step_mm <= 20.0:
+            raise InputError(f"proposal slice step {self.proposal_slice_step_mm} mm must be between 0 (every slice) "
+                             "and 20")
         if not 0.0 <= self.rescore_fraction <= 1.0:
             raise InputError(f"re-score fraction {self.rescore_fraction} must be between 0 and 1")
         if self.rescore_min < 0:

@@ -62,6 +62,7 @@ def _defaults() -> tuple:
         Parameter("seed", int, int(s.seed), ("seed",)),
         Parameter("scoringMode", str, s.scoring_mode, ("scoring_mode",)),
         Parameter("proposalGridTokens", int, int(s.proposal_grid_tokens), ("proposal_grid_tokens",)),
+        Parameter("proposalSliceStepMm", float, float(s.proposal_slice_step_mm), ("proposal_slice_step_mm",)),
         Parameter("rescoreFraction", float, float(s.rescore_fraction), ("rescore_fraction",)),
         Parameter("rescoreMin", int, int(s.rescore_min), ("rescore_min",)),
         Parameter("lungThresholdHu", float, float(lung.threshold_hu), ("lung.threshold_hu",)),
@@ -157,6 +158,7 @@ def settings_to_values(settings: AnalysisSettings, model_names: Sequence[str]) -
         "seed": int(settings.seed),
         "scoringMode": settings.scoring_mode,
         "proposalGridTokens": int(settings.proposal_grid_tokens),
+        "proposalSliceStepMm": float(settings.proposal_slice_step_mm),
         "rescoreFraction": float(settings.rescore_fraction),
         "rescoreMin": int(settings.rescore_min),
         "lungThresholdHu": float(lung.threshold_hu),
@@ -207,6 +209,7 @@ def values_to_settings(values: Mapping, *, validate: bool = True) -> AnalysisSet
         seed=int(v["seed"]),
         scoring_mode=v["scoringMode"],
         proposal_grid_tokens=int(v["proposalGridTokens"]),
+        proposal_slice_step_mm=float(v["proposalSliceStepMm"]),
         rescore_fraction=float(v["rescoreFraction"]),
         rescore_min=int(v["rescoreMin"]),
         lung=LungMaskSettings(
