@@ -183,16 +183,17 @@ def test_reprompt_refuses_fast_mode_changes(runs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Coarse-to-fine in z (proposal_slice_step_mm)
+# Coarse-to-fine in z (proposal_skip_within_mm)
 # ----------------------------------------------------------------------------------------------
 def test_slice_neighbours_first_pass_refine_and_interpolation():
     # One box column (row 0) on slices 0..4, and a box (row 10) that exists on slice 1 only.
     z = np.array([0, 1, 2, 3, 4, 1])
     r = np.array([0, 0, 0, 0, 0, 10])
     c = np.zeros(6, dtype=np.int64)
-    assert proposals.proposal_slice_step(1.0, 3.0) == 3
-    assert proposals.proposal_slice_step(1.5, 3.0) == 2
-    assert proposals.proposal_slice_step(5.0, 3.0) == 1 and proposals.proposal_slice_step(1.0, 0.0) == 1
+    assert proposals.proposal_slice_step(1.0, 1.0) == 3  # slices 1 and 2 lie 1 mm from 0 or 3
+    assert proposals.proposal_slice_step(0.5, 1.0) == 5 and proposals.proposal_slice_step(0.625, 1.0) == 3
+    assert proposals.proposal_slice_step(1.5, 1.0) == 1 and proposals.proposal_slice_step(1.0, 0.0) == 1
+    assert proposals.proposal_slice_step(1.0000001, 1.0) == 3  # a header's float-rounded 1 mm
     nb = proposals.slice_neighbours(z, r, c, 3)  # columns dz = -1, +1, -2, +2
     np.testing.assert_array_equal(nb[1], [0, 2, -1, 3])
     np.testing.assert_array_equal(nb[4], [3, -1, 2, -1])
@@ -242,7 +243,7 @@ def test_slice_step_proposals_keep_the_exact_top_patches_on_thin_slices(tiny_mod
     base = dict(patch_mm=30.0, slice_step_mm=1.0, scoring_mode="fast", rescore_fraction=0.05, rescore_min=16)
     exact = Analyzer(tiny_settings(**{**base, "scoring_mode": "exact"}), model=tiny_model).analyze(scan)
     n = len(exact.patches)
-    fast_analyzer = Analyzer(tiny_settings(**base, proposal_slice_step_mm=3.0), model=tiny_model,
+    fast_analyzer = Analyzer(tiny_settings(**base, proposal_skip_within_mm=1.0), model=tiny_model,
                              cache=EmbeddingCache(tmp_path))
     counted = _count_proposals(fast_analyzer)
     fast = fast_analyzer.analyze(scan)
@@ -258,7 +259,7 @@ def test_slice_step_proposals_keep_the_exact_top_patches_on_thin_slices(tiny_mod
         assert abs({**fast.finding_probabilities, **fast.subtype_probabilities}[k] - p) <= 0.01
 
     # Another prompt on the same cache: only its own skipped neighbours are encoded, none again.
-    other = Analyzer(tiny_settings(**base, proposal_slice_step_mm=3.0, prompts=["honeycombing"]),
+    other = Analyzer(tiny_settings(**base, proposal_skip_within_mm=1.0, prompts=["honeycombing"]),
                      model=tiny_model, cache=EmbeddingCache(tmp_path))
     counted_again = _count_proposals(other)
     other.analyze(scan)
@@ -267,7 +268,7 @@ def test_slice_step_proposals_keep_the_exact_top_patches_on_thin_slices(tiny_mod
 
 @needs_bf16
 def test_thick_slices_are_never_skipped(runs):
-    # 5 mm slices: a 3 mm step rounds to every slice, so nothing is interpolated.
+    # 5 mm slices: none lies within 1 mm of another, so nothing is skipped or interpolated.
     for _, _, _, fast in runs:
         assert not any("interpolated" in note for note in fast.notes)
 

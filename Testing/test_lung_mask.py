@@ -171,3 +171,37 @@ def test_real_abdominal_series_without_lungs_is_refused():
     scan = read_scan(shared_data("real", "ct", "totalseg", "abdomen_dicom_series"))
     with pytest.raises(InputError, match="no lungs"):
         segment_lungs(scan.hu, scan.spacing_mm)
+
+
+def test_per_side_morphology_in_a_box_equals_the_whole_slice(cohort):
+    # The per-slice steps run on each side's bounding box plus their reach; that must give the
+    # very same pixels as running them on the whole slice (dense SSc bases grow the most).
+    from ZeroShotILDLib import lung_mask as lm
+
+    s = LungMaskSettings()
+    p = cohort[2][0]
+    samp = (p.spacing_mm[1], p.spacing_mm[0])
+    small = lm.SMALL_HOLE_CM2 * 100.0 / (samp[0] * samp[1])
+    large = lm.MAX_HOLE_CM2 * 100.0 / (samp[0] * samp[1])
+    margin = int(np.ceil(max(s.closing_mm, lm.RIM_MM, lm.DENSE_GROW_MM, lm.RIM_WINDOW_MM) / min(samp))) + 3
+    aerated = p.hu < s.threshold_hu
+    checked = 0
+    for z in np.linspace(0, p.hu.shape[0] - 1, 9).astype(int):
+        part = np.pad(aerated[z] & p.lung_mask[z], ((0, 0), (0, 1)))
+        if not part.any():
+            continue
+        hu = np.pad(p.hu[z], ((0, 0), (0, 1)))
+        whole = lm._side_morphology(part, hu, None, s, samp, small, large)
+        boxed = lm._in_box(part, margin, lambda a, h, w: lm._side_morphology(a, h, w, s, samp, small, large), hu, None)
+        np.testing.assert_array_equal(boxed, whole)
+        checked += 1
+    assert checked >= 5
+    # The distance transform keeps scipy's meaning: the image edge is not background, and a
+    # slice without background is infinitely far from it.
+    from scipy import ndimage as ndi
+
+    m = np.zeros((20, 30), bool)
+    m[3:20, 5:25] = True
+    np.testing.assert_allclose(lm._distance_mm(m, (0.7, 0.9)), ndi.distance_transform_edt(m, sampling=(0.7, 0.9)),
+                               rtol=1e-5, atol=1e-5)
+    assert np.isinf(lm._distance_mm(np.ones((4, 4), bool), (1.0, 1.0))).all()

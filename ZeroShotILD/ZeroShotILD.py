@@ -139,7 +139,7 @@ class ZeroShotILDParameterNode:
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = DEFAULTS["seed"]
     scoringMode: Annotated[str, Choice(SCORING_MODES)] = DEFAULTS["scoringMode"]
     proposalGridTokens: Annotated[int, WithinRange(0, 64)] = DEFAULTS["proposalGridTokens"]
-    proposalSliceStepMm: Annotated[float, WithinRange(0.0, 20.0), Decimals(1), SingleStep(0.5)] = DEFAULTS["proposalSliceStepMm"]
+    proposalSkipWithinMm: Annotated[float, WithinRange(0.0, 10.0), Decimals(2), SingleStep(0.25)] = DEFAULTS["proposalSkipWithinMm"]
     rescoreFraction: Annotated[float, WithinRange(0.0, 1.0), Decimals(3), SingleStep(0.01)] = DEFAULTS["rescoreFraction"]
     rescoreMin: Annotated[int, WithinRange(0, 100000)] = DEFAULTS["rescoreMin"]
     lungThresholdHu: Annotated[float, WithinRange(-1000.0, 0.0), Decimals(0), SingleStep(10.0)] = DEFAULTS["lungThresholdHu"]

@@ -92,9 +92,9 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="keep patch embeddings here so re-running a scan skips encoding")
     g.add_argument("--proposal-grid", dest="proposal_grid_tokens", type=int, default=d.proposal_grid_tokens,
                    help="fast mode: ViT tokens per side in the proposal pass (1 = 32 px for ViT-B/32)")
-    g.add_argument("--proposal-slice-step-mm", type=float, default=d.proposal_slice_step_mm,
-                   help="fast mode: proposal pass on slices this far apart, then the neighbours of its best "
-                        "boxes (0 = every slice)")
+    g.add_argument("--proposal-skip-within-mm", type=float, default=d.proposal_skip_within_mm,
+                   help="fast mode: the proposal pass skips slices within this distance of an encoded one, "
+                        "then encodes those next to its best boxes (0 = every slice)")
     g.add_argument("--rescore-fraction", type=float, default=d.rescore_fraction,
                    help="fast mode: share of candidates re-scored at full resolution")
     g.add_argument("--rescore-min", type=int, default=d.rescore_min,
@@ -113,7 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold, hu_window=tuple(args.hu_window),
         retrieval=args.retrieval, montage_size=args.montage_size, top_k=args.top_k, seed=args.seed,
         scoring_mode=args.scoring_mode, proposal_grid_tokens=args.proposal_grid_tokens,
-        proposal_slice_step_mm=args.proposal_slice_step_mm,
+        proposal_skip_within_mm=args.proposal_skip_within_mm,
         rescore_fraction=args.rescore_fraction, rescore_min=args.rescore_min,
         lung=LungMaskSettings(working_spacing_mm=args.lung_working_spacing_mm or None),
     ).validate()

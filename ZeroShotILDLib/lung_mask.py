@@ -155,7 +155,7 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
         lab = labels[z]
         count += np.bincount(lab.ravel(), minlength=n + 1)
         # Interior = 2 pixels in from the edge, where partial volume no longer lifts gas above -950.
-        inner = ndi.binary_erosion(mask[z], iterations=2)
+        inner = _erode_cross(_erode_cross(mask[z]))
         core += np.bincount(lab[inner], minlength=n + 1)
         core_dark += np.bincount(lab[inner & (hu[z] < s.airway_hu)], minlength=n + 1)
         if z % 16 == 15:
@@ -204,6 +204,22 @@ def _label(mask: np.ndarray):
         return ndi.label(mask, output=np.int16)
     except RuntimeError:
         return ndi.label(mask, output=np.int32)
+
+
+def _erode_cross(m: np.ndarray) -> np.ndarray:
+    """One binary erosion with the 4-neighbour cross, outside the slice counting as background.
+
+    The same as ``ndi.binary_erosion(m)`` with its defaults, as five array ANDs (~10x faster on a
+    512x512 slice, which matters when every slice of the scan is eroded).
+    """
+    out = m.copy()
+    out[1:] &= m[:-1]
+    out[:-1] &= m[1:]
+    out[:, 1:] &= m[:, :-1]
+    out[:, :-1] &= m[:, 1:]
+    out[0] = out[-1] = False
+    out[:, 0] = out[:, -1] = False
+    return out
 
 
 def _lung_components(count, core, core_dark, voxel_ml, min_component_ml) -> np.ndarray:
@@ -453,17 +469,20 @@ def _fill_holes(m, hu2, small_hole_px, max_hole_px):
     A large hole of solid soft tissue (median above ``ORGAN_HU``) is the top of the liver or
     heart cut by the slice where the diaphragm domes up into the lung base, not lung.
     """
-    filled = ndi.binary_fill_holes(m)
-    holes = filled & ~m
-    if not holes.any():
+    # The holes are the background's 4-connected pieces that do not touch the slice edge (what
+    # ndi.binary_fill_holes fills): one labelling finds and numbers them, ~3x faster than its
+    # iterated dilation followed by a second labelling.
+    labels, n = ndi.label(~m)
+    if n == 0:
         return m
-    labels, n = ndi.label(holes)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[labels[0]] = outside[labels[-1]] = outside[labels[:, 0]] = outside[labels[:, -1]] = True
+    outside[0] = True  # label 0 is the lung itself
     area = np.bincount(labels.ravel(), minlength=n + 1)
-    ok = area <= small_hole_px
-    for i in np.flatnonzero(~ok & (area <= max_hole_px)):
-        if i and np.median(hu2[labels == i]) < ORGAN_HU:
+    ok = (area <= small_hole_px) & ~outside
+    for i in np.flatnonzero(~ok & ~outside & (area <= max_hole_px)):
+        if np.median(hu2[labels == i]) < ORGAN_HU:
             ok[i] = True
-    ok[0] = False
     return m | ok[labels]
 
 

@@ -139,7 +139,7 @@ class Analyzer:
             changes["subtypes"] = list(subtypes)
         affects_patches = {"patch_mm", "patch_px", "stride_fraction", "slice_step_mm", "filter_threshold",
                            "hu_window", "lung", "model", "checkpoint", "weights_dir", "scoring_mode",
-                           "proposal_grid_tokens", "proposal_slice_step_mm", "rescore_fraction", "rescore_min"}
+                           "proposal_grid_tokens", "proposal_skip_within_mm", "rescore_fraction", "rescore_min"}
         if affects_patches & set(changes):
             raise InputError(f"{sorted(affects_patches & set(changes))} change the patches: run analyze() again")
         import dataclasses
@@ -200,7 +200,7 @@ class Analyzer:
         rescored_for = None
         t = time.perf_counter()
         if use_proposals:
-            step = proposals.proposal_slice_step(scan.spacing_mm[2], s.proposal_slice_step_mm)
+            step = proposals.proposal_slice_step(scan.spacing_mm[2], s.proposal_skip_within_mm)
             if proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step:
                 proposal, proposal_encoded = None, np.zeros(n, bool)
             neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step)

@@ -231,7 +231,7 @@ def main() -> None:
         f"`OMP_NUM_THREADS=2 .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
         f"({os.cpu_count()} cores, shared; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), "
         f"model {args.model}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
-        f"lung grid {args.lung_working_spacing_mm or 'full'} mm in both modes. Each mode is its own subprocess; "
+        f"lung mask {'on a %g mm grid' % args.lung_working_spacing_mm if args.lung_working_spacing_mm else 'at full resolution'} in both modes. Each mode is its own subprocess; "
         "times are end to end (read .nii.gz -> outputs written), model load excluded. No GPU was lent.\n",
         HEADER, *rows, "", *[f"- {n}" for n in notes], "",
     ]
