@@ -6,7 +6,6 @@ read at the end and skipped cleanly when that folder is absent.
 """
 from __future__ import annotations
 
-import gzip
 import math
 
 import numpy as np

@@ -278,9 +278,7 @@ class Analyzer:
                                      image_size=self.model.image_size, hu_window=s.hu_window,
                                      device=self.model.device)
         idx, feats = self.encoder.encode_batches(batches, len(indices), progress=self.progress, cancel=self.cancel)
-        # Batches come back in slice order; put the rows back in the order of ``indices``.
-        row_of = {int(i): k for k, i in enumerate(idx)}
-        return feats[[row_of[int(i)] for i in indices]]
+        return _in_requested_order(idx, feats, indices)
 
     def _proposal_model(self) -> Optional[LoadedModel]:
         if self._fast_model is None:
@@ -301,8 +299,7 @@ class Analyzer:
                                          image_size=size, hu_window=s.hu_window, device=self.model.device)
             idx, feats = encoder.encode_batches(batches, len(indices), progress=self.progress, cancel=self.cancel,
                                                 stage=stage)
-        row_of = {int(i): k for k, i in enumerate(idx)}
-        return feats[[row_of[int(i)] for i in indices]]
+        return _in_requested_order(idx, feats, indices)
 
     def _score(self, s: AnalysisSettings) -> AnalysisResult:
         st = self._state
@@ -352,6 +349,12 @@ class Analyzer:
     @property
     def scan(self) -> Optional[Scan]:
         return self._state.scan if self._state else None
+
+
+def _in_requested_order(encoded_indices: np.ndarray, feats: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Rows of ``feats`` (batches come back in slice order) put back in the order of ``indices``."""
+    row_of = {int(i): k for k, i in enumerate(encoded_indices)}
+    return feats[[row_of[int(i)] for i in indices]]
 
 
 def _lung_working_spacing(settings: AnalysisSettings) -> Optional[float]:
