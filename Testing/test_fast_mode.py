@@ -194,6 +194,11 @@ def test_slice_neighbours_first_pass_refine_and_interpolation():
     assert proposals.proposal_slice_step(0.5, 1.0) == 5 and proposals.proposal_slice_step(0.625, 1.0) == 3
     assert proposals.proposal_slice_step(1.5, 1.0) == 1 and proposals.proposal_slice_step(1.0, 0.0) == 1
     assert proposals.proposal_slice_step(1.0000001, 1.0) == 3  # a header's float-rounded 1 mm
+    # Candidates on every other scan slice (stride 2): neighbours are 2 scan slices apart.
+    z2, r2, c2 = np.array([0, 2, 4, 6]), np.zeros(4, np.int64), np.zeros(4, np.int64)
+    nb2 = proposals.slice_neighbours(z2, r2, c2, 3, stride=2)
+    np.testing.assert_array_equal(nb2[1], [0, 2, -1, 3])
+    np.testing.assert_array_equal(proposals.first_pass(z2, nb2, 3, stride=2), [True, False, False, True])
     nb = proposals.slice_neighbours(z, r, c, 3)  # columns dz = -1, +1, -2, +2
     np.testing.assert_array_equal(nb[1], [0, 2, -1, 3])
     np.testing.assert_array_equal(nb[4], [3, -1, 2, -1])

@@ -21,7 +21,7 @@ from .embeddings import EmbeddingCache, ImageEncoder, cache_key, scan_fingerprin
 from .errors import InputError
 from .models import LoadedModel, load_model
 from .montage import build_montage
-from .patches import candidates_for, iter_patch_batches, patch_pixels, require_candidates
+from .patches import candidates_for, iter_patch_batches, patch_pixels, require_candidates, slice_step_voxels
 from .progress import CancelToken, ProgressCallback, resolve
 from .ranking import rank_patches
 from .results import AnalysisResult, PatchSet
@@ -200,14 +200,15 @@ class Analyzer:
         rescored_for = None
         t = time.perf_counter()
         if use_proposals:
-            step = proposals.proposal_slice_step(scan.spacing_mm[2], s.proposal_skip_within_mm)
+            stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
+            step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, s.proposal_skip_within_mm)
             if proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step:
                 proposal, proposal_encoded = None, np.zeros(n, bool)
-            neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step)
+            neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
             pair = (s.prompts[0], s.negative_for(0))
             text_pair = self.text.pair(*pair)
             if proposal is None:
-                first = np.flatnonzero(proposals.first_pass(patches.slice_index, neighbours, step))
+                first = np.flatnonzero(proposals.first_pass(patches.slice_index, neighbours, step, stride))
                 feats = self._encode_proposals(fast_model, volume, patches, grid, first, "proposal pass")
                 proposal = np.zeros((n, feats.shape[1]), np.float32)
                 proposal[first] = feats
@@ -251,7 +252,7 @@ class Analyzer:
         if not exact.all():
             features[~exact] = ranking_features[~exact]
             skipped = n - int(proposal_encoded.sum())
-            how = (f", {skipped} on skipped slices interpolated from the boxes {proposal_step} slices apart"
+            how = (f", {skipped} on skipped slices interpolated from the boxes {proposal_step} candidate slices apart"
                    if skipped else "")
             notes.append(f"fast mode: {n} candidates ranked by a bf16 proposal pass ({proposal_grid}x{proposal_grid} "
                          f"tokens{how}), the best {int(exact.sum())} re-scored exactly in fp32; top patches and "

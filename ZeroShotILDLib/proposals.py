@@ -225,25 +225,29 @@ def rank_exact_first(probabilities: np.ndarray, exact: np.ndarray, k: int) -> np
 # Coarse-to-fine in z: the proposal pass on every few slices, then the neighbours of its best
 # ----------------------------------------------------------------------------------------------
 #: Skipped neighbours of the best ``REFINE_PER_RESCORED x rescore`` coarse boxes are encoded too. On the
-#: reference phantom (3 mm step) the exact top-16 were all re-scored from 1x up (bench/RESULTS.md);
-#: 2x is the margin.
+#: 1 mm phantoms (every third slice encoded first) the exact top-16 were all re-scored from 1x up
+#: (bench/RESULTS.md); 2x is the margin.
 REFINE_PER_RESCORED = 2
 
 
-def proposal_slice_step(spacing_z_mm: float, skip_within_mm: float) -> int:
-    """Slices from one proposal-pass slice to the next, so that each skipped slice lies within
+def proposal_slice_step(candidate_slice_mm: float, skip_within_mm: float) -> int:
+    """Candidate slices from one proposal-pass slice to the next, so that each skipped one lies within
     ``skip_within_mm`` of an encoded one: 3 at 1 mm within 1 mm, 5 at 0.5 mm, 1 (every slice) when
-    the slices are thicker than that or it is 0."""
+    the candidate slices are farther apart than that or it is 0."""
     if not skip_within_mm or skip_within_mm <= 0:
         return 1
     # 1e-6: 1.0 mm within 1.0 mm must count as within, whatever the float rounding of the spacing.
-    return 2 * int(math.floor(float(skip_within_mm) / float(spacing_z_mm) + 1e-6)) + 1
+    return 2 * int(math.floor(float(skip_within_mm) / float(candidate_slice_mm) + 1e-6)) + 1
 
 
-def slice_neighbours(slice_index: np.ndarray, row0: np.ndarray, col0: np.ndarray, step: int) -> np.ndarray:
-    """(n, 2*(step-1)) index of the candidate at the same box dz = -1, +1, -2, +2, ... slices away; -1 if none."""
+def slice_neighbours(slice_index: np.ndarray, row0: np.ndarray, col0: np.ndarray, step: int,
+                     stride: int = 1) -> np.ndarray:
+    """(n, 2*(step-1)) index of the candidate at the same box -1, +1, -2, +2, ... candidate slices away; -1 if none.
+
+    ``stride`` is the number of scan slices between candidate slices (``slice_step_mm``).
+    """
     n = slice_index.size
-    offsets = [d for k in range(1, step) for d in (-k, k)]
+    offsets = [d * int(stride) for k in range(1, step) for d in (-k, k)]
     if n == 0 or not offsets:
         return np.full((n, len(offsets)), -1, dtype=np.int64)
     # One sortable key per (slice, row, col); the grid is shared by all slices, so a box and its
@@ -262,15 +266,15 @@ def slice_neighbours(slice_index: np.ndarray, row0: np.ndarray, col0: np.ndarray
     return out
 
 
-def first_pass(slice_index: np.ndarray, neighbours: np.ndarray, step: int) -> np.ndarray:
-    """Candidates the first proposal pass encodes: every ``step``-th slice, plus any box with no such neighbour.
+def first_pass(slice_index: np.ndarray, neighbours: np.ndarray, step: int, stride: int = 1) -> np.ndarray:
+    """Candidates the first proposal pass encodes: every ``step``-th candidate slice, plus any box with no such neighbour.
 
-    Slices are counted from the first candidate slice. A box that exists only between coarse
-    slices (the lung edge moves from slice to slice) has nothing to be interpolated from, so it
-    is encoded itself.
+    Slices are counted from the first candidate slice, ``stride`` scan slices apart. A box that
+    exists only between coarse slices (the lung edge moves from slice to slice) has nothing to be
+    interpolated from, so it is encoded itself.
     """
     z = np.asarray(slice_index, dtype=np.int64)
-    coarse = (z - (z.min() if z.size else 0)) % step == 0
+    coarse = ((z - (z.min() if z.size else 0)) // int(stride)) % step == 0
     if step == 1:
         return coarse
     has_coarse = np.zeros(z.size, dtype=bool)
