@@ -30,13 +30,15 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import index_to_ras
+
+if TYPE_CHECKING:  # annotations only; the readers import SimpleITK where they use it
+    import SimpleITK as sitk
 
 #: Values at or below this are scanner padding outside the reconstruction, not anatomy.
 PADDING_HU = -1500
@@ -107,6 +109,8 @@ class Scan:
 
         Boolean arrays become ``uint8`` (SimpleITK has no bool pixel type).
         """
+        # Imported where used, so in-memory scans (phantoms, Slicer arrays) need no SimpleITK.
+        import SimpleITK as sitk
         data = self.hu if array is None else np.asarray(array)
         if data.shape != self.hu.shape:
             raise ValueError(f"array shape {data.shape} differs from the scan shape {self.hu.shape}")
@@ -180,6 +184,7 @@ def scan_from_sitk(image: sitk.Image, source: str = "") -> Scan:
     raise ``InputError``. The image's buffer is converted slice by slice to int16, so no float64
     copy of the volume is made.
     """
+    import SimpleITK as sitk
     name = source or "the image"
     if image.GetNumberOfComponentsPerPixel() > 1:
         n = image.GetNumberOfComponentsPerPixel()
@@ -260,6 +265,7 @@ def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direc
 # Files
 # ----------------------------------------------------------------------------------------------
 def _read_volume_file(p: Path, source: str) -> Scan:
+    import SimpleITK as sitk
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         _check_nifti_complete(p, source)
@@ -398,6 +404,7 @@ class _Slice:
 
 
 def _read_header(path: Path) -> Optional[_Slice]:
+    import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
@@ -454,6 +461,7 @@ def _read_dicom_files(files: Sequence[Path], source: str, notes: list) -> Scan:
 
 
 def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
+    import SimpleITK as sitk
     if len(headers) == 1 and len(headers[0].size) == 3 and headers[0].size[2] > 1:
         return _read_multiframe(headers[0], source, notes)
     by_series: dict[str, list] = {}
@@ -519,6 +527,7 @@ def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
 
 def _read_multiframe(header: "_Slice", source: str, notes: list) -> Scan:
     """A multi-frame DICOM file already holds a whole volume with its geometry."""
+    import SimpleITK as sitk
     if header.modality not in ("", "CT"):
         raise InputError(f"{source} is a {header.modality} DICOM file, not CT: give a CT series in HU")
     try:
