@@ -32,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.markdown_report import emit  # noqa: E402
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -126,11 +128,7 @@ def main() -> None:
         result = full.analyze(scan)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s.items())
         lines += [f"- analyze() in memory, engine defaults ({len(result.patches)} candidates): {stages} s", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.markdown_report import emit  # noqa: E402
+
 from ZeroShotILDLib import lung_mask as lm  # noqa: E402
 from ZeroShotILDLib.phantom import generate_phantom  # noqa: E402
 
@@ -93,11 +95,7 @@ def main() -> None:
         f"- Dice of the shipped mask against the phantom's ground truth: {dice:.4f}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.markdown_report import emit  # noqa: E402
 REAL_CT = REPO.parent / "shared" / "data" / "real" / "ct"
 REAL_INPUTS = ("totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "osic_ipf_sparse")
 SECOND_PROMPT = "honeycombing"
@@ -235,10 +237,7 @@ def main() -> None:
         "times are end to end (read .nii.gz -> outputs written), model load excluded. No GPU was lent.\n",
         HEADER, *rows, "", *[f"- {n}" for n in notes], "",
     ]
-    print("\n".join(text))
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write("\n".join(text) + "\n")
+    emit("\n".join(text), args.out)
 
 
 if __name__ == "__main__":
