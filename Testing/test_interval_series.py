@@ -208,3 +208,94 @@ def test_real_ct_interval_copy_matches_the_full_scan(tmp_path, name):
     gaps = np.diff(interval.slice_positions_mm)
     assert set(np.round(gaps, 2)) == {1.5, 9.0}
     check_interval_series(full, interval, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slicer (slicer-core): the volume node Slicer's DICOM module makes from an interval series
+# ---------------------------------------------------------------------------------------------
+def _slicer_interval_node(full, keep):
+    """The node DICOMScalarVolumePlugin makes: an even grid plus a grid transform fixing each slice corner.
+
+    Built as the plugin builds it (Slicer's default 'apply regularization transform'): a
+    vtkMRMLGridTransformNode with a vtkOrientedGridTransform of 2 x 2 x slices displacements, on the
+    volume's origin and directions, each displacement taking a corner of the even grid to the corner
+    the DICOM headers give.
+    """
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+    import sys
+    import vtk
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "ZeroShotILD"))
+    from ZeroShotILDMRML.headless import add_ct_volume, make_scene
+    from ZeroShotILDMRML import volumes
+
+    headless = make_scene()
+    true_mm = np.asarray(keep, dtype=float) * full.spacing_mm[2]
+    even_mm = (true_mm[-1] - true_mm[0]) / (len(keep) - 1)
+    node = add_ct_volume(headless.scene, full.hu[keep], (full.spacing_mm[0], full.spacing_mm[1], even_mm),
+                         full.origin_mm, full.direction, "interval CT")
+    m = volumes.ijk_to_ras(node)
+    nz, ny, nx = full.hu[keep].shape
+    source = np.array([[[m @ [c * nx, r * ny, k, 1] for c in range(2)] for r in range(2)] for k in range(nz)])[..., :3]
+    target = source.copy()
+    normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
+    target += ((true_mm - true_mm[0]) - np.arange(nz) * even_mm)[:, None, None, None] * normal
+    grid_node = headless.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "interval CT acquisition transform")
+    grid = vtk.vtkImageData()
+    grid.SetOrigin(*node.GetOrigin())
+    grid.SetDimensions(2, 2, nz)
+    spacing = node.GetSpacing()
+    grid.SetSpacing(spacing[0] * nx, spacing[1] * ny, spacing[2])
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    transform = slicer.vtkOrientedGridTransform()
+    direction = vtk.vtkMatrix4x4()
+    node.GetIJKToRASDirectionMatrix(direction)
+    transform.SetGridDirectionMatrix(direction)
+    transform.SetDisplacementGridData(grid)
+    grid_node.SetAndObserveTransformToParent(transform)
+    node.SetAndObserveTransformNodeID(grid_node.GetID())
+    displacement = slicer.util.arrayFromGridTransform(grid_node)
+    displacement[:] = target - source
+    slicer.util.arrayFromGridTransformModified(grid_node)
+    # as the plugin checks: the transform takes every corner where the headers put it
+    world = np.array([node.GetParentTransformNode().GetTransformToParent().TransformPoint(*p)
+                      for p in source.reshape(-1, 3)])
+    np.testing.assert_allclose(world, target.reshape(-1, 3), atol=1e-3)
+    return headless, node, volumes
+
+
+def test_slicer_node_with_acquisition_transform_gives_the_true_positions(thin_phantom_scan):
+    full = thin_phantom_scan
+    keep = interval_keep(full.hu.shape[0])
+    headless, node, volumes = _slicer_interval_node(full, keep)
+    scan = volumes.scan_from_volume_node(node)
+    kept_mm = keep * full.spacing_mm[2]
+    np.testing.assert_allclose(scan.slice_positions_mm, kept_mm - kept_mm[0], atol=1e-3)
+    assert any("acquisition transform" in n for n in scan.notes)
+    full_mask = segment_lungs(full.hu, full.spacing_mm)
+    mask = segment_lungs(scan.hu, scan.spacing_mm)
+    assert scan.mask_volume_ml(mask) == pytest.approx(full.mask_volume_ml(full_mask), rel=0.10)
+    # Patch centres in the node's frame: a slice's true position, as the command line gives it.
+    centre = scan.index_to_ras([[3, 10, 10]])[0]
+    np.testing.assert_allclose(centre, full.index_to_ras([[keep[3], 10, 10]])[0], atol=1e-3)
+    # Without the transform (hardened or evenly spaced) nothing changes.
+    node.SetAndObserveTransformNodeID(None)
+    assert volumes.scan_from_volume_node(node).slice_positions_mm is None
+
+
+def test_slicer_sagittal_node_is_refused_with_what_to_do(thin_phantom_scan):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "ZeroShotILD"))
+    from ZeroShotILDLib.errors import InputError
+    from ZeroShotILDMRML.headless import add_ct_volume, make_scene
+    from ZeroShotILDMRML import volumes
+
+    assert slicer is not None
+    headless = make_scene()
+    sagittal = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=float)
+    node = add_ct_volume(headless.scene, thin_phantom_scan.hu.transpose(2, 0, 1).copy(), (3.0, 1.5, 3.0),
+                         (0.0, 0.0, 0.0), tuple(sagittal.ravel()), "sagittal CT")
+    with pytest.raises(InputError, match="sagittal or coronal.*Orient Scalar Volume"):
+        volumes.scan_from_volume_node(node)
