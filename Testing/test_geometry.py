@@ -140,6 +140,19 @@ def test_volume_stored_sagittally_or_coronally_is_read_as_axial_slices(tmp_path,
     assert back[back.TransformPhysicalPointToIndex(point)] == image[(7, 9, 11)]
 
 
+def test_sagittal_dicom_series_is_read_as_axial_slices(tmp_path, chest):
+    # Sagittal slices (one per x position): rows along A-P, columns along S-I.
+    stored = chest.transpose(2, 0, 1)
+    positions = [np.array([-100.0 + k * 5.0, 30.0, -250.0]) for k in range(stored.shape[0])]
+    write_series(tmp_path / "sag", stored, (5.5, 8.0), positions, tuple(SAGITTAL.ravel()), thickness_mm=5.0)
+    scan = read_scan(tmp_path / "sag")
+    np.testing.assert_array_equal(scan.hu, chest)
+    np.testing.assert_allclose(scan.spacing_mm, (5.0, 5.5, 8.0), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(scan.direction).reshape(3, 3), np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(scan.origin_mm, (-100.0, 30.0, -250.0), atol=1e-3)
+    assert any("sagittal" in n for n in scan.notes)
+
+
 def test_axial_volumes_keep_their_axes_whatever_the_in_plane_flips(tmp_path, chest):
     flips = np.diag([-1.0, -1.0, 1.0])  # feet-first / rotated in plane: still axial, left alone
     sitk.WriteImage(_image(chest, (5.0, 5.5, 8.0), direction=tuple(flips.ravel())), str(tmp_path / "f.nrrd"))
@@ -291,3 +304,14 @@ def test_unreadable_file_says_permission_denied(tmp_path, chest):
         assert "compression" not in message
     finally:
         path.chmod(0o600)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_file_the_system_refuses_to_open_says_permission_denied(tmp_path, chest, monkeypatch, ext):
+    # The same case as above for a root user (who may read anything): the OS's answer is simulated.
+    path = tmp_path / f"locked{ext}"
+    sitk.WriteImage(_image(chest, (5.0, 5.5, 8.0)), str(path))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(path) else real_access(p, mode, **kw))
+    message = refused(path, "permission denied", str(path))
+    assert "compression" not in message and "export" not in message

@@ -266,17 +266,7 @@ def scan_from_sitk(image: sitk.Image, source: str = "") -> Scan:
     if view.ndim == 2:
         view = view[None]
     elif dim == 3:
-        order = axial_axis_order(direction, name)
-        if order != (0, 1, 2):
-            # Voxel [0, 0, 0] stays where it is; only the axes are relabelled, so the physical
-            # geometry (and every output written with it) is unchanged.
-            d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-            view = view.transpose([2 - order[2], 2 - order[1], 2 - order[0]])
-            spacing = tuple(spacing[k] for k in order)
-            direction = tuple(float(v) for v in d[:, list(order)].ravel())
-            stored = _PLANE_NAMES[_dominant_patient_axis(d[:, 0], d[:, 1])]
-            notes.append(f"the volume is stored as {stored} slices: its axes were reordered to axial slices (the "
-                         f"model's patches are axial); positions in patient space are unchanged")
+        view, spacing, direction = _axial(view, spacing, direction, name, notes)
     hu = np.empty(view.shape, dtype=np.int16)
     for z in range(view.shape[0]):
         hu[z] = _to_int16(view[z], name)
@@ -321,6 +311,23 @@ def axial_axis_order(direction, name: str = "the scan") -> tuple:
         raise InputError(f"{name} has oblique slices{angle_text} (more than {MAX_OBLIQUE_DEG:g} degrees): the model "
                          f"analyses axial patches; resample the scan to axial slices and give that volume")
     return order
+
+
+def _axial(array: np.ndarray, spacing, direction, name: str, notes: list):
+    """``array`` [z, y, x] with its spacing and direction, axes reordered to axial slices if needed (a view).
+
+    Voxel [0, 0, 0] stays where it is; only the axes are relabelled, so the physical geometry (and
+    every output written with it) is unchanged.
+    """
+    order = axial_axis_order(direction, name)
+    if order == (0, 1, 2):
+        return array, spacing, direction
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    stored = _PLANE_NAMES[_dominant_patient_axis(d[:, 0], d[:, 1])]
+    notes.append(f"the volume is stored as {stored} slices: its axes were reordered to axial slices (the "
+                 f"model's patches are axial); positions in patient space are unchanged")
+    return (array.transpose([2 - order[2], 2 - order[1], 2 - order[0]]), tuple(spacing[k] for k in order),
+            tuple(float(v) for v in d[:, list(order)].ravel()))
 
 
 def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direction=_IDENTITY,
@@ -804,7 +811,15 @@ def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
         if shifts_mm is not None and np.any(np.abs(shifts_mm[z]) > 1e-3):
             hu[z] = _shift_slice(hu[z], shifts_mm[z][1] / sy, shifts_mm[z][0] / sx)
     origin = tuple(float(v) for v in stack[0].origin)
-    scan = _finish(hu, (sx, sy, spacing_z), origin, tuple(float(v) for v in direction.ravel()), source, notes)
+    spacing = (sx, sy, spacing_z)
+    direction_t = tuple(float(v) for v in direction.ravel())
+    if len(stack) > 1 and axial_axis_order(direction_t, source) != (0, 1, 2):
+        if slice_positions is not None:
+            raise InputError(f"{source} is a sagittal or coronal series with uneven gaps between slices: "
+                             f"give an axial series (or one with even gaps)")
+        view, spacing, direction_t = _axial(hu, spacing, direction_t, source, notes)
+        hu = np.ascontiguousarray(view)
+    scan = _finish(hu, spacing, origin, direction_t, source, notes)
     scan.slice_positions_mm = slice_positions
     return scan
 
