@@ -80,6 +80,18 @@ def test_nifti_slice_spacing_zero_or_nan_is_refused_not_made_1mm(tmp_path, chest
     refused(_nifti_with_pixdim(tmp_path, chest, value, "bad.nii"), shown, "along z")
 
 
+@pytest.mark.parametrize("ext,old,new", [(".mha", b"ElementSpacing = 5 5.5 8", b"ElementSpacing = 5 5.5 0"),
+                                         (".nrrd", b"(0,0,8)", b"(0,0,0)")])
+def test_zero_spacing_in_nrrd_or_mha_is_named_as_such(tmp_path, chest, ext, old, new):
+    path = tmp_path / f"base{ext}"
+    sitk.WriteImage(_image(chest, (5.0, 5.5, 8.0)), str(path))
+    data = path.read_bytes()
+    assert old in data
+    (tmp_path / f"zero{ext}").write_bytes(data.replace(old, new))
+    message = refused(tmp_path / f"zero{ext}", "invalid voxel size")
+    assert "truncated" not in message
+
+
 @pytest.mark.parametrize("value,shown", [(1e6, "1e+06 mm"), (1e-6, "1e-06 mm"), (45.0, "45 mm")])
 @pytest.mark.parametrize("ext", [".nii", ".nrrd"])
 def test_implausible_spacing_is_refused_with_its_value(tmp_path, chest, value, shown, ext):

@@ -14,7 +14,13 @@ What the reader does to the pixels, and why:
 - The array is ``int16`` ``[z, y, x]``: HU are integers by definition, and 2 bytes per voxel keeps a
   512 x 512 x 600 scan at 300 MB. Values are rounded and clipped to the int16 range.
 - Slices read one by one from DICOM are sorted along the slice normal; the z spacing comes from the
-  slice positions (not the slice thickness), the median gap when gaps differ.
+  slice positions (not the slice thickness). When the gaps differ (interval HRCT, missing slices)
+  each slice keeps its own position (``Scan.slice_positions_mm``). Gantry tilt is undone by
+  shifting each slice in its plane onto a rectilinear grid; a slice that cannot be read is an error.
+- A volume stored as sagittal or coronal slices has its axes reordered to axial slices (the
+  physical geometry is unchanged); slices more than 30 degrees from axial are refused.
+- Headers are checked before the voxels are read: a voxel size outside 0.05-30 mm, NaN/inf
+  voxels, and more declared voxels than the file can hold are refused with the reason.
 
 Decision on 2-D input: a single slice (a 2-D image or one DICOM file) is read as a volume of one
 slice when it passes the same CT checks as a volume (scalar pixels, air or lung near -1000 HU);
