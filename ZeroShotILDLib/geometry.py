@@ -110,7 +110,7 @@ def nearest_sampled_slice(slice_positions_mm, step_mm: float) -> np.ndarray:
 
 def to_uniform_slices(volume: np.ndarray, slice_positions_mm, step_mm: float,
                       slice_planes: Optional[np.ndarray] = None) -> np.ndarray:
-    """A per-sampled-slice volume [n, y, x] on the uniform grid [planes, y, x]: each plane copies the nearest sampled slice.
+    """A per-sampled-slice volume [n, y, x] on the uniform grid [planes, y, x], nearest sampled slice per plane.
 
     ``slice_planes`` (from ``uniform_grid``) puts every sampled slice on its own plane exactly, even
     where rounding of the nearest-slice rule would pick a neighbour.

@@ -415,7 +415,8 @@ def _check_nifti_complete(p: Path, source: str) -> None:
     except PermissionError:
         raise InputError(f"{source} cannot be opened (permission denied): check the file's permissions") from None
     except (OSError, EOFError, zlib.error):
-        raise InputError(f"{source} is not a readable NIfTI file (bad gzip compression): copy or export it again") from None
+        raise InputError(f"{source} is not a readable NIfTI file (bad gzip compression): "
+                         f"copy or export it again") from None
     info = _nifti_header(head)
     if info is None:
         raise InputError(f"{source} does not start with a NIfTI header: the file is corrupt or mislabelled; "
@@ -849,8 +850,8 @@ def _in_plane_shifts(stack: list, row_axis: np.ndarray, col_axis: np.ndarray, of
     delta = np.array([h.origin - stack[0].origin for h in stack])
     shifts = np.stack([delta @ row_axis, delta @ col_axis], axis=1)
     pixel = min(float(stack[0].spacing[0]), float(stack[0].spacing[1]))
-    if np.abs(shifts).max() <= 0.05 * pixel:
-        return None
+    if np.abs(shifts).max() <= 0.5 * pixel:
+        return None  # rounding in the headers, or a tilt too small to move any slice by half a pixel
     # Slope of the in-plane shift against the distance along the normal: the tilt angle.
     reach = np.abs(offsets[-1]) or 1.0
     slope = np.hypot(*(shifts[-1] - shifts[0])) / reach
@@ -858,7 +859,8 @@ def _in_plane_shifts(stack: list, row_axis: np.ndarray, col_axis: np.ndarray, of
     residual = shifts - np.outer(offsets / reach, shifts[-1] - shifts[0])
     if np.abs(residual).max() > max(0.5, 2 * pixel):
         raise InputError(f"slices of {source} are shifted sideways by irregular amounts (up to "
-                         f"{np.abs(residual).max():.1f} mm off a straight stack): not one volume; export the series again")
+                         f"{np.abs(residual).max():.1f} mm off a straight stack): not one volume; "
+                         f"export the series again")
     if tilt_deg > MAX_GANTRY_TILT_DEG:
         raise InputError(f"{source} has a gantry tilt of {tilt_deg:.1f} degrees (more than {MAX_GANTRY_TILT_DEG:g}): "
                          f"reformat it to axial slices on the scanner or workstation and give that series")
