@@ -96,10 +96,11 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike) -> P
         slab = slice_step_voxels(scan.spacing_mm, result.settings.slice_step_mm)
         heat = paint_heatmap(result.patches, result.patch_probabilities[result.primary_prompt], scan.hu.shape,
                              slab_voxels=slab)
-        sitk.WriteImage(scan.to_sitk(heat), str(tmp / "heatmap.nii.gz"), useCompression=True)
+        # to_output_sitk: an interval series is written on a regular grid that overlays its slices.
+        sitk.WriteImage(scan.to_output_sitk(heat), str(tmp / "heatmap.nii.gz"), useCompression=True)
         overlay_figure(scan, result, heat).save(tmp / "overlay.png")
         del heat
-        sitk.WriteImage(scan.to_sitk(result.lung_mask.astype(np.uint8)), str(tmp / "lung_mask.nii.gz"),
+        sitk.WriteImage(scan.to_output_sitk(result.lung_mask.astype(np.uint8)), str(tmp / "lung_mask.nii.gz"),
                         useCompression=True)
         _replace_dir(tmp, out_dir)
     except BaseException:

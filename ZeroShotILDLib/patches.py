@@ -41,13 +41,15 @@ def _box_sums(mask_slice: np.ndarray, rows: int, cols: int, row0: np.ndarray, co
 
 def candidate_patches(lung_mask: np.ndarray, spacing_mm, *, patch_mm: float = 32.0, patch_px: Optional[int] = None,
                       stride_fraction: float = 1.0, slice_step_mm: float = 1.0, filter_threshold: float = 0.5,
-                      origin_mm=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> PatchSet:
+                      origin_mm=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+                      slice_positions_mm=None) -> PatchSet:
     """Grid boxes on lung slices whose lung fraction is at least ``filter_threshold``.
 
     The grid is anchored at the lungs' bounding box and shared by all slices, so neighbouring slices
     have boxes at the same (row, col) and the heatmap lines up across slices. Slices are taken every
     ``slice_step_mm`` (rounded to whole slices). Patches with no lung at all are never kept, even with
-    a threshold of 0.
+    a threshold of 0. With ``slice_positions_mm`` (an interval series) ``spacing_mm[2]`` is the mean
+    gap and every centre is placed at its slice's true position.
     """
     if lung_mask.ndim != 3:
         raise ValueError("lung_mask must be 3-D [z, y, x]")
@@ -87,7 +89,7 @@ def candidate_patches(lung_mask: np.ndarray, spacing_mm, *, patch_mm: float = 32
     c = np.concatenate(out_c).astype(np.int64)
     f = np.concatenate(out_f).astype(np.float64)
     centres = np.stack([z, r + (rows - 1) / 2.0, c + (cols - 1) / 2.0], axis=1)
-    ras = index_to_ras(centres, spacing_mm, origin_mm, direction)
+    ras = index_to_ras(centres, spacing_mm, origin_mm, direction, slice_positions_mm)
     return PatchSet(z, r, c, rows, cols, f, ras)
 
 
@@ -102,11 +104,12 @@ def _grid_starts(lo: int, hi: int, size: int, stride: int, limit: int) -> np.nda
 
 
 def candidates_for(lung_mask: np.ndarray, spacing_mm, settings: AnalysisSettings, origin_mm=(0, 0, 0),
-                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> PatchSet:
+                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), slice_positions_mm=None) -> PatchSet:
     return candidate_patches(
         lung_mask, spacing_mm, patch_mm=settings.patch_mm, patch_px=settings.patch_px,
         stride_fraction=settings.stride_fraction, slice_step_mm=settings.slice_step_mm,
         filter_threshold=settings.filter_threshold, origin_mm=origin_mm, direction=direction,
+        slice_positions_mm=slice_positions_mm,
     )
 
 

@@ -107,12 +107,12 @@ class Analyzer:
         else:
             mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, s.lung, progress=self.progress,
                                                cancel=self.cancel, working_spacing_mm=_lung_working_spacing(s))
-        volume_ml = lung_mask_mod.lung_volume_ml(mask, scan.spacing_mm)
+        volume_ml = scan.mask_volume_ml(mask)  # each slice over its slab: right for interval series too
         timings["lung_mask_s"] = time.perf_counter() - t
         self.cancel.raise_if_cancelled()
 
         t = time.perf_counter()
-        patches = candidates_for(mask, scan.spacing_mm, s, scan.origin_mm, scan.direction)
+        patches = candidates_for(mask, scan.spacing_mm, s, scan.origin_mm, scan.direction, scan.slice_positions_mm)
         require_candidates(patches, scan.source or "the scan", s.filter_threshold)
         timings["patches_s"] = time.perf_counter() - t
 
@@ -385,7 +385,8 @@ def montage_for_scan(scan: Scan, settings: AnalysisSettings, *, analyzer: Option
         patches, chosen, montage = result.patches, result.montage_indices, result.montage
         probabilities = {k: [float(v[i]) for i in chosen] for k, v in result.patch_probabilities.items()}
     else:
-        patches = candidates_for(mask, scan.spacing_mm, settings, scan.origin_mm, scan.direction)
+        patches = candidates_for(mask, scan.spacing_mm, settings, scan.origin_mm, scan.direction,
+                                 scan.slice_positions_mm)
         require_candidates(patches, scan.source or "the scan", settings.filter_threshold)
         chosen = rank_patches(np.zeros(len(patches)), settings.montage_patches, "random", settings.seed)
         pixels = patch_pixels(scan.hu, patches, chosen, image_size=image_size, hu_window=settings.hu_window)

@@ -14,7 +14,13 @@ What the reader does to the pixels, and why:
 - The array is ``int16`` ``[z, y, x]``: HU are integers by definition, and 2 bytes per voxel keeps a
   512 x 512 x 600 scan at 300 MB. Values are rounded and clipped to the int16 range.
 - Slices read one by one from DICOM are sorted along the slice normal; the z spacing comes from the
-  slice positions (not the slice thickness), the median gap when gaps differ.
+  slice positions (not the slice thickness). When the gaps differ (interval HRCT, missing slices)
+  each slice keeps its own position (``Scan.slice_positions_mm``). Gantry tilt is undone by
+  shifting each slice in its plane onto a rectilinear grid; a slice that cannot be read is an error.
+- A volume stored as sagittal or coronal slices has its axes reordered to axial slices (the
+  physical geometry is unchanged); slices more than 30 degrees from axial are refused.
+- Headers are checked before the voxels are read: a voxel size outside 0.05-30 mm, NaN/inf
+  voxels, and more declared voxels than the file can hold are refused with the reason.
 
 Decision on 2-D input: a single slice (a 2-D image or one DICOM file) is read as a volume of one
 slice when it passes the same CT checks as a volume (scalar pixels, air or lung near -1000 HU);
@@ -24,6 +30,7 @@ thickness, or 1 mm.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -35,7 +42,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .geometry import index_to_ras
+from . import geometry
 
 if TYPE_CHECKING:  # annotations only; the readers import SimpleITK where they use it
     import SimpleITK as sitk
@@ -86,6 +93,12 @@ class Scan:
         The path the user gave (nothing from the DICOM header is added).
     notes : list of str
         Human-readable remarks on how the scan was read.
+    slice_positions_mm : tuple of floats or None
+        Offset of each slice from slice 0 along the slice normal (mm), for a series whose slices
+        are not evenly spaced (interval HRCT: 1 mm slices with gaps alternating 1 mm and 9 mm).
+        ``None`` for evenly spaced slices, which sit ``spacing_mm[2]`` apart. When set,
+        ``spacing_mm[2]`` is the mean gap, a nominal value for 3-D morphology only: positions,
+        volumes and written images use the true positions.
     """
 
     hu: np.ndarray
@@ -94,6 +107,7 @@ class Scan:
     direction: tuple
     source: str = ""
     notes: list = field(default_factory=list)
+    slice_positions_mm: Optional[tuple] = None
 
     @property
     def shape_zyx(self) -> tuple:
@@ -104,10 +118,48 @@ class Scan:
         """Volume of one voxel in mL (spacing product in mm^3 / 1000)."""
         return float(np.prod(np.asarray(self.spacing_mm, dtype=np.float64))) / 1000.0
 
+    @property
+    def slab_mm(self) -> np.ndarray:
+        """Thickness of body each slice stands for (mm): the spacing, or halfway to each neighbour."""
+        if self.slice_positions_mm is None:
+            return np.full(self.hu.shape[0], float(self.spacing_mm[2]))
+        return geometry.slab_thickness_mm(self.slice_positions_mm)
+
+    def mask_volume_ml(self, mask: np.ndarray) -> float:
+        """Volume of a [z, y, x] mask in mL, each slice counted over its slab (``slab_mm``)."""
+        per_slice = np.count_nonzero(np.asarray(mask).reshape(mask.shape[0], -1), axis=1)
+        area_mm2 = float(self.spacing_mm[0]) * float(self.spacing_mm[1])
+        return float(np.dot(per_slice, self.slab_mm)) * area_mm2 / 1000.0
+
+    def to_output_sitk(self, array: np.ndarray) -> sitk.Image:
+        """A per-slice ``array`` as an image that overlays the original slices in patient space.
+
+        Evenly spaced scans: ``to_sitk``. An interval series: a regular grid (``geometry.uniform_grid``)
+        from the first to the last slice, each sampled slice on its own plane and each plane between
+        them a copy of the nearest sampled slice (the slab rule the lung volume uses).
+        """
+        if self.slice_positions_mm is None:
+            return self.to_sitk(array)
+        import SimpleITK as sitk
+        data = np.asarray(array)
+        if data.shape != self.hu.shape:
+            raise ValueError(f"array shape {data.shape} differs from the scan shape {self.hu.shape}")
+        step, planes, _ = geometry.uniform_grid(self.slice_positions_mm)
+        uniform = geometry.to_uniform_slices(data, self.slice_positions_mm, step, planes)
+        if uniform.dtype == bool:
+            uniform = uniform.astype(np.uint8)
+        image = sitk.GetImageFromArray(uniform)
+        image.SetSpacing((float(self.spacing_mm[0]), float(self.spacing_mm[1]), float(step)))
+        image.SetOrigin(tuple(float(v) for v in self.origin_mm))
+        image.SetDirection(tuple(float(v) for v in self.direction))
+        return image
+
     def to_sitk(self, array: Optional[np.ndarray] = None) -> sitk.Image:
         """``array`` (default ``hu``; same [z, y, x] shape) as a SimpleITK image with this scan's geometry.
 
-        Boolean arrays become ``uint8`` (SimpleITK has no bool pixel type).
+        Boolean arrays become ``uint8`` (SimpleITK has no bool pixel type). For an interval series
+        (``slice_positions_mm``) the image is on the nominal even spacing; ``to_output_sitk`` places
+        the slices where they are.
         """
         # Imported where used, so in-memory scans (phantoms, Slicer arrays) need no SimpleITK.
         import SimpleITK as sitk
@@ -124,7 +176,7 @@ class Scan:
 
     def index_to_ras(self, zyx: np.ndarray) -> np.ndarray:
         """Continuous voxel indices ``[z, y, x]`` (N, 3) -> RAS millimetres (N, 3)."""
-        return index_to_ras(zyx, self.spacing_mm, self.origin_mm, self.direction)
+        return geometry.index_to_ras(zyx, self.spacing_mm, self.origin_mm, self.direction, self.slice_positions_mm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +215,8 @@ def read_scan(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) 
         raise InputError(f"{source} does not exist: check the path")
     if p.is_dir():
         return _read_dicom_folder(p, source)
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{source} cannot be opened (permission denied): check the file's permissions")
     if p.stat().st_size == 0:
         raise InputError(f"{source} is empty (0 bytes): the download or export failed; {WHAT_TO_GIVE}")
     name = p.name.lower()
@@ -217,11 +271,69 @@ def scan_from_sitk(image: sitk.Image, source: str = "") -> Scan:
     view = sitk.GetArrayViewFromImage(image)
     if view.ndim == 2:
         view = view[None]
+    elif dim == 3:
+        view, spacing, direction = _axial(view, spacing, direction, name, notes)
     hu = np.empty(view.shape, dtype=np.int16)
     for z in range(view.shape[0]):
         hu[z] = _to_int16(view[z], name)
     del view
     return _finish(hu, spacing, origin, direction, source, notes)
+
+
+#: Slice planes farther than this from axial are refused: CT gantries tilt at most about 30 degrees,
+#: so a steeper plane is an oblique reformat, and the model was trained on axial patches.
+MAX_OBLIQUE_DEG = 30.0
+_PLANE_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+def _dominant_patient_axis(*columns) -> int:
+    """The patient axis (0 L-R, 1 A-P, 2 S-I) the normal of the plane spanned by ``columns`` runs along."""
+    normal = np.cross(columns[0], columns[1])
+    return int(np.argmax(np.abs(normal)))
+
+
+def axial_axis_order(direction, name: str = "the scan") -> tuple:
+    """The voxel axes (i, j, k) reordered so that slices (constant k) are the nearest to axial.
+
+    (0, 1, 2) for an axial volume, whatever its in-plane flips or rotation. A volume stored
+    sagittally or coronally gets the axis that runs head-foot as its slice axis, the left-right
+    one as rows' direction (i) and the front-back one as columns' (j); the axes keep their signs.
+    Raises ``InputError`` when the slices, once reordered, are still more than ``MAX_OBLIQUE_DEG``
+    from axial.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    dominant = [int(np.argmax(np.abs(d[:, c]))) for c in range(3)]
+    if _dominant_patient_axis(d[:, 0], d[:, 1]) == 2:
+        order = (0, 1, 2)
+    elif sorted(dominant) == [0, 1, 2]:
+        order = tuple(dominant.index(a) for a in range(3))
+    else:
+        order = None
+    if order is not None:
+        normal = np.cross(d[:, order[0]], d[:, order[1]])
+        angle = math.degrees(math.acos(min(1.0, abs(normal[2]) / (np.linalg.norm(normal) or 1.0))))
+    if order is None or angle > MAX_OBLIQUE_DEG:
+        angle_text = "" if order is None else f" {angle:.0f} degrees from axial"
+        raise InputError(f"{name} has oblique slices{angle_text} (more than {MAX_OBLIQUE_DEG:g} degrees): the model "
+                         f"analyses axial patches; resample the scan to axial slices and give that volume")
+    return order
+
+
+def _axial(array: np.ndarray, spacing, direction, name: str, notes: list):
+    """``array`` [z, y, x] with its spacing and direction, axes reordered to axial slices if needed (a view).
+
+    Voxel [0, 0, 0] stays where it is; only the axes are relabelled, so the physical geometry (and
+    every output written with it) is unchanged.
+    """
+    order = axial_axis_order(direction, name)
+    if order == (0, 1, 2):
+        return array, spacing, direction
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    stored = _PLANE_NAMES[_dominant_patient_axis(d[:, 0], d[:, 1])]
+    notes.append(f"the volume is stored as {stored} slices: its axes were reordered to axial slices (the "
+                 f"model's patches are axial); positions in patient space are unchanged")
+    return (array.transpose([2 - order[2], 2 - order[1], 2 - order[0]]), tuple(spacing[k] for k in order),
+            tuple(float(v) for v in d[:, list(order)].ravel()))
 
 
 def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direction=_IDENTITY,
@@ -269,6 +381,8 @@ def _read_volume_file(p: Path, source: str) -> Scan:
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         _check_nifti_complete(p, source)
+    else:
+        _check_declared_size(p, source)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -277,66 +391,109 @@ def _read_volume_file(p: Path, source: str) -> Scan:
         kind = _kind_of(p)
         if kind:
             raise InputError(f"{source} is {kind} with a volume extension, not a CT volume: {WHAT_TO_GIVE}") from None
-        raise InputError(f"{source} could not be read ({_short_reason(exc)}): the file is truncated or corrupt; "
+        reason = _short_reason(exc)
+        if "spacing" in reason.lower() or "space vector" in reason.lower():
+            raise InputError(f"{source} declares an invalid voxel size ({reason}): fix the header or export the "
+                             f"scan again with its spacing") from None
+        raise InputError(f"{source} could not be read ({reason}): the file is truncated or corrupt; "
                          f"export it again") from None
     scan = scan_from_sitk(image, source)
     return scan
 
 
 def _check_nifti_complete(p: Path, source: str) -> None:
-    """ITK's NIfTI reader fills a truncated file with zeros instead of failing; check the size here."""
+    """What ITK's NIfTI reader lets through silently, refused here from the header and the bytes.
+
+    ITK fills a truncated file with zeros, turns a voxel size of 0 or NaN into 1 mm, and reads
+    NaN/inf voxels as 0; each is refused with its reason.
+    """
+    gz = p.name.lower().endswith(".gz")
     try:
-        if p.name.lower().endswith(".gz"):
-            with gzip.open(p, "rb") as fh:
-                head = fh.read(540)
-        else:
-            with open(p, "rb") as fh:
-                head = fh.read(540)
+        opener = gzip.open if gz else open
+        with opener(p, "rb") as fh:
+            head = fh.read(540)
+    except PermissionError:
+        raise InputError(f"{source} cannot be opened (permission denied): check the file's permissions") from None
     except (OSError, EOFError, zlib.error):
-        raise InputError(f"{source} is not a readable NIfTI file (bad header or compression): export it again") from None
-    expected = _nifti_expected_bytes(head)
-    if expected is None:
+        raise InputError(f"{source} is not a readable NIfTI file (bad gzip compression): "
+                         f"copy or export it again") from None
+    info = _nifti_header(head)
+    if info is None:
         raise InputError(f"{source} does not start with a NIfTI header: the file is corrupt or mislabelled; "
                          f"{WHAT_TO_GIVE}")
-    if not p.name.lower().endswith(".gz"):
+    expected = info["expected"]
+    for axis, value in zip("xyz", info["pixdim"][:min(info["ndim"], 3)]):
+        if not math.isfinite(value) or value <= 0:
+            raise InputError(f"{source} declares a voxel size of {value:g} mm along {axis} (NIfTI pixdim): "
+                             f"fix the header or export the scan again with its spacing")
+    if not gz:
         if p.stat().st_size < expected:
             raise InputError(f"{source} is truncated ({p.stat().st_size} of {expected} bytes): copy or export it again")
-        return
-    # gzip stores the uncompressed size (mod 2^32) in its last 4 bytes; only when that disagrees is
-    # the whole stream decompressed (chunk by chunk, nothing kept) to tell truncation from oddities.
-    with open(p, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        isize = struct.unpack("<I", fh.read(4))[0]
-    if isize == expected % (1 << 32):
-        return
-    total = 0
+    else:
+        # gzip stores the uncompressed size (mod 2^32) in its last 4 bytes; only when that disagrees is
+        # the whole stream decompressed (chunk by chunk, nothing kept) to tell truncation from oddities.
+        with open(p, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+        if isize != expected % (1 << 32):
+            total = 0
+            try:
+                with gzip.open(p, "rb") as fh:
+                    while True:
+                        chunk = fh.read(1 << 24)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+            except (EOFError, OSError, zlib.error):
+                raise InputError(f"{source} is truncated or corrupt (the compressed data ends early): "
+                                 f"copy or export it again") from None
+            if total < expected:
+                raise InputError(f"{source} is truncated ({total} of {expected} bytes): copy or export it again")
+    if info["float_dtype"] is not None:
+        _check_nifti_finite(p, gz, info, source)
+
+
+def _check_nifti_finite(p: Path, gz: bool, info: dict, source: str) -> None:
+    """Refuse NaN/inf voxels, which ITK's NIfTI reader turns into 0 (as NRRD/MHA already are refused)."""
+    dtype = np.dtype(info["float_dtype"]).newbyteorder(info["endian"])
+    item = dtype.itemsize
+    opener = gzip.open if gz else open
     try:
-        with gzip.open(p, "rb") as fh:
-            while True:
-                chunk = fh.read(1 << 24)
+        with opener(p, "rb") as fh:
+            fh.seek(info["offset"]) if not gz else fh.read(info["offset"])
+            left = info["expected"] - info["offset"]
+            while left > 0:
+                chunk = fh.read(min(left, (1 << 24) // item * item))
                 if not chunk:
                     break
-                total += len(chunk)
+                left -= len(chunk)
+                values = np.frombuffer(chunk[:len(chunk) // item * item], dtype=dtype)
+                if not np.isfinite(values).all():
+                    raise InputError(f"{source} contains NaN or infinite values: give a CT volume in HU "
+                                     f"(fill them, e.g. with -1000 HU for air, and export it again)")
     except (EOFError, OSError, zlib.error):
         raise InputError(f"{source} is truncated or corrupt (the compressed data ends early): "
                          f"copy or export it again") from None
-    if total < expected:
-        raise InputError(f"{source} is truncated ({total} of {expected} bytes): copy or export it again")
 
 
-def _nifti_expected_bytes(head: bytes) -> Optional[int]:
+def _nifti_header(head: bytes) -> Optional[dict]:
+    """Sizes, voxel size, data offset and float type from a NIfTI-1/2 header; None if it is not one."""
     if len(head) < 348:
         return None
     for endian in "<>":
         size = struct.unpack(endian + "i", head[:4])[0]
         if size == 348:
             dims = struct.unpack(endian + "8h", head[40:56])
+            datatype = struct.unpack(endian + "h", head[70:72])[0]
             bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            pixdim = struct.unpack(endian + "8f", head[76:108])
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
             break
         if size == 540 and len(head) >= 540:
+            datatype = struct.unpack(endian + "h", head[12:14])[0]
             bitpix = struct.unpack(endian + "h", head[14:16])[0]
             dims = struct.unpack(endian + "8q", head[16:80])
+            pixdim = struct.unpack(endian + "8d", head[104:168])
             offset = int(struct.unpack(endian + "q", head[168:176])[0])
             break
     else:
@@ -347,7 +504,101 @@ def _nifti_expected_bytes(head: bytes) -> Optional[int]:
     n = 1
     for d in dims[1:ndim + 1]:
         n *= max(int(d), 1)
-    return max(offset, 348) + n * bitpix // 8
+    offset = max(offset, 348)
+    return {"expected": offset + n * bitpix // 8, "offset": offset, "ndim": ndim, "pixdim": pixdim[1:4],
+            "endian": endian, "float_dtype": {16: "f4", 64: "f8"}.get(int(datatype))}
+
+
+def _nifti_expected_bytes(head: bytes) -> Optional[int]:
+    info = _nifti_header(head)
+    return None if info is None else info["expected"]
+
+
+def _check_declared_size(p: Path, source: str) -> None:
+    """Refuse an NRRD/MetaImage whose header declares more voxels than the file can hold, before reading them.
+
+    ITK allocates the declared size first (a 2 KB NRRD declaring 1024^3 takes 2 GB before failing)
+    and reports a missing detached data file as "No such file or directory". Deflate cannot
+    compress more than about 1032:1, so compressed data smaller than that fraction is truncated too.
+    """
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # read_scan's full read says why
+    size = tuple(int(v) for v in reader.GetSize())
+    voxels = int(np.prod(size, dtype=np.float64)) * int(reader.GetNumberOfComponents())
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = next((int(w.split("-")[0]) for w in pixel.split() if w.endswith("-bit") and w.split("-")[0].isdigit()), 8)
+    declared = voxels * bits // 8
+    data_file, compressed, header_bytes = _declared_data(p)
+    if data_file is None:
+        return
+    if not data_file.is_file():
+        raise InputError(f"{source} keeps its voxels in {data_file.name}, which is missing: put it beside "
+                         f"{p.name} (or export the scan as one .nrrd/.mha file)")
+    available = data_file.stat().st_size - (header_bytes if data_file == p else 0)
+    capacity = available * 1100 if compressed else available
+    if declared > capacity:
+        shape = "x".join(str(v) for v in size)
+        raise InputError(f"{source} declares {shape} voxels ({_human_bytes(declared)}) but holds only "
+                         f"{_human_bytes(max(available, 0))} of voxel data: the file is truncated or its header is "
+                         f"wrong; export it again")
+
+
+def _declared_data(p: Path) -> tuple[Optional[Path], bool, int]:
+    """(file holding the voxels, compressed?, header length) from an NRRD or MetaImage text header."""
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(65536)
+    except OSError:
+        return None, False, 0
+    name = p.name.lower()
+    if name.endswith((".nrrd", ".nhdr")):
+        end = raw.find(b"\n\n")
+        header = raw[:end if end >= 0 else len(raw)].decode("latin-1")
+        fields = {}
+        for line in header.splitlines():
+            if ":" in line and not line.startswith("#"):
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding not in ("raw", "gzip", "gz", "bzip2", "bz2"):
+            return None, False, 0  # text/hex encodings: sizes are not comparable
+        detached = fields.get("data file") or fields.get("datafile")
+        if detached:
+            if detached.split()[0].upper() == "LIST" or "%" in detached or len(detached.split()) > 1:
+                return None, False, 0
+            return p.parent / detached, encoding != "raw", 0
+        if end < 0:
+            return None, False, 0
+        return p, encoding != "raw", end + 2
+    fields, header_bytes = {}, 0
+    for line in raw.split(b"\n"):
+        header_bytes += len(line) + 1
+        text = line.decode("latin-1")
+        if "=" in text:
+            key, value = text.split("=", 1)
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                break
+    target = fields.get("elementdatafile")
+    if not target or target.upper() == "LIST" or "%" in target or len(target.split()) > 1:
+        return None, False, 0
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    if target.upper() == "LOCAL":
+        return p, compressed, header_bytes
+    return p.parent / target, compressed, 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} GB"
 
 
 def _kind_of(p: Path) -> Optional[str]:
@@ -435,7 +686,14 @@ def _read_dicom_folder(folder: Path, source: str) -> Scan:
         hint = f" (it has sub-folders {sub[:3]}: give the one with the slices)" if sub else ""
         raise InputError(f"{source} is an empty folder{hint}: {WHAT_TO_GIVE}")
     volumes = [f for f in files if f.name.lower().endswith(VOLUME_EXTENSIONS)]
-    headers = [h for h in (_read_header(f) for f in files) if h is not None]
+    read = [(f, _read_header(f)) for f in files]
+    headers = [h for _, h in read if h is not None]
+    damaged = [f for f, h in read if h is None and _damaged_slice(f, headers)]
+    if damaged and headers:
+        # A slice that looks like DICOM but cannot be read is a hole in the series, not a stray file.
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise InputError(f"DICOM slice {damaged[0]}{more} in {source} cannot be read (truncated or corrupt): "
+                         f"export the series again, or remove the file to analyse the series without it")
     if not headers:
         if len(volumes) == 1:
             raise InputError(f"{source} holds no DICOM files but one volume file: give {volumes[0]} itself")
@@ -446,6 +704,25 @@ def _read_dicom_folder(folder: Path, source: str) -> Scan:
     if skipped:
         notes.append(f"{skipped} non-DICOM file(s) in the folder ignored")
     return _read_dicom_headers(headers, source, notes)
+
+
+def _damaged_slice(path: Path, headers: list) -> bool:
+    """An unreadable file that belongs to a series beside it: it names one of their series UIDs, or it
+    looks like DICOM and is much smaller than the slices (cut off). Other DICOM objects (reports,
+    DICOMDIR) name no series here and are ignored as before."""
+    if not headers or path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+        size = path.stat().st_size
+    except OSError:
+        return True
+    if any(h.series and h.series.encode("ascii", "ignore") in head for h in headers):
+        return True
+    looks_dicom = path.name.lower().endswith(DICOM_EXTENSIONS) or head[128:132] == b"DICM"
+    typical = float(np.median([h.path.stat().st_size for h in headers[:50]]))
+    return looks_dicom and size < 0.5 * typical
 
 
 def _read_dicom_files(files: Sequence[Path], source: str, notes: list) -> Scan:
@@ -479,12 +756,13 @@ def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
         notes.append(f"{sum(len(v) for v in non_ct.values())} non-CT slice(s) ignored")
     # Localizers and odd-sized images share the series UID on some scanners: keep the main stack.
     kept = [h for h in chosen if not h.localizer] or chosen
-    geometry = Counter((h.size, h.direction) for h in kept).most_common(1)[0][0]
-    stack = [h for h in kept if (h.size, h.direction) == geometry]
+    layout = Counter((h.size, h.direction) for h in kept).most_common(1)[0][0]
+    stack = [h for h in kept if (h.size, h.direction) == layout]
     if len(stack) < len(chosen):
         notes.append(f"{len(chosen) - len(stack)} slice(s) with another size or orientation (e.g. a localizer) ignored")
-    direction = np.asarray(geometry[1], dtype=np.float64).reshape(3, 3)
-    normal = np.cross(direction[:, 0], direction[:, 1])
+    direction = np.asarray(layout[1], dtype=np.float64).reshape(3, 3)
+    row_axis, col_axis = direction[:, 0], direction[:, 1]
+    normal = np.cross(row_axis, col_axis)
     positions = np.array([float(h.origin @ normal) for h in stack])
     order = np.argsort(positions, kind="stable")
     stack = [stack[i] for i in order]
@@ -494,35 +772,109 @@ def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
         notes.append(f"{int((~keep).sum())} duplicate slice(s) at the same position ignored")
         stack = [h for h, k in zip(stack, keep) if k]
         positions = positions[keep]
+    sx, sy = float(stack[0].spacing[0]), float(stack[0].spacing[1])
+    offsets = positions - positions[0]
+    shifts_mm = _in_plane_shifts(stack, row_axis, col_axis, offsets, source, notes)
     thickness = stack[0].thickness
+    slice_positions = None
     if len(stack) > 1:
-        gaps = np.diff(positions)
+        gaps = np.diff(offsets)
         spacing_z = float(np.median(gaps))
         if gaps.max() - gaps.min() > max(0.01, 0.05 * spacing_z):
-            notes.append(f"slice gaps are not uniform ({gaps.min():.2f}-{gaps.max():.2f} mm); "
-                         f"using the median {spacing_z:.2f} mm")
-        if thickness and spacing_z > 2.0 * thickness:
-            notes.append(f"slices are {spacing_z:.1f} mm apart but {thickness:.2f} mm thick: a sparse series, "
+            # Interval HRCT (thin slices 1 mm then 9 mm apart) or an irregular series: every slice
+            # keeps its own position; spacing_z is only a nominal value for 3-D morphology.
+            slice_positions = tuple(float(v) for v in offsets)
+            spacing_z = float(offsets[-1]) / (len(stack) - 1)
+            step, _, worst = geometry.uniform_grid(offsets)
+            placed = f" (slices up to {worst:.2f} mm from a plane)" if worst > 0.05 else ""
+            notes.append(f"slices are unevenly spaced ({gaps.min():.2f} to {gaps.max():.2f} mm apart, e.g. an interval "
+                         f"HRCT): each slice is analysed at its true position; the lung volume counts each slice as a "
+                         f"slab reaching halfway to its neighbours; heatmap.nii.gz and lung_mask.nii.gz are written on "
+                         f"a regular {step:.3g} mm grid where planes between acquired slices copy the nearest "
+                         f"one{placed}")
+        sparse_gap = float(np.median(gaps))
+        if thickness and sparse_gap > 2.0 * thickness:
+            notes.append(f"slices are {sparse_gap:.1f} mm apart but {thickness:.2f} mm thick: a sparse series, "
                          f"the lung mask and patches use the slices as they are")
     else:
         spacing_z = float(thickness) if thickness and thickness > 0 else 1.0
         notes.append(f"a single DICOM slice: read as a volume of one slice ({spacing_z:g} mm thick)")
-    sx, sy = float(stack[0].spacing[0]), float(stack[0].spacing[1])
-    ny, nx = int(geometry[0][1]), int(geometry[0][0])
+    ny, nx = int(layout[0][1]), int(layout[0][0])
     hu = np.empty((len(stack), ny, nx), dtype=np.int16)
     for z, h in enumerate(stack):
         try:
             image = sitk.ReadImage(str(h.path), imageIO="GDCMImageIO")
         except RuntimeError as exc:
             raise InputError(f"DICOM slice {h.path} could not be read ({_short_reason(exc)}): "
-                             f"the file is truncated or corrupt") from None
+                             f"the file is truncated or corrupt; export the series again") from None
         if image.GetNumberOfComponentsPerPixel() > 1:
             raise InputError(f"{source} holds colour DICOM images (e.g. screenshots), not CT slices: "
                              f"give the original CT series")
         arr = sitk.GetArrayViewFromImage(image)
+        if arr.size != ny * nx:
+            raise InputError(f"DICOM slice {h.path} holds {arr.size} pixels where its header declares {nx}x{ny}: "
+                             f"the file is truncated or corrupt; export the series again")
         hu[z] = _to_int16(arr.reshape(ny, nx), source)
+        if shifts_mm is not None and np.any(np.abs(shifts_mm[z]) > 1e-3):
+            hu[z] = _shift_slice(hu[z], shifts_mm[z][1] / sy, shifts_mm[z][0] / sx)
     origin = tuple(float(v) for v in stack[0].origin)
-    return _finish(hu, (sx, sy, spacing_z), origin, tuple(float(v) for v in direction.ravel()), source, notes)
+    spacing = (sx, sy, spacing_z)
+    direction_t = tuple(float(v) for v in direction.ravel())
+    if len(stack) > 1 and axial_axis_order(direction_t, source) != (0, 1, 2):
+        if slice_positions is not None:
+            raise InputError(f"{source} is a sagittal or coronal series with uneven gaps between slices: "
+                             f"give an axial series (or one with even gaps)")
+        view, spacing, direction_t = _axial(hu, spacing, direction_t, source, notes)
+        hu = np.ascontiguousarray(view)
+    scan = _finish(hu, spacing, origin, direction_t, source, notes)
+    scan.slice_positions_mm = slice_positions
+    return scan
+
+
+#: Largest gantry tilt (degrees) resampled; CT gantries tilt up to about 30 degrees.
+MAX_GANTRY_TILT_DEG = 30.0
+
+
+def _in_plane_shifts(stack: list, row_axis: np.ndarray, col_axis: np.ndarray, offsets: np.ndarray, source: str,
+                     notes: list) -> Optional[np.ndarray]:
+    """(n, 2) in-plane offsets (along rows, along columns; mm) of each slice's corner from slice 0's, or None.
+
+    Slices of an ordinary series are stacked along their normal. With gantry tilt they are stacked
+    along the table while the image planes are tilted, so each slice is shifted in its own plane
+    (ITK and the DICOM standard's geometry place it there; readers that use one origin and one
+    normal put it up to tens of mm off). Those shifts are undone slice by slice, which shears the
+    stack onto a rectilinear grid in patient space.
+    """
+    if len(stack) < 2:
+        return None
+    delta = np.array([h.origin - stack[0].origin for h in stack])
+    shifts = np.stack([delta @ row_axis, delta @ col_axis], axis=1)
+    pixel = min(float(stack[0].spacing[0]), float(stack[0].spacing[1]))
+    if np.abs(shifts).max() <= 0.5 * pixel:
+        return None  # rounding in the headers, or a tilt too small to move any slice by half a pixel
+    # Slope of the in-plane shift against the distance along the normal: the tilt angle.
+    reach = np.abs(offsets[-1]) or 1.0
+    slope = np.hypot(*(shifts[-1] - shifts[0])) / reach
+    tilt_deg = math.degrees(math.atan(slope))
+    residual = shifts - np.outer(offsets / reach, shifts[-1] - shifts[0])
+    if np.abs(residual).max() > max(0.5, 2 * pixel):
+        raise InputError(f"slices of {source} are shifted sideways by irregular amounts (up to "
+                         f"{np.abs(residual).max():.1f} mm off a straight stack): not one volume; "
+                         f"export the series again")
+    if tilt_deg > MAX_GANTRY_TILT_DEG:
+        raise InputError(f"{source} has a gantry tilt of {tilt_deg:.1f} degrees (more than {MAX_GANTRY_TILT_DEG:g}): "
+                         f"reformat it to axial slices on the scanner or workstation and give that series")
+    notes.append(f"gantry tilt of {tilt_deg:.1f} degrees: each slice was shifted in its plane (up to "
+                 f"{np.hypot(shifts[:, 0], shifts[:, 1]).max():.1f} mm, linear interpolation) onto a rectilinear grid "
+                 f"in patient space; pixels shifted in from outside the field of view are air")
+    return shifts
+
+
+def _shift_slice(slice_hu: np.ndarray, rows_px: float, cols_px: float) -> np.ndarray:
+    """One slice moved by (rows, cols) pixels, linear interpolation, air where nothing was acquired."""
+    from scipy import ndimage
+    moved = ndimage.shift(slice_hu.astype(np.float32), (rows_px, cols_px), order=1, mode="constant", cval=AIR_HU)
+    return np.clip(np.rint(moved), -32768, 32767).astype(np.int16)
 
 
 def _read_multiframe(header: "_Slice", source: str, notes: list) -> Scan:
@@ -615,8 +967,7 @@ def _finish(hu: np.ndarray, spacing, origin, direction, source: str, notes: list
     name = source or "the image"
     if hu.size == 0 or min(hu.shape) == 0:
         raise InputError(f"{name} has no voxels (shape {hu.shape}): {WHAT_TO_GIVE}")
-    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise InputError(f"{name} has invalid spacing {spacing} mm: fix the header or re-export the scan")
+    _check_spacing(spacing, name)
     lo, hi = int(hu.min()), int(hu.max())
     if lo == hi:
         raise InputError(f"{name} is a constant image (every voxel is {lo}): give a CT volume with anatomy in it")
@@ -630,6 +981,24 @@ def _finish(hu: np.ndarray, spacing, origin, direction, source: str, notes: list
     _check_hu(hu, name, lo, hi)
     return Scan(hu=hu, spacing_mm=tuple(float(v) for v in spacing), origin_mm=tuple(float(v) for v in origin),
                 direction=tuple(float(v) for v in direction), source=source, notes=notes)
+
+
+#: Plausible voxel sizes (mm) of a chest CT: specimen micro-CT reaches 0.05 mm; sparse or thick-slab
+#: series reach 10-20 mm between slices. Outside this range the header is wrong (a unit error, a
+#: missing value read as 0), and lung volumes and patch sizes would be off by orders of magnitude.
+MIN_SPACING_MM = 0.05
+MAX_SPACING_MM = 30.0
+
+
+def _check_spacing(spacing, name: str) -> None:
+    for axis, value in zip("xyz", spacing):
+        if not math.isfinite(value) or value <= 0:
+            raise InputError(f"{name} has a voxel size of {value:g} mm along {axis}: fix the header or export the "
+                             f"scan again with its spacing")
+        if not MIN_SPACING_MM <= value <= MAX_SPACING_MM:
+            raise InputError(f"{name} has a voxel size of {value:g} mm along {axis}, outside the {MIN_SPACING_MM:g}-"
+                             f"{MAX_SPACING_MM:g} mm of a chest CT: the header's spacing is wrong (a unit error?); "
+                             f"fix it or export the scan again")
 
 
 def _check_hu(hu: np.ndarray, name: str, lo: int, hi: int) -> None:

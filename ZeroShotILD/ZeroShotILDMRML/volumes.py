@@ -5,8 +5,22 @@ Slicer keeps a volume's geometry as one IJK-to-RAS matrix; the engine (like Simp
 [z, y, x]. ``arrayFromVolume`` already returns [k, j, i] = [z, y, x], so only the geometry needs
 converting. Coordinates are the volume's own (local) frame: result nodes are put under the same
 parent transform as the input, so they move with it.
+
+Interval HRCT and gantry tilt in Slicer: the DICOM module (DICOMScalarVolumePlugin) loads any
+series as a volume on an even grid and, when the slice corners from the DICOM headers differ from
+that grid by more than a small tolerance, it logs "Irregular volume geometry detected" and, with
+the application setting "Acquisition geometry regularization" at its default ("apply
+regularization transform"), puts the volume under a grid transform node ("... acquisition
+transform": one displacement per slice corner, taking each corner of the even grid to where the
+headers say it is; the option "harden" resamples the volume instead, giving an even volume again).
+The module works on the node as Slicer made it: voxels and patches on the even local grid, result
+nodes under the same acquisition transform (so they overlay the warped CT exactly), and the true
+slice positions read back through that transform for the lung volume and the patch centres in
+the result (``acquisition_slice_positions``), as the command line reads them from the headers.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import slicer
@@ -47,6 +61,40 @@ def index_to_ras(volume_node, zyx) -> np.ndarray:
     return (ijk1 @ ijk_to_ras(volume_node).T)[:, :3]
 
 
+def acquisition_slice_positions(volume_node) -> Optional[tuple]:
+    """True offsets (mm from slice 0 along the slice normal) of the slices of a volume under a non-linear
+    transform, such as the acquisition transform Slicer adds to an interval or tilted DICOM series;
+    None when the node has no such transform or its slices stay evenly spaced.
+    """
+    parent = volume_node.GetParentTransformNode()
+    if parent is None or parent.IsTransformToWorldLinear():
+        return None
+    image = volume_node.GetImageData()
+    nz = int(image.GetDimensions()[2])
+    if nz < 2:
+        return None
+    to_world = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(to_world)
+    m = ijk_to_ras(volume_node)
+
+    def world(i, j, k):
+        return np.array(to_world.TransformPoint(*(m @ np.array([i, j, k, 1.0]))[:3]))
+
+    corners = np.array([world(0, 0, k) for k in range(nz)])
+    normal = np.cross(world(1, 0, 0) - corners[0], world(0, 1, 0) - corners[0])
+    normal /= np.linalg.norm(normal)
+    if normal @ (corners[-1] - corners[0]) < 0:
+        normal = -normal
+    offsets = (corners - corners[0]) @ normal
+    gaps = np.diff(offsets)
+    if np.any(gaps <= 1e-3):
+        raise InputError(f"the transform of volume '{volume_node.GetName()}' folds its slices over each other: "
+                         "remove or harden it (Data module) and apply again")
+    if gaps.max() - gaps.min() <= max(0.01, 0.05 * float(np.median(gaps))):
+        return None
+    return tuple(float(v) for v in offsets)
+
+
 def check_ct_volume(volume_node) -> None:
     """Refuse inputs the engine cannot analyse, with a one-line reason."""
     if volume_node is None:
@@ -71,9 +119,22 @@ def scan_from_volume_node(volume_node):
     analysis can run in a background thread while the user keeps working with the node: edits to
     the node after Apply do not leak into the running analysis.
     """
-    from ZeroShotILDLib.scan import scan_from_array
+    from ZeroShotILDLib.scan import axial_axis_order, scan_from_array
 
     check_ct_volume(volume_node)
     spacing, origin, direction = volume_geometry(volume_node)
-    return scan_from_array(slicer.util.arrayFromVolume(volume_node), spacing, origin, direction,
-                           source=volume_node.GetName())
+    name = volume_node.GetName()
+    if axial_axis_order(direction, f"volume '{name}'") != (0, 1, 2):
+        # Results go back onto this node's voxel grid, so the module cannot reorder its axes itself.
+        raise InputError(f"volume '{name}' is stored as sagittal or coronal slices: reorient it to axial "
+                         "(Orient Scalar Volume module, orientation Axial) and select that volume")
+    scan = scan_from_array(slicer.util.arrayFromVolume(volume_node), spacing, origin, direction, source=name)
+    positions = acquisition_slice_positions(volume_node)
+    if positions is not None:
+        gaps = np.diff(positions)
+        scan.slice_positions_mm = positions
+        scan.notes.append(f"slices are unevenly spaced ({gaps.min():.2f} to {gaps.max():.2f} mm apart, placed by "
+                          f"Slicer's acquisition transform '{volume_node.GetParentTransformNode().GetName()}'): "
+                          "each slice is analysed at its true position and the lung volume counts each slice as a "
+                          "slab reaching halfway to its neighbours; result nodes sit under the same transform")
+    return scan
