@@ -80,7 +80,8 @@ the scan again.</p>
 clinical decisions. Zero-shot scores are uncalibrated (CheXzero-style probabilities often sit near
 0.5: compare patches with each other, not with a fixed cut-off); chest radiograph models see CT
 patches out of their training domain; models marked "random" have random weights and their scores
-are meaningless.</p>
+are meaningless, and "phantom-demo" is meaningful on synthetic phantoms only: the panel, the tables
+and the saved notes then carry a warning.</p>
 <p><b>How to cite.</b> If you use this module, cite the method papers: C. Van Uden, C. Bluethgen,
 et al., "Exploring the Versatility of Zero-Shot CLIP for Interstitial Lung Disease
 Classification"; J. Jang, D. Kyung, et al., "Significantly Improving Zero-Shot X-ray Pathology
@@ -468,10 +469,12 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # model. qMRMLTableModel's row mapping (mrmlTableRowIndex) is a plain C++ method that Slicer
         # does not wrap for Python; the proxy model's index() and data() are Qt API and always are.
         view = self.ui.patchTableView
-        index = view.currentIndex()
+        selection = view.selectionModel()
+        selected = selection.selectedIndexes() if selection is not None else []
+        index = selected[0] if selected else view.currentIndex()
         if not index.isValid():
             return
-        model = view.model()
+        model = view.model()  # the view's sort proxy: its rows are the rows the user sees
         columns = range(model.columnCount())
         headers = [model.headerData(c, qt.Qt.Horizontal) for c in columns]
         if "rank" not in headers:
