@@ -67,6 +67,18 @@ def _satisfies(version: str, specifier: str) -> bool:
     return Version(version) in SpecifierSet(specifier)
 
 
+def _valid_version(version: str) -> bool:
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        return True
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
 def split_requirement(requirement: str) -> tuple[str, str]:
     """("open_clip_torch", ">=3.0") from "open_clip_torch>=3.0"."""
     match = _NAME.match(requirement.split(";", 1)[0])
@@ -108,7 +120,8 @@ def constraints_text(installed: Optional[dict] = None, installing: Iterable[str]
     skip = {canonical_name(split_requirement(r)[0]) for r in installing} - {canonical_name(n) for n in PROTECTED}
     lines = ["# Written by ZeroShotILD: keep the packages of Slicer's Python as they are."]
     for name in sorted(installed, key=canonical_name):
-        if canonical_name(name) not in skip:
+        # pip refuses the whole file for one version it cannot parse (old egg-info installs).
+        if canonical_name(name) not in skip and _valid_version(installed[name]):
             lines.append(f"{name}=={installed[name]}")
     return "\n".join(lines) + "\n"
 
