@@ -128,3 +128,44 @@ def test_pip_runs_with_every_installed_package_pinned_but_the_one_it_installs(mo
     # open_clip_torch is installed here too, but it is what pip was asked to upgrade: not pinned.
     assert dependencies.installed_version("open_clip_torch") is not None
     assert "open_clip_torch==" not in constraints.replace("open-clip-torch", "open_clip_torch")
+
+
+def test_an_ensemble_chosen_in_the_panel_runs_and_survives_the_parameter_node(module, small_phantom, tmp_path):
+    import json
+
+    import torch
+
+    from ZeroShotILDLib import models
+
+    entries = []
+    for i in range(2):
+        member = models.load_model("tiny-random", device="cpu")
+        generator = torch.Generator().manual_seed(7 + i)
+        with torch.no_grad():
+            for p in member.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        path = models.save_checkpoint(tmp_path / f"step{i}.safetensors", member.model, member.spec)
+        entries.append({"path": path.name, "val_loss": 1.0 + i, "step": 10 * (i + 1)})
+    ensemble = tmp_path / "ensemble.json"
+    ensemble.write_text(json.dumps({"format": "zeroshot-ild-ensemble/1", "checkpoints": entries}), encoding="utf-8")
+
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                           small_phantom.direction, "Phantom CT")
+    logic = module.ZeroShotILDLogic()
+    # What the panel stores when the user picks "ensemble of checkpoints…" and the ensemble.json.
+    node = logic.getParameterNode().parameterNode
+    node.SetParameter("model", module.catalog.ENSEMBLE_MODEL)
+    node.SetParameter("checkpointPath", str(ensemble))
+    assert module.catalog.ENSEMBLE_MODEL in module.MODEL_CHOICES
+    settings = logic.settingsFromParameterNode()
+    assert settings.model == f"ensemble:{ensemble}"
+    tiny = {k: v for k, v in TINY.items() if k != "model"}
+    logic.process(volume, settings, prompts=["honeycombing"], **tiny)
+    result = logic.session.result
+    assert result.model_name == f"ensemble:{ensemble}"
+    assert any("ensemble of 2" in n for n in result.notes)
+    # Written back (e.g. after a re-prompt) it is still the ensemble, not "dapt:ensemble:...".
+    logic.settingsToParameterNode(logic.session.settings)
+    assert node.GetParameter("model") == module.catalog.ENSEMBLE_MODEL
+    assert logic.settingsFromParameterNode().model == f"ensemble:{ensemble}"
