@@ -35,7 +35,7 @@ CONNECTABLE = {
 #: Parameters that are plain strings in the node but shown in path widgets, connected in the widget code.
 HAND_CONNECTED = {"checkpointPath": "checkpointPathLineEdit", "weightsDir": "weightsDirLineEdit"}
 #: Wrapper fields that are not engine settings.
-MODULE_ONLY = {"inputVolume", "heatmapOpacity"}
+MODULE_ONLY = {"inputVolume", "heatmapOpacity", "heatmapRange"}
 
 
 def _module_tree() -> ast.Module:
@@ -144,7 +144,9 @@ def test_choices_are_the_engine_choices():
             assert getattr(settings, constant)
     assert catalog.CUSTOM_MODEL not in catalog.model_names()
     # The module builds MODEL_CHOICES from the model list plus the custom-checkpoint entry.
-    assert "MODEL_CHOICES = tuple(catalog.model_names()) + (catalog.CUSTOM_MODEL,)" in MODULE_FILE.read_text(encoding="utf-8")
+    assert ("MODEL_CHOICES = tuple(catalog.model_names()) + (catalog.CUSTOM_MODEL, catalog.ENSEMBLE_MODEL)"
+            in MODULE_FILE.read_text(encoding="utf-8"))
+    assert catalog.ENSEMBLE_MODEL not in catalog.model_names()
 
 
 def _calls_in(node: ast.AST) -> set:
@@ -193,7 +195,7 @@ def test_module_follows_the_scripted_module_template():
     assert "'CTChest'" in source and "'tiny-random'" in source and "images_encoded" in source
     # Help text: method, limits and citation; acknowledgement set.
     module_init = ast.unparse(_class(tree, "ZeroShotILD"))
-    for phrase in ("not a diagnostic device", "How to cite", "Chest Imaging", "acknowledgementText"):
+    for phrase in ("not a diagnostic device", "How to cite", "acknowledgementText", "DOCS_URL"):
         assert phrase in module_init
 
 
@@ -221,3 +223,163 @@ def test_every_mrml_widget_gets_the_scene():
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
                  and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     assert mrml_widgets and mrml_widgets <= receivers, f"no setMRMLScene connection for {sorted(mrml_widgets - receivers)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods Slicer's Python cannot call
+# ----------------------------------------------------------------------------------------------
+#: Qt/MRML widget methods that Slicer does not expose to Python (PythonQt wraps only slots,
+#: properties and Q_INVOKABLE methods; these are plain public C++ methods, so calling them raises
+#: AttributeError inside Slicer although they are in the C++ API docs). Checked against
+#: Libs/MRML/Widgets/qMRMLTableModel.h and qMRMLTableView.h of Slicer 5.6.2 and 5.8.1. Add a
+#: method here when Slicer turns out not to wrap it.
+UNEXPOSED_METHODS = {
+    "mrmlTableRowIndex": "qMRMLTableModel: plain public method",
+    "mrmlTableColumnIndex": "qMRMLTableModel: plain public method",
+    "removeSelectionFromMRML": "qMRMLTableModel: plain public method",
+    "updateModelFromMRML": "qMRMLTableModel: plain public method",
+    "updateMRMLFromModel": "qMRMLTableModel: plain public method",
+    "selectedMRMLTableColumnIndices": "qMRMLTableView: plain public method, not Q_INVOKABLE",
+}
+
+
+def _module_python_files() -> list:
+    return [MODULE_FILE, *sorted((MODULE_DIR / "ZeroShotILDMRML").glob("*.py"))]
+
+
+def _attribute_calls(tree: ast.AST) -> list:
+    """(method name, line) of every ``something.method(...)`` call and ``getattr(x, "method")``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute):
+                out.append((node.func.attr, node.lineno))
+            elif isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) >= 2 \
+                    and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                out.append((node.args[1].value, node.lineno))
+    return out
+
+
+def test_the_module_calls_no_method_slicer_does_not_expose():
+    files = _module_python_files()
+    assert len(files) >= 8
+    found = []
+    for path in files:
+        for name, line in _attribute_calls(ast.parse(path.read_text(encoding="utf-8"))):
+            if name in UNEXPOSED_METHODS:
+                found.append(f"{path.name}:{line} calls {name} ({UNEXPOSED_METHODS[name]})")
+    assert not found, "; ".join(found)
+
+
+def test_the_unexposed_method_scan_sees_a_call():
+    # The scan must catch the call the panel used to make (AttributeError in Slicer 5.6/5.8).
+    bad = "row = view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(index))"
+    assert [n for n, _ in _attribute_calls(ast.parse(bad)) if n in UNEXPOSED_METHODS] == ["mrmlTableRowIndex"]
+    assert [n for n, _ in _attribute_calls(ast.parse("getattr(model, 'mrmlTableColumnIndex')(i)"))
+            if n in UNEXPOSED_METHODS] == ["mrmlTableColumnIndex"]
+
+
+def test_patch_selection_reads_the_rank_from_the_views_model():
+    widget = _class(_module_tree(), "ZeroShotILDWidget")
+    method = next(f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name == "onPatchSelected")
+    calls = _calls_in(method)
+    assert {"currentIndex", "headerData", "rank_from_table_cells", "jumpToPatch"} <= calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter node wrapper: no "Unused annotations" warnings
+# ----------------------------------------------------------------------------------------------
+#: What slicer.parameterNodeWrapper (5.6, 5.8) consumes in an Annotated[...]: validators and
+#: Default. Anything else (e.g. guiConnectors.Decimals, SingleStep) is logged as
+#: "Unused annotations: [...]" at every Slicer start.
+WRAPPER_ANNOTATIONS = {"WithinRange", "Choice", "Minimum", "Maximum", "Exclude", "RangeBounds", "IsInstance",
+                       "NotNone", "IsNone", "Default"}
+
+
+def test_parameter_node_annotations_are_all_used_by_the_wrapper():
+    cls = _class(_module_tree(), "ZeroShotILDParameterNode")
+    annotated = 0
+    for stmt in cls.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.annotation, ast.Subscript) \
+                and ast.unparse(stmt.annotation.value) == "Annotated":
+            annotated += 1
+            extras = stmt.annotation.slice.elts[1:]
+            for extra in extras:
+                name = ast.unparse(extra.func if isinstance(extra, ast.Call) else extra)
+                assert name in WRAPPER_ANNOTATIONS, f"{stmt.target.id}: {name} would log 'Unused annotations'"
+    assert annotated >= 16
+
+
+def test_float_widgets_set_their_decimals_and_step_in_the_ui():
+    # Decimals and steps live in the .ui (the wrapper does not use annotations for them).
+    widgets = _ui_widgets()
+    fields = _wrapper_fields()
+    for name, (cls, props) in widgets.items():
+        parameter = props.get("SlicerParameterName")
+        if parameter and fields[parameter][0] == "float" and cls in ("QDoubleSpinBox", "ctkSliderWidget"):
+            assert "decimals" in props and "singleStep" in props, f"{name} ({parameter}) lacks decimals/singleStep"
+
+
+# ----------------------------------------------------------------------------------------------
+# Extensions Index readiness
+# ----------------------------------------------------------------------------------------------
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _readme_anchors() -> set:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    in_code, anchors = False, set()
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,6} ", line):
+            anchors.add(_github_anchor(line.lstrip("#")))
+    return anchors
+
+
+def test_homepage_and_help_link_point_at_a_real_readme_heading():
+    assert _github_anchor("Installing the module in 3D Slicer") == "installing-the-module-in-3d-slicer"
+    anchors = _readme_anchors()
+    extension = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', extension).group(1)
+    assert "#" in homepage and homepage.split("#", 1)[1] in anchors, homepage
+    docs = re.search(r'DOCS_URL = "([^"]+)"', MODULE_FILE.read_text(encoding="utf-8")).group(1)
+    assert docs == homepage
+    assert "<a href" in ast.unparse(_class(_module_tree(), "ZeroShotILD"))
+
+
+def test_license_file_matches_pyproject():
+    import tomllib
+
+    licence = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"]
+    licence = licence if isinstance(licence, str) else licence.get("text", "")
+    assert licence == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10000  # the full text, not a stub
+
+
+def test_extension_and_module_category_is_the_chest_imaging_platform():
+    # SlicerCIP and SlicerLungCTAnalyzer list themselves under "Chest Imaging Platform".
+    extension = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r'set\(EXTENSION_CATEGORY "Chest Imaging Platform"\)', extension)
+    assert 'translate("qSlicerAbstractCoreModule", "Chest Imaging Platform")' in MODULE_FILE.read_text(encoding="utf-8")
+
+
+def test_self_test_installs_and_downloads_nothing_unless_everything_is_there():
+    test = _class(_module_tree(), "ZeroShotILDTest")
+    methods = {f.name: f for f in test.body if isinstance(f, ast.FunctionDef)}
+    run = methods["runTest"]
+    # The analysis part runs only after analysisSkipReason() said it may.
+    body = [ast.unparse(stmt) for stmt in run.body]
+    skip_at = next(i for i, line in enumerate(body) if "analysisSkipReason" in line)
+    heavy_at = next(i for i, line in enumerate(body) if "test_ZeroShotILD_CTChest" in line)
+    assert skip_at < heavy_at and any("return" in line for line in body[skip_at:heavy_at])
+    reason = ast.unparse(methods["analysisSkipReason"])
+    for needed in ("SKIP_ANALYSIS_ENV", "'CI'", "missing_requirements", "torch_installed"):
+        assert needed in reason, needed
+    static = methods["test_ZeroShotILD_static"]
+    assert not _calls_in(static) & (INSTALLERS | {"downloadSample", "process", "startProcess"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,38 @@ def test_heatmap_display_is_a_coloured_thresholded_overlay_with_a_legend(analyse
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(mrml_results.OUTSIDE_THRESHOLD)
     legends = [nodes.heatmap.GetNthDisplayNode(i) for i in range(nodes.heatmap.GetNumberOfDisplayNodes())
                if nodes.heatmap.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode")]
-    assert len(legends) == 1 and legends[0].GetTitleText() == "P(honeycombing)"
+    assert len(legends) == 1 and legends[0].GetTitleText() == "P(honeycombing), own range"
+    legend = legends[0]
+    # The legend's labels are all different (Slicer writes NumberOfLabels values from lo to hi).
+    labels = [legend.GetLabelFormat() % v for v in np.linspace(lo, hi, legend.GetNumberOfLabels())]
+    assert len(set(labels)) == len(labels) == mrml_results.LEGEND_LABELS, labels
+
+    # The fixed 0-1 range, and back; the title says which one is shown.
+    try:
+        mrml_results.set_heatmap_range(nodes.heatmap, mrml_results.FIXED_RANGE)
+        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+        assert legend.GetTitleText() == "P(honeycombing), range 0-1" and legend.GetLabelFormat() == "%.2f"
+        with pytest.raises(ValueError, match="heatmap range"):
+            mrml_results.set_heatmap_range(nodes.heatmap, "absolute")
+    finally:
+        mrml_results.set_heatmap_range(nodes.heatmap, mrml_results.RELATIVE_RANGE)
+    assert display.GetWindowLevelMin() == pytest.approx(lo) and legend.GetTitleText().endswith("own range")
+
+
+def test_legend_labels_are_distinct_for_narrow_probability_ranges():
+    # chest_crop_b with tiny-random, exact, slice step 6 mm: P(honeycombing) spans 0.49832-0.51115, where
+    # "%.2f" over five labels read 0.50, 0.50, 0.50, 0.51, 0.51 (measured; phantom-demo: 0.49716-0.50161).
+    lo, hi = 0.49832, 0.51115
+    assert [f"{v:.2f}" for v in np.linspace(lo, hi, 5)] == ["0.50", "0.50", "0.50", "0.51", "0.51"]
+    fmt = mrml_results.legend_label_format(lo, hi)
+    assert fmt == "%.3f" and len({fmt % v for v in np.linspace(lo, hi, 5)}) == 5
+    assert mrml_results.legend_label_format(0.0, 1.0) == "%.2f"  # never fewer than two decimals
+    assert mrml_results.legend_label_format(0.5001, 0.5009) == "%.4f"
+    for lo, hi in [(0.5, 0.5), (0.49999, 0.50001), (0.1, 0.9)]:
+        a, b = mrml_results.display_range(np.array([lo, hi]))
+        fmt = mrml_results.legend_label_format(a, b)
+        assert len({fmt % v for v in np.linspace(a, b, 5)}) == 5, (lo, hi, fmt)
+    assert mrml_results.display_range(np.array([0.3, 0.4]), mrml_results.FIXED_RANGE) == (0.0, 1.0)
 
 
 def _csv_rows(path: Path) -> list:
@@ -249,6 +281,27 @@ def test_tables_and_chart_hold_the_engine_probabilities(analysed, cli_outputs):
     assert "random weights" in nodes.chart.GetTitle()  # tiny-random is flagged as meaningless
 
 
+def _ras_bounds(node) -> np.ndarray:
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    return np.array(bounds).reshape(3, 2)
+
+
+def test_montage_sits_beside_the_scan_not_at_the_origin(analysed):
+    _, volume, session, nodes = analysed
+    scan, montage = _ras_bounds(volume), _ras_bounds(nodes.montage)
+    size = session.result.montage.shape[0]
+    # Beside the scan, to the patient's right (lower R), the gap in between; 1 mm pixels.
+    assert montage[0, 1] == pytest.approx(scan[0, 0] - mrml_results.MONTAGE_GAP_MM, abs=1e-6)
+    assert montage[0, 1] - montage[0, 0] == pytest.approx(size, abs=1.01)
+    # Centred on the scan in A and on its middle axial plane, so it shows next to the CT.
+    assert montage[1].mean() == pytest.approx(scan[1].mean(), abs=1.0)
+    assert scan[2, 0] <= montage[2].mean() <= scan[2, 1]
+    assert not np.allclose(mrml_results.montage_ijk_to_ras(volume, (size, size))[:3, 3], 0.0)
+    # Still upright in an axial view: column index runs right-to-left, row index top-to-bottom.
+    np.testing.assert_allclose(_ijk_to_ras(nodes.montage)[:3, :3], np.diag([-1.0, -1.0, 1.0]))
+
+
 def test_montage_node_and_png(analysed, tmp_path):
     from PIL import Image
 
@@ -284,9 +337,29 @@ def test_show_result_sets_layers_views_and_jumps_to_the_best_patch(analysed):
         assert offset == pytest.approx(nodes.patch_rois[0].GetCenter()[2], abs=1e-6)
         mrml_results.set_heatmap_opacity(scene, nodes.heatmap, 0.8)
         assert composite.GetForegroundOpacity() == pytest.approx(0.8)
+        # Showing the result again (a new Apply or re-prompt) keeps the user's opacity and layout.
+        composite.SetForegroundOpacity(0.15)
+        layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+        mrml_results.show_result(nodes, volume, app_logic=headless.app_logic, opacity=0.4, switch_layout=False)
+        assert composite.GetForegroundOpacity() == pytest.approx(0.15)
+        assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView
+        # A view that did not show the heatmap yet gets the module's opacity.
+        composite.SetForegroundVolumeID(None)
+        mrml_results.show_result(nodes, volume, app_logic=headless.app_logic, opacity=0.4, switch_layout=False)
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
         # A click on a row of the panel's patch table jumps to that row's patch.
         rank = mrml_results.rank_in_patch_table(nodes.patch_table, 2)
         assert rank == 3 and mrml_results.rank_in_patch_table(nodes.patch_table, TOP_K) is None
+        # The panel reads the rank from the view's cells: column names are the view's headers, so
+        # view row k is table row k, whatever the table's column order.
+        assert nodes.patch_table.GetUseColumnTitleAsColumnHeader()
+        table = nodes.patch_table.GetTable()
+        headers = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+        cells = [table.GetValue(2, c).ToString() for c in range(table.GetNumberOfColumns())]
+        assert mrml_results.rank_from_table_cells(headers, cells) == 3
+        assert mrml_results.rank_from_table_cells(headers[::-1], cells[::-1]) == 3
+        assert mrml_results.rank_from_table_cells(["A", "B"], ["3", "4"]) is None
+        assert mrml_results.rank_from_table_cells(headers, headers) is None  # the names row of an untitled table
         mrml_results.jump_to_patch(nodes.patch_rois[rank - 1])
         offset = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[2, 3]
         assert offset == pytest.approx(nodes.patch_rois[2].GetCenter()[2], abs=1e-6)
@@ -321,6 +394,52 @@ def test_rendered_figure_shows_the_ct_heatmap_and_outlines(analysed, tmp_path):
     bare = dataclasses.replace(nodes, heatmap=None)
     path = render_slice_figure(bare, volume, tmp_path / "bare.png", app_logic=headless.app_logic, size_px=(256, 256))
     assert warm_pixels(np.asarray(Image.open(path).convert("RGB")).astype(int)) < warm / 20
+
+
+def test_phantom_source_and_model_warning_rules():
+    from ZeroShotILDLib.results import is_phantom_source, model_warning
+
+    for source in ("phantom(seed=3)", "Phantom CT", "/data/phantoms/scans/phantom_0001.nii.gz", "phantom_0001"):
+        assert is_phantom_source(source), source
+    for source in ("", "CTChest", "/data/real/ct/totalseg/chest_crop_b.nii.gz", "chest_crop_b", "lung phantom?"):
+        assert not is_phantom_source(source), source
+    assert "random weights" in model_warning("tiny-random", random_weights=True, trained_on="", source="phantom")
+    assert "phantoms only" in model_warning("phantom-demo", random_weights=False, trained_on="phantoms", source="CTChest")
+    assert model_warning("phantom-demo", random_weights=False, trained_on="phantoms", source="phantom(seed=1)") == ""
+    assert model_warning("chexzero", random_weights=False, trained_on="", source="CTChest") == ""
+    # The panel's warning before Apply follows the same rule, from the model list.
+    assert "phantoms only" in catalog.input_warning("phantom-demo", "chest_crop_b")
+    assert catalog.input_warning("phantom-demo", "Phantom CT") == ""
+    assert "random weights" in catalog.input_warning("tiny-random", "Phantom CT")
+    assert catalog.input_warning("chexzero", "chest_crop_b") == ""
+    assert "phantoms only" in catalog.describe_model("phantom-demo")
+
+
+def test_phantom_model_on_a_real_scan_is_flagged_in_panel_tables_and_notes(small_phantom):
+    headless = make_scene()
+    settings = tiny_settings(model="phantom-demo", top_k=3, slice_step_mm=20.0)
+    seen = {}
+    for name in ("chest_crop_b", "Phantom CT"):
+        volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                               small_phantom.direction, name)
+        session = AnalysisSession(volume, settings)
+        session.compute()
+        nodes = session.apply(app_logic=headless.app_logic)
+        seen[name] = (session.result, nodes)
+    result, nodes = seen["chest_crop_b"]
+    assert not result.model_meaningful and "trained on synthetic phantoms only" in result.model_warning
+    assert result.notes[-1] == result.model_warning
+    flag = "NOT MEANINGFUL: phantom-trained model on a real scan"
+    for node in (nodes.probabilities, nodes.patch_table, nodes.chart):
+        title = node.GetTitle() if node.IsA("vtkMRMLPlotChartNode") else node.GetName()
+        assert flag in title, title
+    # Saved with the scene: the table's notes start with the warning, and the warning has its own attribute.
+    assert nodes.probabilities.GetAttribute(mrml_results.NOTES_ATTRIBUTE).splitlines()[0] == result.model_warning
+    assert nodes.probabilities.GetAttribute(mrml_results.WARNING_ATTRIBUTE) == result.model_warning
+    result, nodes = seen["Phantom CT"]
+    assert result.model_meaningful and result.model_warning == ""
+    assert "NOT MEANINGFUL" not in nodes.chart.GetTitle() + nodes.probabilities.GetName() + nodes.patch_table.GetName()
+    assert nodes.probabilities.GetAttribute(mrml_results.WARNING_ATTRIBUTE) == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,6 +633,30 @@ def test_parameter_node_round_trip_through_a_saved_scene():
     assert parameters.read_settings(loaded[0]) == settings
 
 
+def test_ensemble_model_survives_the_parameter_node_and_a_saved_scene():
+    settings = AnalysisSettings(model="ensemble:/runs/a b/ensemble.json", prompts=["honeycombing"]).validate()
+    values = parameters.settings_to_values(settings, catalog.model_names())
+    # A choice the panel's model list offers, with the file in the file field (not "dapt:ensemble:...").
+    assert values["model"] == catalog.ENSEMBLE_MODEL and values["checkpointPath"] == "/runs/a b/ensemble.json"
+    headless = make_scene()
+    node = headless.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "ZeroShotILD")
+    parameters.write_settings(node, settings, catalog.model_names())
+    assert parameters.read_settings(node).model == "ensemble:/runs/a b/ensemble.json"
+    headless.scene.SetSaveToXMLString(1)
+    headless.scene.Commit()
+    reloaded = make_scene().scene
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(headless.scene.GetSceneXMLString())
+    reloaded.Import()
+    loaded = [reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+              for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))]
+    (loaded,) = [n for n in loaded if n.GetName() == "ZeroShotILD"]
+    assert loaded.GetParameter("model") == catalog.ENSEMBLE_MODEL
+    assert parameters.read_settings(loaded) == settings
+    with pytest.raises(InputError, match="ensemble.json"):
+        parameters.values_to_settings({"model": catalog.ENSEMBLE_MODEL, "checkpointPath": ""})
+
+
 def test_custom_checkpoint_and_defaults_mapping():
     node = make_scene().scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
     parameters.ensure_defaults(node)
@@ -560,19 +703,74 @@ def test_slicer_model_list_is_the_engine_model_list(monkeypatch, tmp_path):
 
 def test_requirements_and_constraints():
     reqs = catalog.requirements()
-    names = [dependencies.split_requirement(r)[0].lower() for r in reqs]
-    assert "open_clip_torch" in names and "scikit-image" in names
-    assert not set(names) & {"torch", "torchvision", "numpy", "simpleitk"}  # never installed by pip here
-    installed = {"open_clip_torch": "2.20.0", "scikit-image": "0.24.0", "edt": "3.1.2", "safetensors": "0.4.5"}
+    names = [dependencies.canonical_name(dependencies.split_requirement(r)[0]) for r in reqs]
+    assert "open-clip-torch" in names
+    protected = {dependencies.canonical_name(n) for n in dependencies.PROTECTED}
+    assert {"torch", "torchvision", "numpy", "scipy", "simpleitk", "vtk"} <= protected
+    assert not set(names) & protected  # never installed by pip here
+    installed = {name: "999" for name in names}
+    installed["open-clip-torch"] = "2.20.0"
     missing = dependencies.missing_requirements(reqs, version_of=installed.get)
-    assert missing == [r for r in reqs if r.startswith(("open_clip_torch", "pillow"))]
+    assert missing == [r for r in reqs if r.lower().startswith(("open_clip_torch", "open-clip-torch"))]
     assert dependencies.missing_requirements(reqs) == []  # this environment has everything
-    versions = {"torch": "2.5.1+cu124", "numpy": "1.26.4", "SimpleITK": "2.4.0"}
-    text = dependencies.constraints_text(version_of=versions.get)
-    assert "torch==2.5.1+cu124" in text and "numpy==1.26.4" in text and "SimpleITK==2.4.0" in text
-    assert "torchvision" not in text
     args = dependencies.pip_arguments(["open_clip_torch>=3.0"], "/tmp/with space/c.txt")
     assert args == ["open_clip_torch>=3.0", "-c", "/tmp/with space/c.txt"]
+
+
+def test_constraints_pin_everything_installed_except_what_is_being_installed(tmp_path):
+    slicer_python = {"torch": "2.5.1+cu124", "numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.4.0",
+                     "vtk": "9.4.2", "torchvision": "0.20.1+cu124", "pydicom": "2.4.4", "open_clip_torch": "2.20.0",
+                     "timm": "1.0.9"}
+    text = dependencies.constraints_text(installed=slicer_python, installing=["open_clip_torch>=3.0", "pillow>=10"])
+    pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
+    assert pins == {k: v for k, v in slicer_python.items() if k != "open_clip_torch"}
+    # A version pip cannot parse would make it refuse the whole file: left out.
+    assert "legacy" not in dependencies.constraints_text(installed={"legacy": "1.0-2014-local", "numpy": "1.26.4"})
+    # A protected package stays pinned even if a requirement names it.
+    text = dependencies.constraints_text(installed=slicer_python, installing=["numpy>=2"])
+    assert "numpy==1.26.4" in text
+    # By default the pins are what this Python really has installed (importlib.metadata).
+    real = dependencies.constraints_text()
+    for name in ("numpy", "scipy", "vtk", "torch"):
+        version = dependencies.installed_version(name)
+        assert version and f"=={version}" in real and re.search(rf"^{name}=={re.escape(version)}$", real, re.M | re.I)
+    path = dependencies.write_constraints(tmp_path, installed=slicer_python)
+    assert path.read_text(encoding="utf-8").count("==") == len(slicer_python)
+
+
+def test_old_torch_is_explained_before_pip_runs():
+    with pytest.raises(InputError, match=r"PyTorch 1\.13\.1 is older .*torch>=2\.1.*PyTorch Util"):
+        dependencies.check_torch(version_of={"torch": "1.13.1"}.get)
+    dependencies.check_torch(version_of={"torch": "2.5.1+cu124"}.get)
+    dependencies.check_torch(version_of={}.get)  # not installed: the PyTorch extension installs it
+
+
+def test_model_list_is_read_once_not_on_every_keystroke(monkeypatch, tmp_path):
+    reads = []
+    real = catalog.json.loads
+
+    def counting(text, *args, **kwargs):
+        reads.append(1)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(catalog.json, "loads", counting)
+    catalog._parse_models.cache_clear()
+    for _ in range(50):  # what 50 parameter-node changes ask for
+        catalog.describe_model("chexzero")
+        catalog.model_names()
+        catalog.input_warning("phantom-demo", "CT")
+    assert len(reads) == 1
+    # An edited file is read again.
+    copy = tmp_path / "models.json"
+    copy.write_text((REPO / "Resources" / "models.json").read_text(encoding="utf-8"), encoding="utf-8")
+    assert catalog.model_names(copy) == catalog.model_names()
+    data = json.loads(copy.read_text(encoding="utf-8"))
+    data["models"] = data["models"][:2]
+    copy.write_text(json.dumps(data), encoding="utf-8")
+    assert len(catalog.model_names(copy)) == 2
+    records = catalog.load_models()
+    records[0]["name"] = "edited"  # callers get copies: the cache cannot be changed from outside
+    assert catalog.load_models()[0]["name"] != "edited"
 
 
 def test_module_support_code_imports_without_torch_or_qt():

@@ -49,6 +49,8 @@ class ModelSpec:
     licence: str = ""
     sha256: Optional[str] = None
     how_to_obtain: str = ""
+    #: "phantoms" for models that never saw a real CT: their scores on a real scan are meaningless.
+    trained_on: str = ""
     model_cfg: Optional[dict] = field(default=None, compare=False, hash=False)
 
     @property

@@ -24,7 +24,7 @@ from .montage import build_montage
 from .patches import candidates_for, iter_patch_batches, patch_pixels, require_candidates, slice_step_voxels
 from .progress import CancelToken, ProgressCallback, resolve
 from .ranking import rank_patches
-from .results import AnalysisResult, PatchSet
+from .results import AnalysisResult, PatchSet, model_warning
 from .scan import Scan, read_scan
 from .scoring import TextEncoder, prompt_probabilities, softmax_probability
 from .settings import AnalysisSettings
@@ -335,11 +335,14 @@ class Analyzer:
         values = classify_montage(feats, self.text, pairs)
         findings = dict(zip(s.prompts, values[:len(s.prompts)]))
         subtypes = dict(zip(s.subtypes, values[len(s.prompts):]))
-        if not self.model.spec.meaningful:
-            notes.append(f"model '{self.model.spec.name}' has random weights: its scores are meaningless")
+        spec = self.model.spec
+        warning = model_warning(spec.name, random_weights=not spec.meaningful, trained_on=spec.trained_on,
+                                source=st.scan.source)
+        if warning:
+            notes.append(warning)
         self.progress("done", 1, 1)
         return AnalysisResult(
-            settings=s, model_name=self.model.spec.name, model_meaningful=self.model.spec.meaningful,
+            settings=s, model_name=spec.name, model_meaningful=not warning, model_warning=warning,
             source=st.scan.source, shape_zyx=tuple(st.scan.hu.shape), spacing_mm=tuple(st.scan.spacing_mm),
             lung_mask=st.lung_mask, lung_volume_ml=st.lung_volume_ml, patches=st.patches, patch_probabilities=probs,
             ranked=ranked, montage_indices=montage_idx, montage=montage, finding_probabilities=findings,

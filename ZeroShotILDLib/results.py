@@ -38,7 +38,8 @@ class PatchSet:
 class AnalysisResult:
     settings: AnalysisSettings
     model_name: str
-    #: False for random-weight models: scores are then meaningless and every output says so.
+    #: False when the model's scores say nothing about this scan (random weights; a phantom-trained
+    #: model on a real scan): every output then says so, with ``model_warning`` as the reason.
     model_meaningful: bool
     source: str
     shape_zyx: tuple
@@ -56,7 +57,34 @@ class AnalysisResult:
     timings_s: dict = field(default_factory=dict)
     #: How many candidates were encoded at full resolution (== len(patches) in exact mode).
     encoded_exactly: Optional[int] = None
+    #: One line saying why the scores are not meaningful ("" when they are); see :func:`model_warning`.
+    model_warning: str = ""
 
     @property
     def primary_prompt(self) -> str:
         return self.settings.prompts[0]
+
+
+#: How a scan made by ``ZeroShotILDLib.phantom`` names itself (``Scan.source``, a volume node's name, the
+#: ``phantom_0001.nii.gz`` files of a phantom data set): everything else counts as a real scan.
+PHANTOM_SOURCE_PREFIX = "phantom"
+
+
+def is_phantom_source(source: str) -> bool:
+    """True when ``source`` (a scan's source string or file path) names a synthetic phantom."""
+    name = str(source or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.strip().lower().startswith(PHANTOM_SOURCE_PREFIX)
+
+
+def model_warning(model_name: str, *, random_weights: bool, trained_on: str, source: str) -> str:
+    """Why ``model_name``'s scores say nothing about the scan ``source``, or "" when they can.
+
+    ``trained_on`` is the model list's field of that name: "phantoms" for models that never saw a
+    real CT (the demo model), "" otherwise.
+    """
+    if random_weights:
+        return f"model '{model_name}' has random weights: its scores are meaningless"
+    if trained_on == "phantoms" and not is_phantom_source(source):
+        return (f"model '{model_name}' was trained on synthetic phantoms only: its scores on a real scan are "
+                "meaningless (choose a CT or chest X-ray model)")
+    return ""

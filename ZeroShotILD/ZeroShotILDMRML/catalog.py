@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 #: The "model" choice that means "the checkpoint file given in checkpointPath".
 CUSTOM_MODEL = "custom checkpoint…"
+#: The "model" choice that means "the ensemble.json given in checkpointPath" (engine: ensemble:<file>).
+ENSEMBLE_MODEL = "ensemble of checkpoints…"
 WEIGHTS_ENV = "ZEROSHOT_ILD_WEIGHTS"
 
 _HERE = Path(__file__).resolve().parent
@@ -34,9 +37,19 @@ def resource_path(name: str) -> Path:
 
 
 def load_models(path: Optional[os.PathLike] = None) -> list[dict]:
-    """The model records (name, description, architecture, source, licence, sha256, how_to_obtain)."""
-    data = json.loads(Path(path or resource_path("models.json")).read_text(encoding="utf-8"))
-    return list(data["models"])
+    """The model records (name, description, architecture, source, licence, sha256, how_to_obtain).
+
+    The panel asks for them on every parameter change (each keystroke in a text field), so the file
+    is parsed once and read again only when it changes on disk.
+    """
+    file = Path(path or resource_path("models.json")).resolve()
+    stat = file.stat()
+    return [dict(m) for m in _parse_models(str(file), stat.st_mtime_ns, stat.st_size)]
+
+
+@lru_cache(maxsize=4)
+def _parse_models(path: str, mtime_ns: int, size: int) -> tuple:
+    return tuple(json.loads(Path(path).read_text(encoding="utf-8"))["models"])
 
 
 def model_names(path: Optional[os.PathLike] = None) -> list[str]:
@@ -68,6 +81,9 @@ def describe_model(name: str, weights_dir: Optional[str] = None) -> str:
     if name == CUSTOM_MODEL:
         return ("A checkpoint written by training/ (DAPT, .safetensors with ZeroShotILD metadata). "
                 "Pick the file below.")
+    if name == ENSEMBLE_MODEL:
+        return ("The best checkpoints of a training run (its ensemble.json): patches from the best one, "
+                "finding and subtype probabilities averaged over all. Pick the ensemble.json below.")
     record = model_record(name)
     if record is None:
         return f"'{name}' is not in the model list."
@@ -77,9 +93,26 @@ def describe_model(name: str, weights_dir: Optional[str] = None) -> str:
         lines.append(f"Licence: {record['licence']}.")
     if record.get("source") == "random":
         lines.append("Random weights: for testing only, its scores are meaningless.")
+    elif record.get("trained_on") == "phantoms":
+        lines.append("Trained on synthetic phantoms only: its scores on a real scan are meaningless.")
     elif record.get("how_to_obtain"):
         lines.append("Weights: " + record["how_to_obtain"].format(weights_dir=folder))
     return "\n".join(line for line in lines if line)
+
+
+def input_warning(name: str, volume_name: str) -> str:
+    """The engine's one-line warning for ``name`` on the volume called ``volume_name`` ("" if none).
+
+    Shown in the panel before Apply; the same rule (``ZeroShotILDLib.results.model_warning``) marks
+    the result, its tables and its saved notes after the run.
+    """
+    from ZeroShotILDLib.results import model_warning
+
+    record = model_record(name)
+    if record is None:
+        return ""
+    return model_warning(name, random_weights=record.get("source") == "random",
+                         trained_on=record.get("trained_on", ""), source=volume_name)
 
 
 def requirements(path: Optional[os.PathLike] = None) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .mrml_results import OUTLINE_COLOR, ResultNodes
+from .mrml_results import OUTLINE_COLOR, ResultNodes, _legend_node
 
 _LAYOUT_NAME = "ZeroShotILDFigure"
 
@@ -156,7 +156,7 @@ def _render_png(rgba: np.ndarray, outlines, nodes: ResultNodes, title: str, path
     from vtk.util.numpy_support import numpy_to_vtk
 
     height, width = rgba.shape[:2]
-    legend_w, title_h = 110, 34
+    legend_w, title_h = 150, 34
     image = vtk.vtkImageData()
     image.SetDimensions(width, height, 1)
     image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(rgba[..., :3]).reshape(-1, 3), deep=True,
@@ -203,10 +203,12 @@ def _render_png(rgba: np.ndarray, outlines, nodes: ResultNodes, title: str, path
     if nodes.heatmap is not None:
         bar = vtk.vtkScalarBarActor()
         bar.SetLookupTable(_lookup_table(nodes.heatmap))
-        bar.SetTitle("P")
-        # Zero-shot probabilities often span a few hundredths: three decimals keep the labels distinct.
-        bar.SetLabelFormat("%.3f")
-        bar.SetNumberOfLabels(5)
+        # Title, label format and label count of the heatmap's own colour legend: what Slicer shows.
+        legend = _legend_node(nodes.heatmap)
+        title_text = legend.GetTitleText() if legend is not None else "P"
+        bar.SetTitle(title_text.replace(", ", "\n", 1))
+        bar.SetLabelFormat(legend.GetLabelFormat() if legend is not None else "%.2f")
+        bar.SetNumberOfLabels(legend.GetNumberOfLabels() if legend is not None else 5)
         bar.UnconstrainedFontSizeOn()
         bar.SetMaximumWidthInPixels(legend_w - 20)
         bar.GetPositionCoordinate().SetCoordinateSystemToDisplay()
@@ -267,6 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="honeycombing")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--heatmap-range", default=None, help="relative (default, the module's default) or 'fixed 0-1'")
     args = parser.parse_args(argv)
 
     phantom = generate_phantom(args.seed, subtype="idiopathic pulmonary fibrosis")
@@ -285,8 +288,16 @@ def main(argv=None) -> int:
         session = AnalysisSession(volume, AnalysisSettings(**{**settings.to_dict(), "model": "tiny-random", "lung": settings.lung}))
         session.compute()
     nodes = session.apply(app_logic=app)
+    if args.heatmap_range:
+        from .mrml_results import set_heatmap_range
+
+        set_heatmap_range(nodes.heatmap, args.heatmap_range)
     result = session.result
     caption = f"ZeroShotILD in a Slicer scene: P({args.prompt}) heatmap, lungs and top-{args.top_k} patches ({result.model_name})"
+    if result.model_warning:
+        from .mrml_results import short_warning
+
+        caption += f" - {short_warning(result.model_warning)}"
     out = render_slice_figure(nodes, volume, args.out, app_logic=app, title=caption)
     print(f"wrote {out}")
     return 0

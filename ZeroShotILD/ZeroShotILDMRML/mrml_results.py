@@ -5,10 +5,11 @@ Outputs of one input volume live in one subject-hierarchy folder, a child of the
 - segmentation "Lungs" (one segment, reference geometry = the input);
 - the heatmap: a scalar volume with the input's geometry holding the first prompt's patch
   probability in each patch box (0 elsewhere, thresholded away so only patches are coloured), with
-  a colour table, a colour legend and the display range set to the probabilities' range;
+  a colour table and a colour legend; the colour range is either the probabilities' own range
+  ("relative", the default) or the fixed 0-1 range, and the legend's title says which;
 - one locked ROI markup per top-ranked patch, the box outline on its own slice, named
   "#rank probability" (three decimals: zero-shot scores often differ only there);
-- the montage as a one-slice scalar volume (the image the model classified);
+- the montage as a one-slice scalar volume (the image the model classified), placed beside the scan;
 - a table of finding and subtype probabilities with a bar chart, and a table of the top patches
   with the same columns as the command line's ``patches.csv``.
 
@@ -34,6 +35,11 @@ FOLDER_ATTRIBUTE = "ZeroShotILD.Results"
 NOTES_ATTRIBUTE = "ZeroShotILD.Notes"
 PROMPT_ATTRIBUTE = "ZeroShotILD.Prompt"
 RANK_ATTRIBUTE = "ZeroShotILD.Rank"
+#: On the heatmap: "lo hi" of the primary prompt's probabilities, and the colour range mode shown.
+PROBABILITY_RANGE_ATTRIBUTE = "ZeroShotILD.ProbabilityRange"
+RANGE_MODE_ATTRIBUTE = "ZeroShotILD.RangeMode"
+#: On the probability table: why the scores are not meaningful ("" when they are).
+WARNING_ATTRIBUTE = "ZeroShotILD.ModelWarning"
 FOLDER_NAME = "ZeroShotILD results"
 COLOR_NODE_NAME = "ZeroShotILD heatmap"
 LUNGS_NAME = "Lungs"
@@ -52,6 +58,14 @@ LUNG_COLOR = (0.55, 0.75, 1.0)
 OUTLINE_COLOR = (0.0, 1.0, 1.0)
 #: Heatmap voxels at or below this are outside every patch and drawn transparent.
 OUTSIDE_THRESHOLD = 1e-6
+#: Colour range of the heatmap: the probabilities' own min-max, or the fixed 0-1.
+RELATIVE_RANGE = "relative"
+FIXED_RANGE = "fixed 0-1"
+RANGE_MODES = (RELATIVE_RANGE, FIXED_RANGE)
+#: Labels on the colour legend (Slicer's default for a colour legend is 5 too).
+LEGEND_LABELS = 5
+#: Gap between the scan and the montage placed beside it, in mm.
+MONTAGE_GAP_MM = 20.0
 
 
 @dataclass
@@ -254,19 +268,47 @@ def heatmap_array(result) -> np.ndarray:
     return paint_heatmap(result.patches, probs, tuple(result.shape_zyx), slab_voxels=slab)
 
 
-def display_range(probabilities: np.ndarray) -> tuple[float, float]:
-    """Colour range of the heatmap: the probabilities' own range.
-
-    CheXzero-style scores often sit in a narrow band around 0.5; a fixed 0..1 range would paint
-    every patch the same colour, so the legend shows the actual range instead.
-    """
+def probability_range(probabilities: np.ndarray) -> tuple[float, float]:
+    """The probabilities' own min and max (0, 1 when there are none)."""
     p = np.asarray(probabilities, dtype=np.float64)
     if p.size == 0:
         return 0.0, 1.0
-    lo, hi = float(p.min()), float(p.max())
+    return float(p.min()), float(p.max())
+
+
+def display_range(probabilities, mode: str = RELATIVE_RANGE) -> tuple[float, float]:
+    """Colour range of the heatmap for ``mode``.
+
+    "relative" (default): the probabilities' own range. CheXzero-style scores often sit in a narrow
+    band around 0.5; a fixed 0..1 range then paints every patch the same colour. "fixed 0-1" keeps
+    colours comparable between prompts and scans. ``probabilities`` may be an array or (lo, hi).
+    """
+    if mode == FIXED_RANGE:
+        return 0.0, 1.0
+    if mode != RELATIVE_RANGE:
+        raise ValueError(f"unknown heatmap range {mode!r}: use one of {', '.join(RANGE_MODES)}")
+    lo, hi = probability_range(probabilities)
     if hi - lo < 1e-3:
-        lo, hi = max(0.0, lo - 0.005), min(1.0, hi + 0.005)
+        lo, hi = max(0.0, lo - 0.0005), min(1.0, hi + 0.0005)
     return lo, hi
+
+
+def legend_label_format(lo: float, hi: float, labels: int = LEGEND_LABELS) -> str:
+    """A printf format whose ``labels`` evenly spaced values from lo to hi all read differently.
+
+    At least two decimals (probabilities); more when the range is narrow, e.g. 0.497-0.512 needs four.
+    """
+    values = np.linspace(lo, hi, max(2, int(labels)))
+    for decimals in range(2, 9):
+        texts = [f"{v:.{decimals}f}" for v in values]
+        if len(set(texts)) == len(texts):
+            return f"%.{decimals}f"
+    return "%.3g"
+
+
+def legend_title(prompt: str, mode: str) -> str:
+    """The legend's title: the prompt and which colour range is shown."""
+    return f"P({prompt}), {'own range' if mode == RELATIVE_RANGE else 'range 0-1'}"
 
 
 def _write_heatmap(builder: _Builder, result, app_logic):
@@ -281,16 +323,43 @@ def _write_heatmap(builder: _Builder, result, app_logic):
         heat.CreateDefaultDisplayNodes()
     display = heat.GetDisplayNode()
     display.SetAndObserveColorNodeID(heatmap_color_node(builder.scene).GetID())
-    lo, hi = display_range(result.patch_probabilities[prompt])
-    display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(lo, hi)
     display.AutoThresholdOff()
     display.SetThreshold(OUTSIDE_THRESHOLD, 1.0e6)
     display.ApplyThresholdOn()
     # Nearest-neighbour display keeps the patch boxes' edges where they are.
     display.SetInterpolate(0)
-    _color_legend(heat, f"P({prompt})", app_logic)
+    lo, hi = probability_range(result.patch_probabilities[prompt])
+    heat.SetAttribute(PROBABILITY_RANGE_ATTRIBUTE, f"{lo!r} {hi!r}")
+    _color_legend(heat, prompt, app_logic)
+    # A re-prompt or a new run keeps the range mode the user chose for this heatmap.
+    set_heatmap_range(heat, heat.GetAttribute(RANGE_MODE_ATTRIBUTE) or RELATIVE_RANGE)
     return heat
+
+
+def _legend_node(volume):
+    for i in range(volume.GetNumberOfDisplayNodes()):
+        node = volume.GetNthDisplayNode(i)
+        if node is not None and node.IsA("vtkMRMLColorLegendDisplayNode"):
+            return node
+    return None
+
+
+def set_heatmap_range(heatmap, mode: str) -> None:
+    """Show ``heatmap`` over the colour range ``mode`` (``RANGE_MODES``): window, legend labels and title."""
+    if heatmap is None or heatmap.GetDisplayNode() is None:
+        return
+    text = heatmap.GetAttribute(PROBABILITY_RANGE_ATTRIBUTE)
+    own = tuple(float(v) for v in text.split()) if text else (0.0, 1.0)
+    lo, hi = display_range(own, mode)
+    heatmap.SetAttribute(RANGE_MODE_ATTRIBUTE, mode)
+    display = heatmap.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lo, hi)
+    legend = _legend_node(heatmap)
+    if legend is not None:
+        legend.SetTitleText(legend_title(heatmap.GetAttribute(PROMPT_ATTRIBUTE) or "", mode))
+        legend.SetNumberOfLabels(LEGEND_LABELS)
+        legend.SetLabelFormat(legend_label_format(lo, hi, LEGEND_LABELS))
 
 
 def heatmap_color_node(scene):
@@ -314,23 +383,20 @@ def heatmap_color_node(scene):
     return table
 
 
-def _color_legend(volume, title: str, app_logic) -> None:
+def _color_legend(volume, prompt: str, app_logic) -> None:
+    """Make sure ``volume`` has a visible colour legend (its title and labels: :func:`set_heatmap_range`)."""
     colors = app_logic.GetModuleLogic("Colors") if app_logic is not None else None
     legend = None
     if colors is not None:
         legend = colors.GetColorLegendDisplayNode(volume) or colors.AddDefaultColorLegendDisplayNode(volume)
     else:
         # No colours logic (bare scene): build the legend the way the logic does.
-        for i in range(volume.GetNumberOfDisplayNodes()):
-            if volume.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode"):
-                legend = volume.GetNthDisplayNode(i)
+        legend = _legend_node(volume)
         if legend is None:
             legend = volume.GetScene().AddNewNodeByClass("vtkMRMLColorLegendDisplayNode")
             legend.SetAndObservePrimaryDisplayNode(volume.GetDisplayNode())
             volume.AddAndObserveDisplayNodeID(legend.GetID())
     if legend is not None:
-        legend.SetTitleText(title)
-        legend.SetLabelFormat("%.2f")
         legend.SetVisibility(True)
 
 
@@ -394,8 +460,9 @@ def _write_montage(builder: _Builder, result):
     montage = builder.node("vtkMRMLScalarVolumeNode", MONTAGE, f"{builder.input.GetName()} montage")
     image = np.ascontiguousarray(result.montage, dtype=np.uint8)
     slicer.util.updateVolumeFromArray(montage, image[np.newaxis])
-    # LPS-like axes (like a PNG loaded into Slicer) so the image is upright in an axial view.
-    set_ijk_to_ras(montage, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    # LPS-like axes (like a PNG loaded into Slicer) so the image is upright in an axial view, placed
+    # beside the scan (not at the RAS origin, where it would cover the patient).
+    set_ijk_to_ras(montage, montage_ijk_to_ras(builder.input, image.shape))
     if montage.GetDisplayNode() is None:
         montage.CreateDefaultDisplayNodes()
     display = montage.GetDisplayNode()
@@ -405,9 +472,32 @@ def _write_montage(builder: _Builder, result):
     return montage
 
 
+def montage_ijk_to_ras(input_volume, shape_yx) -> np.ndarray:
+    """IJK-to-RAS of the montage: 1 mm pixels, upright in an axial view, beside the scan.
+
+    Its left edge lies ``MONTAGE_GAP_MM`` to the patient's right of the scan's bounding box (lower
+    R), vertically centred on the scan, on the scan's middle axial plane.
+    """
+    m = ijk_to_ras(input_volume)
+    dims = input_volume.GetImageData().GetDimensions() if input_volume.GetImageData() is not None else (1, 1, 1)
+    # Outer voxel faces (not centres), as Slicer's RAS bounds.
+    faces = [(-0.5, d - 0.5) for d in dims]
+    corners = np.array([[i, j, k, 1.0] for i in faces[0] for j in faces[1] for k in faces[2]])
+    ras = corners @ m.T
+    lo, hi = ras[:, :3].min(axis=0), ras[:, :3].max(axis=0)
+    rows = int(shape_yx[0])
+    out = np.diag([-1.0, -1.0, 1.0, 1.0])
+    # Column i runs to lower R from the origin, row j to lower A; the origin is a pixel centre.
+    out[:3, 3] = (lo[0] - MONTAGE_GAP_MM - 0.5, (lo[1] + hi[1]) / 2.0 + (rows - 1) / 2.0, (lo[2] + hi[2]) / 2.0)
+    return out
+
+
 def _fill_table(table_node, columns: list) -> None:
     """Replace the table's contents with ``columns``: (name, "string"|"double"|"int", values)."""
     was = table_node.StartModify()
+    # Column names in the view's header, so that view row k is table row k (and the panel can read a
+    # row's "rank" cell by its header).
+    table_node.SetUseColumnTitleAsColumnHeader(True)
     table_node.RemoveAllColumns()
     for name, kind, values in columns:
         array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
@@ -429,9 +519,37 @@ def _write_probability_table(builder: _Builder, result):
         ("Label", "string", [r[1] for r in rows]),
         ("Probability", "double", [r[2] for r in rows]),
     ])
-    table.SetAttribute(NOTES_ATTRIBUTE, "\n".join(result.notes))
+    table.SetAttribute(NOTES_ATTRIBUTE, "\n".join(result_notes(result)))
     table.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
+    warning = result_warning(result)
+    table.SetAttribute(WARNING_ATTRIBUTE, warning)
+    if warning:
+        table.SetName(f"{builder.input.GetName()} probabilities ({short_warning(warning)})")
     return table
+
+
+def result_warning(result) -> str:
+    """The result's one-line model warning ("" when its scores are meaningful)."""
+    warning = getattr(result, "model_warning", "")
+    if not warning and not result.model_meaningful:
+        warning = f"model '{result.model_name}' is not meaningful for this scan"
+    return warning
+
+
+def short_warning(warning: str) -> str:
+    """A few words for titles: "NOT MEANINGFUL: random weights" / "...: phantom-trained model"."""
+    reason = "random weights" if "random weights" in warning else (
+        "phantom-trained model on a real scan" if "phantom" in warning else "model not meant for this scan")
+    return f"NOT MEANINGFUL: {reason}"
+
+
+def result_notes(result) -> list:
+    """The result's notes with the model warning first (saved with the scene on the probability table)."""
+    notes = list(result.notes)
+    warning = result_warning(result)
+    if warning:
+        notes = [warning] + [n for n in notes if n != warning]
+    return notes
 
 
 def _write_patch_table(builder: _Builder, result):
@@ -456,6 +574,9 @@ def _write_patch_table(builder: _Builder, result):
     for prompt, probs in result.patch_probabilities.items():
         columns.append((f"p[{prompt}]", "double", [probs[i] for i in ranked]))
     _fill_table(table, columns)
+    warning = result_warning(result)
+    if warning:
+        table.SetName(f"{builder.input.GetName()} top patches ({short_warning(warning)})")
     return table
 
 
@@ -472,8 +593,9 @@ def _write_chart(builder: _Builder, result, table):
         chart.RemoveAllPlotSeriesNodeIDs()
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
     title = f"P(finding) and P(subtype): {builder.input.GetName()}"
-    if not result.model_meaningful:
-        title += " (random weights: meaningless)"
+    warning = result_warning(result)
+    if warning:
+        title += f" ({short_warning(warning)})"
     chart.SetTitle(title)
     chart.SetXAxisTitle("finding / subtype (see table)")
     chart.SetYAxisTitle("probability")
@@ -512,13 +634,21 @@ def _vtk_matrix(array4: np.ndarray):
 # ----------------------------------------------------------------------------------------------
 def show_result(nodes: ResultNodes, input_volume, *, app_logic=None, opacity: float = 0.5,
                 switch_layout: bool = True, jump: bool = True) -> None:
-    """CT as background, heatmap as semi-transparent foreground, table and chart in their views."""
+    """CT as background, heatmap as semi-transparent foreground, table and chart in their views.
+
+    The opacity is set only in views where the heatmap was not shown yet: a view that already shows
+    it keeps the opacity the user gave it there. ``switch_layout`` changes the view layout (the
+    module does it on the first result only).
+    """
     scene = input_volume.GetScene()
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        heatmap_id = nodes.heatmap.GetID() if nodes.heatmap else None
+        already = heatmap_id is not None and composite.GetForegroundVolumeID() == heatmap_id
         composite.SetBackgroundVolumeID(input_volume.GetID())
-        composite.SetForegroundVolumeID(nodes.heatmap.GetID() if nodes.heatmap else None)
-        composite.SetForegroundOpacity(float(opacity))
+        composite.SetForegroundVolumeID(heatmap_id)
+        if not already:
+            composite.SetForegroundOpacity(float(opacity))
     if switch_layout:
         layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layout is not None:
@@ -542,6 +672,24 @@ def rank_in_patch_table(patch_table, row: int) -> Optional[int]:
     if not 0 <= int(row) < table.GetNumberOfRows():
         return None
     return int(table.GetValueByName(int(row), "rank").ToInt())
+
+
+def rank_from_table_cells(headers, cells) -> Optional[int]:
+    """The rank shown in one row of the panel's top-patches table, from its column headers and cell texts.
+
+    The panel reads these from the view's (sorted) model: Slicer does not wrap the table model's
+    row mapping for Python, and the row's own "rank" cell needs none.
+    """
+    headers = [str(h).strip() for h in headers]
+    if "rank" not in headers:
+        return None
+    k = headers.index("rank")
+    if k >= len(cells):
+        return None
+    try:
+        return int(float(str(cells[k]).strip()))
+    except ValueError:
+        return None
 
 
 def set_heatmap_opacity(scene, heatmap, opacity: float) -> None:

@@ -19,11 +19,13 @@ from typing import Mapping, Optional, Sequence
 from ZeroShotILDLib.errors import InputError
 from ZeroShotILDLib.settings import AnalysisSettings, LungMaskSettings
 
-from .catalog import CUSTOM_MODEL
+from .catalog import CUSTOM_MODEL, ENSEMBLE_MODEL
 
 PROMPT_SEPARATOR = ";"
 SUBTYPE_SEPARATOR = "\n"
 DAPT_PREFIX = "dapt:"
+#: ZeroShotILDLib.ensemble.PREFIX (not imported: that module needs torch).
+ENSEMBLE_PREFIX = "ensemble:"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ def settings_to_values(settings: AnalysisSettings, model_names: Sequence[str]) -
     model, checkpoint = settings.model, settings.checkpoint or ""
     if model.startswith(DAPT_PREFIX):
         model, checkpoint = CUSTOM_MODEL, model[len(DAPT_PREFIX):]
+    elif model.startswith(ENSEMBLE_PREFIX):
+        # The panel's model list cannot hold a path: the ensemble.json goes into the file field.
+        model, checkpoint = ENSEMBLE_MODEL, model[len(ENSEMBLE_PREFIX):]
     elif model not in model_names:
         # A bare checkpoint path: the engine loads it as one of our (DAPT) checkpoints.
         model, checkpoint = CUSTOM_MODEL, model
@@ -185,6 +190,10 @@ def values_to_settings(values: Mapping, *, validate: bool = True) -> AnalysisSet
         if not checkpoint:
             raise InputError(f"'{CUSTOM_MODEL}' needs a checkpoint file: pick a .safetensors file written by training/")
         model, checkpoint = DAPT_PREFIX + checkpoint, None
+    elif model == ENSEMBLE_MODEL:
+        if not checkpoint:
+            raise InputError(f"'{ENSEMBLE_MODEL}' needs an ensemble file: pick the ensemble.json of a training run")
+        model, checkpoint = ENSEMBLE_PREFIX + checkpoint, None
     prompts = split_prompts(v["prompts"])
     if not prompts:
         raise InputError("empty prompt: type a finding to search for, e.g. 'honeycombing'")
