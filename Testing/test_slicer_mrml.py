@@ -561,9 +561,9 @@ def test_slicer_model_list_is_the_engine_model_list(monkeypatch, tmp_path):
 def test_requirements_and_constraints():
     reqs = catalog.requirements()
     names = [dependencies.split_requirement(r)[0].lower() for r in reqs]
-    assert "open_clip_torch" in names and "scikit-image" in names
+    assert "open_clip_torch" in names and "scipy" in names
     assert not set(names) & {"torch", "torchvision", "numpy", "simpleitk"}  # never installed by pip here
-    installed = {"open_clip_torch": "2.20.0", "scikit-image": "0.24.0", "edt": "3.1.2", "safetensors": "0.4.5"}
+    installed = {"open_clip_torch": "2.20.0", "scipy": "1.13.1", "edt": "3.1.2", "safetensors": "0.4.5", "tqdm": "4.67.1"}
     missing = dependencies.missing_requirements(reqs, version_of=installed.get)
     assert missing == [r for r in reqs if r.startswith(("open_clip_torch", "pillow"))]
     assert dependencies.missing_requirements(reqs) == []  # this environment has everything

@@ -165,8 +165,13 @@ def _cmd_split(args) -> int:
     split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    # write_manifest picks CSV or JSONL by the suffix, so the temporary name keeps it.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial{out.suffix}")
+    try:
         write_manifest(split, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     for name, counts in sorted(split_counts(split).items(), key=lambda kv: str(kv[0])):
         print(f"{name}: {counts['scans']} scans, {counts['patients']} patients")
     print(f"written {out}")
