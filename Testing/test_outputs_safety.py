@@ -143,6 +143,35 @@ def test_output_name_taken_by_a_folder_is_refused(phantom_file, tmp_path, capsys
     assert code == 2 and _one_line_error(err) and (out / "result.json" / "keep.txt").is_file()
 
 
+def test_interrupted_move_leaves_each_file_old_or_new_and_the_manifest_covers_all(small_result, small_scan,
+                                                                                  tmp_path, monkeypatch):
+    import dataclasses
+
+    out = outputs.write_outputs(small_result, small_scan, tmp_path / "res")
+    old = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
+    moved = []
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        if str(src).startswith(str(out / outputs.STAGING_PREFIX)) and len(moved) == 3:
+            raise KeyboardInterrupt  # the user's Ctrl-C between two renames
+        real_replace(src, dst)
+        moved.append(os.path.basename(dst))
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+    other = dataclasses.replace(small_result, notes=["second run"])
+    with pytest.raises(KeyboardInterrupt):
+        outputs.write_outputs(other, small_scan, out)
+    monkeypatch.undo()
+    new_json = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    assert "second run" not in new_json["notes"]  # result.json moves last: still the old, complete one
+    for name in OUTPUT_FILES:
+        data = (out / name).read_bytes()
+        assert data == old[name] or name in moved[1:], name  # old, or the new one renamed in whole
+    assert set(json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]) >= set(OUTPUT_FILES)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != MANIFEST_NAME]
+
+
 # -------------------------------------------------------------------------------------------------
 # Batches with equal file names
 # -------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cac
         analyzer = make_analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
     scan = read_scan(scan_path) if not hasattr(scan_path, "hu") else scan_path
     mask = read_lung_mask(lung_mask_path, scan) if lung_mask_path else None
-    result = analyzer.analyze(scan, lung_mask=mask) if mask is not None else analyzer.analyze(scan)
+    result = analyzer.analyze(scan, lung_mask=mask)
     if mask is not None:
         result.notes.append(f"lung mask read from {Path(lung_mask_path).name}, not segmented")
     progress("writing outputs", 0, 1)
@@ -264,6 +264,9 @@ def _cmd_analyze(args, progress) -> int:
     if masks and len(masks) != len(args.inputs):
         raise InputError(f"{len(masks)} --lung-mask for {len(args.inputs)} scans: give one --lung-mask per scan, "
                          "in the same order, or none")
+    for mask in masks:
+        if not Path(mask).expanduser().is_file():
+            raise InputError(f"lung mask {mask} does not exist: give a NIfTI/NRRD/MHA file")
     targets = [out / name for name in output_names(args.inputs)] if many else [out]
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
