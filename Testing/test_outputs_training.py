@@ -57,3 +57,16 @@ def test_staged_output_keeps_other_files_cleans_dead_leftovers_and_follows_umask
     assert stat.S_IMODE((out / "scores.csv").stat().st_mode) == 0o644
     assert not dead.exists() and live.is_dir()
     assert not list(tmp_path.glob(f".eval.partial-{os.getpid()}"))
+
+
+def test_label_head_is_written_atomically_and_reads_back(tmp_path):
+    import torch
+
+    from training.dapt import LabelHead, load_label_head, save_label_head
+
+    head = LabelHead(8, ["ild", "normal"])
+    path = save_label_head(tmp_path / "x.labelhead.safetensors", head)
+    back = load_label_head(path)
+    assert back.class_names == ("ild", "normal")
+    assert torch.equal(back.projection.weight, head.projection.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.labelhead.safetensors"]  # no temporary file left
