@@ -1,11 +1,11 @@
 """End-to-end command line: outputs, schema, bad inputs (one line, non-zero exit, nothing left behind)."""
 import csv
-import json
 
 import numpy as np
 import pytest
 
 from conftest import shared_data
+from test_outputs_safety import validate_result
 from ZeroShotILDLib.cli import main
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "30", "--slice-step-mm", "5", "-q"]
@@ -34,7 +34,7 @@ def test_analyze_writes_every_output(phantom_file, tmp_path, capsys):
     assert code == 0, err
     for name in ("result.json", "patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png"):
         assert (out / name).is_file(), name
-    doc = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    doc = validate_result(out / "result.json")
     assert doc["schema"] == "zeroshot-ild-result/1"
     assert set(doc["probabilities"]) == {"interstitial lung disease", "honeycombing"}
     assert set(doc["subtype_probabilities"]) == {"idiopathic pulmonary fibrosis", "sarcoidosis"}
@@ -128,6 +128,64 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "demo" / "montage.png").is_file() and (tmp_path / "demo" / "overlay.png").is_file()
     assert "meaningless" in err
+    validate_result(tmp_path / "demo" / "result.json")
+
+
+def test_version(capsys):
+    from ZeroShotILDLib import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"zeroshot-ild {__version__}"
+
+
+def _mask_file(phantom_file, path, *, shift_origin=0.0, shape=None):
+    """The phantom's own lung mask, saved as a TotalSegmentator-like label file (1 = left, 2 = right)."""
+    import SimpleITK as sitk
+
+    from ZeroShotILDLib.lung_mask import segment_lungs
+    from ZeroShotILDLib.scan import read_scan
+
+    scan = read_scan(phantom_file)
+    mask = segment_lungs(scan.hu, scan.spacing_mm).astype(np.uint8)
+    mask[:, :, : mask.shape[2] // 2] *= 2
+    mask[mask.shape[0] * 2 // 3:] = 0  # unlike the engine's own mask, so using the file shows
+    if shape is not None:
+        mask = mask[: shape[0]]
+    img = sitk.GetImageFromArray(mask)
+    img.SetSpacing(scan.spacing_mm)
+    img.SetOrigin(tuple(v + shift_origin for v in scan.origin_mm))
+    img.SetDirection(scan.direction)
+    sitk.WriteImage(img, str(path))
+    return int((mask > 0).sum())
+
+
+def test_lung_mask_file_is_used_and_grid_checked(phantom_file, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    voxels = _mask_file(phantom_file, tmp_path / "lungs.nii.gz")
+    out = tmp_path / "o"
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(out), "--lung-mask", str(tmp_path / "lungs.nii.gz"),
+                         *FAST], capsys)
+    assert code == 0, err
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lung_mask.nii.gz")))
+    assert int(written.sum()) == voxels and written.max() == 1
+    assert any("lung mask read from lungs.nii.gz" in n for n in validate_result(out / "result.json")["notes"])
+    _mask_file(phantom_file, tmp_path / "moved.nii.gz", shift_origin=12.5)
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "o2"), "--lung-mask",
+                         str(tmp_path / "moved.nii.gz"), *FAST], capsys)
+    assert code == 2 and "not on the scan's grid" in err and "origin" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+    _mask_file(phantom_file, tmp_path / "short.nii.gz", shape=(10,))
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "o3"), "--lung-mask",
+                         str(tmp_path / "short.nii.gz"), *FAST], capsys)
+    assert code == 2 and "size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lung_mask_count_must_match_the_scans(phantom_file, tmp_path, capsys):
+    code, _, err = _run(["analyze", str(phantom_file), str(phantom_file), "-o", str(tmp_path / "o"),
+                         "--lung-mask", str(tmp_path / "lungs.nii.gz"), *FAST], capsys)
+    assert code == 2 and "one --lung-mask per scan" in err and not (tmp_path / "o").exists()
 
 
 REAL_CTS = ["totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "totalseg/abdomen_lung_bases.nii.gz",
@@ -145,7 +203,7 @@ def test_analyze_real_ct(name, tmp_path, capsys):
         assert "lung" in err and len(err.strip().splitlines()) == 1
         return
     assert code == 0, err
-    doc = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    doc = validate_result(out / "result.json")
     assert doc["lung_volume_ml"] > 0 and doc["candidates"] > 0
     if name.startswith("totalseg/chest"):
         assert doc["lung_volume_ml"] > 100

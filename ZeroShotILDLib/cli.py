@@ -1,15 +1,17 @@
 """``zeroshot-ild``: the command line over the pipeline.
 
-    zeroshot-ild analyze SCAN --out DIR [options]   one scan (file or DICOM folder), or several
-    zeroshot-ild demo --out DIR                     everything offline on a generated phantom
-    zeroshot-ild models                             the registry and where weights are looked for
+    zeroshot-ild analyze SCAN [SCAN ...] -o DIR [options]   one scan (file or DICOM folder), or several
+    zeroshot-ild demo -o DIR                                everything offline on a generated phantom
+    zeroshot-ild models                                     the registry and where weights are looked for
 
-Bad input ends with one line on stderr and exit code 2; nothing partial is left in --out.
+Bad input ends with one line on stderr and exit code 2; nothing partial is left in --out, and only
+files the tool wrote itself are ever replaced there (see ``outputs``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -120,21 +122,35 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="analyse one or more scans")
     p.add_argument("inputs", nargs="+", metavar="SCAN", help="NIfTI/NRRD/MHA file or DICOM folder")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per scan when several are given)")
+    _add_out_args(p, "output folder (one sub-folder per scan when several are given)")
+    p.add_argument("--lung-mask", action="append", dest="lung_masks", metavar="FILE",
+                   help="use this lung mask (any non-zero voxel is lung: TotalSegmentator, lungmask or a corrected "
+                        "one) instead of segmenting; same grid as the scan. With several scans give one per scan, "
+                        "in the same order")
     _add_settings_args(p)
     p = sub.add_parser("demo", help="run everything offline on a generated phantom")
-    p.add_argument("--out", required=True)
+    _add_out_args(p, "output folder")
     p.add_argument("--phantom-seed", type=int, default=7)
     p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(120, 256, 256))
     _add_settings_args(p)
     p.set_defaults(model=None)
     sub.add_parser("models", help="list supported models and where their weights are looked for")
     return parser
+
+
+def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-o", "--out", required=True, help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no earlier result; only the result files "
+                        "(result.json, patches.csv, ...) are written there, nothing else is touched")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -171,21 +187,60 @@ def _cmd_models() -> int:
     return 0
 
 
-def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None):
+def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None, *,
+             lung_mask_path=None, overwrite: bool = False):
     from .embeddings import EmbeddingCache
     from .ensemble import make_analyzer
-    from .outputs import check_out_dir, write_outputs
+    from .outputs import write_outputs
     from .scan import read_scan
 
-    check_out_dir(out_dir)
     if analyzer is None:
         analyzer = make_analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
     scan = read_scan(scan_path) if not hasattr(scan_path, "hu") else scan_path
-    result = analyzer.analyze(scan)
+    mask = read_lung_mask(lung_mask_path, scan) if lung_mask_path else None
+    result = analyzer.analyze(scan, lung_mask=mask)
+    if mask is not None:
+        result.notes.append(f"lung mask read from {Path(lung_mask_path).name}, not segmented")
     progress("writing outputs", 0, 1)
-    write_outputs(result, scan, out_dir)
+    write_outputs(result, scan, out_dir, overwrite=overwrite)
     progress.close()
     return result, analyzer
+
+
+def read_lung_mask(path, scan):
+    """A lung mask file on the scan's grid as a bool array (non-zero = lung); one-line error otherwise."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"lung mask {path} does not exist: give a NIfTI/NRRD/MHA file")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"lung mask {path} is not a readable image: give a NIfTI/NRRD/MHA label file") from None
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise InputError(f"lung mask {path} is not a 3-D label image")
+    size_zyx = tuple(reversed(image.GetSize()))
+    problems = []
+    if size_zyx != scan.shape_zyx:
+        problems.append(f"size {size_zyx} vs {scan.shape_zyx} (z, y, x)")
+    else:
+        if not np.allclose(image.GetSpacing(), scan.spacing_mm, rtol=1e-4, atol=1e-4):
+            problems.append(f"spacing {tuple(round(v, 4) for v in image.GetSpacing())} vs "
+                            f"{tuple(round(float(v), 4) for v in scan.spacing_mm)} mm")
+        if not np.allclose(image.GetOrigin(), scan.origin_mm, atol=1e-2):
+            problems.append(f"origin {tuple(round(v, 2) for v in image.GetOrigin())} vs "
+                            f"{tuple(round(float(v), 2) for v in scan.origin_mm)} mm")
+        if not np.allclose(image.GetDirection(), scan.direction, atol=1e-3):
+            problems.append("direction cosines differ")
+    if problems:
+        raise InputError(f"lung mask {path.name} is not on the scan's grid ({'; '.join(problems)}): resample it "
+                         "onto the scan first")
+    mask = sitk.GetArrayFromImage(image) != 0
+    if not mask.any():
+        raise InputError(f"lung mask {path.name} is empty (no non-zero voxel)")
+    return mask
 
 
 def _summary(result, out_dir: Path) -> str:
@@ -200,27 +255,88 @@ def _summary(result, out_dir: Path) -> str:
 
 
 def _cmd_analyze(args, progress) -> int:
+    from .outputs import prepare_out_dir
+
     settings = settings_from_args(args)
     out = Path(args.out)
-    analyzer = None
     many = len(args.inputs) > 1
-    for path in args.inputs:
-        target = out / _safe_name(path) if many else out
-        result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer)
+    masks = args.lung_masks or []
+    if masks and len(masks) != len(args.inputs):
+        raise InputError(f"{len(masks)} --lung-mask for {len(args.inputs)} scans: give one --lung-mask per scan, "
+                         "in the same order, or none")
+    for mask in masks:
+        if not Path(mask).expanduser().is_file():
+            raise InputError(f"lung mask {mask} does not exist: give a NIfTI/NRRD/MHA file")
+    targets = [out / name for name in output_names(args.inputs)] if many else [out]
+    # Every output place is checked before the first scan is read: no refusal after an hour of work.
+    for target in targets:
+        prepare_out_dir(target, overwrite=args.overwrite)
+    if many:
+        print("output folders:")
+        for path, target in zip(args.inputs, targets):
+            print(f"  {path} -> {target}")
+    analyzer = None
+    for k, (path, target) in enumerate(zip(args.inputs, targets)):
+        result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer,
+                                    lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite)
         print(_summary(result, target))
     return 0
 
 
-def _safe_name(path: str) -> str:
-    name = Path(path.rstrip("/")).name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
+_SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _stem(name: str) -> str:
+    for ext in _SCAN_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _clean(name: str) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
     return name or "scan"
+
+
+def output_names(inputs: Sequence[str]) -> list:
+    """One sub-folder name per input, unique (case-insensitively) and predictable from the paths alone.
+
+    The file name without its extension; where two inputs share it, the parent folder names are
+    prefixed (``patA_chest``, ``patB_chest``) until they differ, then ``-2``, ``-3`` ... in input order.
+    """
+    parts = []
+    for p in inputs:
+        path = Path(os.path.abspath(os.path.expanduser(str(p))))
+        parts.append([_clean(_stem(path.name))] + [_clean(a.name) for a in path.parents if a.name])
+    depth = [1] * len(parts)
+    while True:
+        names = ["_".join(reversed(pp[:d])) for pp, d in zip(parts, depth)]
+        seen: dict = {}
+        for i, n in enumerate(names):
+            seen.setdefault(n.lower(), []).append(i)
+        grown = False
+        for group in seen.values():
+            if len({tuple(parts[i]) for i in group}) > 1:  # the same path twice only gets a suffix
+                for i in group:
+                    if depth[i] < len(parts[i]):
+                        depth[i] += 1
+                        grown = True
+        if not grown:
+            break
+    final, used = [], set()
+    for n in names:
+        candidate, k = n, 1
+        while candidate.lower() in used:
+            k += 1
+            candidate = f"{n}-{k}"
+        used.add(candidate.lower())
+        final.append(candidate)
+    return final
 
 
 def _cmd_demo(args, progress) -> int:
     from .models import get_spec, list_models
+    from .outputs import prepare_out_dir
     from .phantom import generate_phantom
     from .scan import scan_from_array
 
@@ -234,8 +350,8 @@ def _cmd_demo(args, progress) -> int:
                                subtype="idiopathic pulmonary fibrosis")
     scan = scan_from_array(phantom.hu, phantom.spacing_mm, phantom.origin_mm, phantom.direction,
                            source=f"phantom(seed={args.phantom_seed})")
-    out = Path(args.out)
-    result, _ = _run_one(scan, out, settings, progress, args.cache_dir)
+    out = prepare_out_dir(args.out, overwrite=args.overwrite)
+    result, _ = _run_one(scan, out, settings, progress, args.cache_dir, overwrite=args.overwrite)
     print(_summary(result, out))
     return 0
 

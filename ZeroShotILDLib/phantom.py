@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from .atomic_files import atomic_path
 from .errors import InputError
 from .settings import DEFAULT_SUBTYPES
 
@@ -260,13 +261,11 @@ def write_cohort(out_dir, n, seed=0, positive_fraction=0.5, fmt=".nii.gz", **kwa
             "patient_id": f"SYN{ph.labels['seed']:010d}",
             "split": "",
         })
-    # Write to a temporary name, then rename: a reader never sees a half-written manifest.
-    partial = manifest.with_name(manifest.name + ".part")
-    with open(partial, "w", newline="", encoding="utf-8") as fh:
+    # A reader (or a killed run's next attempt) never sees a half-written manifest.
+    with atomic_path(manifest) as partial, open(partial, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    partial.replace(manifest)
     return manifest
 
 

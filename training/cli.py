@@ -25,9 +25,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,6 +37,8 @@ import numpy as np
 from ZeroShotILDLib.cli import EXIT_CANCELLED, EXIT_INPUT, TqdmProgress, _add_settings_args, settings_from_args
 from ZeroShotILDLib.errors import Cancelled, InputError
 from ZeroShotILDLib.settings import AnalysisSettings
+
+from .files import atomic_path, atomic_write_text
 
 PROG = "zeroshot-ild-train"
 #: Written by ``preprocess`` beside the montages: the engine settings they were built with.
@@ -55,10 +57,17 @@ def _bar(iterable, *, total: Optional[int] = None, desc: str, quiet: bool):
 
 @contextmanager
 def _staged_output(out: Path):
-    """A temporary folder beside ``out`` whose files are moved into ``out`` only on success."""
+    """A staging folder beside ``out`` whose files are moved into ``out`` (one atomic rename each) on success.
+
+    Only the file names the command writes are replaced in ``out``; anything else there stays. The
+    staging folder carries the process id, so the next run removes those left by killed runs.
+    """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _clean_dead_staging(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # plain mkdir: the umask decides who may read the results
     try:
         yield tmp
         out.mkdir(parents=True, exist_ok=True)
@@ -71,9 +80,22 @@ def _staged_output(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _clean_dead_staging(out: Path) -> None:
+    """Staging folders ``.NAME.partial-PID`` of processes that no longer run (a kill leaves them)."""
+    from ZeroShotILDLib.outputs import _pid_alive
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)$")
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _write_json(path: Path, payload) -> Path:
-    path.write_text(json.dumps(payload, indent=2, default=_plain), encoding="utf-8")
-    return path
+    """Strict JSON (non-finite numbers become null, with a note): bare NaN breaks every other JSON reader."""
+    from ZeroShotILDLib.outputs import json_text
+
+    return atomic_write_text(path, json_text(payload, default=_plain))
 
 
 def _plain(value):
@@ -90,7 +112,7 @@ def _plain(value):
 
 def _write_rows(path: Path, rows: Sequence[dict]) -> Path:
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -143,9 +165,13 @@ def _cmd_split(args) -> int:
     split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
-    write_manifest(split, tmp)
-    os.replace(tmp, out)
+    # write_manifest picks CSV or JSONL by the suffix, so the temporary name keeps it.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial{out.suffix}")
+    try:
+        write_manifest(split, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     for name, counts in sorted(split_counts(split).items(), key=lambda kv: str(kv[0])):
         print(f"{name}: {counts['scans']} scans, {counts['patients']} patients")
     print(f"written {out}")
@@ -168,9 +194,7 @@ def _cmd_preprocess(args, progress) -> int:
         if preprocess.settings_key(previous) != preprocess.settings_key(settings):
             raise InputError(f"{cache} was preprocessed with other montage settings: use a new --cache folder per setting")
     else:  # shards of one job array may race here; they write the same content atomically
-        tmp = stored.with_name(f".{stored.name}.{os.getpid()}.partial")
-        tmp.write_text(settings.to_json(), encoding="utf-8")
-        os.replace(tmp, stored)
+        atomic_write_text(stored, settings.to_json())
     summary = preprocess.preprocess(records, cache, settings, workers=args.workers, shard=shard, progress=progress)
     progress.close()
     print(f"shard {shard[0]}/{shard[1]}: {summary.line()} -> {cache}")

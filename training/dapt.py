@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 from . import losses
 from .data import GlobalBatchSampler, MontagePairDataset, PairRecord
 from .distributed import all_gather_no_grad, all_gather_with_grad
-from .files import atomic_write_text
+from .files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,8 @@ def save_label_head(path: Union[str, Path], head: LabelHead) -> Path:
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={_LABEL_HEAD_KEY: json.dumps({"class_names": list(head.class_names)})})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_LABEL_HEAD_KEY: json.dumps({"class_names": list(head.class_names)})})
     return path
 
 
@@ -778,7 +777,10 @@ def write_ensemble(path: Union[str, Path], top_k: Sequence[dict], config: DaptCo
 
 
 def _write_json(path: Path, payload: dict) -> Path:
-    return atomic_write_text(path, json.dumps(_jsonable(payload), indent=2))
+    from ZeroShotILDLib.outputs import json_text
+
+    # A diverged run's NaN loss is written as null: bare NaN is not JSON for any other reader.
+    return atomic_write_text(path, json_text(_jsonable(payload), notes_key=None))
 
 
 def default_learning_rates(count: int = 5, low: float = 1e-5, high: float = 1e-3) -> list:
@@ -811,7 +813,7 @@ def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Opt
     summary_json = _write_json(output / "sweep.json", {"best_learning_rate": best_rate, "runs": rows,
                                                         "config": config.to_json()})
     summary_csv = output / "sweep.csv"
-    with summary_csv.open("w", newline="") as handle:
+    with atomic_path(summary_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

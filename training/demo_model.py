@@ -56,7 +56,8 @@ import numpy as np
 
 from ZeroShotILDLib.errors import InputError
 from ZeroShotILDLib.settings import DEFAULT_PROMPT, AnalysisSettings
-from training.files import atomic_write_text
+from ZeroShotILDLib.outputs import json_text
+from training.files import atomic_path, atomic_write_text
 
 #: The architecture of the demo model (``ZeroShotILDLib/model_configs/zsild-phantom.json``).
 ARCHITECTURE = "zsild-phantom"
@@ -311,14 +312,15 @@ def build_pairs(out_dir, recipe: PairRecipe = PairRecipe(), *, retrieval_model: 
             pairs = model_retrieved_pairs(phantom, scan_id, analyzer, recipe.image_size, rng)
         for k, (kind, image, report, ild) in enumerate(pairs.items):
             path = out_dir / "images" / f"{scan_id}_{k:03d}.png"
-            Image.fromarray(image).save(path)
+            with atomic_path(path) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
             rows.append({"image_path": str(path.resolve()), "report": report, "kind": kind, "ild": int(ild),
                          "scan_id": f"{scan_id}_{k:03d}", "patient_id": scan_id,
                          "subtype": phantom.labels["subtype"] or ""})
         bar.update(1)
     bar.close()
-    atomic_write_text(recipe_path, json.dumps(described, indent=1))
-    atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(recipe_path, json_text(described, notes_key=None))
+    atomic_write_text(jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     return jsonl
 
 
@@ -577,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               progress=not args.quiet)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(Path(args.out), json.dumps(result, indent=1))
+                atomic_write_text(Path(args.out), json_text(result))
             print(markdown_summary(result))
     except InputError as exc:
         print(f"demo_model: error: {exc}", file=sys.stderr)
