@@ -176,9 +176,29 @@ def test_hub_is_offline_during_the_load_only(monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    root_level = logging.getLogger().level
     with models._load_scope():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.is_offline_mode()
+        assert logging.getLogger().level == root_level  # Slicer's modules keep logging meanwhile
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_local_dir_model_loads_offline_without_touching_the_environment(tmp_path, tiny_model, monkeypatch,
+                                                                        no_network):
+    """The BiomedCLIP path (a downloaded open_clip folder) used to set HF_HUB_OFFLINE for good."""
+    from safetensors.torch import save_file
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folder = tmp_path / "biomedclip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CFG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}), encoding="utf-8")
+    save_file({k: v.contiguous().clone() for k, v in tiny_model.model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    env_before = dict(os.environ)
+    loaded = models.load_model("biomedclip", checkpoint=str(folder), device="cpu")
+    assert torch.equal(loaded.model.visual.conv1.weight, tiny_model.model.visual.conv1.weight)
+    assert dict(os.environ) == env_before and no_network == []
 
 
 def test_open_clip_root_warning_is_silenced_but_other_root_records_pass(caplog):
