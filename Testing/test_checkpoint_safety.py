@@ -263,6 +263,7 @@ def test_hash_memo_never_confuses_files_with_one_stat(tmp_path, monkeypatch):
     os.utime(a, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     assert file_hashes.sha256_file(a) != old
     # Remembered on disk: a new process (memory forgotten) reads the memo instead of hashing.
+    file_hashes.flush()
     file_hashes.forget()
     calls = []
     real = file_hashes.hashlib.sha256

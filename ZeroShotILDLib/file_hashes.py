@@ -10,11 +10,13 @@ mtime), so rewriting a file in place and restoring its mtime still changes the k
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 MEMO_ENV = "ZEROSHOT_ILD_HASH_MEMO"
 _MEMO_LIMIT = 20000
 _CHUNK = 1 << 20
+_SAVE_EVERY_S = 2.0
+_last_save = float("-inf")
 
 _lock = threading.Lock()
 _memory: dict[str, tuple[tuple, str]] = {}
@@ -76,46 +80,86 @@ def _save_disk_memo() -> None:
         log.debug("could not write hash memo %s", path)
 
 
-def sha256_file(path: os.PathLike, *, save: bool = True) -> str:
+def sha256_file(path: os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, hashed only when this version of the file is new to the memo."""
     name, stat = _identity(Path(path))
+    # A file changed while it was read must not be remembered under the stat it had before.
+    return _memoised(name, stat, lambda: _hash_bytes(name), still=lambda: _identity(Path(name))[1] == stat)
+
+
+def sha256_path(path: os.PathLike) -> str:
+    """Hash of a file, or of a folder (a DICOM series): its relative file names and their bytes.
+
+    A folder is remembered as one memo entry keyed by the stat of every file in it, so a cohort
+    of thousands of series costs a directory listing per series once hashed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = hashlib.sha256()
+    for child in files:
+        listing.update(repr((child.relative_to(path).as_posix(), _identity(child)[1])).encode("utf-8"))
+    name = str(path.resolve()) + os.sep
+
+    def folder_hash() -> str:
+        digest = hashlib.sha256()
+        for child in files:
+            digest.update(child.relative_to(path).as_posix().encode("utf-8") + b"\0")
+            digest.update(_hash_bytes(child).encode("ascii"))
+        return digest.hexdigest()
+
+    return _memoised(name, (listing.hexdigest(),), folder_hash)
+
+
+def _hash_bytes(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _memoised(name: str, stat: tuple, compute, still=None) -> str:
+    global _last_save
     with _lock:
         _load_disk_memo()
         known = _memory.get(name)
         if known is not None and known[0] == stat:
             return known[1]
-    digest = hashlib.sha256()
-    with open(name, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = compute()
     with _lock:
-        # Re-stat: a file changed while it was read must not be remembered under its new stat.
-        if _identity(Path(name))[1] == stat:
+        if still is None or still():
             _memory.pop(name, None)
             _memory[name] = (stat, value)
-            if save:
+            # Written at most every few seconds while a cohort is hashed, and once more at exit.
+            if time.monotonic() - _last_save > _SAVE_EVERY_S:
                 _save_disk_memo()
+                _last_save = time.monotonic()
+            else:
+                _pending_exit_save()
     return value
 
 
-def sha256_path(path: os.PathLike) -> str:
-    """Hash of a file, or of a folder (e.g. a DICOM series): its relative file names and their hashes."""
-    path = Path(path)
-    if not path.is_dir():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(child.relative_to(path).as_posix().encode("utf-8") + b"\0")
-        digest.update(sha256_file(child, save=False).encode("ascii"))
+_exit_hook = []
+
+
+def _pending_exit_save() -> None:
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(lambda: _save_disk_memo())
+
+
+def flush() -> None:
+    """Write the memo now (it is otherwise written every few seconds and at exit)."""
     with _lock:
         _save_disk_memo()
-    return digest.hexdigest()
 
 
 def forget() -> None:
     """Drop the in-memory memo (tests)."""
-    global _disk_loaded_from
+    global _disk_loaded_from, _last_save
     with _lock:
         _memory.clear()
         _disk_loaded_from = None
+        _last_save = float("-inf")

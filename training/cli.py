@@ -129,7 +129,7 @@ def _pairs(records, cache: str, class_names=None):
     missing = [r for r in records if r.scan_id not in montages]
     if missing:
         raise InputError(f"{len(missing)} of {len(records)} scans have no finished montage in {cache} "
-                         f"(first: {missing[0].scan_id}): run preprocess (every shard) with the same settings")
+                         f"(first: {missing[0].source}): run preprocess (every shard) with the same settings")
     return pairs_from_manifest(records, montages, class_names), settings
 
 
