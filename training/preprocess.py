@@ -142,6 +142,8 @@ def image_as_scan(path: Path, hu_window=(-1350.0, 150.0)):
                 raise InputError(f"{path.name} declares {width} x {height} pixels, more than the "
                                  f"{MAX_IMAGE_PIXELS // 1_000_000} million taken for a 2-D image: check the file")
             gray = np.asarray(im.convert("L"), dtype=np.float32)
+    except InputError:
+        raise
     except Image.DecompressionBombError:
         raise InputError(f"{path.name} declares more pixels than an image can sensibly hold "
                          "(a decompression bomb?): check the file") from None
