@@ -684,6 +684,9 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     summary_path = output / "dapt_summary.json"
     if resume and summary_path.is_file():  # written only when a run has finished: nothing left to do
         return FitResult(**json.loads(summary_path.read_text(encoding="utf-8"))["result"])
+    if resume and resume_path.exists():
+        # Untrusted until read weights-only: refused in one line before any work (or log line) starts.
+        read_lightning_checkpoint(resume_path)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if train_records is None or val_records is None:
         train_records, val_records = split_records(records, val_fraction=config.val_fraction, seed=config.seed)
@@ -722,8 +725,6 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         enable_progress_bar=config.progress_bar, enable_model_summary=False, log_every_n_steps=1,
     )
     ckpt_path = str(resume_path) if resume and resume_path.exists() else None
-    if ckpt_path is not None:
-        read_lightning_checkpoint(resume_path)  # untrusted until read weights-only: refuse in one line
     with warnings.catch_warnings():
         # GlobalBatchSampler resumes mid-epoch by itself (see DaptDataModule._progress).
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
