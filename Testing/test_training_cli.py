@@ -267,6 +267,12 @@ def test_pickle_as_last_ckpt_is_refused_in_one_line(capsys, cohort, cache, train
     code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--out", tmp_path / "m.safetensors")
     assert code == 2 and err.count("\n") == 1 and "refused for safety" in err
     assert not (tmp_path / "m.safetensors").exists()
+    # Kept away from its run folder, the pickle is still refused first (not a request for --model).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", alone / "last.ckpt")
+    code, _, err = run(capsys, "export", alone / "last.ckpt", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "refused for safety" in err
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--out", tmp_path / "m.safetensors")
     assert code == 2 and err.count("\n") == 1 and "damaged" in err

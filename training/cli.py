@@ -316,9 +316,8 @@ def _cmd_export(args) -> int:
     if source.suffix != ".ckpt":
         raise InputError(f"{source.name} is not a Lightning .ckpt: top-k .safetensors files are already engine checkpoints")
     classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else None
-    config = dapt.run_config(source, model=args.model, checkpoint=args.base_checkpoint, weights_dir=args.weights_dir,
-                             loss=args.loss, class_names=classes)
-    out = dapt.export(source, Path(args.out).expanduser(), config)
+    out = dapt.export(source, Path(args.out).expanduser(), model=args.model, checkpoint=args.base_checkpoint,
+                      weights_dir=args.weights_dir, loss=args.loss, class_names=classes)
     print(f"engine checkpoint: {out}  (use --model dapt:{out})")
     return 0
 

@@ -887,16 +887,19 @@ def run_config(lightning_checkpoint: Union[str, Path], **overrides) -> DaptConfi
     return config
 
 
-def export(lightning_checkpoint: Union[str, Path], output: Union[str, Path], config: Optional[DaptConfig] = None) -> Path:
+def export(lightning_checkpoint: Union[str, Path], output: Union[str, Path], config: Optional[DaptConfig] = None,
+           **settings) -> Path:
     """Convert a Lightning ``.ckpt`` of a DAPT run into an engine checkpoint (``dapt:<output>``).
 
-    ``config`` defaults to the run's settings as stored in its folder (:func:`run_config`). The
-    ``.ckpt`` is read weights-only (:func:`read_lightning_checkpoint`).
+    ``config`` defaults to the run's settings as stored in its folder, with ``settings`` (e.g.
+    ``model=``, ``loss=``) replacing stored values (:func:`run_config`). The ``.ckpt`` is read
+    weights-only first (:func:`read_lightning_checkpoint`), so a hostile file is refused before
+    anything else is asked of the user.
     """
     lightning_checkpoint = Path(lightning_checkpoint)
     state = read_lightning_checkpoint(lightning_checkpoint)
     if config is None:
-        config = run_config(lightning_checkpoint)
+        config = run_config(lightning_checkpoint, **settings)
     loaded = models.load_model(config.model, checkpoint=config.checkpoint, weights_dir=config.weights_dir, device="cpu")
     module = DaptModule(loaded, config)
     try:
