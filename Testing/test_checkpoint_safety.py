@@ -106,6 +106,28 @@ def test_known_huge_architecture_name_is_counted_too(tmp_path, no_network):
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
 
 
+def test_open_clip_own_configs_pass_unless_they_name_hub_towers():
+    """Every built-in ViT/ResNet + transformer config is accepted, so real DAPT checkpoints load."""
+    import open_clip
+
+    models._register_configs()
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        hub = any(k in cfg.get(s, {}) for s in ("vision_cfg", "text_cfg")
+                  for k in ("timm_model_name", "hf_model_name", "hf_tokenizer_name")) or "multimodal_cfg" in cfg
+        if not hub:
+            models.validate_model_cfg(cfg, name)
+
+
+def test_known_architecture_ignores_the_files_model_cfg(tmp_path, tiny_model):
+    """A name open_clip knows is built from open_clip's config; the file's model_cfg is never used."""
+    cfg = dict(TINY_CFG, vision_cfg=dict(TINY_CFG["vision_cfg"], timm_model_name="anything"))
+    spec = models.ModelSpec(**{**tiny_model.spec.__dict__, "model_cfg": cfg})
+    path = models.save_checkpoint(tmp_path / "m.safetensors", tiny_model.model, spec)
+    assert models.spec_from_checkpoint(path).model_cfg is None
+    models.load_model(f"dapt:{path}", device="cpu")
+
+
 @pytest.mark.parametrize("section,key,value,match", [
     ("vision_cfg", "layers", 10_000, "whole number in"),
     ("vision_cfg", "width", -1, "whole number in"),

@@ -209,8 +209,13 @@ def spec_from_checkpoint(path: os.PathLike) -> ModelSpec:
     interpolation = meta.get("interpolation", "bicubic")
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         raise InputError(f"{where}: interpolation {str(interpolation)[:40]!r} is not bicubic, bilinear or nearest")
+    import open_clip
+
+    _register_configs()
     model_cfg = meta.get("model_cfg")
-    if model_cfg is not None:
+    if open_clip.get_model_config(architecture) is not None:
+        model_cfg = None  # a name open_clip knows is built from open_clip's own config, never the file's
+    elif model_cfg is not None:
         model_cfg = validate_model_cfg(model_cfg, where)
     base = meta.get("base_model", "?")
     return ModelSpec(
@@ -296,9 +301,9 @@ def validate_model_cfg(cfg, where: str = "checkpoint") -> dict:
         raise InputError(f"{where}: model_cfg.embed_dim is missing: re-export it with training/")
     vision, text = out["vision_cfg"], out["text_cfg"]
     size = vision.get("image_size", 224)
-    if vision.get("patch_size", 16) > size:
+    if (vision.get("patch_size") or 1) > (min(size) if isinstance(size, list) else size):
         raise InputError(f"{where}: model_cfg.vision_cfg.patch_size {vision.get('patch_size')} exceeds image_size {size}")
-    if vision.get("width", 768) % vision.get("head_width", 64):
+    if not isinstance(vision.get("layers"), list) and vision.get("width", 768) % vision.get("head_width", 64):
         raise InputError(f"{where}: model_cfg.vision_cfg.width is not a multiple of head_width")
     if text.get("width", 512) % text.get("heads", 8):
         raise InputError(f"{where}: model_cfg.text_cfg.width is not a multiple of heads")
@@ -340,7 +345,11 @@ def _check_value(key: str, value, name: str, where: str):
             raise InputError(f"{where}: {name} must be a number in [{lo:g}, {hi:g}], got {str(value)[:40]}")
         return value
     lo, hi = _INT[key]
+    if value is None and key == "patch_size":  # ResNet towers have no patches
+        return None
     if key == "image_size" and isinstance(value, (list, tuple)) and len(value) == 2:
+        return [_check_value(key, v, name, where) for v in value]
+    if key == "layers" and isinstance(value, (list, tuple)) and len(value) == 4:  # ResNet stages
         return [_check_value(key, v, name, where) for v in value]
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InputError(f"{where}: {name} must be a whole number in [{lo}, {hi}], got {str(value)[:40]}")
