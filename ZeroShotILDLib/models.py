@@ -387,13 +387,11 @@ def _effective_cfg(spec: ModelSpec) -> Optional[dict]:
     return dict(spec.model_cfg) if spec.model_cfg else None
 
 
-def _build_clip(cfg: dict, quick_gelu: Optional[bool] = None):
+def _build_clip(cfg: dict):
     import open_clip
 
     cfg = dict(cfg)
     custom_text = cfg.pop("custom_text", False)
-    if quick_gelu is not None:
-        cfg["quick_gelu"] = quick_gelu
     if custom_text or "hf_model_name" in cfg.get("text_cfg", {}):
         return open_clip.CustomTextCLIP(**cfg)
     return open_clip.CLIP(**cfg)
