@@ -9,6 +9,8 @@ import pytest
 # Keep tests on the two CI cores predictable and off any GPU.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The weights-hash memo lives in the user's cache; tests that need it point it at tmp_path themselves.
+os.environ.setdefault("ZEROSHOT_ILD_HASH_MEMO", "")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -84,16 +84,16 @@ def test_read_jsonl_with_nested_labels(tree):
 
 
 @pytest.mark.parametrize("body, match", [
-    ("scan_path,ild\nscans/a.nii.gz,maybe\n", r"m\.csv line 2, column ild: 'maybe' is not a yes/no"),
-    ("scan_path,ild\nscans/zz.nii.gz,1\n", r"line 2, column scan_path: .*zz\.nii\.gz does not exist"),
+    ("scan_path,ild\nscans/a.nii.gz,maybe\n", r"m\.csv line 2, column ild: not a label; use 1/0"),
+    ("scan_path,ild\nscans/zz.nii.gz,1\n", r"line 2, column scan_path: no such file or folder"),
     ("scan_path,ild\n,1\n", r"line 2, column scan_path: empty"),
     ("scan_path,splt\nscans/a.nii.gz,train\n", r"unknown column 'splt'"),
-    ("scan_path,split\nscans/a.nii.gz,holdout\n", r"column split: 'holdout' is not a split"),
+    ("scan_path,split\nscans/a.nii.gz,holdout\n", r"line 2, column split: not a split"),
     ("scan_path,ild,subtype\nscans/a.nii.gz,0,IPF\n", r"subtype is given but ild is 0"),
     ("scan_path,report_text,report_path\nscans/a.nii.gz,x,reports/b.txt\n", r"both report_text and report_path"),
-    ("scan_path\nscans/a.nii.gz\nscans/a.nii.gz\n", r"line 3: scan 'scans/a.nii.gz' already listed at m\.csv line 2"),
+    ("scan_path\nscans/a.nii.gz\nscans/a.nii.gz\n", r"line 3: the same scan_id as m\.csv line 2"),
     ("scan_path,split,patient_id\nscans/a.nii.gz,train,p1\nscans/b.nii.gz,test,p1\n",
-     r"patient 'p1' has scans in train \(m\.csv line 2\) and test \(m\.csv line 3\)"),
+     r"one patient has scans in train \(m\.csv line 2\) and test \(m\.csv line 3\)"),
     ("path,ild\nscans/a.nii.gz,1\n", r"no scan_path column"),
     ("scan_path,ild\nscans/a.nii.gz,1,extra\n", r"more values than header columns"),
     ("scan_path\n", r"has no rows"),
@@ -188,7 +188,40 @@ def test_split_by_patient_respects_existing_splits():
 def test_split_errors():
     recs = _records([("a", 1, "train")]) + _records([("a", 1, "val")])
     recs[1].scan_id = "other"
-    with pytest.raises(InputError, match="patient 'a' has scans in train"):
+    with pytest.raises(InputError, match="one patient has scans in train"):
         check_patient_splits(recs)
     with pytest.raises(InputError, match="leave some patients for training"):
         split_by_patient(_records([("a", 1, None)]), val_fraction=0.6, test_fraction=0.5)
+
+
+REPORT = "FINDINGS: Basal reticulation in Mr Jonathan Smith. IMPRESSION: UIP pattern."
+
+
+@pytest.mark.parametrize("body", [
+    f'scan_path,report_text,ild\nscans/a.nii.gz,x,"{REPORT}"\n',  # report pasted one column too far
+    f'scan_path,split\nscans/a.nii.gz,"{REPORT}"\n',
+    f'scan_path,label_uip\nscans/a.nii.gz,"{REPORT}"\n',
+    f'"{REPORT}",ild\nscans/a.nii.gz,1\n',  # no header row: the first row is data
+    'scan_path,ild\nscans/Smith_Jonathan.nii.gz,1\n',  # a patient name in a missing file's path
+    'scan_path,split,patient_id\nscans/a.nii.gz,train,Jonathan Smith\nscans/b.nii.gz,test,Jonathan Smith\n',
+    'scan_path,scan_id\nscans/a.nii.gz,Jonathan Smith\nscans/b.nii.gz,Jonathan Smith\n',
+])
+def test_messages_never_echo_report_text_or_names(tree, body):
+    """A cell's content (report text, a patient's name) never reaches a message: row and column do."""
+    m = _write(tree / "m.csv", body)
+    with pytest.raises(InputError) as e:
+        read_manifest(m)
+    msg = str(e.value)
+    assert "\n" not in msg and "m.csv" in msg
+    for secret in ("reticulation", "UIP pattern", "Jonathan", "Smith"):
+        assert secret not in msg
+
+
+def test_report_text_in_the_ild_column_stays_off_stderr(tree, capsys):
+    from training import cli
+
+    m = _write(tree / "m.csv", f'scan_path,report_text,ild\nscans/a.nii.gz,x,"{REPORT}"\n')
+    assert cli.main(["split", str(m), "--out", str(tree / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "m.csv line 2, column ild: not a label" in err
+    assert "reticulation" not in err and "Smith" not in err

@@ -108,7 +108,7 @@ def test_quickgelu_weights_into_gelu_config_are_refused(tmp_path):
         models.load_model(gelu.name, checkpoint=str(folder / "open_clip_pytorch_model.bin"), device="cpu")
 
 
-def test_laion_file_layout_is_found_in_weights_dir(tmp_path):
+def test_laion_file_layout_is_found_in_weights_dir(tmp_path, monkeypatch):
     import open_clip
 
     model = open_clip.create_model("ViT-B-32")
@@ -117,6 +117,15 @@ def test_laion_file_layout_is_found_in_weights_dir(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    # Random weights are not the published file: found, then refused by the SHA-256 check...
+    with pytest.raises(InputError, match="SHA-256.*download it again.*--checkpoint") as err:
+        models.load_model("clip-vit-b-32-laion", weights_dir=str(tmp_path), device="cpu")
+    assert "\n" not in str(err.value)
+    # ... and loaded when the registry's hash is this file's (as for the real download).
+    from ZeroShotILDLib.file_hashes import sha256_file
+
+    spec = models.get_spec("clip-vit-b-32-laion")
+    monkeypatch.setitem(spec.sha256, "open_clip_model.safetensors", sha256_file(folder / "open_clip_model.safetensors"))
     loaded = models.load_model("clip-vit-b-32-laion", weights_dir=str(tmp_path), device="cpu")
     assert loaded.checkpoint.name == "open_clip_model.safetensors"
     assert torch.equal(loaded.model.visual.conv1.weight, model.visual.conv1.weight)

@@ -246,3 +246,58 @@ def test_probe_and_alignment(capsys, cohort, cache, tmp_path):
     code, _, err = run(capsys, "probe", cohort["manifest"], "--cache", cache, "--out", tmp_path / "p2",
                        "--model", "tiny-random", "--device", "cpu", "--base", "emphysema", "-q")
     assert code == 2 and "--base" in err
+
+
+class _Payload:
+    """Stands in for a malicious pickle: outside torch's weights-only allow-list."""
+
+
+def test_pickle_as_last_ckpt_is_refused_in_one_line(capsys, cohort, cache, trained, tmp_path):
+    import shutil
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "dapt_summary.json").unlink()  # an interrupted run: resume would really load last.ckpt
+    torch.save({"state_dict": {}, "payload": _Payload()}, run_dir / "checkpoints" / "last.ckpt")
+    code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cache, "--out", run_dir, *TRAIN, "--resume")
+    assert code == 2 and err.count("\n") == 1 and "pickled Python objects, refused" in err
+    assert "Traceback" not in err
+    code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "refused for safety" in err
+    assert not (tmp_path / "m.safetensors").exists()
+    # Kept away from its run folder, the pickle is still refused first (not a request for --model).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", alone / "last.ckpt")
+    code, _, err = run(capsys, "export", alone / "last.ckpt", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "refused for safety" in err
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "damaged" in err
+
+
+def test_export_of_an_interrupted_run_reads_its_settings_from_the_run_folder(capsys, trained, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "dapt_summary.json").unlink()  # written only when a run finishes
+    out = tmp_path / "model.safetensors"
+    code, stdout, err = run(capsys, "export", run_dir / "checkpoints" / "last.ckpt", "--out", out)
+    assert code == 0 and f"dapt:{out}" in stdout, err
+    assert read_checkpoint_metadata(out)["training"]["loss"] == "clip"
+    # A .ckpt kept on its own: the settings come from flags, or the message says which to give.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", alone / "last.ckpt")
+    code, _, err = run(capsys, "export", alone / "last.ckpt", "--out", tmp_path / "x.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "--model" in err
+    code, stdout, err = run(capsys, "export", alone / "last.ckpt", "--out", tmp_path / "x.safetensors",
+                            "--model", "tiny-random", "--loss", "clip")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out)), load_file(str(tmp_path / "x.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

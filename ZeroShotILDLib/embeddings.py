@@ -9,13 +9,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
+from .atomic_files import atomic_path
 from .models import LoadedModel
 from .progress import CancelToken, ProgressCallback, no_progress
 
@@ -116,8 +118,10 @@ def cache_key(scan_fingerprint_: str, model_identity: str, patch_key: dict, mode
 class EmbeddingCache:
     """Keeps patch embeddings in memory and, if given a folder, on disk as ``<key>.npz``.
 
-    Disk writes go to a temporary file renamed into place, so a crash never leaves a half-written
-    entry that a later run would take for a finished one.
+    Keys are content hashes (scan voxels, model weights' SHA-256, patch settings), never file names
+    or times. Disk writes go through ``atomic_files``, so a crash never leaves a half-written entry
+    under its name; an entry damaged anyway (truncated, bit-flipped: the zip CRC catches it) is
+    reported in one line, removed and recomputed.
     """
 
     def __init__(self, folder: Optional[os.PathLike] = None, max_entries: int = 4):
@@ -131,11 +135,8 @@ class EmbeddingCache:
         if self.folder is not None:
             path = self.folder / f"{key}.npz"
             if path.is_file():
-                try:
-                    with np.load(path, allow_pickle=False) as data:
-                        entry = {k: data[k] for k in data.files}
-                except (OSError, ValueError):
-                    log.warning("ignoring damaged embedding cache entry %s", path.name)
+                entry = read_npz(path, what="embedding cache entry")
+                if entry is None:
                     return None
                 self._remember(key, entry)
                 return entry
@@ -145,17 +146,32 @@ class EmbeddingCache:
         self._remember(key, entry)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".partial")
-            os.close(fd)
-            try:
+            with atomic_path(self.folder / f"{key}.npz") as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **entry)
-                os.replace(tmp, self.folder / f"{key}.npz")
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
 
     def _remember(self, key: str, entry: dict) -> None:
         self._memory[key] = entry
         while len(self._memory) > self.max_entries:
             self._memory.pop(next(iter(self._memory)))
+
+
+#: What reading a damaged .npz raises: bad zip structure or CRC, short read, bad .npy header.
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def read_npz(path: Path, *, what: str = "cache entry") -> Optional[dict]:
+    """Every array of an .npz (no pickles), or None after a one-line warning when it is damaged.
+
+    The damaged file is removed so the value is recomputed and written afresh.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except _DAMAGED as exc:
+        log.warning("%s %s is damaged (%s); recomputing it", what, path.name, type(exc).__name__)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None

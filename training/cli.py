@@ -151,7 +151,7 @@ def _pairs(records, cache: str, class_names=None):
     missing = [r for r in records if r.scan_id not in montages]
     if missing:
         raise InputError(f"{len(missing)} of {len(records)} scans have no finished montage in {cache} "
-                         f"(first: {missing[0].scan_id}): run preprocess (every shard) with the same settings")
+                         f"(first: {missing[0].source}): run preprocess (every shard) with the same settings")
     return pairs_from_manifest(records, montages, class_names), settings
 
 
@@ -339,7 +339,9 @@ def _cmd_export(args) -> int:
         raise InputError(f"{source} does not exist: give a run's checkpoints/last.ckpt")
     if source.suffix != ".ckpt":
         raise InputError(f"{source.name} is not a Lightning .ckpt: top-k .safetensors files are already engine checkpoints")
-    out = dapt.export(source, Path(args.out).expanduser())
+    classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else None
+    out = dapt.export(source, Path(args.out).expanduser(), model=args.model, checkpoint=args.base_checkpoint,
+                      weights_dir=args.weights_dir, loss=args.loss, class_names=classes)
     print(f"engine checkpoint: {out}  (use --model dapt:{out})")
     return 0
 
@@ -751,6 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Lightning .ckpt -> engine checkpoint (safetensors)")
     p.add_argument("checkpoint", help="a run's checkpoints/last.ckpt")
     p.add_argument("--out", required=True, help="engine checkpoint to write (.safetensors)")
+    g = p.add_argument_group("the run's settings (read from the run folder; give them for a .ckpt kept elsewhere)")
+    g.add_argument("--model", help="base model the run trained (registry name, dapt:<checkpoint> or path)")
+    g.add_argument("--base-checkpoint", help="weights file of that base model, if the run was given --checkpoint")
+    g.add_argument("--weights-dir", help="folder where registry weights are looked for")
+    g.add_argument("--loss", help="loss the run trained with (clip, relaxed, slip, uniclip, unicl, dlilp)")
+    g.add_argument("--classes", help="comma-separated label classes of a unicl/dlilp run")
 
     for name, helptext in (("evaluate", "AUROC/AUPRC/F1 with bootstrap CIs, per subtype, ensembles, ROC/PR curves"),
                            ("grid", "retrieval x model x montage size x filter threshold (paper 000 tables)")):

@@ -683,6 +683,9 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     summary_path = output / "dapt_summary.json"
     if resume and summary_path.is_file():  # written only when a run has finished: nothing left to do
         return FitResult(**json.loads(summary_path.read_text(encoding="utf-8"))["result"])
+    if resume and resume_path.exists():
+        # Untrusted until read weights-only: refused in one line before any work (or log line) starts.
+        read_lightning_checkpoint(resume_path)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if train_records is None or val_records is None:
         train_records, val_records = split_records(records, val_fraction=config.val_fraction, seed=config.seed)
@@ -821,22 +824,89 @@ def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Opt
                        runs=runs, summary_json=str(summary_json), summary_csv=str(summary_csv))
 
 
-def export(lightning_checkpoint: Union[str, Path], output: Union[str, Path], config: Optional[DaptConfig] = None) -> Path:
-    """Convert a Lightning ``.ckpt`` of a DAPT run into an engine checkpoint (``dapt:<output>``).
+def read_lightning_checkpoint(path: Union[str, Path]) -> dict:
+    """A run's Lightning ``.ckpt`` read weights-only; anything else is refused in one line.
 
-    ``config`` defaults to the one stored in the run's ``dapt_summary.json`` next to the
-    checkpoint folder. The ``.ckpt`` is read with ``weights_only=True``.
+    A pickle carrying Python objects (code that would run on loading), a damaged file or a file
+    that is not a DAPT run's checkpoint raises ``InputError``, never a traceback.
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests loading the file unsafely: it is not repeated here.
+        raise InputError(f"{path.name} holds pickled Python objects, refused for safety: use the last.ckpt that "
+                         "train wrote, or start the run again without --resume") from None
+    except Exception as exc:  # noqa: BLE001 - zip/EOF/format errors of damaged files
+        raise InputError(f"{path.name} is damaged or not a PyTorch checkpoint ({models._first_line(exc)}): use the "
+                         "last.ckpt that train wrote, or start the run again without --resume") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise InputError(f"{path.name} is not a Lightning checkpoint of a DAPT run: give a run's checkpoints/last.ckpt")
+    return state
+
+
+def run_config(lightning_checkpoint: Union[str, Path], **overrides) -> DaptConfig:
+    """The settings of the run a ``.ckpt`` belongs to, from what the run folder stored.
+
+    A finished run has ``dapt_summary.json``; an interrupted one has the engine checkpoint written
+    with every ``last.ckpt`` (``checkpoints/last.safetensors``, else any top-k file), whose
+    metadata carries the run's settings. ``overrides`` (not None) replace stored values, and
+    stand in for them when the run folder holds neither (e.g. a ``.ckpt`` copied elsewhere).
     """
     lightning_checkpoint = Path(lightning_checkpoint)
+    folder = lightning_checkpoint.parent
+    stored: Optional[dict] = None
+    summary = folder.parent / "dapt_summary.json"
+    if summary.is_file():
+        try:
+            stored = json.loads(summary.read_text(encoding="utf-8"))["config"]
+        except (ValueError, KeyError, TypeError):
+            stored = None
+    if stored is None:
+        candidates = [folder / "last.safetensors", *sorted(folder.glob("step*.safetensors"), reverse=True)]
+        for candidate in candidates:
+            if candidate.is_file():
+                meta = models.read_checkpoint_metadata(candidate) or {}
+                if isinstance(meta.get("training"), dict):
+                    stored = meta["training"]
+                    break
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if stored is None and "model" not in given:
+        raise InputError(f"the folder of {lightning_checkpoint.name} holds neither dapt_summary.json nor the run's "
+                         "last.safetensors: give the run's settings with --model (and --loss, --classes as trained)")
+    fields = {f.name for f in dataclasses.fields(DaptConfig)}
+    values = {k: v for k, v in (stored or {}).items() if k in fields}
+    values.update(given)
+    values.setdefault("output_dir", str(folder.parent))
+    values["class_names"] = tuple(values.get("class_names") or ())
+    try:
+        config = DaptConfig(**values)
+    except TypeError as exc:
+        raise InputError(f"the run's stored settings cannot be read ({models._first_line(exc)}): give --model") from None
+    config.validate()
+    return config
+
+
+def export(lightning_checkpoint: Union[str, Path], output: Union[str, Path], config: Optional[DaptConfig] = None,
+           **settings) -> Path:
+    """Convert a Lightning ``.ckpt`` of a DAPT run into an engine checkpoint (``dapt:<output>``).
+
+    ``config`` defaults to the run's settings as stored in its folder, with ``settings`` (e.g.
+    ``model=``, ``loss=``) replacing stored values (:func:`run_config`). The ``.ckpt`` is read
+    weights-only first (:func:`read_lightning_checkpoint`), so a hostile file is refused before
+    anything else is asked of the user.
+    """
+    lightning_checkpoint = Path(lightning_checkpoint)
+    state = read_lightning_checkpoint(lightning_checkpoint)
     if config is None:
-        summary = lightning_checkpoint.parent.parent / "dapt_summary.json"
-        if not summary.is_file():
-            raise InputError(f"no dapt_summary.json beside {lightning_checkpoint.name}: pass the run's settings")
-        stored = json.loads(summary.read_text(encoding="utf-8"))["config"]
-        stored["class_names"] = tuple(stored.get("class_names") or ())
-        config = DaptConfig(**stored)
-    state = torch.load(str(lightning_checkpoint), map_location="cpu", weights_only=True)
+        config = run_config(lightning_checkpoint, **settings)
     loaded = models.load_model(config.model, checkpoint=config.checkpoint, weights_dir=config.weights_dir, device="cpu")
     module = DaptModule(loaded, config)
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"{lightning_checkpoint.name} does not match model {config.model} with loss {config.loss} "
+                         f"({models._first_line(exc)}): give the run's --model and --loss") from None
     return module.export(output, global_step=int(state.get("global_step", 0)), epoch=int(state.get("epoch", 0)))

@@ -122,7 +122,7 @@ def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[
         try:
             image = lookup(r.scan_id)
         except KeyError:
-            raise InputError(f"{r.source}: no cached montage for scan {r.scan_id!r}: run the preprocessing first") from None
+            raise InputError(f"{r.source}: no cached montage for this scan: run the preprocessing first") from None
         out.append(PairRecord(image_path=str(image), report=r.read_report() or "", labels=tuple(values),
                               scan_id=r.scan_id, patient_id=r.patient_id, split=r.split, source=r.source))
     return out

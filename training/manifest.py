@@ -86,8 +86,8 @@ class ManifestRecord:
         try:
             return self.report_path.read_text(encoding="utf-8-sig", errors="replace")
         except OSError as e:
-            raise InputError(f"{self.source}: cannot read report_path {self.report_path}: "
-                             f"{e.strerror or e}") from None
+            raise InputError(f"{self.source}, column report_path: cannot read the file "
+                             f"({e.strerror or type(e).__name__})") from None
 
 
 def parse_binary(value, *, where: str = "") -> Optional[int]:
@@ -108,8 +108,8 @@ def parse_binary(value, *, where: str = "") -> Optional[int]:
         return 1
     if text in _FALSE:
         return 0
-    raise InputError(f"{where}: {str(value)[:40]!r} is not a yes/no label; "
-                     f"use 1/0, yes/no, true/false or leave it blank")
+    # The cell is never quoted back: a shifted column may hold report text or a name.
+    raise InputError(f"{where}: not a label; use 1/0, yes/no, true/false or leave it blank")
 
 
 def _text(value) -> Optional[str]:
@@ -153,7 +153,7 @@ def _record(raw: dict, *, base: Path, where: str, check_files: bool) -> Manifest
         raise InputError(f"{col('scan_path')}: empty; every row needs the path of its scan")
     scan_path = _resolve(scan_text, base)
     if check_files and not scan_path.exists():
-        raise InputError(f"{col('scan_path')}: {scan_path} does not exist; paths are relative "
+        raise InputError(f"{col('scan_path')}: no such file or folder; paths are relative "
                          f"to the manifest's folder")
 
     report_text = cols.get("report_text")
@@ -163,7 +163,7 @@ def _record(raw: dict, *, base: Path, where: str, check_files: bool) -> Manifest
         raise InputError(f"{where}: both report_text and report_path are set; keep one")
     report_path = _resolve(report_path_text, base) if report_path_text else None
     if check_files and report_path is not None and not report_path.is_file():
-        raise InputError(f"{col('report_path')}: {report_path} is not a file")
+        raise InputError(f"{col('report_path')}: no such file; paths are relative to the manifest's folder")
 
     ild = parse_binary(cols.get("ild"), where=col("ild"))
     subtype = _text(cols.get("subtype"))
@@ -183,7 +183,7 @@ def _record(raw: dict, *, base: Path, where: str, check_files: bool) -> Manifest
             if not name:
                 raise InputError(f"{where}: column label_ needs a name after the underscore")
             if name in labels:
-                raise InputError(f"{col(k)}: label {name!r} is given twice")
+                raise InputError(f"{col(k)}: this label is also given in column labels; keep one")
             labels[name] = parse_binary(value, where=col(k))
 
     split_text = _text(cols.get("split"))
@@ -191,8 +191,7 @@ def _record(raw: dict, *, base: Path, where: str, check_files: bool) -> Manifest
     if split_text is not None:
         split = _SPLIT_ALIASES.get(split_text.lower())
         if split is None:
-            raise InputError(f"{col('split')}: {split_text[:20]!r} is not a split; "
-                             f"use train, val or test, or leave it blank")
+            raise InputError(f"{col('split')}: not a split; use train, val or test, or leave it blank")
 
     scan_id = _text(cols.get("scan_id")) or Path(scan_text).as_posix()
     return ManifestRecord(
@@ -256,8 +255,9 @@ def read_manifest(path: Union[str, Path], *, check_files: bool = True,
                     raise InputError(f"manifest {path.name} is empty; it needs a header row")
                 header = [h.strip().lower() for h in reader.fieldnames if h]
                 if "scan_path" not in header:
-                    raise InputError(f"manifest {path.name} has no scan_path column "
-                                     f"(header: {', '.join(header)[:200]})")
+                    # The header is not echoed: without one, the first row (a report?) would be.
+                    raise InputError(f"manifest {path.name} has no scan_path column: its first line must be "
+                                     f"the header (scan_path, report_text or report_path, ild, ...)")
                 start = reader.line_num + 1
                 for raw in reader:
                     # Name the line a record starts on (a quoted report may span many lines).
@@ -278,7 +278,7 @@ def read_manifest(path: Union[str, Path], *, check_files: bool = True,
     seen: dict[str, str] = {}
     for r in records:
         if r.scan_id in seen:
-            raise InputError(f"{r.source}: scan {r.scan_id!r} already listed at {seen[r.scan_id]}; "
+            raise InputError(f"{r.source}: the same scan_id as {seen[r.scan_id]}; "
                              f"give each row its own scan_id")
         seen[r.scan_id] = r.source
         if require_report and r.report_text is None and r.report_path is None:
@@ -354,7 +354,7 @@ def check_patient_splits(records: Iterable[ManifestRecord]) -> None:
         splits.setdefault(r.split, r.source)
         if len(splits) > 1:
             (s1, w1), (s2, w2) = list(splits.items())[:2]
-            raise InputError(f"patient {r.patient_id!r} has scans in {s1} ({w1}) and {s2} ({w2}); "
+            raise InputError(f"one patient has scans in {s1} ({w1}) and {s2} ({w2}); "
                              f"all scans of a patient must be in one split")
 
 

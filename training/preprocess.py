@@ -2,10 +2,13 @@
 
 Each scan's montage is built by the engine (``ZeroShotILDLib.pipeline``; random or CLIP-retrieved
 with a given model, montage size, filter threshold and seed) and written as
-``<out>/montages/<key>.png`` plus a ``<key>.json`` sidecar. The sidecar is written last and
-atomically, so an item counts as finished only when both exist: a crash or a killed job never
-leaves a half-written item that a later run would take for a finished one, and re-running skips
-finished items (resume). ``shard=(i, n)`` takes every n-th record starting at i, so a cluster job
+``<out>/montages/<key>.png`` plus a ``<key>.json`` sidecar. The key hashes the scan's content
+(its file, or every file of a DICOM folder; ``file_hashes`` remembers hashes by stat) with the
+scan id and the montage settings, so two cohorts sharing a cache, a relative ``scan_path`` or a
+scan id pointed at a new file never receive another scan's montage. The sidecar is written last,
+both through ``atomic_files``, and records the PNG's SHA-256: an item counts as finished only when
+both exist and agree, so a crash, a killed job or a damaged file is redone, never taken for a
+finished item, and re-running skips finished items (resume). ``shard=(i, n)`` takes every n-th record starting at i, so a cluster job
 array splits thousands of scans without coordination; ``workers`` processes run in parallel.
 
 2-D images (PNG/JPG slices such as the COVID-CT figure crops) are taken as one-slice scans: their
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import io
 import json
+import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,13 +30,19 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ZeroShotILDLib.atomic_files import atomic_write_bytes, atomic_write_text
 from ZeroShotILDLib.errors import InputError
+from ZeroShotILDLib.file_hashes import sha256_path
 from ZeroShotILDLib.progress import CancelToken, ProgressCallback, no_progress
 from ZeroShotILDLib.settings import AnalysisSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: Montages of random retrieval need no model; they are stored at this size and resized on loading.
 RANDOM_MONTAGE_PX = 224
+#: Largest 2-D image taken (pixels); PIL's own bomb limit is ~89 M, a figure crop is far smaller.
+MAX_IMAGE_PIXELS = 50_000_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,24 +66,48 @@ def settings_key(settings: AnalysisSettings) -> dict:
     return key
 
 
-def item_key(scan_id: str, settings: AnalysisSettings) -> str:
-    blob = json.dumps({"scan": scan_id, "settings": settings_key(settings)}, sort_keys=True)
+def item_key(scan_id: str, settings: AnalysisSettings, scan_path=None) -> str:
+    """Cache key of one montage: scan id, the scan's content hash and the montage settings.
+
+    ``scan_path`` is hashed (file or DICOM folder) when given and readable; an unreadable path
+    keys on the id alone, and the item then fails with the reader's message when processed.
+    """
+    content = None
+    if scan_path is not None:
+        try:
+            content = sha256_path(scan_path)
+        except OSError:
+            content = None
+    blob = json.dumps({"scan": scan_id, "content": content, "settings": settings_key(settings)}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
-def montage_path(out_dir, scan_id: str, settings: AnalysisSettings) -> Path:
-    return Path(out_dir) / "montages" / f"{item_key(scan_id, settings)}.png"
+def montage_path(out_dir, scan_id: str, settings: AnalysisSettings, scan_path=None) -> Path:
+    return Path(out_dir) / "montages" / f"{item_key(scan_id, settings, scan_path)}.png"
 
 
 def is_finished(png: Path) -> bool:
-    return png.is_file() and png.with_suffix(".json").is_file()
+    """Both files present, the sidecar readable and the PNG the one it records (else: redo it)."""
+    sidecar = png.with_suffix(".json")
+    if not (png.is_file() and sidecar.is_file()):
+        return False
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8")).get("png_sha256")
+        found = hashlib.sha256(png.read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("cached montage %s is damaged (%s); recomputing it", png.name, type(exc).__name__)
+        return False
+    if recorded != found:
+        log.warning("cached montage %s is damaged (its PNG does not match its sidecar); recomputing it", png.name)
+        return False
+    return True
 
 
 def finished_montages(records: Sequence, out_dir, settings: AnalysisSettings) -> dict:
     """scan_id -> montage path for every finished item (what ``data.pairs_from_manifest`` takes)."""
     out = {}
     for r in records:
-        png = montage_path(out_dir, r.scan_id, settings)
+        png = montage_path(out_dir, r.scan_id, settings, r.scan_path)
         if is_finished(png):
             out[r.scan_id] = png
     return out
@@ -103,9 +137,18 @@ def image_as_scan(path: Path, hu_window=(-1350.0, 150.0)):
 
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path.name} declares {width} x {height} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS // 1_000_000} million taken for a 2-D image: check the file")
             gray = np.asarray(im.convert("L"), dtype=np.float32)
-    except OSError as exc:
-        raise InputError(f"{path.name} is not a readable image ({exc}): check the file") from None
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"{path.name} declares more pixels than an image can sensibly hold "
+                         "(a decompression bomb?): check the file") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for damaged files
+        raise InputError(f"{path.name} is not a readable image ({type(exc).__name__}): check the file") from None
     lo, hi = hu_window
     hu = (lo + gray / 255.0 * (hi - lo)).round().astype(np.int16)[None]
     return _Image2D(hu=hu, source=path.name, scan_from_array=scan_from_array)
@@ -158,23 +201,21 @@ def _process_one(scan_id: str, scan_path: str, png: str) -> tuple[str, Optional[
         montage, info = build_montage_for(Path(scan_path), settings, _WORKER.get("analyzer"))
     except InputError as exc:
         return scan_id, str(exc)
+    except (OSError, ValueError, MemoryError) as exc:  # one bad item never aborts a cohort
+        return scan_id, f"{Path(scan_path).name} could not be processed ({type(exc).__name__}): check the file"
     write_item(Path(png), montage, dict(info, scan_id=scan_id, settings=settings_key(settings)))
     return scan_id, None
 
 
 def write_item(png: Path, montage: np.ndarray, info: dict) -> None:
-    """PNG first, sidecar last, each through a temporary file renamed into place."""
+    """PNG first, sidecar (with the PNG's SHA-256) last, each written atomically."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    for target, writer in ((png, lambda f: Image.fromarray(montage).save(f, format="PNG")),
-                           (png.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=1).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                writer(handle)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    buffer = io.BytesIO()
+    Image.fromarray(montage).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    atomic_write_bytes(png, data)
+    info = dict(info, png_sha256=hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(png.with_suffix(".json"), json.dumps(info, indent=1).encode("utf-8"))
 
 
 def preprocess(records: Sequence, out_dir, settings: AnalysisSettings, *, workers: int = 1,
@@ -186,13 +227,13 @@ def preprocess(records: Sequence, out_dir, settings: AnalysisSettings, *, worker
     mine = shard_records(records, shard)
     todo, summary = [], PreprocessSummary(out_dir=str(out_dir))
     for r in mine:
-        png = montage_path(out_dir, r.scan_id, settings)
+        png = montage_path(out_dir, r.scan_id, settings, r.scan_path)
         if is_finished(png):
             summary.skipped += 1
         else:
             todo.append((r.scan_id, str(r.scan_path), str(png)))
     (out_dir / "montages").mkdir(parents=True, exist_ok=True)
-    (out_dir / "settings.json").write_text(json.dumps(settings_key(settings), indent=1, sort_keys=True), encoding="utf-8")
+    atomic_write_text(out_dir / "settings.json", json.dumps(settings_key(settings), indent=1, sort_keys=True))
     progress("preprocessing", 0, len(todo))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     if workers <= 1:
