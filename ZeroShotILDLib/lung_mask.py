@@ -4,7 +4,19 @@
 dense (fibrotic, ground-glass, consolidated) tissue inside the lungs included, and the trachea and
 main bronchi excluded. The steps, and the reason for each:
 
-1. Threshold: voxels below ``threshold_hu`` (-400 HU) are air or aerated lung.
+0. Body (``segment_body``): the lungs lie inside the patient, so only air inside the body is a
+   candidate. The body is found from the patient, never from the array's borders or a table
+   position: on a ~2.5 mm in-plane grid, soft tissue (> ``BODY_HU``) is opened by
+   ``BODY_OPEN_MM`` per slice, which cuts the thin shells of a table or cushion where they
+   touch the skin, and the largest 3-D connected piece is the patient; each slice of it is then
+   filled. A background region enclosed by the body (lungs, airways, bowel gas) is inside. One
+   that reaches the image edge is inside only when the body is cut by the crop there: its median
+   is denser than gas (> ``OUTSIDE_AIR_HU``) and the body makes at least ``CROP_WALL_FRACTION``
+   of its boundary; outside air is gas, and the foam core of a table or mattress (lung-like
+   density) is bounded by the table's shells, not by the body. The table can be anywhere
+   (posterior supine, anterior prone, lateral), as wide as the field of view, touching the body,
+   and the array stored in any in-plane flip or rotation: nothing here looks at a direction.
+1. Threshold: voxels below ``threshold_hu`` (-400 HU) inside the body are air or aerated lung.
 2. 3-D connected components of that air are sorted into lung and not-lung. Air outside the body,
    in the stomach or bowel, and scanner padding is *gas*: the interior of such a component is
    almost entirely below ``airway_hu`` (-950 HU), while lung parenchyma (vessels, septa, partial
@@ -68,6 +80,17 @@ GROUND_GLASS_MAX_HU = -200.0
 #: Holes larger than this (cm^2) are the mediastinum enclosed by touching lungs, not lung.
 MAX_HOLE_CM2 = 30.0
 AIRWAY_WALL_MM = 1.5
+#: Body: soft tissue above this HU (fat is -100, foam cushions and table cores below -800).
+BODY_HU = -500.0
+#: Opening radius (mm) that cuts table shells and bridges up to twice as thick from the body;
+#: chest walls are thicker (skin, fat, muscle and ribs), so the lungs stay enclosed.
+BODY_OPEN_MM = 3.0
+#: In-plane grid of the body mask (mm): the skin needs no finer line, and it keeps the cost low.
+BODY_WORKING_MM = 2.5
+#: A region reaching the image edge with its median at or below this HU is gas (outside air).
+OUTSIDE_AIR_HU = -950.0
+#: ...and one denser than that is lung cut by the crop only if the body bounds this much of it.
+CROP_WALL_FRACTION = 0.9
 #: Holes up to this size (cm^2) are always filled (vessels, nodules).
 SMALL_HOLE_CM2 = 3.0
 #: Larger holes whose median is denser than this (HU) are solid organ (liver or heart dome).
@@ -77,6 +100,24 @@ ORGAN_HU = -100.0
 def lung_volume_ml(mask: np.ndarray, spacing_mm) -> float:
     """Volume of a boolean mask in mL (voxel count x voxel volume in mm^3 / 1000)."""
     return float(np.count_nonzero(mask)) * float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
+
+
+def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Boolean mask [z, y, x] of the patient's body with everything inside it (lungs, airways, gut).
+
+    Not the table, mattress, cushions, arms lying apart, or the air around; see step 0 of the
+    module docstring. Computed on a grid of about ``BODY_WORKING_MM`` in-plane (z untouched, so
+    sparse series work) and brought back by nearest neighbour.
+    """
+    _, cancel = resolve(None, cancel)
+    hu = np.asarray(hu)
+    spacing = tuple(float(v) for v in spacing_mm)
+    coarse, (fy, fx) = _body_grid(hu, spacing, cancel)
+    small = _body_coarse(coarse, (spacing[1] * fy, spacing[0] * fx), cancel)
+    out = np.empty(hu.shape, dtype=bool)
+    for z in range(hu.shape[0]):
+        out[z] = _body_slice_up(small[z], hu.shape[1:], fy, fx)
+    return out
 
 
 def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSettings] = None, *,
@@ -139,9 +180,14 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
     voxel_ml = sx * sy * sz / 1000.0
     name = source or "the scan"
 
+    coarse, (fy, fx) = _body_grid(hu, spacing, cancel)
+    body = _body_coarse(coarse, (sy * fy, sx * fx), cancel)
+    del coarse
     mask = np.empty(hu.shape, dtype=bool)
     for z in range(nz):
         np.less(hu[z], s.threshold_hu, out=mask[z])
+        mask[z] &= _body_slice_up(body[z], hu.shape[1:], fy, fx)
+    del body
     cancel.raise_if_cancelled()
     labels, n = _label(mask)
     progress(STAGE, nz, total)
@@ -196,6 +242,93 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
                          f"morphology; check the scan's spacing")
     progress(STAGE, total, total)
     return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Body
+# ----------------------------------------------------------------------------------------------
+def _body_grid(hu, spacing, cancel):
+    """HU on the body's working grid: in-plane block means, z untouched; (coarse, (fy, fx))."""
+    sx, sy, _ = spacing
+    fy = max(1, int(np.floor(BODY_WORKING_MM / sy + 1e-6)))
+    fx = max(1, int(np.floor(BODY_WORKING_MM / sx + 1e-6)))
+    nz, ny, nx = hu.shape
+    oy, ox = -(-ny // fy), -(-nx // fx)
+    out = np.empty((nz, oy, ox), dtype=np.float32)
+    for z in range(nz):
+        sl = hu[z].astype(np.float32)
+        # Padding is air. Noise below -1000 is kept: clipping it would lift the mean of noisy
+        # (low-dose) air towards the lung's density.
+        sl[sl <= -1500] = -1000.0
+        if fy > 1 or fx > 1:
+            sl = np.pad(sl, ((0, oy * fy - ny), (0, ox * fx - nx)), mode="edge")
+            sl = sl.reshape(oy, fy, ox, fx).mean(axis=(1, 3))
+        out[z] = sl
+        if z % 32 == 31:
+            cancel.raise_if_cancelled()
+    return out, (fy, fx)
+
+
+def _body_coarse(coarse, samp, cancel) -> np.ndarray:
+    """The filled body on the working grid (see step 0 of the module docstring)."""
+    nz = coarse.shape[0]
+    soft = coarse > BODY_HU
+    for z in range(nz):
+        if soft[z].any():
+            soft[z] = _open(soft[z], BODY_OPEN_MM, samp)
+    labels, n = _label(soft)
+    body = np.zeros(soft.shape, dtype=bool)
+    if n == 0:
+        return body
+    count = np.zeros(n + 1, dtype=np.int64)
+    for z in range(nz):
+        count += np.bincount(labels[z].ravel(), minlength=n + 1)
+    count[0] = 0
+    patient = int(np.argmax(count))
+    cut = np.zeros(soft.shape, dtype=bool)
+    outside = np.zeros(soft.shape, dtype=bool)
+    for z in range(nz):
+        core = labels[z] == patient
+        if core.any():
+            body[z], cut[z], outside[z] = _fill_body(core, coarse[z])
+        if z % 32 == 31:
+            cancel.raise_if_cancelled()
+    del labels
+    if cut.any():
+        # A region that looks like lung cut by the crop in one slice but joins air outside the
+        # body in another (a mattress pressed between the body and the image edge) is outside.
+        joined, _ = _label(cut | outside)
+        bad = np.unique(joined[outside])
+        cut &= ~np.isin(joined, bad[bad > 0])
+        body |= cut
+    return body
+
+
+def _fill_body(core, hu2):
+    """One slice: (body with its enclosed regions, regions that look like lung cut by the crop,
+    regions reaching the edge that are outside)."""
+    labels, n = ndi.label(~core)
+    if n == 0:
+        return core, np.zeros_like(core), np.zeros_like(core)
+    edge = np.zeros(n + 1, dtype=bool)
+    edge[labels[0]] = edge[labels[-1]] = edge[labels[:, 0]] = edge[labels[:, -1]] = True
+    edge[0] = False
+    cut = np.zeros(n + 1, dtype=bool)
+    for i in np.flatnonzero(edge):
+        region = labels == i
+        if np.median(hu2[region]) <= OUTSIDE_AIR_HU:
+            continue
+        rim = ndi.binary_dilation(region) & ~region
+        if rim.any() and np.count_nonzero(rim & core) >= CROP_WALL_FRACTION * np.count_nonzero(rim):
+            cut[i] = True
+    return ~edge[labels], cut[labels], (edge & ~cut)[labels]
+
+
+def _body_slice_up(small2, shape2, fy, fx) -> np.ndarray:
+    """Nearest-neighbour copy of one working-grid slice back to the scan's pixels."""
+    if fy == 1 and fx == 1:
+        return small2
+    return np.repeat(np.repeat(small2, fy, axis=0), fx, axis=1)[:shape2[0], :shape2[1]]
 
 
 def _label(mask: np.ndarray):
