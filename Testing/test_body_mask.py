@@ -1,0 +1,211 @@
+"""The body mask that keeps the lung mask inside the patient (issue 15): any table, position, orientation.
+
+The lung mask's candidates are restricted to the body, found from the patient (not from the array's
+borders or a table position). These tests put a full-width table (foam core of lung-like density,
+as real tables have) under a supine or over a prone phantom, store the array in each of the eight
+in-plane flips/rotations, re-write the real CTs in those orientations (array and direction cosines
+together, so the patient stays where it is), add a synthetic table and low-dose noise to the real
+CTs, and segment expiratory phantoms.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from ZeroShotILDLib.lung_mask import lung_volume_ml, segment_body, segment_lungs
+from ZeroShotILDLib.phantom import TABLE_CORE_MM, TABLE_SHELL_MM, generate_phantom
+
+SHAPE = (40, 128, 128)
+SPACING = (2.5, 2.5, 5.0)
+#: (transpose y/x, flip y, flip x): the eight in-plane orientations an array can be stored in.
+ORIENTATIONS = [(bool(k & 4), bool(k & 2), bool(k & 1)) for k in range(8)]
+REAL = ["totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "osic_ipf_sparse"]
+
+
+def dice(a, b) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def reorient(hu, spacing_mm, origin_mm, direction, transpose, flip_y, flip_x):
+    """The same volume stored another way: (array, spacing, origin, direction) in the same patient space."""
+    d = np.array(direction, dtype=float).reshape(3, 3)  # column j: direction of index axis j (x, y, z)
+    origin = np.array(origin_mm, dtype=float)
+    spacing = list(spacing_mm)
+    a = np.asarray(hu)
+    if transpose:
+        a = a.transpose(0, 2, 1)
+        d = d[:, [1, 0, 2]]
+        spacing = [spacing[1], spacing[0], spacing[2]]
+    for axis, flip in ((1, flip_y), (2, flip_x)):
+        if flip:
+            col = 2 - axis
+            origin = origin + d[:, col] * spacing[col] * (a.shape[axis] - 1)
+            d[:, col] = -d[:, col]
+            a = np.flip(a, axis=axis)
+    return np.ascontiguousarray(a), tuple(spacing), tuple(origin), tuple(d.ravel())
+
+
+def restore(mask, transpose, flip_y, flip_x):
+    """Undo ``reorient`` on a mask computed on the re-stored array."""
+    if flip_x:
+        mask = np.flip(mask, 2)
+    if flip_y:
+        mask = np.flip(mask, 1)
+    if transpose:
+        mask = mask.transpose(0, 2, 1)
+    return np.ascontiguousarray(mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phantoms with a full-width table
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_dice():
+    """Dice of the mask against the truth on the same chest with the default (narrow, curved) table."""
+    p = generate_phantom(21, shape_zyx=SHAPE, spacing_mm=SPACING, ild=False)
+    return dice(segment_lungs(p.hu, p.spacing_mm), p.lung_mask)
+
+
+@pytest.mark.parametrize("position, gap_mm", [("supine", None), ("prone", None), ("supine", 0.0), ("prone", 0.0)])
+def test_full_width_table_never_enters_the_mask_in_any_orientation(position, gap_mm, reference_dice):
+    p = generate_phantom(21, shape_zyx=SHAPE, spacing_mm=SPACING, ild=False, table="full",
+                         position=position, table_gap_mm=gap_mm)
+    table = (p.hu > -990) & ~p.body_mask  # shells and lung-dense foam core, outside the skin
+    assert table.any()
+    for t, fy, fx in ORIENTATIONS:
+        hu, spacing, _, _ = reorient(p.hu, p.spacing_mm, p.origin_mm, p.direction, t, fy, fx)
+        mask = restore(segment_lungs(hu, spacing), t, fy, fx)
+        assert not (mask & ~p.body_mask).any(), (position, gap_mm, t, fy, fx)
+        # The same Dice as with the narrow table (the table only ever adds outside voxels).
+        assert dice(mask, p.lung_mask) >= min(0.95, reference_dice - 0.01), (position, t, fy, fx)
+
+
+def test_body_mask_is_the_patient_not_the_table():
+    p = generate_phantom(22, shape_zyx=SHAPE, spacing_mm=SPACING, ild=True, table="full", position="prone",
+                         table_gap_mm=0.0, padding_value=-3024)
+    body = segment_body(p.hu, p.spacing_mm)
+    assert body.shape == p.hu.shape and body.dtype == bool
+    assert dice(body, np.asarray(p.body_mask)) >= 0.97
+    assert body[p.lung_mask].all()  # the lungs touch the chest wall, yet are always inside
+    table = (p.hu > -990) & ~p.body_mask
+    assert np.count_nonzero(body & table) <= 0.02 * np.count_nonzero(table)
+
+
+def test_lateral_table_touching_the_body():
+    # A decubitus patient: the table against the side of the chest (a transposed supine phantom
+    # with the table moved to touch the skin).
+    p = generate_phantom(23, shape_zyx=SHAPE, spacing_mm=SPACING, ild=False, table="full", table_gap_mm=0.0)
+    hu, spacing, _, _ = reorient(p.hu, p.spacing_mm, p.origin_mm, p.direction, True, False, True)
+    mask = restore(segment_lungs(hu, spacing), True, False, True)
+    assert not (mask & ~p.body_mask).any()
+    assert dice(mask, p.lung_mask) >= 0.95
+
+
+# ----------------------------------------------------------------------------------------------
+# Expiratory and low-dose
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lung_hu, noise_hu", [(-650.0, 20.0), (-700.0, 20.0), (-650.0, 80.0), (None, 80.0)])
+def test_expiratory_and_low_dose_phantoms(lung_hu, noise_hu):
+    # Expiration lifts the lungs to about -650..-700 HU, still well below the -400 HU threshold;
+    # 80 HU of noise (low dose) puts single voxels across it. The floor is the project's 0.95
+    # against ground truth (measured: 0.98-0.99, README).
+    p = generate_phantom(24, shape_zyx=SHAPE, spacing_mm=SPACING, subtype="idiopathic pulmonary fibrosis",
+                         table="full", lung_hu=lung_hu, noise_hu=noise_hu)
+    mask = segment_lungs(p.hu, p.spacing_mm)
+    assert dice(mask, p.lung_mask) >= 0.95, (lung_hu, noise_hu)
+    assert not (mask & ~p.body_mask).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real CTs
+# ----------------------------------------------------------------------------------------------
+_REAL_CACHE = {}
+
+
+def _real(item):
+    if item not in _REAL_CACHE:
+        from ZeroShotILDLib.scan import read_scan
+
+        scan = read_scan(shared_data("real", "ct", item))
+        _REAL_CACHE[item] = (scan, segment_lungs(scan.hu, scan.spacing_mm))
+    return _REAL_CACHE[item]
+
+
+@pytest.mark.parametrize("item", REAL)
+def test_real_ct_in_every_in_plane_orientation(item):
+    import SimpleITK as sitk
+
+    from ZeroShotILDLib.scan import scan_from_sitk
+
+    scan, reference = _real(item)
+    corner = (scan.hu.shape[2] - 1, 0, scan.hu.shape[0] // 2)  # voxel (x, y, z) of the original
+    original = scan.to_sitk().TransformIndexToPhysicalPoint(corner)
+    for t, fy, fx in ORIENTATIONS:
+        hu, spacing, origin, direction = reorient(scan.hu, scan.spacing_mm, scan.origin_mm, scan.direction, t, fy, fx)
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
+        stored = scan_from_sitk(image, source=item)
+        # The patient did not move: the original corner voxel is at the same place in the new array.
+        x, y, z = corner
+        i = np.array([z, y, x])
+        if t:
+            i = i[[0, 2, 1]]
+        if fy:
+            i[1] = hu.shape[1] - 1 - i[1]
+        if fx:
+            i[2] = hu.shape[2] - 1 - i[2]
+        moved = image.TransformIndexToPhysicalPoint((int(i[2]), int(i[1]), int(i[0])))
+        np.testing.assert_allclose(moved, original, atol=1e-3)
+        mask = restore(segment_lungs(stored.hu, stored.spacing_mm), t, fy, fx)
+        assert dice(mask, reference) >= 0.99, (item, t, fy, fx)
+
+
+def _add_table(hu, spacing_mm, body, side, gap_mm):
+    """A full-width table (as the phantom's) ``gap_mm`` from the body, below (+1, posterior rows) or above (-1)."""
+    rows = np.flatnonzero(body.any(axis=(0, 2)))
+    sy = spacing_mm[1]
+    start = rows[-1] + 1 + int(round(gap_mm / sy)) if side > 0 else rows[0] - int(round(gap_mm / sy))
+    shell, core = int(round(TABLE_SHELL_MM / sy)), int(round(TABLE_CORE_MM / sy))
+    layers = [(shell, 200), (core, -920), (shell, 200)]
+    out = hu.copy()
+    table = np.zeros(hu.shape, dtype=bool)
+    r = start
+    for n, value in layers:
+        lo, hi = (r, r + n) if side > 0 else (r - n, r)
+        lo, hi = max(lo, 0), min(hi, hu.shape[1])
+        out[:, lo:hi, :] = value
+        table[:, lo:hi, :] = True
+        r = r + side * n
+    assert table.any(), "the table does not fit in the array"
+    rng = np.random.default_rng(5)
+    out[:, table.any(axis=(0, 2)), :] += rng.normal(0, 20, out[:, table.any(axis=(0, 2)), :].shape).astype(np.int16)
+    return out, table
+
+
+@pytest.mark.parametrize("side, gap_mm", [(1, 8.0), (1, 0.0), (-1, 0.0)])
+def test_real_ct_with_a_full_width_table(side, gap_mm):
+    # The IPF case (body inside the field of view): a table as wide as the field of view below
+    # the back (supine) or against the chest (prone), with or without an air gap.
+    scan, reference = _real("osic_ipf_sparse")
+    body = segment_body(scan.hu, scan.spacing_mm)
+    hu, table = _add_table(scan.hu, scan.spacing_mm, body, side, gap_mm)
+    mask = segment_lungs(hu, scan.spacing_mm)
+    assert not (mask & table).any()
+    before = lung_volume_ml(reference, scan.spacing_mm)
+    assert abs(lung_volume_ml(mask, scan.spacing_mm) - before) <= 0.02 * before
+    assert dice(mask, reference) >= 0.99
+
+
+@pytest.mark.parametrize("item", REAL)
+@pytest.mark.parametrize("sigma_hu", [40.0, 80.0])
+def test_real_ct_with_low_dose_noise(item, sigma_hu):
+    # White Gaussian noise, clipped at -1024 HU as scanners store it. Measured Dice against the
+    # clean scan's mask: crops 0.995-0.998, IPF 0.98 (README); the floor is the project's 0.95.
+    scan, reference = _real(item)
+    rng = np.random.default_rng(int(sigma_hu))
+    noisy = np.clip(scan.hu + rng.normal(0.0, sigma_hu, scan.hu.shape), -1024, 3071).astype(np.int16)
+    mask = segment_lungs(noisy, scan.spacing_mm)
+    assert dice(mask, reference) >= 0.95, (item, sigma_hu)
