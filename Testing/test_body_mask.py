@@ -14,7 +14,7 @@ import pytest
 
 from conftest import shared_data
 from ZeroShotILDLib.lung_mask import lung_volume_ml, segment_body, segment_lungs
-from ZeroShotILDLib.phantom import TABLE_CORE_MM, TABLE_SHELL_MM, generate_phantom
+from ZeroShotILDLib.phantom import add_full_width_table, generate_phantom
 
 SHAPE = (40, 128, 128)
 SPACING = (2.5, 2.5, 5.0)
@@ -163,35 +163,13 @@ def test_real_ct_in_every_in_plane_orientation(item):
         assert dice(mask, reference) >= 0.99, (item, t, fy, fx)
 
 
-def _add_table(hu, spacing_mm, body, side, gap_mm):
-    """A full-width table (as the phantom's) ``gap_mm`` from the body, below (+1, posterior rows) or above (-1)."""
-    rows = np.flatnonzero(body.any(axis=(0, 2)))
-    sy = spacing_mm[1]
-    start = rows[-1] + 1 + int(round(gap_mm / sy)) if side > 0 else rows[0] - int(round(gap_mm / sy))
-    shell, core = int(round(TABLE_SHELL_MM / sy)), int(round(TABLE_CORE_MM / sy))
-    layers = [(shell, 200), (core, -920), (shell, 200)]
-    out = hu.copy()
-    table = np.zeros(hu.shape, dtype=bool)
-    r = start
-    for n, value in layers:
-        lo, hi = (r, r + n) if side > 0 else (r - n, r)
-        lo, hi = max(lo, 0), min(hi, hu.shape[1])
-        out[:, lo:hi, :] = value
-        table[:, lo:hi, :] = True
-        r = r + side * n
-    assert table.any(), "the table does not fit in the array"
-    rng = np.random.default_rng(5)
-    out[:, table.any(axis=(0, 2)), :] += rng.normal(0, 20, out[:, table.any(axis=(0, 2)), :].shape).astype(np.int16)
-    return out, table
-
-
-@pytest.mark.parametrize("side, gap_mm", [(1, 8.0), (1, 0.0), (-1, 0.0)])
+@pytest.mark.parametrize("side, gap_mm", [("below", 8.0), ("below", 0.0), ("above", 0.0)])
 def test_real_ct_with_a_full_width_table(side, gap_mm):
     # The IPF case (body inside the field of view): a table as wide as the field of view below
     # the back (supine) or against the chest (prone), with or without an air gap.
     scan, reference = _real("osic_ipf_sparse")
     body = segment_body(scan.hu, scan.spacing_mm)
-    hu, table = _add_table(scan.hu, scan.spacing_mm, body, side, gap_mm)
+    hu, table = add_full_width_table(scan.hu, scan.spacing_mm, body, side=side, gap_mm=gap_mm)
     mask = segment_lungs(hu, scan.spacing_mm)
     assert not (mask & table).any()
     before = lung_volume_ml(reference, scan.spacing_mm)

@@ -412,3 +412,21 @@ def test_save_with_unknown_extension_is_refused(tmp_path):
     ph = generate_phantom(0, **MINI)
     with pytest.raises(InputError, match="extension"):
         ph.save(tmp_path / "scan.png.foo")
+
+
+def test_add_full_width_table_to_a_scan():
+    from ZeroShotILDLib.phantom import TABLE_CORE_MM, TABLE_SHELL_MM, add_full_width_table
+
+    ph = generate_phantom(9, shape_zyx=SHAPE, spacing_mm=SPACING_MM, ild=False, table="none")
+    body = np.asarray(ph.body_mask)
+    top = np.flatnonzero(body.any(axis=(0, 2)))[0]
+    hu, table = add_full_width_table(ph.hu, ph.spacing_mm, body, side="above", gap_mm=0.0, seed=1)
+    rows = np.flatnonzero(table.any(axis=(0, 2)))
+    n = sum(max(1, round(t / SPACING_MM[1])) for t in (TABLE_SHELL_MM, TABLE_CORE_MM, TABLE_SHELL_MM))
+    assert rows.max() == top - 1 and rows.size == min(n, top)   # against the body, clipped by the edge
+    assert table[:, rows, :].all() and not (table & body).any()
+    np.testing.assert_array_equal(hu[~table], ph.hu[~table])
+    with pytest.raises(InputError, match="side"):
+        add_full_width_table(ph.hu, ph.spacing_mm, body, side="left")
+    with pytest.raises(InputError, match="empty"):
+        add_full_width_table(ph.hu, ph.spacing_mm, np.zeros_like(body))

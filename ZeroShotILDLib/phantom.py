@@ -226,6 +226,43 @@ def generate_phantom(
     return _Builder(geom, anat, seed, ild, subtype, float(noise_hu), padding_value).build()
 
 
+def add_full_width_table(hu, spacing_mm, body, *, side: str = "below", gap_mm: float = 0.0,
+                         noise_hu: float = 20.0, seed: int = 0):
+    """A copy of a CT with a full-width table drawn ``gap_mm`` from the body; (hu, table_mask).
+
+    The table is the phantom's ``table="full"`` one (two ``TABLE_SHELL_MM`` shells around a
+    ``TABLE_CORE_MM`` foam core at ``TABLE_CORE_HU``), spanning every column of the array, below
+    (later rows) or above (earlier rows) the rows that ``body`` (bool [z, y, x]) occupies, with
+    ``noise_hu`` of white noise. It replaces whatever those rows held. For tests and figures on
+    real CTs whose own table is narrower than the field of view.
+    """
+    if side not in ("below", "above"):
+        raise InputError(f"side must be 'below' or 'above', got {side!r}.")
+    hu = np.asarray(hu)
+    rows = np.flatnonzero(np.asarray(body).any(axis=(0, 2)))
+    if rows.size == 0:
+        raise InputError("the body mask is empty: there is nothing to put a table against.")
+    sy = float(spacing_mm[1])
+    step = 1 if side == "below" else -1
+    r = rows[-1] + 1 + int(round(gap_mm / sy)) if step > 0 else rows[0] - 1 - int(round(gap_mm / sy))
+    out = hu.copy()
+    table = np.zeros(hu.shape, dtype=bool)
+    for thick_mm, value in ((TABLE_SHELL_MM, 200), (TABLE_CORE_MM, TABLE_CORE_HU), (TABLE_SHELL_MM, 200)):
+        n = max(1, int(round(thick_mm / sy)))
+        lo, hi = (r, r + n) if step > 0 else (r - n + 1, r + 1)
+        lo, hi = max(lo, 0), min(hi, hu.shape[1])
+        if lo < hi:
+            out[:, lo:hi, :] = value
+            table[:, lo:hi, :] = True
+        r += step * n
+    if not table.any():
+        raise InputError("the table does not fit between the body and the edge of the array.")
+    if noise_hu > 0:
+        noise = np.random.default_rng(seed).normal(0.0, noise_hu, hu.shape).astype(np.float32)
+        out[table] = np.clip(np.rint(out[table] + noise[table]), -1024, 3071).astype(hu.dtype)
+    return out, table
+
+
 def generate_cohort(n: int, seed: int = 0, positive_fraction: float = 0.5, **kwargs) -> Iterator[Phantom]:
     """Yield ``n`` phantoms: ``round(n * positive_fraction)`` with ILD, in a seeded order.
 
