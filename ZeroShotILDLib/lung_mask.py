@@ -6,7 +6,7 @@ main bronchi excluded. The steps, and the reason for each:
 
 0. Body (``segment_body``): the lungs lie inside the patient, so only air inside the body is a
    candidate. The body is found from the patient, never from the array's borders or a table
-   position: on a ~2.5 mm in-plane grid, soft tissue (> ``BODY_HU``) is opened by
+   position: on a ~2.5 mm grid (along z only for thin slices), soft tissue (> ``BODY_HU``) is opened by
    ``BODY_OPEN_MM`` per slice, which cuts the thin shells of a table or cushion where they
    touch the skin, and the largest 3-D connected piece is the patient; each slice of it is then
    filled. A background region enclosed by the body (lungs, airways, bowel gas) is inside. One
@@ -106,17 +106,17 @@ def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = 
     """Boolean mask [z, y, x] of the patient's body with everything inside it (lungs, airways, gut).
 
     Not the table, mattress, cushions, arms lying apart, or the air around; see step 0 of the
-    module docstring. Computed on a grid of about ``BODY_WORKING_MM`` in-plane (z untouched, so
-    sparse series work) and brought back by nearest neighbour.
+    module docstring. Computed on a grid of about ``BODY_WORKING_MM`` (along z only for thin
+    slices: a sparse series keeps every slice) and brought back by nearest neighbour.
     """
     _, cancel = resolve(None, cancel)
     hu = np.asarray(hu)
     spacing = tuple(float(v) for v in spacing_mm)
-    coarse, (fy, fx) = _body_grid(hu, spacing, cancel)
+    coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
     small = _body_coarse(coarse, (spacing[1] * fy, spacing[0] * fx), cancel)
     out = np.empty(hu.shape, dtype=bool)
     for z in range(hu.shape[0]):
-        out[z] = _body_slice_up(small[z], hu.shape[1:], fy, fx)
+        out[z] = _body_slice_up(small[z // fz], hu.shape[1:], fy, fx)
     return out
 
 
@@ -180,13 +180,13 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
     voxel_ml = sx * sy * sz / 1000.0
     name = source or "the scan"
 
-    coarse, (fy, fx) = _body_grid(hu, spacing, cancel)
+    coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
     body = _body_coarse(coarse, (sy * fy, sx * fx), cancel)
     del coarse
     mask = np.empty(hu.shape, dtype=bool)
     for z in range(nz):
         np.less(hu[z], s.threshold_hu, out=mask[z])
-        mask[z] &= _body_slice_up(body[z], hu.shape[1:], fy, fx)
+        mask[z] &= _body_slice_up(body[z // fz], hu.shape[1:], fy, fx)
     del body
     cancel.raise_if_cancelled()
     labels, n = _label(mask)
@@ -248,14 +248,18 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
 # Body
 # ----------------------------------------------------------------------------------------------
 def _body_grid(hu, spacing, cancel):
-    """HU on the body's working grid: in-plane block means, z untouched; (coarse, (fy, fx))."""
-    sx, sy, _ = spacing
-    fy = max(1, int(np.floor(BODY_WORKING_MM / sy + 1e-6)))
-    fx = max(1, int(np.floor(BODY_WORKING_MM / sx + 1e-6)))
+    """HU on the body's working grid; (coarse, (fz, fy, fx)).
+
+    In-plane block means; along z the middle slice of each block of ``fz`` (thin slices only: a
+    sparse series keeps every slice), since the body changes little over ``BODY_WORKING_MM``.
+    """
+    sx, sy, sz = spacing
+    fz, fy, fx = (max(1, int(np.floor(BODY_WORKING_MM / d + 1e-6))) for d in (sz, sy, sx))
     nz, ny, nx = hu.shape
-    oy, ox = -(-ny // fy), -(-nx // fx)
-    out = np.empty((nz, oy, ox), dtype=np.float32)
-    for z in range(nz):
+    oz, oy, ox = -(-nz // fz), -(-ny // fy), -(-nx // fx)
+    out = np.empty((oz, oy, ox), dtype=np.float32)
+    for k in range(oz):
+        z = min(k * fz + fz // 2, nz - 1)
         sl = hu[z].astype(np.float32)
         # Padding is air. Noise below -1000 is kept: clipping it would lift the mean of noisy
         # (low-dose) air towards the lung's density.
@@ -264,10 +268,10 @@ def _body_grid(hu, spacing, cancel):
             sl = np.pad(sl, ((0, oy * fy - ny), (0, ox * fx - nx)), mode="edge")
             # Two contiguous sums: ~4x faster than one mean over the strided block axes.
             sl = sl.reshape(oy, fy, ox * fx).sum(axis=1).reshape(oy, ox, fx).sum(axis=2) / (fy * fx)
-        out[z] = sl
-        if z % 32 == 31:
+        out[k] = sl
+        if k % 32 == 31:
             cancel.raise_if_cancelled()
-    return out, (fy, fx)
+    return out, (fz, fy, fx)
 
 
 def _body_coarse(coarse, samp, cancel) -> np.ndarray:
