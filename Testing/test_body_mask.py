@@ -102,7 +102,22 @@ def test_lateral_table_touching_the_body():
     assert dice(mask, p.lung_mask) >= 0.95
 
 
+def test_lungs_cut_by_a_tight_crop_stay_inside_the_body():
+    # A crop through the lungs on every in-plane side: the lungs reach the image edge, so they
+    # are not holes of the body; they stay in because they are denser than gas and the body
+    # bounds them everywhere else.
+    p = generate_phantom(25, shape_zyx=SHAPE, spacing_mm=SPACING, ild=False, table="full")
+    ys = np.flatnonzero(p.lung_mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(p.lung_mask.any(axis=(0, 1)))
+    cut = (slice(None), slice(ys[0] + 6, ys[-1] - 5), slice(xs[0] + 6, xs[-1] - 5))
+    hu, truth = np.ascontiguousarray(p.hu[cut]), p.lung_mask[cut]
+    assert truth[:, 0, :].any() and truth[:, :, 0].any() and truth[:, :, -1].any()
+    assert segment_body(hu, p.spacing_mm)[truth].all()
+    assert dice(segment_lungs(hu, p.spacing_mm), truth) >= 0.95
+
+
 # ----------------------------------------------------------------------------------------------
+# Expiratory and low-dose# ----------------------------------------------------------------------------------------------
 # Expiratory and low-dose
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lung_hu, noise_hu", [(-650.0, 20.0), (-700.0, 20.0), (-650.0, 80.0), (None, 80.0)])
@@ -187,3 +202,16 @@ def test_real_ct_with_low_dose_noise(item, sigma_hu):
     noisy = np.clip(scan.hu + rng.normal(0.0, sigma_hu, scan.hu.shape), -1024, 3071).astype(np.int16)
     mask = segment_lungs(noisy, scan.spacing_mm)
     assert dice(mask, reference) >= 0.95, (item, sigma_hu)
+
+
+def test_real_mattress_pressed_between_body_and_image_edge_is_not_lung():
+    # The abdomen CT lies on a mattress that, in the pelvic slices, is pressed between the body
+    # and the image edge (lung-like foam bounded by the body and the edge, like a cropped lung);
+    # in other slices it joins the air outside the body, so it is outside. Lungs: 129 mL of bases
+    # (329 mL when the mattress was taken as cropped lung).
+    from ZeroShotILDLib.scan import read_scan
+
+    scan = read_scan(shared_data("real", "ct", "totalseg", "abdomen_lung_bases.nii.gz"))
+    mask = segment_lungs(scan.hu, scan.spacing_mm)
+    assert lung_volume_ml(mask, scan.spacing_mm) <= 160
+    assert not mask[:40].any()  # the pelvis
