@@ -92,6 +92,22 @@ def test_body_mask_is_the_patient_not_the_table():
     assert np.count_nonzero(body & table) <= 0.02 * np.count_nonzero(table)
 
 
+@pytest.mark.parametrize("volume, spacing, words", [
+    (np.full((64, 64), -800, np.int16), (1, 1, 1), "3-D"),
+    (np.full((4, 64, 64), -800, np.int16), (1, 0, 1), "spacing"),
+])
+def test_body_mask_refuses_bad_input_in_one_line(volume, spacing, words):
+    from ZeroShotILDLib.errors import InputError
+
+    with pytest.raises(InputError, match=words) as info:
+        segment_body(volume, spacing)
+    assert "\n" not in str(info.value)
+
+
+def test_body_mask_of_air_alone_is_empty():
+    assert not segment_body(np.full((4, 32, 32), -1000, np.int16), (2.0, 2.0, 2.0)).any()
+
+
 def test_lateral_table_touching_the_body():
     # A decubitus patient: the table against the side of the chest (a transposed supine phantom
     # with the table moved to touch the skin).

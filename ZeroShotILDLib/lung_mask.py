@@ -111,7 +111,11 @@ def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = 
     """
     _, cancel = resolve(None, cancel)
     hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise InputError(f"the body mask needs a 3-D [z, y, x] volume, got {hu.ndim}-D: give a CT volume")
     spacing = tuple(float(v) for v in spacing_mm)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
     coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
     small = _body_coarse(coarse, (spacing[1] * fy, spacing[0] * fx), cancel)
     out = np.empty(hu.shape, dtype=bool)
