@@ -6,16 +6,20 @@ main bronchi excluded. The steps, and the reason for each:
 
 0. Body (``segment_body``): the lungs lie inside the patient, so only air inside the body is a
    candidate. The body is found from the patient, never from the array's borders or a table
-   position: on a ~2.5 mm grid (along z only for thin slices), soft tissue (> ``BODY_HU``) is opened by
-   ``BODY_OPEN_MM`` per slice, which cuts the thin shells of a table or cushion where they
-   touch the skin, and the largest 3-D connected piece is the patient; each slice of it is then
-   filled. A background region enclosed by the body (lungs, airways, bowel gas) is inside. One
-   that reaches the image edge is inside only when the body is cut by the crop there: its median
-   is denser than gas (> ``OUTSIDE_AIR_HU``) and the body makes at least ``CROP_WALL_FRACTION``
-   of its boundary; outside air is gas, and the foam core of a table or mattress (lung-like
-   density) is bounded by the table's shells, not by the body. The table can be anywhere
-   (posterior supine, anterior prone, lateral), as wide as the field of view, touching the body,
-   and the array stored in any in-plane flip or rotation: nothing here looks at a direction.
+   position: on a ~2.5 mm grid (along z only for thin slices), soft tissue (> ``BODY_HU``) is
+   opened by ``BODY_OPEN_MM`` per slice, which cuts the thin shells of a table or cushion where
+   they touch the skin, and the largest 3-D connected piece is the patient; each slice of it is
+   then filled. A background region enclosed by the body (lungs, airways, bowel gas) is inside.
+   One that reaches the image edge is inside only where the crop cuts through the lung: its
+   median is denser than gas (> ``OUTSIDE_AIR_HU``), the body makes at least
+   ``CROP_WALL_FRACTION`` of its boundary, and in 3-D it never joins a region outside the body
+   (a mattress pressed between the body and the image edge does). Outside air is gas, and the
+   foam core of a table (lung-like density) is bounded by the table's shells, not by the body.
+   The table can be anywhere (posterior supine, anterior prone, lateral), as wide as the field
+   of view, touching the body, and the array stored in any in-plane flip or rotation: this step
+   looks at no direction. (Step 4 splits the lungs at the array column that halves them; on an
+   array stored transposed the split runs front to back, and the mask still agrees with the
+   upright one to Dice >= 0.99: ``Testing/test_body_mask.py``.)
 1. Threshold: voxels below ``threshold_hu`` (-400 HU) inside the body are air or aerated lung.
 2. 3-D connected components of that air are sorted into lung and not-lung. Air outside the body,
    in the stomach or bowel, and scanner padding is *gas*: the interior of such a component is
