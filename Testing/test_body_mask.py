@@ -104,6 +104,17 @@ def test_body_mask_refuses_bad_input_in_one_line(volume, spacing, words):
     assert "\n" not in str(info.value)
 
 
+def test_direction_must_have_nine_values():
+    from ZeroShotILDLib.errors import InputError
+
+    p = generate_phantom(26, shape_zyx=(12, 64, 64), spacing_mm=(5.0, 5.0, 10.0), ild=False)
+    with pytest.raises(InputError, match="direction"):
+        segment_lungs(p.hu, p.spacing_mm, direction=(1.0, 0.0, 0.0))
+    # The identity (and any direction with left-right columns) changes nothing.
+    np.testing.assert_array_equal(segment_lungs(p.hu, p.spacing_mm, direction=p.direction),
+                                  segment_lungs(p.hu, p.spacing_mm))
+
+
 def test_body_mask_of_air_alone_is_empty():
     assert not segment_body(np.full((4, 32, 32), -1000, np.int16), (2.0, 2.0, 2.0)).any()
 
@@ -192,6 +203,11 @@ def test_real_ct_in_every_in_plane_orientation(item):
         np.testing.assert_allclose(moved, original, atol=1e-3)
         mask = restore(segment_lungs(stored.hu, stored.spacing_mm), t, fy, fx)
         assert dice(mask, reference) >= 0.99, (item, t, fy, fx)
+        if t:
+            # Given the direction cosines, a transposed array is segmented upright: the same mask
+            # up to the flips (the lungs split left/right as in the original).
+            upright = restore(segment_lungs(stored.hu, stored.spacing_mm, direction=stored.direction), t, fy, fx)
+            assert dice(upright, reference) >= 0.998, (item, t, fy, fx)
 
 
 @pytest.mark.parametrize("side, gap_mm", [("below", 8.0), ("below", 0.0), ("above", 0.0)])

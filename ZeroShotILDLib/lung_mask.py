@@ -130,7 +130,8 @@ def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = 
 
 def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSettings] = None, *,
                   progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                  working_spacing_mm: Optional[float] = None, source: str = "") -> np.ndarray:
+                  working_spacing_mm: Optional[float] = None, source: str = "",
+                  direction=None) -> np.ndarray:
     """Boolean lung mask [z, y, x] of a CT in HU.
 
     Parameters
@@ -151,6 +152,12 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
         interpolate the mask back to the scan's grid. Default None: full resolution.
     source : str
         Name of the scan for error messages.
+    direction : 9 floats, optional
+        The scan's direction cosines (row-major, SimpleITK order). When given and the array's
+        columns run front to back rather than left to right (an array stored transposed), the
+        lungs are segmented on the transposed array, so the left/right split of step 4 is
+        between the lungs; the mask is returned in the array's own order. None: the columns are
+        taken as left-right (the body and every other step do not depend on it).
 
     Returns
     -------
@@ -169,6 +176,11 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
     spacing = tuple(float(v) for v in spacing_mm)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    if direction is not None and _columns_run_front_to_back(direction):
+        upright = np.ascontiguousarray(hu.transpose(0, 2, 1))
+        mask = segment_lungs(upright, (spacing[1], spacing[0], spacing[2]), s, progress=progress, cancel=cancel,
+                             working_spacing_mm=working_spacing_mm, source=source)
+        return np.ascontiguousarray(mask.transpose(0, 2, 1))
     factors = _working_factors(spacing, working_spacing_mm)
     if factors != (1, 1, 1):
         coarse = _block_mean(hu, factors, cancel)
@@ -250,6 +262,15 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
                          f"morphology; check the scan's spacing")
     progress(STAGE, total, total)
     return mask
+
+
+def _columns_run_front_to_back(direction) -> bool:
+    """Whether the array's x index axis lies closer to the patient's A-P axis than to L-R."""
+    d = np.asarray(direction, dtype=np.float64).ravel()
+    if d.size != 9 or not np.all(np.isfinite(d)):
+        raise InputError(f"direction has {d.size} values: give the 9 direction cosines (row-major 3x3)")
+    x_axis = d.reshape(3, 3)[:, 0]  # column 0: where the x index points in LPS
+    return abs(x_axis[1]) > abs(x_axis[0])
 
 
 # ----------------------------------------------------------------------------------------------
