@@ -315,6 +315,11 @@ def test_write_cohort_files_and_manifest(tmp_path, fmt):
     (dict(subtype="influenza"), "Unknown ILD subtype"),
     (dict(subtype=IPF, ild=False), "subtype"),
     (dict(ild="no"), "ild must be"),
+    (dict(table="wide"), "table must be"),
+    (dict(position="decubitus"), "position must be"),
+    (dict(table_gap_mm=-2.0), "table_gap_mm"),
+    (dict(lung_hu=-200.0), "lung_hu"),
+    (dict(lung_hu="deep"), "lung_hu"),
 ])
 def test_bad_phantom_arguments_are_refused(kwargs, words):
     args = dict(TINY)
@@ -323,6 +328,63 @@ def test_bad_phantom_arguments_are_refused(kwargs, words):
     with pytest.raises(InputError, match=words) as info:
         generate_phantom(seed, **args)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table, position and lung density (issue 15)
+# ---------------------------------------------------------------------------------------------
+def test_new_options_at_their_defaults_give_the_same_phantom():
+    a = generate_phantom(5, **TINY, subtype=SSC)
+    b = generate_phantom(5, **TINY, subtype=SSC, table="curved", table_gap_mm=None, position="supine", lung_hu=None)
+    np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.lung_mask, b.lung_mask)
+    assert a.report == b.report
+
+
+def _table_rows(ph):
+    """Rows whose voxels outside the body are mostly not air: the table's shells and foam core."""
+    outside = ~np.asarray(ph.body_mask)
+    med = np.array([np.median(ph.hu[:, r][outside[:, r]]) if outside[:, r].any() else -1000.0
+                    for r in range(ph.hu.shape[1])])
+    return np.flatnonzero(med > -960)
+
+
+@pytest.mark.parametrize("position", ["supine", "prone"])
+def test_full_width_table_spans_the_field_of_view_on_the_right_side(position):
+    ph = generate_phantom(9, shape_zyx=SHAPE, spacing_mm=SPACING_MM, ild=False, table="full", position=position)
+    body = np.asarray(ph.body_mask)
+    assert body[ph.lung_mask].all()
+    rows = _table_rows(ph)
+    body_rows = np.flatnonzero(body.any(axis=(0, 2)))
+    assert rows.size >= 8  # 36 mm of table at 3.5 mm
+    # +y (later rows) is posterior: the table is behind a supine patient, in front of a prone one.
+    if position == "supine":
+        assert rows.min() > body_rows.max()
+    else:
+        assert rows.max() < body_rows.min()
+    table = ph.hu[:, rows, :]
+    # As wide as the array, with a foam core of lung-like density between two shells.
+    assert (table > -960).mean(axis=(0, 1)).min() > 0.9
+    assert np.count_nonzero((table > -960) & (table < -880)) > np.count_nonzero(table > 0) > 0
+    # The dependent lung is the denser one: posterior supine, anterior prone.
+    lung_rows = np.flatnonzero(ph.lung_mask.any(axis=(0, 2)))
+    mid = (lung_rows.min() + lung_rows.max()) // 2
+    rows_idx = np.arange(ph.hu.shape[1])[None, :, None]
+    front = np.median(ph.hu[ph.lung_mask & (rows_idx < mid)])
+    back = np.median(ph.hu[ph.lung_mask & (rows_idx >= mid)])
+    assert (back > front) == (position == "supine")
+
+
+def test_table_touching_and_expiratory_lungs():
+    ph = generate_phantom(9, shape_zyx=SHAPE, spacing_mm=SPACING_MM, ild=False, table="full", table_gap_mm=0.0,
+                          lung_hu=-650.0)
+    body = np.asarray(ph.body_mask)
+    mid_col = ph.hu.shape[2] // 2
+    below_skin = np.flatnonzero(body[0, :, mid_col]).max() + 1
+    assert (ph.hu[:, below_skin, mid_col] > -500).all()   # the shell against the back
+    assert -700 < np.median(ph.hu[ph.lung_mask]) < -600
+    none = generate_phantom(9, shape_zyx=SHAPE, spacing_mm=SPACING_MM, ild=False, table="none")
+    assert _table_rows(none).size == 0
 
 
 @pytest.mark.parametrize("call,words", [
@@ -350,3 +412,21 @@ def test_save_with_unknown_extension_is_refused(tmp_path):
     ph = generate_phantom(0, **MINI)
     with pytest.raises(InputError, match="extension"):
         ph.save(tmp_path / "scan.png.foo")
+
+
+def test_add_full_width_table_to_a_scan():
+    from ZeroShotILDLib.phantom import TABLE_CORE_MM, TABLE_SHELL_MM, add_full_width_table
+
+    ph = generate_phantom(9, shape_zyx=SHAPE, spacing_mm=SPACING_MM, ild=False, table="none")
+    body = np.asarray(ph.body_mask)
+    top = np.flatnonzero(body.any(axis=(0, 2)))[0]
+    hu, table = add_full_width_table(ph.hu, ph.spacing_mm, body, side="above", gap_mm=0.0, seed=1)
+    rows = np.flatnonzero(table.any(axis=(0, 2)))
+    n = sum(max(1, round(t / SPACING_MM[1])) for t in (TABLE_SHELL_MM, TABLE_CORE_MM, TABLE_SHELL_MM))
+    assert rows.max() == top - 1 and rows.size == min(n, top)   # against the body, clipped by the edge
+    assert table[:, rows, :].all() and not (table & body).any()
+    np.testing.assert_array_equal(hu[~table], ph.hu[~table])
+    with pytest.raises(InputError, match="side"):
+        add_full_width_table(ph.hu, ph.spacing_mm, body, side="left")
+    with pytest.raises(InputError, match="empty"):
+        add_full_width_table(ph.hu, ph.spacing_mm, np.zeros_like(body))

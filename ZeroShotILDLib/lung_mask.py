@@ -4,7 +4,23 @@
 dense (fibrotic, ground-glass, consolidated) tissue inside the lungs included, and the trachea and
 main bronchi excluded. The steps, and the reason for each:
 
-1. Threshold: voxels below ``threshold_hu`` (-400 HU) are air or aerated lung.
+0. Body (``segment_body``): the lungs lie inside the patient, so only air inside the body is a
+   candidate. The body is found from the patient, never from the array's borders or a table
+   position: on a ~2.5 mm grid (along z only for thin slices), soft tissue (> ``BODY_HU``) is
+   opened by ``BODY_OPEN_MM`` per slice, which cuts the thin shells of a table or cushion where
+   they touch the skin, and the largest 3-D connected piece is the patient; each slice of it is
+   then filled. A background region enclosed by the body (lungs, airways, bowel gas) is inside.
+   One that reaches the image edge is inside only where the crop cuts through the lung: its
+   median is denser than gas (> ``OUTSIDE_AIR_HU``), the body makes at least
+   ``CROP_WALL_FRACTION`` of its boundary, and in 3-D it never joins a region outside the body
+   (a mattress pressed between the body and the image edge does). Outside air is gas, and the
+   foam core of a table (lung-like density) is bounded by the table's shells, not by the body.
+   The table can be anywhere (posterior supine, anterior prone, lateral), as wide as the field
+   of view, touching the body, and the array stored in any in-plane flip or rotation: this step
+   looks at no direction. (Step 4 splits the lungs at the array column that halves them; on an
+   array stored transposed the split runs front to back, and the mask still agrees with the
+   upright one to Dice >= 0.99: ``Testing/test_body_mask.py``.)
+1. Threshold: voxels below ``threshold_hu`` (-400 HU) inside the body are air or aerated lung.
 2. 3-D connected components of that air are sorted into lung and not-lung. Air outside the body,
    in the stomach or bowel, and scanner padding is *gas*: the interior of such a component is
    almost entirely below ``airway_hu`` (-950 HU), while lung parenchyma (vessels, septa, partial
@@ -68,6 +84,17 @@ GROUND_GLASS_MAX_HU = -200.0
 #: Holes larger than this (cm^2) are the mediastinum enclosed by touching lungs, not lung.
 MAX_HOLE_CM2 = 30.0
 AIRWAY_WALL_MM = 1.5
+#: Body: soft tissue above this HU (fat is -100, foam cushions and table cores below -800).
+BODY_HU = -500.0
+#: Opening radius (mm) that cuts table shells and bridges up to twice as thick from the body;
+#: chest walls are thicker (skin, fat, muscle and ribs), so the lungs stay enclosed.
+BODY_OPEN_MM = 3.0
+#: In-plane grid of the body mask (mm): the skin needs no finer line, and it keeps the cost low.
+BODY_WORKING_MM = 2.5
+#: A region reaching the image edge with its median at or below this HU is gas (outside air).
+OUTSIDE_AIR_HU = -950.0
+#: ...and one denser than that is lung cut by the crop only if the body bounds this much of it.
+CROP_WALL_FRACTION = 0.9
 #: Holes up to this size (cm^2) are always filled (vessels, nodules).
 SMALL_HOLE_CM2 = 3.0
 #: Larger holes whose median is denser than this (HU) are solid organ (liver or heart dome).
@@ -79,9 +106,32 @@ def lung_volume_ml(mask: np.ndarray, spacing_mm) -> float:
     return float(np.count_nonzero(mask)) * float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
 
 
+def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Boolean mask [z, y, x] of the patient's body with everything inside it (lungs, airways, gut).
+
+    Not the table, mattress, cushions, arms lying apart, or the air around; see step 0 of the
+    module docstring. Computed on a grid of about ``BODY_WORKING_MM`` (along z only for thin
+    slices: a sparse series keeps every slice) and brought back by nearest neighbour.
+    """
+    _, cancel = resolve(None, cancel)
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise InputError(f"the body mask needs a 3-D [z, y, x] volume, got {hu.ndim}-D: give a CT volume")
+    spacing = tuple(float(v) for v in spacing_mm)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
+    small = _body_coarse(coarse, (spacing[1] * fy, spacing[0] * fx), cancel)
+    out = np.empty(hu.shape, dtype=bool)
+    for z in range(hu.shape[0]):
+        out[z] = _body_slice_up(small[z // fz], hu.shape[1:], fy, fx)
+    return out
+
+
 def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSettings] = None, *,
                   progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                  working_spacing_mm: Optional[float] = None, source: str = "") -> np.ndarray:
+                  working_spacing_mm: Optional[float] = None, source: str = "",
+                  direction=None) -> np.ndarray:
     """Boolean lung mask [z, y, x] of a CT in HU.
 
     Parameters
@@ -102,6 +152,12 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
         interpolate the mask back to the scan's grid. Default None: full resolution.
     source : str
         Name of the scan for error messages.
+    direction : 9 floats, optional
+        The scan's direction cosines (row-major, SimpleITK order). When given and the array's
+        columns run front to back rather than left to right (an array stored transposed), the
+        lungs are segmented on the transposed array, so the left/right split of step 4 is
+        between the lungs; the mask is returned in the array's own order. None: the columns are
+        taken as left-right (the body and every other step do not depend on it).
 
     Returns
     -------
@@ -120,6 +176,11 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
     spacing = tuple(float(v) for v in spacing_mm)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    if direction is not None and _columns_run_front_to_back(direction):
+        upright = np.ascontiguousarray(hu.transpose(0, 2, 1))
+        mask = segment_lungs(upright, (spacing[1], spacing[0], spacing[2]), s, progress=progress, cancel=cancel,
+                             working_spacing_mm=working_spacing_mm, source=source)
+        return np.ascontiguousarray(mask.transpose(0, 2, 1))
     factors = _working_factors(spacing, working_spacing_mm)
     if factors != (1, 1, 1):
         coarse = _block_mean(hu, factors, cancel)
@@ -139,9 +200,14 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
     voxel_ml = sx * sy * sz / 1000.0
     name = source or "the scan"
 
+    coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
+    body = _body_coarse(coarse, (sy * fy, sx * fx), cancel)
+    del coarse
     mask = np.empty(hu.shape, dtype=bool)
     for z in range(nz):
         np.less(hu[z], s.threshold_hu, out=mask[z])
+        mask[z] &= _body_slice_up(body[z // fz], hu.shape[1:], fy, fx)
+    del body
     cancel.raise_if_cancelled()
     labels, n = _label(mask)
     progress(STAGE, nz, total)
@@ -196,6 +262,107 @@ def _segment(hu, spacing, s: LungMaskSettings, progress, cancel, source) -> np.n
                          f"morphology; check the scan's spacing")
     progress(STAGE, total, total)
     return mask
+
+
+def _columns_run_front_to_back(direction) -> bool:
+    """Whether the array's x index axis lies closer to the patient's A-P axis than to L-R."""
+    d = np.asarray(direction, dtype=np.float64).ravel()
+    if d.size != 9 or not np.all(np.isfinite(d)):
+        raise InputError(f"direction has {d.size} values: give the 9 direction cosines (row-major 3x3)")
+    x_axis = d.reshape(3, 3)[:, 0]  # column 0: where the x index points in LPS
+    return abs(x_axis[1]) > abs(x_axis[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Body
+# ----------------------------------------------------------------------------------------------
+def _body_grid(hu, spacing, cancel):
+    """HU on the body's working grid; (coarse, (fz, fy, fx)).
+
+    In-plane block means; along z the middle slice of each block of ``fz`` (thin slices only: a
+    sparse series keeps every slice), since the body changes little over ``BODY_WORKING_MM``.
+    """
+    sx, sy, sz = spacing
+    fz, fy, fx = (max(1, int(np.floor(BODY_WORKING_MM / d + 1e-6))) for d in (sz, sy, sx))
+    nz, ny, nx = hu.shape
+    oz, oy, ox = -(-nz // fz), -(-ny // fy), -(-nx // fx)
+    out = np.empty((oz, oy, ox), dtype=np.float32)
+    for k in range(oz):
+        z = min(k * fz + fz // 2, nz - 1)
+        sl = hu[z].astype(np.float32)
+        # Padding is air. Noise below -1000 is kept: clipping it would lift the mean of noisy
+        # (low-dose) air towards the lung's density.
+        sl[sl <= -1500] = -1000.0
+        if fy > 1 or fx > 1:
+            sl = np.pad(sl, ((0, oy * fy - ny), (0, ox * fx - nx)), mode="edge")
+            # Two contiguous sums: ~4x faster than one mean over the strided block axes.
+            sl = sl.reshape(oy, fy, ox * fx).sum(axis=1).reshape(oy, ox, fx).sum(axis=2) / (fy * fx)
+        out[k] = sl
+        if k % 32 == 31:
+            cancel.raise_if_cancelled()
+    return out, (fz, fy, fx)
+
+
+def _body_coarse(coarse, samp, cancel) -> np.ndarray:
+    """The filled body on the working grid (see step 0 of the module docstring)."""
+    nz = coarse.shape[0]
+    soft = coarse > BODY_HU
+    for z in range(nz):
+        if soft[z].any():
+            soft[z] = _open(soft[z], BODY_OPEN_MM, samp)
+    labels, n = _label(soft)
+    body = np.zeros(soft.shape, dtype=bool)
+    if n == 0:
+        return body
+    count = np.zeros(n + 1, dtype=np.int64)
+    for z in range(nz):
+        count += np.bincount(labels[z].ravel(), minlength=n + 1)
+    count[0] = 0
+    patient = int(np.argmax(count))
+    cut = np.zeros(soft.shape, dtype=bool)
+    outside = np.zeros(soft.shape, dtype=bool)
+    for z in range(nz):
+        core = labels[z] == patient
+        if core.any():
+            body[z], cut[z], outside[z] = _fill_body(core, coarse[z])
+        if z % 32 == 31:
+            cancel.raise_if_cancelled()
+    del labels
+    if cut.any():
+        # A region that looks like lung cut by the crop in one slice but joins air outside the
+        # body in another (a mattress pressed between the body and the image edge) is outside.
+        joined, _ = _label(cut | outside)
+        bad = np.unique(joined[outside])
+        cut &= ~np.isin(joined, bad[bad > 0])
+        body |= cut
+    return body
+
+
+def _fill_body(core, hu2):
+    """One slice: (body with its enclosed regions, regions that look like lung cut by the crop,
+    regions reaching the edge that are outside)."""
+    labels, n = ndi.label(~core)
+    if n == 0:
+        return core, np.zeros_like(core), np.zeros_like(core)
+    edge = np.zeros(n + 1, dtype=bool)
+    edge[labels[0]] = edge[labels[-1]] = edge[labels[:, 0]] = edge[labels[:, -1]] = True
+    edge[0] = False
+    cut = np.zeros(n + 1, dtype=bool)
+    for i in np.flatnonzero(edge):
+        region = labels == i
+        if np.median(hu2[region]) <= OUTSIDE_AIR_HU:
+            continue
+        rim = ndi.binary_dilation(region) & ~region
+        if rim.any() and np.count_nonzero(rim & core) >= CROP_WALL_FRACTION * np.count_nonzero(rim):
+            cut[i] = True
+    return ~edge[labels], cut[labels], (edge & ~cut)[labels]
+
+
+def _body_slice_up(small2, shape2, fy, fx) -> np.ndarray:
+    """Nearest-neighbour copy of one working-grid slice back to the scan's pixels."""
+    if fy == 1 and fx == 1:
+        return small2
+    return np.repeat(np.repeat(small2, fy, axis=0), fx, axis=1)[:shape2[0], :shape2[1]]
 
 
 def _label(mask: np.ndarray):

@@ -49,6 +49,8 @@ MANIFEST_COLUMNS = ("scan_path", "report_text", "ild", "subtype", "patient_id", 
 
 _IPF, _SSC, _HP = SUBTYPES
 _AIR_HU = -1000.0
+#: Full-width table: carbon shells around a foam core whose density is that of aerated lung.
+TABLE_SHELL_MM, TABLE_CORE_MM, TABLE_CORE_HU = 3.0, 30.0, -920.0
 _DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # Independent random streams per component, so that e.g. the same seed with ild=True and
 # ild=False gives the same chest and differs only in the disease.
@@ -79,6 +81,8 @@ class Phantom:
         Union of all ILD pattern regions; a subset of ``lung_mask``; empty for normal phantoms.
     airway_mask : ndarray of bool, shape (z, y, x)
         Lumen of the trachea and the two main bronchi.
+    body_mask : ndarray of bool, shape (z, y, x)
+        The patient: inside the skin (a read-only broadcast view; the body does not change along z).
     labels : dict
         ``{"ild": bool, "subtype": str or None, "patterns": [str, ...], "seed": int,
         "benign": [str, ...], "disease_fraction": float}``; ``patterns`` are names from
@@ -96,6 +100,7 @@ class Phantom:
     airway_mask: np.ndarray
     labels: dict
     report: str
+    body_mask: Optional[np.ndarray] = None
 
     def to_sitk(self):
         """Return the volume as an int16 ``SimpleITK.Image`` with spacing, origin and direction."""
@@ -131,6 +136,10 @@ def generate_phantom(
     subtype: Optional[str] = None,
     noise_hu: float = 20.0,
     padding_value: Optional[int] = None,
+    table: str = "curved",
+    table_gap_mm: Optional[float] = None,
+    position: str = "supine",
+    lung_hu: Optional[float] = None,
 ) -> Phantom:
     """Generate one synthetic chest HRCT phantom.
 
@@ -151,6 +160,18 @@ def generate_phantom(
     padding_value : int or None, default None
         If set, voxels outside the circular field of view (the circle inscribed in the axial
         plane) get this value, as scanners do (e.g. -2048 or -3024); None keeps air there.
+    table : {"curved", "full", "none"}, default "curved"
+        "curved": a thin curved plate narrower than the body; "full": a flat table as wide as the
+        field of view (the array's whole width): two 3 mm carbon shells around a 30 mm foam core
+        at ``TABLE_CORE_HU`` (lung-like density), as scanner tables are built; "none": no table.
+    table_gap_mm : float or None
+        Air between the skin and the table (0 = the table touches the body); None draws 6-16 mm.
+    position : {"supine", "prone"}, default "supine"
+        Prone puts the table against the anterior chest and makes the anterior lung the
+        dependent (denser) one.
+    lung_hu : float or None
+        Mean HU of the lung parenchyma; None draws -870..-835 (inspiration). About -650 gives an
+        expiratory scan.
 
     Returns
     -------
@@ -187,9 +208,60 @@ def generate_phantom(
     if not ild:
         subtype = None
 
+    if table not in ("curved", "full", "none"):
+        raise InputError(f"table must be 'curved', 'full' or 'none', got {table!r}.")
+    if position not in ("supine", "prone"):
+        raise InputError(f"position must be 'supine' or 'prone', got {position!r}.")
+    for name, value, lo, hi in (("table_gap_mm", table_gap_mm, 0.0, 200.0), ("lung_hu", lung_hu, -1000.0, -400.0)):
+        if value is not None and not (_is_number(value) and lo <= value <= hi):
+            raise InputError(f"{name} must be a number from {lo:g} to {hi:g} (or None), got {value!r}.")
+
     geom = _Grid(shape, spacing)
     anat = _sample_anatomy(np.random.default_rng([seed, _STREAM_ANATOMY]), geom)
+    # Overrides after every draw, so the random streams (and the default phantom) do not change.
+    anat.p["table"], anat.p["prone"] = table, position == "prone"
+    if table_gap_mm is not None:
+        anat.p["table_gap"] = float(table_gap_mm)
+    if lung_hu is not None:
+        anat.hu["lung"] = float(lung_hu)
     return _Builder(geom, anat, seed, ild, subtype, float(noise_hu), padding_value).build()
+
+
+def add_full_width_table(hu, spacing_mm, body, *, side: str = "below", gap_mm: float = 0.0,
+                         noise_hu: float = 20.0, seed: int = 0):
+    """A copy of a CT with a full-width table drawn ``gap_mm`` from the body; (hu, table_mask).
+
+    The table is the phantom's ``table="full"`` one (two ``TABLE_SHELL_MM`` shells around a
+    ``TABLE_CORE_MM`` foam core at ``TABLE_CORE_HU``), spanning every column of the array, below
+    (later rows) or above (earlier rows) the rows that ``body`` (bool [z, y, x]) occupies, with
+    ``noise_hu`` of white noise. It replaces whatever those rows held. For tests and figures on
+    real CTs whose own table is narrower than the field of view.
+    """
+    if side not in ("below", "above"):
+        raise InputError(f"side must be 'below' or 'above', got {side!r}.")
+    hu = np.asarray(hu)
+    rows = np.flatnonzero(np.asarray(body).any(axis=(0, 2)))
+    if rows.size == 0:
+        raise InputError("the body mask is empty: there is nothing to put a table against.")
+    sy = float(spacing_mm[1])
+    step = 1 if side == "below" else -1
+    r = rows[-1] + 1 + int(round(gap_mm / sy)) if step > 0 else rows[0] - 1 - int(round(gap_mm / sy))
+    out = hu.copy()
+    table = np.zeros(hu.shape, dtype=bool)
+    for thick_mm, value in ((TABLE_SHELL_MM, 200), (TABLE_CORE_MM, TABLE_CORE_HU), (TABLE_SHELL_MM, 200)):
+        n = max(1, int(round(thick_mm / sy)))
+        lo, hi = (r, r + n) if step > 0 else (r - n + 1, r + 1)
+        lo, hi = max(lo, 0), min(hi, hu.shape[1])
+        if lo < hi:
+            out[:, lo:hi, :] = value
+            table[:, lo:hi, :] = True
+        r += step * n
+    if not table.any():
+        raise InputError("the table does not fit between the body and the edge of the array.")
+    if noise_hu > 0:
+        noise = np.random.default_rng(seed).normal(0.0, noise_hu, hu.shape).astype(np.float32)
+        out[table] = np.clip(np.rint(out[table] + noise[table]), -1024, 3071).astype(hu.dtype)
+    return out, table
 
 
 def generate_cohort(n: int, seed: int = 0, positive_fraction: float = 0.5, **kwargs) -> Iterator[Phantom]:
@@ -532,10 +604,25 @@ class _SliceMaps:
         static[q_body < 1] = hu["soft"]
         static[_ellipse_q(x, y, 0, yc, *skin) < 1] = hu["fat"]
         static[_ellipse_q(x, y, 0, yc, *an.fat_in) < 1] = hu["muscle"]
-        # CT table: a curved plate under the patient
-        y_t = yc + an.body[2] + p["table_gap"] - (x ** 2) / (2 * 700.0)
-        table = (y >= y_t) & (y <= y_t + 4.0 * max(s, 0.5)) & (np.abs(x) < 0.8 * an.body[0])
-        static[table & (q_body >= 1)] = hu["table"]
+        self.body = q_body < 1
+        prone = p.get("prone", False)
+        kind = p.get("table", "curved")
+        if kind == "curved":
+            # CT table: a curved plate under the patient
+            y_t = yc + an.body[2] + p["table_gap"] - (x ** 2) / (2 * 700.0)
+            table = (y >= y_t) & (y <= y_t + 4.0 * max(s, 0.5)) & (np.abs(x) < 0.8 * an.body[0])
+            if prone:  # the same plate against the anterior chest
+                y_t = yc - an.body[1] - p["table_gap"] + (x ** 2) / (2 * 700.0)
+                table = (y <= y_t) & (y >= y_t - 4.0 * max(s, 0.5)) & (np.abs(x) < 0.8 * an.body[0])
+            static[table & (q_body >= 1)] = hu["table"]
+        elif kind == "full":
+            # Depth below the table top, growing away from the patient (posterior supine, anterior prone).
+            depth = (y - (yc + an.body[2] + p["table_gap"])) if not prone else ((yc - an.body[1] - p["table_gap"]) - y)
+            depth = np.broadcast_to(depth, shape)
+            core = (depth >= TABLE_SHELL_MM) & (depth < TABLE_SHELL_MM + TABLE_CORE_MM)
+            shells = (depth >= 0) & (depth < 2 * TABLE_SHELL_MM + TABLE_CORE_MM) & ~core
+            static[shells & ~self.body] = hu["table"]
+            static[core & ~self.body] = TABLE_CORE_HU
         self.cav = _ellipse_q(x, y, 0, yc, *an.cav) < 1
         static[self.cav] = hu["soft"]
         self.static = static
@@ -558,7 +645,8 @@ class _SliceMaps:
         self.band = np.abs(x) < hw[:, None]
         self.band_post = self.band & (dy_rel > 0.45)
         # gravity: dependent (posterior) lung is denser
-        self.lung_hu = (hu["lung"] + hu["lung_grad"] * np.clip(dy_rel, -1, 1) * 0.5).astype(np.float32)
+        dependent = -dy_rel if prone else dy_rel
+        self.lung_hu = (hu["lung"] + hu["lung_grad"] * np.clip(dependent, -1, 1) * 0.5).astype(np.float32)
         self.lung_hu = np.broadcast_to(self.lung_hu, shape)
 
         # Heart (rotated ellipse footprint; its height profile is applied per slice)
@@ -946,6 +1034,7 @@ class _Builder:
     def _base(self, cv: _Canvas):
         g, an = self.grid, self.an
         maps = _SliceMaps(an, g.xs, g.ys)
+        self.body2d = maps.body
         for k, z in enumerate(g.zs):
             cv.hu[k], cv.lung[k], _ = _render_slice(an, maps, float(z))
 
@@ -1051,6 +1140,7 @@ class _Builder:
         self.info.update({k: v for k, v in disease.info.items() if k != "sev_field"})
         self.info["fraction"] = frac
         hu16 = self._finish(cv)
+        body = np.broadcast_to(self.body2d, g.shape)
         labels = {
             "ild": self.ild, "subtype": self.subtype,
             "patterns": [q for q in PATTERNS if q in patterns],
@@ -1060,7 +1150,7 @@ class _Builder:
         report = _make_report(np.random.default_rng([self.seed, _STREAM_REPORT]), labels, self.info)
         return Phantom(hu=hu16, spacing_mm=tuple(g.spacing), origin_mm=tuple(g.origin),
                        direction=_DIRECTION, lung_mask=cv.lung, disease_mask=cv.disease,
-                       airway_mask=cv.airway, labels=labels, report=report)
+                       airway_mask=cv.airway, labels=labels, report=report, body_mask=body)
 
     # -- pass 5: blur, noise, field of view, int16 --
     def _finish(self, cv: _Canvas):

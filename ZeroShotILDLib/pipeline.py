@@ -106,7 +106,8 @@ class Analyzer:
             mask = lung_mask.astype(bool, copy=False)
         else:
             mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, s.lung, progress=self.progress,
-                                               cancel=self.cancel, working_spacing_mm=_lung_working_spacing(s))
+                                               cancel=self.cancel, working_spacing_mm=_lung_working_spacing(s),
+                                               direction=scan.direction)
         volume_ml = scan.mask_volume_ml(mask)  # each slice over its slab: right for interval series too
         timings["lung_mask_s"] = time.perf_counter() - t
         self.cancel.raise_if_cancelled()
@@ -377,7 +378,8 @@ def montage_for_scan(scan: Scan, settings: AnalysisSettings, *, analyzer: Option
     """
     try:
         mask = lung_mask_mod.segment_lungs(scan.hu, scan.spacing_mm, settings.lung,
-                                           working_spacing_mm=_lung_working_spacing(settings))
+                                           working_spacing_mm=_lung_working_spacing(settings),
+                                           direction=scan.direction)
     except InputError:
         if not whole_image_if_no_lungs:
             raise
