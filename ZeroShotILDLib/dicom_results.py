@@ -15,6 +15,7 @@ Zero-shot probabilities and extents have no standard codes: they are coded in th
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -71,27 +72,29 @@ def write_dicom_results(result: AnalysisResult, scan: Scan, folder, *, enabled: 
         return []
     import pydicom
 
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in scan.dicom_files]
+    sources = [_with_type2_attributes(pydicom.dcmread(f, stop_before_pixels=True)) for f in scan.dicom_files]
     ny, nx = scan.hu.shape[1:]
     if any((int(d.Rows), int(d.Columns)) != (ny, nx) for d in sources):
         result.notes.append("DICOM results (SEG, SR) not written: the source slices' size differs from the "
                             "analysed volume's")
         return []
     try:
-        objects = {LUNG_SEG_NAME: lung_segmentation(result.lung_mask, sources)}
-        if pattern_map is not None and pattern_names:
-            patterns_seg = pattern_segmentation(pattern_map, pattern_names, sources)
-            if patterns_seg is not None:
-                objects[PATTERNS_SEG_NAME] = patterns_seg
-        objects[SR_NAME] = measurement_report(result, sources, objects[LUNG_SEG_NAME], extent=extent,
-                                              patterns_seg=objects.get(PATTERNS_SEG_NAME),
-                                              pattern_extent=pattern_extent)
+        with warnings.catch_warnings():
+            # highdicom's warnings quote header values (a patient name it finds odd): never shown.
+            warnings.simplefilter("ignore")
+            objects = {LUNG_SEG_NAME: lung_segmentation(result.lung_mask, sources)}
+            if pattern_map is not None and pattern_names:
+                patterns_seg = pattern_segmentation(pattern_map, pattern_names, sources)
+                if patterns_seg is not None:
+                    objects[PATTERNS_SEG_NAME] = patterns_seg
+            objects[SR_NAME] = measurement_report(result, sources, objects[LUNG_SEG_NAME], extent=extent,
+                                                  patterns_seg=objects.get(PATTERNS_SEG_NAME),
+                                                  pattern_extent=pattern_extent)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # The analysis stands without them: a series whose headers break DICOM's rules (slices
         # naming different studies, no frame of reference) cannot be referenced by a SEG.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         result.notes.append(f"DICOM results (SEG, SR) not written: the source series' headers do not allow it "
-                            f"({reason[:200]})")
+                            f"({_reason_without_patient(exc, sources[0])})")
         return []
     folder = Path(folder)
     written = []
@@ -101,6 +104,34 @@ def write_dicom_results(result: AnalysisResult, scan: Scan, folder, *, enabled: 
     result.notes.append("DICOM results written for PACS: " + ", ".join(written) + " (they reference the source "
                         "series and carry its patient and study data)")
     return written
+
+
+def _reason_without_patient(exc: Exception, source) -> str:
+    """The first line of an error, with any patient identifier of ``source`` in it blanked out."""
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs"):
+        value = str(source.get(keyword, "") or "")
+        if len(value) > 1:
+            reason = reason.replace(value, "...")
+    return reason
+
+
+#: Patient and study attributes DICOM requires to be present, empty if unknown (Type 2). Anonymised
+#: series often drop them (the OSIC data have no PatientBirthDate); highdicom copies them as they are.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
+def _with_type2_attributes(dataset):
+    """The source header (in memory only) with missing Type 2 patient/study attributes present and empty,
+    and its SOP Class UID from the file meta header where the data set lacks it (seen in anonymised data)."""
+    meta = getattr(dataset, "file_meta", None)
+    if "SOPClassUID" not in dataset and meta is not None and "MediaStorageSOPClassUID" in meta:
+        dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    for keyword in _TYPE2:
+        if keyword not in dataset:
+            setattr(dataset, keyword, "")
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------
