@@ -50,7 +50,7 @@ figure{margin:0}figure img{width:100%;height:auto;display:block;border:1px solid
 figcaption{font-size:11px;color:#4b5563;margin-top:2px}
 table{border-collapse:collapse;width:100%}td,th{padding:2px 6px;text-align:left;vertical-align:top;
  border-bottom:1px solid #eceef1}th{font-weight:600;color:#374151}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .bar{height:10px;background:#e5e7eb;border-radius:2px;min-width:80px}
 .bar span{display:block;height:10px;background:#3b6fb6;border-radius:2px}
 ul.notes{margin:0;padding-left:18px}ul.notes li{margin:1px 0}
@@ -191,7 +191,7 @@ def _patterns_section(patterns: Mapping) -> str:
         f'<tr><td>{escape(n)}</td><td class="num">{_pct(f)}</td><td style="width:40%"><div class="bar">'
         f'<span style="width:{max(0.0, min(1.0, _fraction(f) or 0.0)) * 100:.1f}%"></span></div></td></tr>'
         for n, f in rows)
-    return f"<h2>Pattern map</h2><table><tr><th>pattern</th><th>lung</th><th></th></tr>{body}</table>"
+    return f"<h2>Pattern map</h2><table><tr><th>pattern</th><th class=\"num\">lung</th><th></th></tr>{body}</table>"
 
 
 def _settings_rows(result: AnalysisResult) -> str:
@@ -247,11 +247,13 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
         f'{" (best patch)" if k == 0 else ""}</figcaption></figure>'
         for k, (z, uri) in enumerate(_overlays(scan, result, heat, OVERLAY_SLICES)))
     montage = png_data_uri(result.montage)
-    probabilities = (f"<table><tr><th>finding (montage)</th><th>p</th><th></th></tr>"
-                     f"{_probability_rows(result.finding_probabilities)}</table>")
+    # One table, so the columns of findings and subtypes line up.
+    probabilities = f"<table><tr><th>finding (montage)</th><th class=\"num\">p</th><th></th></tr>" + \
+        _probability_rows(result.finding_probabilities)
     if result.subtype_probabilities:
-        probabilities += (f"<table><tr><th>subtype</th><th>p</th><th></th></tr>"
-                          f"{_probability_rows(result.subtype_probabilities)}</table>")
+        probabilities += "<tr><th>subtype</th><th class=\"num\">p</th><th></th></tr>" + \
+            _probability_rows(result.subtype_probabilities)
+    probabilities += "</table>"
     notes = "".join(f"<li>{escape(str(n))}</li>" for n in result.notes) or "<li>none</li>"
     files = ""
     if output_files:
