@@ -33,6 +33,8 @@ EXTENT = {"interstitial lung disease": {
     "lung_fraction": 0.23, "predominance": "lower, subpleural", "rule": "hand-made for the test",
     "by_zone": {"upper": 0.05, "middle": 0.2, "lower": 0.44, "left": 0.25, "right": 0.21, "subpleural": 0.35,
                 "central": 0.1}}}
+#: Extent of a prompt the run gave no probability for (a pattern prompt): its own group, extent only.
+EXTENT_ONLY = {"honeycombing": {"lung_fraction": 0.07, "by_zone": {"lower": 0.15, "upper": None}}}
 PATTERN_NAMES = {1: "honeycombing", 2: "reticulation", 4: "normal lung"}  # label 3 unnamed, 4 after a gap
 
 
@@ -69,7 +71,7 @@ def analysed_dicom(folder, tiny_model, *, with_patterns=True):
 
     scan = read_scan(folder)
     result = Analyzer(tiny_settings(patch_mm=20.0), model=tiny_model).analyze(scan)
-    result.extent = EXTENT
+    result.extent = {**EXTENT, **EXTENT_ONLY}
     if with_patterns:
         # A made-up pattern map: named labels in three bands of the lungs, an unnamed label 3 (written as none).
         labels = np.zeros(scan.hu.shape, np.uint8)
@@ -157,7 +159,8 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     assert sr.StudyInstanceUID == STUDY_UID and sr.PatientName == PATIENT
     report = sr.content
     groups = report.get_volumetric_roi_measurement_groups()
-    expected = len(result.finding_probabilities) + len(result.subtype_probabilities) + len(result.pattern_extent)
+    expected = (len(result.finding_probabilities) + len(EXTENT_ONLY) + len(result.subtype_probabilities)
+                + len(result.pattern_extent))
     assert len(groups) == expected
     by_id = {g.tracking_identifier: g for g in groups}
     prompt = result.primary_prompt
@@ -166,6 +169,8 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     assert values["Extent, share of lung volume"] == (pytest.approx(23.0), "%")
     for zone, fraction in EXTENT[prompt]["by_zone"].items():
         assert values[f"Extent, share of {zone} zone lung volume"][0] == pytest.approx(100 * fraction)
+    assert _numeric(by_id["prompt: honeycombing"]) == {"Extent, share of lung volume": (pytest.approx(7.0), "%"),
+                                                       "Extent, share of lower zone lung volume": (pytest.approx(15.0), "%")}
     for subtype, p in result.subtype_probabilities.items():
         assert _numeric(by_id[f"subtype: {subtype}"])["Zero-shot montage probability"][0] == pytest.approx(p, abs=1e-6)
     assert _numeric(by_id["pattern: reticulation"])["Extent, share of lung volume"][0] == pytest.approx(20.0)

@@ -261,8 +261,11 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
                                  unit=codes.UCUM.Percent, algorithm_id=algorithm)
 
     groups = []
-    for k, (prompt, value) in enumerate(result.finding_probabilities.items(), start=1):
-        measurements = [probability(value)] if np.isfinite(float(value)) else []
+    # Prompts with a probability, then any with extent only (the pattern prompts, say).
+    prompts = list(result.finding_probabilities) + [q for q in (extent or {}) if q not in result.finding_probabilities]
+    for k, prompt in enumerate(prompts, start=1):
+        value = _fraction(result.finding_probabilities.get(prompt))
+        measurements = [probability(value)] if value is not None else []
         entry = (extent or {}).get(prompt) or {}
         whole = _fraction(entry.get("lung_fraction"))
         if whole is not None:
@@ -278,7 +281,7 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
             finding_sites=lung_site, algorithm_id=algorithm, measurements=measurements,
             qualitative_evaluations=[meaningful]))
     for k, (subtype, value) in enumerate(result.subtype_probabilities.items(), start=1):
-        if not np.isfinite(float(value)):
+        if _fraction(value) is None:
             continue
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"subtype: {subtype}"),
