@@ -62,7 +62,8 @@ def write_ct_series(folder, scan, keep=None):
 
 @pytest.fixture(scope="module")
 def phantom_scan():
-    ph = generate_phantom(11, shape_zyx=(24, 96, 96), spacing_mm=(3.0, 3.0, 5.0), subtype="idiopathic pulmonary fibrosis")
+    ph = generate_phantom(11, shape_zyx=(24, 96, 96), spacing_mm=(3.0, 3.0, 5.0),
+                          subtype="idiopathic pulmonary fibrosis")
     return scan_from_array(ph.hu, ph.spacing_mm, ph.origin_mm, ph.direction, source="phantom")
 
 
@@ -169,8 +170,9 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     assert values["Extent, share of lung volume"] == (pytest.approx(23.0), "%")
     for zone, fraction in EXTENT[prompt]["by_zone"].items():
         assert values[f"Extent, share of {zone} zone lung volume"][0] == pytest.approx(100 * fraction)
-    assert _numeric(by_id["prompt: honeycombing"]) == {"Extent, share of lung volume": (pytest.approx(7.0), "%"),
-                                                       "Extent, share of lower zone lung volume": (pytest.approx(15.0), "%")}
+    assert _numeric(by_id["prompt: honeycombing"]) == {
+        "Extent, share of lung volume": (pytest.approx(7.0), "%"),
+        "Extent, share of lower zone lung volume": (pytest.approx(15.0), "%")}
     for subtype, p in result.subtype_probabilities.items():
         assert _numeric(by_id[f"subtype: {subtype}"])["Zero-shot montage probability"][0] == pytest.approx(p, abs=1e-6)
     assert _numeric(by_id["pattern: reticulation"])["Extent, share of lung volume"][0] == pytest.approx(20.0)

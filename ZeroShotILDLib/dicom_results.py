@@ -303,7 +303,8 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name="zeroshot-ild", manufacturer_name=MANUFACTURER, model_name=result.model_name[:64])))
+            uid=generate_uid(), name="zeroshot-ild", manufacturer_name=MANUFACTURER,
+            model_name=result.model_name[:64])))
     content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                       imaging_measurements=groups, title=codes.cid7021.ImagingMeasurementReport)
     evidence = list(sources) + [lung_seg] + ([patterns_seg] if patterns_seg is not None else [])

@@ -328,8 +328,8 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, o
     """Write every output into ``out_dir``, replacing only files an earlier run wrote there.
 
     ``dicom``: write DICOM SEG/SR results (None: when the scan was read from DICOM and highdicom
-    is installed; see ``dicom_results``). See the module docstring for what is and is not touched. A failed write (full disk, permissions)
-    raises ``InputError`` with one line; the staging folder is removed and the earlier files stay.
+    is installed; see ``dicom_results``). See the module docstring for what is and is not touched.
+    A failed write (full disk, permissions) raises ``InputError`` with one line; the staging folder is removed and the earlier files stay.
     """
     out_dir = prepare_out_dir(out_dir, overwrite=overwrite)
     created = not out_dir.exists()

@@ -26,8 +26,9 @@ from .results import AnalysisResult
 from .scan import Scan
 
 REPORT_NAME = "report.html"
-RESEARCH_NOTICE = ("Research software, not a diagnostic device: not for clinical decisions. Zero-shot scores of a "
-                   "vision-language model are not calibrated probabilities of disease.")
+RESEARCH_TITLE = "Research software, not a diagnostic device"
+RESEARCH_NOTICE = (f"{RESEARCH_TITLE}: not for clinical decisions. Zero-shot scores of a vision-language model are "
+                   "not calibrated probabilities of disease.")
 #: Zones in the order the extent chart shows them (the keys of ``extent[prompt]["by_zone"]``).
 ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "central")
 #: Overlays in the report: the slices of the best patches, at most this many distinct slices.
@@ -279,7 +280,7 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
 <h1>ZeroShotILD report</h1>
 <p class="sub">Input <b>{escape(name)}</b> &middot; model <b>{escape(result.model_name)}</b> &middot;
 primary prompt <b>{escape(result.primary_prompt)}</b> &middot; {escape(created.strftime("%Y-%m-%d %H:%M UTC"))}</p>
-<div class="notice"><b>{escape(RESEARCH_NOTICE.split(":")[0])}</b>:{escape(RESEARCH_NOTICE.split(":", 1)[1])}</div>
+<div class="notice"><b>{escape(RESEARCH_TITLE)}</b>{escape(RESEARCH_NOTICE[len(RESEARCH_TITLE):])}</div>
 {banner}
 <div class="grid">
 <section>
