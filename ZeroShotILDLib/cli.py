@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this lung mask (any non-zero voxel is lung: TotalSegmentator, lungmask or a corrected "
                         "one) instead of segmenting; same grid as the scan. With several scans give one per scan, "
                         "in the same order")
+    p.add_argument("--dicom-results", action=argparse.BooleanOptionalAction, default=None,
+                   help="for a DICOM series: also write the lung mask as DICOM SEG and the probabilities (and "
+                        "extent) as a DICOM SR referencing it (default: on when highdicom is installed, "
+                        "pip install 'zeroshot-ild[dicom]')")
     _add_settings_args(p)
     p = sub.add_parser("demo", help="run everything offline on a generated phantom")
     _add_out_args(p, "output folder")
@@ -188,7 +192,7 @@ def _cmd_models() -> int:
 
 
 def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None, *,
-             lung_mask_path=None, overwrite: bool = False):
+             lung_mask_path=None, overwrite: bool = False, dicom_results=None):
     from .embeddings import EmbeddingCache
     from .ensemble import make_analyzer
     from .outputs import write_outputs
@@ -202,7 +206,7 @@ def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cac
     if mask is not None:
         result.notes.append(f"lung mask read from {Path(lung_mask_path).name}, not segmented")
     progress("writing outputs", 0, 1)
-    write_outputs(result, scan, out_dir, overwrite=overwrite)
+    write_outputs(result, scan, out_dir, overwrite=overwrite, dicom=dicom_results)
     progress.close()
     return result, analyzer
 
@@ -267,6 +271,12 @@ def _cmd_analyze(args, progress) -> int:
     for mask in masks:
         if not Path(mask).expanduser().is_file():
             raise InputError(f"lung mask {mask} does not exist: give a NIfTI/NRRD/MHA file")
+    if args.dicom_results:
+        from .dicom_results import INSTALL_HINT, highdicom_available
+
+        if not highdicom_available():
+            raise InputError(f"--dicom-results needs highdicom, which is not installed: {INSTALL_HINT}, or leave "
+                             "the option out")
     targets = [out / name for name in output_names(args.inputs)] if many else [out]
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
@@ -278,7 +288,8 @@ def _cmd_analyze(args, progress) -> int:
     analyzer = None
     for k, (path, target) in enumerate(zip(args.inputs, targets)):
         result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer,
-                                    lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite)
+                                    lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite,
+                                    dicom_results=args.dicom_results)
         print(_summary(result, target))
     return 0
 

@@ -1,6 +1,8 @@
 """Pictures people look at instead of numbers: the heatmap overlay with the top patches outlined."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -25,14 +27,18 @@ def window_to_uint8(hu_slice: np.ndarray, hu_window=(-1350.0, 150.0)) -> np.ndar
 
 
 def overlay_figure(scan: Scan, result: AnalysisResult, heat: np.ndarray, *, alpha: float = 0.45,
-                   max_outlines: int = 16) -> Image.Image:
+                   max_outlines: int = 16, slice_index: Optional[int] = None) -> Image.Image:
     """The axial slice of the best patch: CT in the lung window, heatmap over the lungs, top patches boxed.
 
     Heat is shown relative to its range on that slice so that the ranking stays visible even when
-    the probabilities sit close to 0.5 (CheXzero's unscaled softmax does that).
+    the probabilities sit close to 0.5 (CheXzero's unscaled softmax does that). ``slice_index``
+    shows another slice (the report shows the slices of the next best patches too).
     """
     best = int(result.ranked[0])
-    z = int(result.patches.slice_index[best])
+    if slice_index is not None:
+        on_slice = [int(i) for i in result.ranked if int(result.patches.slice_index[i]) == int(slice_index)]
+        best = on_slice[0] if on_slice else best
+    z = int(result.patches.slice_index[best]) if slice_index is None else int(slice_index)
     gray = window_to_uint8(scan.hu[z], result.settings.hu_window)
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     h = heat[z]
@@ -55,6 +61,7 @@ def overlay_figure(scan: Scan, result: AnalysisResult, heat: np.ndarray, *, alph
         x1, y1 = x0 + p.size_cols * scale - 1, y0 + p.size_rows * scale - 1
         draw.rectangle([x0, y0, x1, y1], outline=(0, 255, 255), width=2)
         draw.text((x0 + 3, y0 + 2), str(rank), fill=(0, 255, 255))
-    draw.text((6, 6), f"slice {z}  {result.primary_prompt}: top patch p={result.patch_probabilities[result.primary_prompt][best]:.3f}",
+    which = "top patch" if best == int(result.ranked[0]) else "best patch here"
+    draw.text((6, 6), f"slice {z}  {result.primary_prompt}: {which} p={result.patch_probabilities[result.primary_prompt][best]:.3f}",
               fill=(255, 255, 0))
     return image

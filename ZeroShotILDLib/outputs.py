@@ -1,4 +1,5 @@
-"""Writing a result to a folder: result.json, patches.csv, montage.png, heatmap.nii.gz, lung_mask.nii.gz, overlay.png.
+"""Writing a result to a folder: result.json, patches.csv, montage.png, heatmap.nii.gz, lung_mask.nii.gz, overlay.png,
+report.html, and for a DICOM input the DICOM results (lung_mask.seg.dcm, patterns.seg.dcm, result.sr.dcm).
 
 The tool only ever replaces or removes files it wrote itself. Every result folder holds a manifest
 (``.zeroshot-ild-manifest.json``) naming the files the tool wrote there; anything else in the folder
@@ -40,7 +41,10 @@ MANIFEST_FORMAT = "zeroshot-ild-manifest/1"
 #: The list of files the tool wrote into a result folder; the only files it will ever replace or remove there.
 MANIFEST_NAME = ".zeroshot-ild-manifest.json"
 #: Every file a run writes into ``--out``, in the order they are moved into place (result.json last).
-OUTPUT_FILES = ("patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png", "result.json")
+OUTPUT_FILES = ("patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png", "report.html",
+                "result.json")
+#: Files only some runs write (DICOM results of a DICOM input); ours all the same, in the manifest when written.
+OPTIONAL_OUTPUT_FILES = ("lung_mask.seg.dcm", "patterns.seg.dcm", "result.sr.dcm")
 STAGING_PREFIX = ".zeroshot-ild-partial-"
 #: Earlier versions staged beside ``--out``: ``.NAME.partial-XXXX`` and ``.NAME.old-PID``.
 _LEGACY_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-[A-Za-z0-9_]+$")
@@ -148,7 +152,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_our_files(folder: Path) -> bool:
     """Remove the tool's own file names (and partial files) from a leftover folder; rmdir it if then empty."""
-    ours = set(OUTPUT_FILES) | {MANIFEST_NAME}
+    ours = set(OUTPUT_FILES) | set(OPTIONAL_OUTPUT_FILES) | {MANIFEST_NAME}
     for entry in list(folder.iterdir()):
         if entry.is_file() and not entry.is_symlink() and (entry.name in ours or _is_our_partial(entry.name)):
             entry.unlink()
@@ -160,7 +164,7 @@ def _remove_our_files(folder: Path) -> bool:
 
 
 def _is_our_partial(name: str) -> bool:
-    ours = set(OUTPUT_FILES) | {MANIFEST_NAME}
+    ours = set(OUTPUT_FILES) | set(OPTIONAL_OUTPUT_FILES) | {MANIFEST_NAME}
     return name.endswith(PARTIAL_SUFFIX) and any(name.startswith(f".{n}.") for n in ours)
 
 
@@ -228,7 +232,7 @@ def prepare_out_dir(out_dir: os.PathLike, *, overwrite: bool = False, clean: boo
     if out_dir.exists():
         if not out_dir.is_dir():
             raise InputError(f"output {out_dir} exists and is not a folder: choose another --out")
-        for name in OUTPUT_FILES + (MANIFEST_NAME,):
+        for name in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES + (MANIFEST_NAME,):
             p = out_dir / name
             if (p.exists() or p.is_symlink()) and not p.is_file():
                 raise InputError(f"{p} is in the way of an output file (it is not a plain file): move it or choose "
@@ -276,14 +280,23 @@ def write_patches_csv(result: AnalysisResult, path: Path) -> None:
                         *(f"{result.patch_probabilities[q][i]:.6f}" for q in prompts)])
 
 
-def _write_files(result: AnalysisResult, scan: Scan, folder: Path) -> None:
+def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Optional[bool] = None) -> tuple:
+    """Write every output into ``folder``; return the names of the optional ones written (DICOM results)."""
     import SimpleITK as sitk
     from PIL import Image
 
+    from .dicom_results import write_dicom_results
     from .figures import overlay_figure
     from .heatmap import paint_heatmap
     from .patches import slice_step_voxels
+    from .report import write_report
 
+    # First: whether they were written (or why not) is a note in result.json and the report.
+    # extent / pattern_* are optional fields of the result (absent: those parts are left out).
+    optional = tuple(write_dicom_results(
+        result, scan, folder, enabled=dicom, extent=getattr(result, "extent", None),
+        pattern_map=getattr(result, "pattern_map", None), pattern_names=getattr(result, "pattern_names", None),
+        pattern_extent=getattr(result, "pattern_extent", None)))
     with open(folder / "result.json", "w", encoding="utf-8") as handle:
         handle.write(json_text(result_to_dict(result)))
     write_patches_csv(result, folder / "patches.csv")
@@ -294,9 +307,13 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path) -> None:
     # to_output_sitk: an interval series is written on a regular grid that overlays its slices.
     sitk.WriteImage(scan.to_output_sitk(heat), str(folder / "heatmap.nii.gz"), useCompression=True)
     overlay_figure(scan, result, heat).save(folder / "overlay.png")
+    write_report(result, scan, folder / "report.html", heat, extent=getattr(result, "extent", None),
+                 pattern_extent=getattr(result, "pattern_extent", None),
+                 output_files=[n for n in OUTPUT_FILES + optional])
     del heat
     sitk.WriteImage(scan.to_output_sitk(result.lung_mask.astype(np.uint8)), str(folder / "lung_mask.nii.gz"),
                     useCompression=True)
+    return optional
 
 
 def _write_manifest(out_dir: Path, files) -> None:
@@ -306,11 +323,13 @@ def _write_manifest(out_dir: Path, files) -> None:
          "files": sorted(files)}, indent=2) + "\n")
 
 
-def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, overwrite: bool = False) -> Path:
+def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, overwrite: bool = False,
+                  dicom: Optional[bool] = None) -> Path:
     """Write every output into ``out_dir``, replacing only files an earlier run wrote there.
 
-    See the module docstring for what is and is not touched. A failed write (full disk, permissions)
-    raises ``InputError`` with one line; the staging folder is removed and the earlier files stay.
+    ``dicom``: write DICOM SEG/SR results (None: when the scan was read from DICOM and highdicom
+    is installed; see ``dicom_results``). See the module docstring for what is and is not touched.
+    A failed write (full disk, permissions) raises ``InputError`` with one line; the staging folder is removed and the earlier files stay.
     """
     out_dir = prepare_out_dir(out_dir, overwrite=overwrite)
     created = not out_dir.exists()
@@ -320,17 +339,19 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, o
         if staging.exists():
             _remove_our_files(staging)
         staging.mkdir()
-        _write_files(result, scan, staging)
+        optional = _write_files(result, scan, staging, dicom=dicom)
+        # result.json last: a folder with a new result.json holds every other new file.
+        written = [n for n in OUTPUT_FILES if n != "result.json"] + list(optional) + ["result.json"]
         previous = _earlier_result(out_dir) or []
         # Name the union first: a kill while moving leaves a manifest that covers every file of ours.
-        _write_manifest(out_dir, set(previous) | set(OUTPUT_FILES))
-        for name in OUTPUT_FILES:
+        _write_manifest(out_dir, set(previous) | set(written))
+        for name in written:
             os.replace(staging / name, out_dir / name)
-        for name in set(previous) - set(OUTPUT_FILES):
+        for name in set(previous) - set(written):
             stale = out_dir / name
             if stale.is_file() and not stale.is_symlink():
                 stale.unlink()
-        _write_manifest(out_dir, OUTPUT_FILES)
+        _write_manifest(out_dir, written)
     except OSError as exc:
         _discard(staging, out_dir if created else None)
         reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))

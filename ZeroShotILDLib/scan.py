@@ -99,6 +99,11 @@ class Scan:
         ``None`` for evenly spaced slices, which sit ``spacing_mm[2]`` apart. When set,
         ``spacing_mm[2]`` is the mean gap, a nominal value for 3-D morphology only: positions,
         volumes and written images use the true positions.
+    dicom_files : tuple of str or None
+        For a scan read from DICOM whose voxels lie on the source images' own planes: the file of
+        each slice in ``hu`` order. DICOM results (SEG, SR) read
+        their references from these. ``None`` otherwise (other formats; a series resampled on
+        reading: gantry tilt, or sagittal/coronal slices turned axial; a multi-frame file).
     """
 
     hu: np.ndarray
@@ -108,6 +113,7 @@ class Scan:
     source: str = ""
     notes: list = field(default_factory=list)
     slice_positions_mm: Optional[tuple] = None
+    dicom_files: Optional[tuple] = None
 
     @property
     def shape_zyx(self) -> tuple:
@@ -828,6 +834,8 @@ def _read_dicom_headers(headers: list, source: str, notes: list) -> Scan:
         hu = np.ascontiguousarray(view)
     scan = _finish(hu, spacing, origin, direction_t, source, notes)
     scan.slice_positions_mm = slice_positions
+    if shifts_mm is None and direction_t == tuple(float(v) for v in direction.ravel()):  # on the source planes
+        scan.dicom_files = tuple(str(h.path) for h in stack)
     return scan
 
 

@@ -10,7 +10,7 @@ stamp=.venv/.installed-$(cat pyproject.toml "$constraints" | sha1sum | cut -c1-1
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-  .venv/bin/python -m pip install --quiet -c "$constraints" -e '.[train,test]'
+  .venv/bin/python -m pip install --quiet -c "$constraints" -e '.[train,test,dicom]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
