@@ -30,6 +30,7 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 from conftest import REPO, shared_data
@@ -273,3 +274,54 @@ def test_apply_on_a_phantom_with_the_gil_held_like_slicer(module, small_phantom,
 
     sitk.WriteImage(scan_from_array(p.hu, p.spacing_mm, p.origin_mm, p.direction).to_sitk(), str(path))
     _check(run_panel_session(module, path, tmp_path, monkeypatch, patch_mm=30.0, slice_step_mm=5.0))
+
+
+def test_fast_mode_reprompt_shows_a_preview_then_the_exact_answer(module, tmp_path, monkeypatch, tiny_model):
+    """After a re-prompt in fast mode the panel ends on what a fresh analysis with that prompt gives."""
+    from ZeroShotILDLib import proposals
+    from ZeroShotILDLib.embeddings import EmbeddingCache
+    from ZeroShotILDLib.phantom import generate_phantom
+    from ZeroShotILDLib.pipeline import Analyzer
+    from ZeroShotILDLib.scan import scan_from_array
+
+    if not proposals.cpu_has_fast_bf16():
+        pytest.skip("the bf16 proposal pass needs a CPU with AMX or AVX512-BF16")
+    fast = dict(patch_mm=30.0, slice_step_mm=5.0, scoring_mode="fast", rescore_fraction=0.0, rescore_min=16, top_k=16)
+    p = generate_phantom(4, shape_zyx=(40, 128, 128), spacing_mm=(2.5, 2.5, 5.0), ild=True)
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, p.hu, p.spacing_mm, p.origin_mm, p.direction, "Chest CT")
+    host = Host(module, headless, volume, tmp_path, monkeypatch)
+    try:
+        host.set(**fast, prompts=["interstitial lung disease"])
+        host.press_apply()
+        host.run(timeout_s=300.0)
+        assert host.logic.session.result is not None, host.status
+
+        host.set(**fast, prompts=["emphysema"])
+        jobs, seen = [], []
+        start = host.logic.startReprompt
+        monkeypatch.setattr(host.logic, "startReprompt", lambda *a, **k: jobs.append(start(*a, **k)) or jobs[-1])
+        host.press_apply()
+
+        def watch():
+            seen.append(host.status)
+            return False
+
+        host.run(timeout_s=120.0, until=watch)
+        (job,) = jobs
+        assert job.previewed  # the worker sent the instant preview before the exact answer
+        # With the tiny model the exact re-scoring often lands in the same poll as the preview; when
+        # the panel showed the preview, it was marked as one.
+        assert all("proposal-pass scores" in s for s in seen if s.startswith("Preview"))
+        final = host.logic.session.result
+        assert not host.status.startswith("Preview") and "proposal-pass scores" not in host.status
+        assert not host.errors and final.primary_prompt == "emphysema"
+
+        scan = scan_from_array(p.hu, p.spacing_mm, p.origin_mm, p.direction)
+        fresh = Analyzer(AnalysisSettings(**{**SETTINGS, **fast, "prompts": ["emphysema"]}), model=tiny_model,
+                         cache=EmbeddingCache()).analyze(scan)
+        np.testing.assert_array_equal(final.ranked[:16], fresh.ranked[:16])
+        assert final.finding_probabilities["emphysema"] == pytest.approx(fresh.finding_probabilities["emphysema"],
+                                                                         abs=0.005)
+    finally:
+        host.widget.cleanup()

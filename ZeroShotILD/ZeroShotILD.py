@@ -643,8 +643,11 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
 
     def applyPreview(self, job) -> bool:
         """Put a re-prompt job's preview (if one arrived) in the scene; True if it did."""
+        from ZeroShotILDMRML import worker_client
+
         preview = job.take_preview()
-        if preview is None or job.session is not self.session:
+        # A preview that arrived together with the exact answer is not worth drawing.
+        if preview is None or job.session is not self.session or job.state == worker_client.SUCCEEDED:
             return False
         self.session.apply_reprompt(preview, job.settings, app_logic=_appLogic())
         return True

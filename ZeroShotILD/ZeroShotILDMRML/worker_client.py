@@ -269,6 +269,8 @@ class WorkerClient:
                 log.warning("ZeroShotILD worker: unreadable line on the protocol channel")
                 continue
             self._on_event(event)
+            if self.process is None:  # the event stopped the worker (another protocol version)
+                return
         if self._stdout.eof or self.process.poll() is not None:
             self._on_exit()
             return
