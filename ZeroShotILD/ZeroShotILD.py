@@ -948,14 +948,27 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.settingsFromParameterNode(), logic.session.settings)
         self.assertTrue(logic.canReprompt(inputVolume, logic.settingsFromParameterNode()))
 
-        self.delayDisplay("Cancelling a background run")
+        self.delayDisplay("Cancelling a run in the worker process")
         nodeCount = slicer.mrmlScene.GetNumberOfNodes()
-        job = logic.startProcess(inputVolume, prompts=["emphysema"], patch_mm=30.0)
-        job.cancel()
-        self.assertTrue(job.wait(timeout=300))
-        with self.assertRaises(Cancelled):
-            logic.finishProcess(job)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-        self.assertIn("reticulation", logic.resultNodes().heatmap.GetName())  # the kept result is untouched
+        try:
+            job = logic.startProcess(inputVolume, prompts=["emphysema"], patch_mm=30.0)
+            job.cancel()
+            self.assertTrue(job.wait(timeout=300))
+            with self.assertRaises(Cancelled):
+                logic.finishProcess(job)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+            self.assertIn("reticulation", logic.resultNodes().heatmap.GetName())  # the kept result is untouched
+
+            self.delayDisplay("Analysing and re-prompting in the worker process (the panel's path)")
+            job = logic.startProcess(inputVolume, model="tiny-random", device="cpu", prompts=["emphysema"],
+                                     patch_mm=40.0, slice_step_mm=20.0, top_k=5, montage_size=4)
+            self.assertTrue(job.wait(timeout=600))
+            nodes = logic.finishProcess(job)
+            self.assertIn("emphysema", nodes.heatmap.GetName())
+            self.assertIsNone(logic.session.scan)  # the voxels were not copied in Slicer's process
+            nodes = logic.reprompt(["honeycombing"])
+            self.assertIn("honeycombing", nodes.heatmap.GetName())
+        finally:
+            logic.shutdownWorker()
 
         self.delayDisplay("Test passed")
