@@ -94,7 +94,8 @@ def test_result_files_round_trip(small_scan, tiny_model, tmp_path):
 
 @pytest.fixture()
 def client(tmp_path):
-    c = WorkerClient(temp_dir=str(tmp_path))
+    # No PYTHONPATH: the client puts the module's folders on the worker's sys.path itself.
+    c = WorkerClient(temp_dir=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     yield c
     c.shutdown()
 

@@ -1,8 +1,8 @@
 """Qt-free helpers of the ZeroShotILD Slicer module.
 
-Everything here imports ``slicer`` and ``vtk`` (MRML; ``worker``/``worker_client`` not even those) but never
-``qt``/``ctk``, so the same code runs
-inside the Slicer application and under the ``slicer-core`` wheel in CI:
+Everything here imports ``slicer`` and ``vtk`` (MRML; ``worker``/``worker_client`` not even those) but
+never ``qt``/``ctk``, so the same code runs inside the Slicer application and under the
+``slicer-core`` wheel in CI:
 
 - ``catalog``: the model list (``Resources/models.json``) and the requirements file, read without torch;
 - ``parameters``: the parameter node's string parameters <-> ``AnalysisSettings``;

@@ -8,7 +8,8 @@ module is used, keeping the loaded model, the last analysed scan and its patch e
 prompt re-ranks in a fraction of a second. It runs the same ``Analyzer`` with the same
 ``AnalysisSettings`` as the command line. Start it with Slicer's own Python (``PythonSlicer``; any
 Python with the engine's packages in tests): ``python -m ZeroShotILDMRML.worker``, with the folders
-holding ``ZeroShotILDMRML`` and ``ZeroShotILDLib`` on ``PYTHONPATH``. This file imports neither
+holding ``ZeroShotILDMRML`` and ``ZeroShotILDLib`` on ``PYTHONPATH`` (the client passes them on the
+command line instead, ``worker_client.BOOTSTRAP``). This file imports neither
 ``slicer`` nor (at import time) torch; ``worker_client.WorkerClient`` is the Slicer side.
 
 Protocol, version 1 (``PROTOCOL``)
@@ -324,7 +325,10 @@ class Worker:
             scan = scan_from_array(np.load(volume, mmap_mode="r", allow_pickle=False), r["spacing_mm"],
                                    r["origin_mm"], r["direction"], source=r.get("source", ""))
         finally:
-            volume.unlink(missing_ok=True)
+            try:
+                volume.unlink(missing_ok=True)
+            except OSError:  # still mapped (Windows); the client removes its folder at shutdown
+                pass
         if self._cache is None:
             self._cache = EmbeddingCache()
         key = _model_key(settings)

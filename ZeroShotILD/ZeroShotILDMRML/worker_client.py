@@ -42,6 +42,10 @@ CANCELLED = "cancelled"
 CANCEL_GRACE_S = 0.8
 #: Lines of the worker's stderr kept to explain a crash.
 STDERR_LINES = 20
+#: ``python -c`` program that starts the worker with the module's folders (its arguments) on ``sys.path``:
+#: the same as ``python -m ZeroShotILDMRML.worker`` with them on ``PYTHONPATH``, but independent of
+#: how a launcher such as ``PythonSlicer`` sets ``PYTHONPATH``.
+BOOTSTRAP = "import sys; sys.path[:0] = sys.argv[1:]; del sys.argv[1:]; from ZeroShotILDMRML.worker import main; main()"
 
 log = logging.getLogger("ZeroShotILD.worker")
 
@@ -58,6 +62,9 @@ class WorkerJob:
 
     def __init__(self, client: "WorkerClient", job_id: int, kind: str, folder: Path, lung_mask=None):
         self.client, self.id, self.kind, self.folder = client, job_id, kind, folder
+        #: Set by the caller: the session the result belongs to, and a re-prompt's requested settings.
+        self.session = None
+        self.settings = None
         self.state = RUNNING
         self.result = None
         self.error: Optional[BaseException] = None
@@ -141,7 +148,7 @@ class WorkerClient:
 
     ``python``: the interpreter to run it (Slicer: ``PythonSlicer``; default ``sys.executable``).
     ``env``: the environment to start it in (default ``os.environ``); the folders holding
-    ``ZeroShotILDMRML`` and ``ZeroShotILDLib`` are put in front of its ``PYTHONPATH``.
+    ``ZeroShotILDMRML`` and ``ZeroShotILDLib`` are put in front of its ``sys.path`` (``BOOTSTRAP``).
     ``temp_dir``: where the private folder for volumes and results is made.
     """
 
@@ -176,7 +183,6 @@ class WorkerClient:
 
         paths = [str(Path(__file__).resolve().parent.parent), str(Path(ZeroShotILDLib.__file__).resolve().parent.parent)]
         env = dict(self.env if self.env is not None else os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
         env["PYTHONIOENCODING"] = "utf-8"
         self._folder = Path(tempfile.mkdtemp(prefix="ZeroShotILD-worker-", dir=self.temp_dir))
         kwargs = {}
@@ -184,7 +190,7 @@ class WorkerClient:
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         else:
             kwargs["start_new_session"] = True  # a Ctrl-C in Slicer's terminal is not meant for the worker
-        self.process = subprocess.Popen([self.python, "-m", "ZeroShotILDMRML.worker"], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([self.python, "-c", BOOTSTRAP, *dict.fromkeys(paths)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env,
                                         cwd=str(self._folder), close_fds=True, **kwargs)
         self.pid = self.process.pid
