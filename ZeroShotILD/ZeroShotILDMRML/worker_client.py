@@ -198,7 +198,7 @@ class WorkerClient:
         self._stderr = _PipeReader(self.process.stderr)
         self._stderr_tail, self._hello, self.analysis_id = [], None, None
         # If the client is dropped (module reloaded) or Python exits, the worker goes too.
-        self._finalizer = weakref.finalize(self, _stop_process, self.process, self._folder)
+        self._finalizer = weakref.finalize(self, _close_and_stop, self.process, self._folder)
         self._send({"op": "hello", "protocol": protocol.PROTOCOL})
 
     def shutdown(self, timeout_s: float = 2.0) -> None:
@@ -369,6 +369,15 @@ def _exit_reason(code: int) -> str:
         hint = ", e.g. out of memory" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
     return f"exit code {code}"
+
+
+def _close_and_stop(process, folder) -> None:
+    """Close the worker's stdin (it exits on its own at end of input), then stop it like ``shutdown``."""
+    try:
+        process.stdin.close()
+    except OSError:
+        pass
+    _stop_process(process, folder)
 
 
 def _stop_process(process, folder, timeout_s: float = 2.0) -> None:
