@@ -5,9 +5,10 @@ ZeroShotILD.py imports a few modules that only the Slicer application provides:
 parameter node), ``slicer.i18n``, ``qt`` and ``ctk``. Here they are replaced by minimal stand-ins
 for the duration of this file — the base classes do nothing, the wrapper keeps the raw
 ``vtkMRMLScriptedModuleNode`` — so that the logic's own code (``process``, ``reprompt``,
-``startProcess``/``finishProcess``, ``setupPythonRequirements``, montage saving, parameter node
-mapping) runs for real against MRML nodes, the engine and the tiny model. The widget is not tested
-here (it needs Qt); ``ZeroShotILDTest`` covers it inside Slicer.
+``startProcess``/``finishProcess`` through the analysis worker process, ``setupPythonRequirements``,
+montage saving, parameter node mapping) runs for real against MRML nodes, the engine and the tiny
+model. The widget's Apply path is hosted in test_slicer_event_loop.py; ``ZeroShotILDTest`` covers
+the module inside Slicer.
 """
 from __future__ import annotations
 
