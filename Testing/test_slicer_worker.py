@@ -174,3 +174,50 @@ def test_fast_reprompt_sends_a_preview_then_the_exact_result(client, tiny_model)
     again = client.reprompt(dataclasses.replace(fast, prompts=["emphysema"]))
     assert again.wait(120) and not again.previewed
     np.testing.assert_array_equal(again.result.ranked, job.result.ranked)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the orphan go")
+def test_an_orphaned_worker_exits_even_if_its_stdin_stays_open():
+    # The parent dies while another process still holds the write end of the worker's stdin (so no
+    # end of input): the worker notices that its parent changed and leaves by itself.
+    code = (
+        "import os, subprocess, sys\n"
+        "r, w = os.pipe()\n"
+        "worker = subprocess.Popen([sys.executable, '-m', 'ZeroShotILDMRML.worker'], stdin=r,\n"
+        "                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
+        "worker.stdout.readline()  # its hello: it is up and watching its parent\n"
+        "keeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=[w],\n"
+        "                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(worker.pid, keeper.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "ZeroShotILD"), str(REPO)]))
+    middle = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    worker_pid, keeper_pid = (int(v) for v in middle.stdout.split())
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 10 * worker.PARENT_CHECK_S + 5
+        while running(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(worker_pid), "the orphaned worker is still running"
+        assert running(keeper_pid)  # its stdin really stayed open
+    finally:
+        for pid in (worker_pid, keeper_pid):
+            if running(pid):
+                os.kill(pid, 9)
+
+
+def test_a_worker_that_never_answers_is_reported(client, small_phantom, monkeypatch):
+    # E.g. a launcher that does not pass the worker's input through: the worker starts, hears nothing.
+    monkeypatch.setattr(worker_client, "BOOTSTRAP", "import time; time.sleep(60)")
+    monkeypatch.setattr(worker_client, "HELLO_TIMEOUT_S", 1.0)
+    job = _analyse(client, small_phantom)
+    assert job.wait(30) and job.state == worker_client.FAILED
+    assert isinstance(job.error, WorkerError) and "did not answer" in str(job.error) and not client.alive

@@ -22,8 +22,9 @@ a request repeats it.
 
 Requests (client -> worker):
 
-- ``{"op": "hello", "protocol": 1}``: the worker answers with a ``hello`` event (it also sends one
-  unasked when it starts). A client that gets another ``protocol`` than its own stops the worker.
+- ``{"op": "hello", "protocol": 1}``: the worker answers with a ``hello`` event with ``"answer": true``
+  (it also sends one unasked when it starts). The answer proves that requests reach the worker; a
+  client that gets none in time, or another ``protocol`` than its own, stops the worker.
 - ``{"op": "analyse", "id": 1, "volume": "<path>.npy", "spacing_mm": [x, y, z], "origin_mm": [x, y, z],
   "direction": [9 floats, row-major LPS], "source": "<name>", "settings": {AnalysisSettings.to_dict()},
   "out": "<folder>"}``: analyse the CT in the ``.npy`` file ([z, y, x] HU, any real dtype; the worker
@@ -44,7 +45,7 @@ Requests (client -> worker):
 
 Events (worker -> client):
 
-- ``{"event": "hello", "protocol": 1, "pid": 123, "python": "3.9.10"}``
+- ``{"event": "hello", "protocol": 1, "pid": 123, "python": "3.9.10", "answer": false}``
 - ``{"event": "progress", "id": 1, "stage": "encoding patches", "done": 64, "total": 412}``
 - ``{"event": "result", "id": 1, "path": "<folder>", "final": true}``: the ``AnalysisResult`` is in the
   folder (``result.json`` + ``arrays.npz``, see :func:`write_result`; the lung mask only for an
@@ -262,14 +263,14 @@ class Worker:
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        self.send("hello", protocol=PROTOCOL, pid=os.getpid(), python=platform.python_version())
+        self.send("hello", protocol=PROTOCOL, pid=os.getpid(), python=platform.python_version(), answer=False)
         while True:
             request = self._requests.get()
             if request is None or request["op"] == "shutdown":
                 return 0
             op = request["op"]
             if op == "hello":
-                self.send("hello", protocol=PROTOCOL, pid=os.getpid(), python=platform.python_version())
+                self.send("hello", protocol=PROTOCOL, pid=os.getpid(), python=platform.python_version(), answer=True)
                 continue
             if op not in ("analyse", "reprompt"):
                 self.send("error", id=request.get("id"), kind="internal", message=f"unknown request '{op}'")

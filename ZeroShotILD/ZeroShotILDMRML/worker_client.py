@@ -40,6 +40,8 @@ CANCELLED = "cancelled"
 #: A cancel the worker has not acknowledged after this many seconds stops the worker (it may sit in
 #: a long step with no cancel check, e.g. one large encoder batch on a CPU).
 CANCEL_GRACE_S = 0.8
+#: Seconds a new worker has to answer the client's ``hello`` (it imports no torch before answering).
+HELLO_TIMEOUT_S = 60.0
 #: Lines of the worker's stderr kept to explain a crash.
 STDERR_LINES = 20
 #: ``python -c`` program that starts the worker with the module's folders (its arguments) on ``sys.path``:
@@ -168,6 +170,7 @@ class WorkerClient:
         self._stderr = _PipeReader()
         self._stderr_tail: list = []
         self._hello: Optional[dict] = None
+        self._started_at = 0.0
         self._folder: Optional[Path] = None
         self._finalizer = None
 
@@ -197,6 +200,7 @@ class WorkerClient:
         self._stdout = _PipeReader(self.process.stdout)
         self._stderr = _PipeReader(self.process.stderr)
         self._stderr_tail, self._hello, self.analysis_id = [], None, None
+        self._started_at = time.monotonic()
         # If the client is dropped (module reloaded) or Python exits, the worker goes too.
         self._finalizer = weakref.finalize(self, _close_and_stop, self.process, self._folder)
         self._send({"op": "hello", "protocol": protocol.PROTOCOL})
@@ -281,6 +285,11 @@ class WorkerClient:
             self._on_exit()
             return
         now = time.monotonic()
+        if self._hello is None and now - self._started_at > HELLO_TIMEOUT_S:
+            self._fail_all(WorkerError(f"the analysis worker did not answer within {HELLO_TIMEOUT_S:.0f} s "
+                                       f"({self.python}); see the log for its messages"))
+            self.shutdown(timeout_s=0.5)
+            return
         for job in list(self._jobs.values()):
             if job.state == RUNNING and job._cancel_sent_at is not None and now - job._cancel_sent_at > self.cancel_grace_s:
                 log.info("ZeroShotILD worker: no answer to cancel within %.1f s; stopping the worker", self.cancel_grace_s)
@@ -292,7 +301,8 @@ class WorkerClient:
     def _on_event(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "hello":
-            self._hello = event
+            if event.get("answer"):
+                self._hello = event
             if event.get("protocol") != protocol.PROTOCOL:
                 error = WorkerError(f"the analysis worker speaks protocol {event.get('protocol')}, this module "
                                     f"{protocol.PROTOCOL}: restart Slicer after updating the extension")
