@@ -16,7 +16,9 @@ user runs it, ``python -m ZeroShotILDLib.cli analyze`` in a fresh process (inter
 imports, reading the NIfTI, the analysis, writing its outputs), against the panel's first Apply
 (writing the volume file, starting the worker process, its imports, the analysis, reading the
 result and creating the MRML nodes). Both start a new Python process that imports torch and
-open_clip, so a warm-up import runs first to give both the same warm file cache.
+open_clip, so a warm-up import runs first to give both the same warm file cache. The machine is
+shared, so each side is measured twice and the means are compared: the command line before and
+after the panel's session, the panel's first Apply and its Apply with a fresh worker after the kill.
 """
 from __future__ import annotations
 
@@ -242,20 +244,23 @@ def run_panel_session(module, path, tmp_path, monkeypatch, **overrides) -> dict:
         assert not host.logic.hasSessionFor(volume)  # its embeddings died with it
         host.set(**overrides)
         host.press_apply()
-        host.run(timeout_s=max(120.0, 5 * cli_s))
+        out["apply2_s"] = host.run(timeout_s=max(120.0, 5 * cli_s))
         assert host.logic.session.result.primary_prompt == settings["prompts"][0], host.status
         assert host.worker().pid != first_pid and len(host.errors) == 1
     finally:
         process = host.worker().process
         host.widget.cleanup()  # what Slicer calls on exit: the worker goes too
     assert process is None or process.poll() is not None
+    out["cli2_s"], _ = _cli_seconds(path, tmp_path / "cli2", settings)
     return out
 
 
 def _check(out: dict) -> None:
-    print(f"\ncommand line {out['cli_s']:.2f} s, first Apply {out['apply_s']:.2f} s "
-          f"(x{out['apply_s'] / out['cli_s']:.2f}), re-prompt {out['reprompt_s']:.2f} s, cancel {out['cancel_s']:.2f} s")
-    assert out["apply_s"] <= 1.5 * out["cli_s"]
+    ratio = (out["apply_s"] + out["apply2_s"]) / (out["cli_s"] + out["cli2_s"])
+    print(f"\ncommand line {out['cli_s']:.2f} s and {out['cli2_s']:.2f} s, Apply with a new worker "
+          f"{out['apply_s']:.2f} s and {out['apply2_s']:.2f} s (x{ratio:.2f}), re-prompt {out['reprompt_s']:.2f} s, "
+          f"cancel {out['cancel_s']:.2f} s")
+    assert ratio <= 1.5
     assert out["reprompt_s"] <= 0.5
     assert out["cancel_s"] <= 1.0
 

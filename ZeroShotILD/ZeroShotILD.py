@@ -499,8 +499,11 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
     >>> logic.reprompt(["ground-glass opacity"])   # re-ranks from the kept patch embeddings
     >>> logic.saveMontage()                         # next to the saved scene
 
-    The analysis state (the engine's Analyzer with its patch embeddings) of the last analysed volume
-    is kept in ``self.session``; the loaded model is kept across runs with the same model settings.
+    ``process`` runs the engine in this process and blocks. The panel instead uses the analysis
+    worker process (``startProcess`` / ``startReprompt`` return a job that a timer polls;
+    ``ZeroShotILDMRML/worker.py``), because Slicer's main thread holds the GIL and a Python thread
+    would barely run. The last analysed volume is ``self.session``: with the engine's Analyzer and its
+    patch embeddings when analysed here, or naming the worker that keeps them.
     """
 
     def __init__(self) -> None:
