@@ -328,5 +328,11 @@ def test_fast_mode_reprompt_shows_a_preview_then_the_exact_answer(module, tmp_pa
         np.testing.assert_array_equal(final.ranked[:16], fresh.ranked[:16])
         assert final.finding_probabilities["emphysema"] == pytest.approx(fresh.finding_probabilities["emphysema"],
                                                                          abs=0.005)
+
+        # Closing the scene stops the worker (its analysis belongs to the closed scene's volume).
+        process = host.worker().process
+        host.widget._parameterNode = None  # the stand-in wrapper has no GUI connection to undo
+        host.widget.onSceneStartClose(None, None)
+        assert process.poll() is not None and not host.logic.hasSessionFor(volume)
     finally:
         host.widget.cleanup()
