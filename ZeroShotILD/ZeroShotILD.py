@@ -619,9 +619,7 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
 
         settings = self._settings(settings, **overrides)
         session = self._newSession(inputVolume, settings, copy_voxels=False)
-        spacing, origin, direction = volumes.volume_geometry(inputVolume)
-        job = self.workerClient().analyse(slicer.util.arrayFromVolume(inputVolume), spacing, origin, direction,
-                                          inputVolume.GetName(), settings)
+        job = self.workerClient().analyse(settings=settings, **volumes.scan_inputs(inputVolume))
         job.session = session
         return job
 

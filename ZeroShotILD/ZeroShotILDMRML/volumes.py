@@ -64,16 +64,25 @@ def check_ct_volume(volume_node) -> None:
         raise InputError(f"volume '{volume_node.GetName()}' is {dims[0]}x{dims[1]}x{dims[2]} voxels: too small for a chest CT")
 
 
+def scan_inputs(volume_node) -> dict:
+    """The arguments of ``ZeroShotILDLib.scan.scan_from_array`` for a CT volume node.
+
+    ``hu`` is ``arrayFromVolume``'s view of the node's own voxels (no copy); the geometry is
+    converted to the engine's conventions. The one conversion for both ways of analysing: here
+    (:func:`scan_from_volume_node`) and in the analysis worker, which gets the same values by file.
+    """
+    check_ct_volume(volume_node)
+    spacing, origin, direction = volume_geometry(volume_node)
+    return {"hu": slicer.util.arrayFromVolume(volume_node), "spacing_mm": spacing, "origin_mm": origin,
+            "direction": direction, "source": volume_node.GetName()}
+
+
 def scan_from_volume_node(volume_node):
     """The engine's ``Scan`` from a CT volume node: a private copy of the voxels plus geometry.
 
-    ``scan_from_array`` copies the voxels into a new int16 array (padding mapped to air), so the
-    analysis can run in a background thread while the user keeps working with the node: edits to
-    the node after Apply do not leak into the running analysis.
+    ``scan_from_array`` copies the voxels into a new int16 array (padding mapped to air), so edits
+    to the node after Apply do not leak into the kept analysis.
     """
     from ZeroShotILDLib.scan import scan_from_array
 
-    check_ct_volume(volume_node)
-    spacing, origin, direction = volume_geometry(volume_node)
-    return scan_from_array(slicer.util.arrayFromVolume(volume_node), spacing, origin, direction,
-                           source=volume_node.GetName())
+    return scan_from_array(**scan_inputs(volume_node))

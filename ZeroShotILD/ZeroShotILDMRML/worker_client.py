@@ -225,7 +225,10 @@ class WorkerClient:
 
     # -- requests ----------------------------------------------------------------------------
     def analyse(self, hu, spacing_mm, origin_mm, direction, source: str, settings) -> WorkerJob:
-        """Analyse the CT ``hu`` ([z, y, x]; written to a temporary file here) with ``settings``."""
+        """Analyse the CT ``hu`` ([z, y, x]; written to a temporary file here) with ``settings``.
+
+        The first five arguments are those of ``scan_from_array`` (``volumes.scan_inputs`` in Slicer);
+        the worker calls it with them, as the in-process path does."""
         import numpy as np
 
         from ZeroShotILDLib.atomic_files import atomic_path
