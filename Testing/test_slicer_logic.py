@@ -5,9 +5,10 @@ ZeroShotILD.py imports a few modules that only the Slicer application provides:
 parameter node), ``slicer.i18n``, ``qt`` and ``ctk``. Here they are replaced by minimal stand-ins
 for the duration of this file — the base classes do nothing, the wrapper keeps the raw
 ``vtkMRMLScriptedModuleNode`` — so that the logic's own code (``process``, ``reprompt``,
-``startProcess``/``finishProcess``, ``setupPythonRequirements``, montage saving, parameter node
-mapping) runs for real against MRML nodes, the engine and the tiny model. The widget is not tested
-here (it needs Qt); ``ZeroShotILDTest`` covers it inside Slicer.
+``startProcess``/``finishProcess`` through the analysis worker process, ``setupPythonRequirements``,
+montage saving, parameter node mapping) runs for real against MRML nodes, the engine and the tiny
+model. The widget's Apply path is hosted in test_slicer_event_loop.py; ``ZeroShotILDTest`` covers
+the module inside Slicer.
 """
 from __future__ import annotations
 
@@ -182,23 +183,52 @@ def test_process_reprompt_and_rerun_from_the_console(module, scene_and_volume, t
     assert len(nodes.patch_rois) == 2
 
 
-def test_background_run_and_cancel_through_the_logic(module, scene_and_volume):
+def test_worker_run_reprompt_and_cancel_through_the_logic(module, scene_and_volume):
+    """The panel's path: the worker process analyses, the logic applies; cancel changes nothing."""
     headless, volume = scene_and_volume
     scene = headless.scene
     logic = module.ZeroShotILDLogic()
-    count = scene.GetNumberOfNodes()
-    job = logic.startProcess(volume, prompts=["consolidation"], **{**TINY, "batch_size": 4})
-    job.cancel()
-    assert job.wait(timeout=300)
-    with pytest.raises(Cancelled):
-        logic.finishProcess(job)
-    assert scene.GetNumberOfNodes() == count and logic.session is None
+    try:
+        count = scene.GetNumberOfNodes()
+        job = logic.startProcess(volume, prompts=["consolidation"], **{**TINY, "batch_size": 4})
+        job.cancel()
+        assert job.wait(timeout=300)
+        with pytest.raises(Cancelled):
+            logic.finishProcess(job)
+        assert scene.GetNumberOfNodes() == count and logic.session is None
 
-    job = logic.startProcess(volume, prompts=["consolidation"], **TINY)
-    assert job.wait(timeout=300)
-    nodes = logic.finishProcess(job)
-    assert "consolidation" in nodes.heatmap.GetName() and logic.session.result.primary_prompt == "consolidation"
-    assert [e[0] for e in job.poll()][-1] == "done"
+        job = logic.startProcess(volume, prompts=["consolidation"], **TINY)
+        assert job.wait(timeout=300)
+        nodes = logic.finishProcess(job)
+        assert "consolidation" in nodes.heatmap.GetName() and logic.session.result.primary_prompt == "consolidation"
+        assert [e[0] for e in job.poll()][-1] == "done"
+        # The same engine and settings as in this process: identical result.
+        here = module.ZeroShotILDLogic()
+        here.process(volume, prompts=["consolidation"], **TINY)
+        expected = here.session.result
+        np.testing.assert_array_equal(logic.session.result.ranked, expected.ranked)
+        np.testing.assert_array_equal(logic.session.result.lung_mask, expected.lung_mask)
+        assert logic.session.result.finding_probabilities == expected.finding_probabilities
+        assert logic.session.scan is None  # no copy of the voxels kept in the Slicer process
+
+        # Re-prompt from the console goes to the worker (which keeps the embeddings).
+        assert logic.hasSessionFor(volume)
+        nodes = logic.reprompt("emphysema")
+        assert "emphysema" in nodes.heatmap.GetName() and logic.session.settings.prompts == ["emphysema"]
+        assert logic.canReprompt(volume, dataclasses.replace(logic.session.settings, top_k=2))
+        assert len(logic.repromptTo(dataclasses.replace(logic.session.settings, top_k=2)).patch_rois) == 2
+
+        # A stopped worker holds nothing: no re-prompt, and the next Apply starts a fresh one.
+        logic.shutdownWorker()
+        assert not logic.hasSessionFor(volume)
+        with pytest.raises(InputError, match="press Apply"):
+            logic.startReprompt(logic.session.settings)
+        job = logic.startProcess(volume, prompts=["honeycombing"], **TINY)
+        assert job.wait(timeout=300)
+        assert "honeycombing" in logic.finishProcess(job).heatmap.GetName()
+    finally:
+        logic.shutdownWorker()
+    assert not logic.workerClient().alive
 
 
 def test_settings_round_trip_through_the_logic_parameter_node(module, scene_and_volume):

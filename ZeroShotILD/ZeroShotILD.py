@@ -236,11 +236,16 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
-        if self._job is not None:
-            self._job.cancel()
+        self._stopWorker()
+        self.removeObservers()
+
+    def _stopWorker(self) -> None:
+        """Drop the running job (its results are not applied) and stop the worker process."""
+        self._job = None
         if self._pollTimer is not None:
             self._pollTimer.stop()
-        self.removeObservers()
+        if self.logic is not None:
+            self.logic.shutdownWorker()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -255,8 +260,10 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
-        if self._job is not None:
-            self._job.cancel()
+        # The worker's analysis belongs to this scene's volume: stop it (GPU memory is freed) and
+        # start a fresh one with the next Apply.
+        self._stopWorker()
+        self.ui.progressBar.hide()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -290,7 +297,8 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         pn = self._parameterNode
-        running = self._job is not None
+        # A re-prompt's exact re-scoring runs in the background: the panel stays usable meanwhile.
+        running = self._job is not None and not self._job.previewed
         if pn is None:
             self.ui.applyButton.enabled = False
             return
@@ -353,7 +361,7 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         """Run the analysis (or cancel the one running)."""
-        if self._job is not None:
+        if self._job is not None and not self._job.previewed:
             self._job.cancel()
             self.ui.statusLabel.text = _("Cancelling…")
             self._onParameterNodeModified()
@@ -367,16 +375,20 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.canReprompt(inputVolume, settings):
                 self._reprompt(settings)
                 return
-            self._job = self.logic.startProcess(inputVolume, settings)
-            from ZeroShotILDMRML.runner import StagedProgress
+            self._startJob(self.logic.startProcess(inputVolume, settings), _("starting"))
 
-            self._progress = StagedProgress()
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.setFormat(_("starting"))
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = ""
-            self._pollTimer.start()
-            self._onParameterNodeModified()
+    def _startJob(self, job, label: str) -> None:
+        """Follow a worker job from the poll timer (the worker runs on; nothing here waits for it)."""
+        from ZeroShotILDMRML.runner import StagedProgress
+
+        self._job = job
+        self._progress = StagedProgress()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat(label)
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = ""
+        self._pollTimer.start()
+        self._onParameterNodeModified()
 
     def _pollJob(self) -> None:
         job = self._job
@@ -387,27 +399,42 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fraction = self._progress.update(stage, done, total)
             self.ui.progressBar.value = int(round(100 * fraction))
             self.ui.progressBar.setFormat(f"%p%  {self._progress.label}")
+        if self.logic.applyPreview(job):
+            self._showResultSummary()
+            self.ui.statusLabel.text = _("Preview (scores partly from the quick proposal pass); re-scoring the best "
+                                         "patches exactly…") + "\n" + self.ui.statusLabel.text
+            from ZeroShotILDMRML.runner import StagedProgress
+
+            self._progress = StagedProgress()
+            self.ui.progressBar.setFormat(_("exact re-scoring"))
+            self._onParameterNodeModified()
         if not job.finished:
             return
         self._pollTimer.stop()
         self._job = None
         self.ui.progressBar.hide()
         try:
-            from ZeroShotILDMRML import runner
+            from ZeroShotILDMRML import worker_client
 
-            if job.state == runner.SUCCEEDED:
+            if job.state == worker_client.SUCCEEDED:
                 with slicer.util.tryWithErrorDisplay(_("Failed to add the results to the scene."), waitCursor=True):
                     self.logic.finishProcess(job, opacity=self._parameterNode.heatmapOpacity if self._parameterNode else 0.5)
                     self._showResultSummary()
-            elif job.state == runner.CANCELLED:
-                self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
+            elif job.state == worker_client.CANCELLED:
+                if job.previewed:
+                    self.ui.statusLabel.text = _("Exact re-scoring stopped: the preview is shown (press Apply for the "
+                                                 "exact ranking).") + "\n" + self.logic.summary()
+                else:
+                    self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
             else:
                 self._reportError(job.error)
         finally:
             self._onParameterNodeModified()
 
     def _reportError(self, error) -> None:
-        if isinstance(error, InputError):
+        from ZeroShotILDMRML.worker_client import WorkerError
+
+        if isinstance(error, (InputError, WorkerError)):
             self.ui.statusLabel.text = str(error)
             slicer.util.errorDisplay(str(error))
         else:
@@ -418,7 +445,7 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- Re-prompt -----------------------------------------------------------------------------
 
     def onRepromptButton(self) -> None:
-        if self._job is not None or not self._parameterNode:
+        if (self._job is not None and not self._job.previewed) or not self._parameterNode:
             return
         if not self.logic.hasSessionFor(self._parameterNode.inputVolume):
             return
@@ -427,11 +454,11 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._reprompt(settings)
 
     def _reprompt(self, settings) -> None:
-        self.logic.repromptTo(settings)
-        self._showResultSummary()
+        # A re-scoring still running for an older prompt is superseded by this one.
+        self._startJob(self.logic.startReprompt(settings), _("re-ranking"))
 
     def onFindingClicked(self, item) -> None:
-        if not self._parameterNode or self._job is not None:
+        if not self._parameterNode or (self._job is not None and not self._job.previewed):
             return
         self._parameterNode.prompts = item.text()
         if self.logic.hasSessionFor(self._parameterNode.inputVolume):
@@ -536,8 +563,11 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
     >>> logic.reprompt(["ground-glass opacity"])   # re-ranks from the kept patch embeddings
     >>> logic.saveMontage()                         # next to the saved scene
 
-    The analysis state (the engine's Analyzer with its patch embeddings) of the last analysed volume
-    is kept in ``self.session``; the loaded model is kept across runs with the same model settings.
+    ``process`` runs the engine in this process and blocks. The panel instead uses the analysis
+    worker process (``startProcess`` / ``startReprompt`` return a job that a timer polls;
+    ``ZeroShotILDMRML/worker.py``), because Slicer's main thread holds the GIL and a Python thread
+    would barely run. The last analysed volume is ``self.session``: with the engine's Analyzer and its
+    patch embeddings when analysed here, or naming the worker that keeps them.
     """
 
     def __init__(self) -> None:
@@ -546,6 +576,7 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         self._model = None
         self._modelKey = None
         self._cache = None
+        self._worker = None
 
     def getParameterNode(self):
         return ZeroShotILDParameterNode(super().getParameterNode())
@@ -623,60 +654,113 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
                                  "offline with PythonSlicer -m pip (README, 'Installing the module in 3D Slicer')")
         return True
 
-    # -- analysis ------------------------------------------------------------------------------
+    # -- analysis in this process (Python console) -------------------------------------------------
 
     def process(self, inputVolume, settings=None, *, progress=None, cancel=None, show: bool = True, **overrides):
-        """Analyse ``inputVolume`` and put the results in the scene; blocks until done.
+        """Analyse ``inputVolume`` in this process and put the results in the scene; blocks until done.
 
-        ``settings`` is an ``AnalysisSettings`` (default: the parameter node's); keyword arguments
-        override its fields, e.g. ``prompts=["honeycombing"], model="tiny-random"``. ``progress`` is
-        ``progress(stage, done, total)``, ``cancel`` a ``ZeroShotILDLib.progress.CancelToken``.
-        Returns the ``ResultNodes``. Raises ``InputError`` for problems the user can fix and
-        ``Cancelled`` if cancelled (the scene is then unchanged).
+        For the Python console and scripts (the panel's Apply uses the worker process instead, see
+        :meth:`startProcess`). ``settings`` is an ``AnalysisSettings`` (default: the parameter
+        node's); keyword arguments override its fields, e.g. ``prompts=["honeycombing"],
+        model="tiny-random"``. ``progress`` is ``progress(stage, done, total)``, ``cancel`` a
+        ``ZeroShotILDLib.progress.CancelToken``. Returns the ``ResultNodes``. Raises ``InputError``
+        for problems the user can fix and ``Cancelled`` if cancelled (the scene is then unchanged).
         """
         settings = self._settings(settings, **overrides)
         session = self._newSession(inputVolume, settings)
         session.compute(progress or _logProgress, cancel, model=self._reusableModel(settings), cache=self._embeddingCache())
         return self._applySession(session, show=show)
 
-    def startProcess(self, inputVolume, settings=None, **overrides):
-        """Start the analysis in a background thread; returns a ``BackgroundJob`` to poll.
+    # -- analysis in the worker process (the panel) ----------------------------------------------
 
-        The voxels are copied here, on the calling (main) thread; the thread touches no MRML node.
-        Call :meth:`finishProcess` on the main thread once ``job.finished``.
+    def startProcess(self, inputVolume, settings=None, **overrides):
+        """Start the analysis in the worker process; returns a ``WorkerJob`` at once (never blocks on it).
+
+        The worker is started on first use and kept (model, scan and embeddings stay loaded). The
+        voxels go to it as a temporary file written straight from the node's array. Poll the job
+        from a timer (``job.poll()``), then call :meth:`finishProcess` on the main thread once
+        ``job.finished``; ``job.wait()`` blocks instead (console).
         """
-        from ZeroShotILDMRML.runner import BackgroundJob
+        from ZeroShotILDMRML import volumes
 
         settings = self._settings(settings, **overrides)
-        session = self._newSession(inputVolume, settings)
-        model, cache = self._reusableModel(settings), self._embeddingCache()
+        session = self._newSession(inputVolume, settings, copy_voxels=False)
+        job = self.workerClient().analyse(settings=settings, placed_by=volumes.transform_name(inputVolume),
+                                          **volumes.scan_inputs(inputVolume))
+        job.session = session
+        return job
 
-        def work(progress, cancel):
-            session.compute(progress, cancel, model=model, cache=cache)
-            return session
+    def startReprompt(self, settings, *, exact: bool = True):
+        """Re-rank the last analysis for ``settings`` in the worker; returns a ``WorkerJob`` at once.
 
-        return BackgroundJob(work).start()
+        In fast mode the job delivers a preview first (``job.take_preview()``, apply it with
+        :meth:`applyPreview`) and then the exact re-scoring of the new prompt's best candidates as its
+        result (:meth:`finishProcess`), which equals a fresh analysis with these settings.
+        """
+        from ZeroShotILDMRML.session import reprompt_changes
+
+        session = self.session
+        if session is None or session.worker is None or not session.reprompt_ready:
+            raise InputError("nothing analysed in the worker (or it was restarted): press Apply to analyse")
+        settings = settings.validate()
+        if reprompt_changes(session.settings, settings) is None:
+            raise InputError("these settings change the patches or the model: press Apply to analyse again")
+        job = self.workerClient().reprompt(settings, exact=exact, lung_mask=session.result.lung_mask)
+        job.session, job.settings = session, settings
+        return job
+
+    def applyPreview(self, job) -> bool:
+        """Put a re-prompt job's preview (if one arrived) in the scene; True if it did."""
+        from ZeroShotILDMRML import worker_client
+
+        preview = job.take_preview()
+        # A preview that arrived together with the exact answer is not worth drawing.
+        if preview is None or job.session is not self.session or job.state == worker_client.SUCCEEDED:
+            return False
+        self.session.apply_reprompt(preview, job.settings, app_logic=_appLogic())
+        return True
 
     def finishProcess(self, job, *, show: bool = True, opacity: float = 0.5):
         """Put a finished job's results in the scene (main thread). Raises its error if it failed."""
-        from ZeroShotILDMRML import runner
+        from ZeroShotILDMRML import worker_client
 
-        if job.state == runner.CANCELLED:
-            raise Cancelled("cancelled by the user")
-        if job.state != runner.SUCCEEDED:
+        if job.state == worker_client.CANCELLED:
+            raise job.error if isinstance(job.error, Cancelled) else Cancelled("cancelled by the user")
+        if job.state != worker_client.SUCCEEDED:
             raise job.error or RuntimeError("the analysis did not finish")
-        return self._applySession(job.result, show=show, opacity=opacity)
+        session = job.session
+        if job.kind == "reprompt":
+            if session is not self.session:
+                raise InputError("the scene changed during the re-prompt: press Apply again")
+            return session.apply_reprompt(job.result, job.settings, app_logic=_appLogic())
+        session.result = job.result
+        session.worker = (job.client, job.id)
+        return self._applySession(session, show=show, opacity=opacity)
 
-    def _newSession(self, inputVolume, settings):
+    def workerClient(self):
+        """The ``WorkerClient`` of this logic (the worker process itself starts on first use)."""
+        if self._worker is None:
+            from ZeroShotILDMRML.worker_client import WorkerClient
+
+            self._worker = WorkerClient(python=_workerPython(), temp_dir=_temporaryPath())
+        return self._worker
+
+    def shutdownWorker(self) -> None:
+        """Stop the worker process (scene closed, module cleaned up); the next Apply starts a new one."""
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    def _newSession(self, inputVolume, settings, copy_voxels: bool = True):
         from ZeroShotILDMRML.session import AnalysisSession
 
-        return AnalysisSession(inputVolume, settings)
+        return AnalysisSession(inputVolume, settings, copy_voxels=copy_voxels)
 
     def _applySession(self, session, *, show: bool, opacity: float = 0.5):
         nodes = session.apply(app_logic=_appLogic())
         self.session = session
-        self._model = session.analyzer.model
-        self._modelKey = _modelKey(session.settings)
+        if session.analyzer is not None:
+            self._model = session.analyzer.model
+            self._modelKey = _modelKey(session.settings)
         if show:
             self.showResult(opacity=opacity)
         return nodes
@@ -698,25 +782,50 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
     # -- re-prompt -----------------------------------------------------------------------------
 
     def hasSessionFor(self, inputVolume) -> bool:
+        """Whether the last analysis is of ``inputVolume`` and its embeddings are still kept."""
         s = self.session
         return bool(s is not None and inputVolume is not None and s.input_volume_id == inputVolume.GetID()
-                    and s.scene is inputVolume.GetScene() and s.scene.GetNodeByID(s.input_volume_id) is not None)
+                    and s.scene is inputVolume.GetScene() and s.scene.GetNodeByID(s.input_volume_id) is not None
+                    and s.reprompt_ready)
 
     def canReprompt(self, inputVolume, settings) -> bool:
         return self.hasSessionFor(inputVolume) and self.session.can_reprompt(inputVolume, settings)
 
-    def reprompt(self, prompts=None, negatives=None, subtypes=None, **overrides):
-        """New prompts on the last analysed volume, from its kept patch embeddings (no image encoding)."""
+    def reprompt(self, prompts=None, negatives=None, subtypes=None, *, exact: bool = True, **overrides):
+        """New prompts on the last analysed volume, from its kept patch embeddings; blocks until done.
+
+        ``exact`` (default): in fast mode the new prompt's best candidates are re-scored exactly, so
+        the result equals a fresh analysis with that prompt; ``exact=False`` gives the instant preview.
+        """
         if self.session is None:
             raise InputError("nothing analysed yet: run process() (or press Apply) first")
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.session.reprompt(prompts, negatives, subtypes, app_logic=_appLogic(), **overrides)
+        if self.session.analyzer is not None:
+            return self.session.reprompt(prompts, negatives, subtypes, app_logic=_appLogic(), exact=exact, **overrides)
+        import dataclasses
+
+        changes = dict(overrides)
+        if prompts is not None:
+            changes.update(prompts=list(prompts), negatives=list(negatives) if negatives else None)
+        elif negatives is not None:
+            changes["negatives"] = list(negatives)
+        if subtypes is not None:
+            changes["subtypes"] = list(subtypes)
+        return self._repromptInWorker(dataclasses.replace(self.session.settings, **changes), exact=exact)
 
     def repromptTo(self, settings):
+        """Re-prompt the last analysis so that its settings become ``settings``; blocks until done."""
         if self.session is None:
             raise InputError("nothing analysed yet: press Apply first")
-        return self.session.reprompt_to(settings, app_logic=_appLogic())
+        if self.session.analyzer is not None:
+            return self.session.reprompt_to(settings, app_logic=_appLogic())
+        return self._repromptInWorker(settings)
+
+    def _repromptInWorker(self, settings, exact: bool = True):
+        job = self.startReprompt(settings, exact=exact)
+        job.wait()
+        return self.finishProcess(job, show=False)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -834,6 +943,22 @@ def _modelKey(settings):
 
 def _appLogic():
     return slicer.app.applicationLogic() if hasattr(slicer, "app") else None
+
+
+def _workerPython() -> str:
+    """Slicer's own Python for the worker process (``PythonSlicer``, as other extensions run theirs)."""
+    import shutil
+
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
+
+
+def _temporaryPath():
+    path = getattr(getattr(slicer, "app", None), "temporaryPath", None)
+    return path if path and os.path.isdir(path) else None
 
 
 def _logProgress(stage: str, done: int, total: int) -> None:
@@ -965,8 +1090,8 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Re-prompting")
         encoded = logic.session.analyzer.encoder.images_encoded
-        nodes = logic.reprompt(["reticulation"])
-        # Only the new montage went through the image encoder.
+        nodes = logic.reprompt(["reticulation"], exact=False)  # the preview: no patch encoded again
+        # Only the new montage went through the image encoder (exact=True would also re-score in fast mode).
         self.assertEqual(logic.session.analyzer.encoder.images_encoded, encoded + 1)
         self.assertIn("reticulation", nodes.heatmap.GetName())
         self.assertEqual(len(nodes.patch_rois), 5)
@@ -980,14 +1105,27 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.settingsFromParameterNode(), logic.session.settings)
         self.assertTrue(logic.canReprompt(inputVolume, logic.settingsFromParameterNode()))
 
-        self.delayDisplay("Cancelling a background run")
+        self.delayDisplay("Cancelling a run in the worker process")
         nodeCount = slicer.mrmlScene.GetNumberOfNodes()
-        job = logic.startProcess(inputVolume, prompts=["emphysema"], patch_mm=30.0)
-        job.cancel()
-        self.assertTrue(job.wait(timeout=300))
-        with self.assertRaises(Cancelled):
-            logic.finishProcess(job)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-        self.assertIn("reticulation", logic.resultNodes().heatmap.GetName())  # the kept result is untouched
+        try:
+            job = logic.startProcess(inputVolume, prompts=["emphysema"], patch_mm=30.0)
+            job.cancel()
+            self.assertTrue(job.wait(timeout=300))
+            with self.assertRaises(Cancelled):
+                logic.finishProcess(job)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+            self.assertIn("reticulation", logic.resultNodes().heatmap.GetName())  # the kept result is untouched
+
+            self.delayDisplay("Analysing and re-prompting in the worker process (the panel's path)")
+            job = logic.startProcess(inputVolume, model="tiny-random", device="cpu", prompts=["emphysema"],
+                                     patch_mm=40.0, slice_step_mm=20.0, top_k=5, montage_size=4)
+            self.assertTrue(job.wait(timeout=600))
+            nodes = logic.finishProcess(job)
+            self.assertIn("emphysema", nodes.heatmap.GetName())
+            self.assertIsNone(logic.session.scan)  # the voxels were not copied in Slicer's process
+            nodes = logic.reprompt(["honeycombing"])
+            self.assertIn("honeycombing", nodes.heatmap.GetName())
+        finally:
+            logic.shutdownWorker()
 
         self.delayDisplay("Test passed")

@@ -3,10 +3,17 @@
 ``Analyzer.analyze`` runs lung mask -> candidate patches -> patch embeddings -> probabilities ->
 ranking -> montage -> classification. The patch embeddings stay on the analyzer (and optionally in
 an on-disk cache), so ``Analyzer.reprompt`` only encodes the new text and the new montage.
+
+In fast mode the exactly re-scored candidates are the best ones *for the prompt that was analysed*;
+a re-prompt ranks the new prompt from the kept (partly proposal-pass) features, which is an instant
+preview. ``Analyzer.reprompt(..., exact=True)`` then encodes what the new prompt's answer needs
+(proposal-pass neighbours of its best boxes, fp32 features of its best candidates), exactly as a
+fresh analysis with that prompt on the same embeddings would, so the result equals that run.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -45,6 +52,9 @@ class _ScanState:
     rescored_for: Optional[tuple]
     notes: list
     timings_s: dict
+    #: The embedding record behind ``features`` (as cached): exact rows, proposal-pass rows and which are
+    #: encoded; a later exact re-scoring continues from it when the cache has dropped the entry.
+    record: Optional[dict] = None
 
     @property
     def encoded_exactly(self) -> int:
@@ -118,16 +128,23 @@ class Analyzer:
         timings["patches_s"] = time.perf_counter() - t
 
         notes = list(scan.notes)
-        features, exact, rescored_for = self._embed(scan, patches, notes, timings)
+        features, exact, rescored_for, record = self._embed(scan, patches, notes, timings)
 
-        self._state = _ScanState(scan, mask, volume_ml, patches, features, exact, rescored_for, notes, timings)
+        self._state = _ScanState(scan, mask, volume_ml, patches, features, exact, rescored_for, notes, timings,
+                                 record)
         result = self._score(s)
         result.timings_s["total_s"] = time.perf_counter() - t0
         return result
 
     def reprompt(self, prompts: Optional[Sequence[str]] = None, negatives: Optional[Sequence[str]] = None,
-                 subtypes: Optional[Sequence[str]] = None, **overrides) -> AnalysisResult:
-        """New prompts (and/or ranking settings) on the last analysed scan, without encoding patches again."""
+                 subtypes: Optional[Sequence[str]] = None, *, exact: bool = False, **overrides) -> AnalysisResult:
+        """New prompts (and/or ranking settings) on the last analysed scan.
+
+        Without ``exact`` no patch is encoded again: in fast mode the new prompt is then ranked partly
+        on proposal-pass scores (a preview; the notes say how many of its top patches). With ``exact``
+        the new prompt's best candidates are re-scored exactly first (see :attr:`needs_exact_rescoring`),
+        so the result equals a fresh analysis with these settings on the same embeddings.
+        """
         if self._state is None:
             raise InputError("no scan analysed yet: run analyze() before reprompt()")
         changes = dict(overrides)
@@ -143,29 +160,58 @@ class Analyzer:
                            "proposal_grid_tokens", "proposal_skip_within_mm", "rescore_fraction", "rescore_min"}
         if affects_patches & set(changes):
             raise InputError(f"{sorted(affects_patches & set(changes))} change the patches: run analyze() again")
-        import dataclasses
-
         settings = dataclasses.replace(self.settings, **changes).validate()
         self.settings = settings
         t0 = time.perf_counter()
+        timings: dict = {}
+        if exact and self.needs_exact_rescoring:
+            timings = self._rescore_exactly()
         result = self._score(settings)
-        result.timings_s = {"reprompt_s": time.perf_counter() - t0}
+        result.timings_s = {**timings, "reprompt_s": time.perf_counter() - t0}
         return result
 
+    @property
+    def needs_exact_rescoring(self) -> bool:
+        """True when the first prompt's top patches may carry proposal-pass scores: fast mode re-scored
+        the candidates for another prompt (or negative), and ``reprompt(exact=True)`` would encode more."""
+        st = self._state
+        if st is None or st.rescored_for is None:
+            return False
+        s = self.settings
+        return st.rescored_for != (s.prompts[0], s.negative_for(0))
+
+    def _rescore_exactly(self) -> dict:
+        """Fast mode's encoding steps again, for the current first prompt, continuing from the kept record.
+
+        The same ``_embed`` a fresh analysis runs (cache entry, or this scan's record if the cache
+        dropped it): proposal neighbours of the new prompt's best boxes, then fp32 features of its
+        best candidates. The state is replaced only when everything is encoded, so a cancel leaves
+        the previous state (and the preview) as they were.
+        """
+        st = self._state
+        notes, timings = list(st.scan.notes), {}
+        features, exact, rescored_for, record = self._embed(st.scan, st.patches, notes, timings, prior=st.record)
+        self._state = dataclasses.replace(st, features=features, exact=exact, rescored_for=rescored_for,
+                                          notes=notes, record=record)
+        return timings
+
     # ------------------------------------------------------------------
-    def _embed(self, scan: Scan, patches: PatchSet, notes: list, timings: dict):
+    def _embed(self, scan: Scan, patches: PatchSet, notes: list, timings: dict, prior: Optional[dict] = None):
         """Patch features for ``patches``: all exact, or proposal pass + exact re-scoring (fast mode).
 
         One cache entry per (scan content, model, patch settings) serves both modes: it holds the
         exact features computed so far, a mask of which rows they are, and the proposal features.
         A later run encodes only what the entry lacks (exact mode: the rows not yet exact; fast mode
-        with another prompt: the new prompt's re-scoring set).
+        with another prompt: the new prompt's re-scoring set). ``prior`` stands in for an entry the
+        cache no longer holds. Returns (features, exact rows, re-scored-for pair, the entry).
         """
         s = self.settings
         n = len(patches)
         key = cache_key(scan_fingerprint(scan.hu, scan.spacing_mm), self.model.identity, s.patch_key(),
                         "patch-embeddings/3")
         entry = self.cache.get(key)
+        if entry is None:
+            entry = prior
         if entry is not None and not (entry.get("features") is not None and entry["features"].shape[0] == n
                                       and entry.get("exact") is not None and entry["exact"].shape == (n,)):
             entry = None
@@ -260,7 +306,7 @@ class Analyzer:
                          "montage come from the re-scored ones, the heatmap elsewhere shows proposal scores")
         else:
             rescored_for = None
-        return features, exact, rescored_for
+        return features, exact, rescored_for, entry
 
     def _device_volume(self, hu: np.ndarray):
         """The scan where patches are cut: the numpy array on CPU, a GPU copy (via pinned memory) on CUDA.
@@ -323,7 +369,8 @@ class Analyzer:
             if st.rescored_for is not None:
                 approx = int(np.count_nonzero(~st.exact[ranked]))
                 notes.append(f"fast mode: the patches were re-scored for '{st.rescored_for[0]}'; {approx} of the top "
-                             f"{len(ranked)} for '{s.prompts[0]}' carry proposal-pass scores (analyze again for exact ones)")
+                             f"{len(ranked)} for '{s.prompts[0]}' carry proposal-pass scores (a preview: re-prompt with exact "
+                             "re-scoring, or analyse again, for the exact ranking)")
         if len(montage_idx) < s.montage_patches:
             notes.append(f"only {len(montage_idx)} candidate patches for a {s.montage_size}x{s.montage_size} montage; "
                          "the remaining cells are black")

@@ -342,6 +342,27 @@ def _axial(array: np.ndarray, spacing, direction, name: str, notes: list):
             tuple(float(v) for v in d[:, list(order)].ravel()))
 
 
+def place_slices(scan: Scan, slice_positions_mm, placed_by: str = "") -> Scan:
+    """Give ``scan`` its true slice positions (mm along the slice normal from slice 0), e.g. those an
+    interval series has under the acquisition transform Slicer's DICOM reader adds; None leaves it as is.
+
+    ``placed_by`` names what placed the slices (the transform), for the note.
+    """
+    if slice_positions_mm is None:
+        return scan
+    positions = np.asarray(slice_positions_mm, dtype=float)
+    if positions.shape != (scan.hu.shape[0],) or not np.all(np.isfinite(positions)) or np.any(np.diff(positions) <= 0):
+        raise InputError(f"{scan.source or 'the scan'}: {positions.size} slice positions for {scan.hu.shape[0]} slices, "
+                         "or not increasing: load the series again")
+    gaps = np.diff(positions)
+    scan.slice_positions_mm = tuple(float(v) for v in positions)
+    where = f" by '{placed_by}'" if placed_by else ""
+    scan.notes.append(f"slices are unevenly spaced ({gaps.min():.2f} to {gaps.max():.2f} mm apart, placed{where}): "
+                      "each slice is analysed at its true position and the lung volume counts each slice as a "
+                      "slab reaching halfway to its neighbours")
+    return scan
+
+
 def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direction=_IDENTITY,
                     source: str = "") -> Scan:
     """Wrap an HU array [z, y, x] (or one 2-D slice) as a validated ``Scan``.

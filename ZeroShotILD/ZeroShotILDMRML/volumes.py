@@ -112,14 +112,14 @@ def check_ct_volume(volume_node) -> None:
         raise InputError(f"volume '{volume_node.GetName()}' is {dims[0]}x{dims[1]}x{dims[2]} voxels: too small for a chest CT")
 
 
-def scan_from_volume_node(volume_node):
-    """The engine's ``Scan`` from a CT volume node: a private copy of the voxels plus geometry.
+def scan_inputs(volume_node) -> dict:
+    """The arguments of ``ZeroShotILDLib.scan.scan_from_array`` for a CT volume node.
 
-    ``scan_from_array`` copies the voxels into a new int16 array (padding mapped to air), so the
-    analysis can run in a background thread while the user keeps working with the node: edits to
-    the node after Apply do not leak into the running analysis.
+    ``hu`` is ``arrayFromVolume``'s view of the node's own voxels (no copy); the geometry is
+    converted to the engine's conventions. The one conversion for both ways of analysing: here
+    (:func:`scan_from_volume_node`) and in the analysis worker, which gets the same values by file.
     """
-    from ZeroShotILDLib.scan import axial_axis_order, scan_from_array
+    from ZeroShotILDLib.scan import axial_axis_order
 
     check_ct_volume(volume_node)
     spacing, origin, direction = volume_geometry(volume_node)
@@ -128,13 +128,27 @@ def scan_from_volume_node(volume_node):
         # Results go back onto this node's voxel grid, so the module cannot reorder its axes itself.
         raise InputError(f"volume '{name}' is stored as sagittal or coronal slices: reorient it to axial "
                          "(Orient Scalar Volume module, orientation Axial) and select that volume")
-    scan = scan_from_array(slicer.util.arrayFromVolume(volume_node), spacing, origin, direction, source=name)
-    positions = acquisition_slice_positions(volume_node)
-    if positions is not None:
-        gaps = np.diff(positions)
-        scan.slice_positions_mm = positions
-        scan.notes.append(f"slices are unevenly spaced ({gaps.min():.2f} to {gaps.max():.2f} mm apart, placed by "
-                          f"Slicer's acquisition transform '{volume_node.GetParentTransformNode().GetName()}'): "
-                          "each slice is analysed at its true position and the lung volume counts each slice as a "
-                          "slab reaching halfway to its neighbours; result nodes sit under the same transform")
+    return {"hu": slicer.util.arrayFromVolume(volume_node), "spacing_mm": spacing, "origin_mm": origin,
+            "direction": direction, "source": name,
+            "slice_positions_mm": acquisition_slice_positions(volume_node)}
+
+
+def scan_from_volume_node(volume_node):
+    """The engine's ``Scan`` from a CT volume node: a private copy of the voxels plus geometry.
+
+    ``scan_from_array`` copies the voxels into a new int16 array (padding mapped to air), so edits
+    to the node after Apply do not leak into the kept analysis.
+    """
+    from ZeroShotILDLib.scan import place_slices, scan_from_array
+
+    inputs = scan_inputs(volume_node)
+    positions = inputs.pop("slice_positions_mm")
+    scan = scan_from_array(**inputs)
+    place_slices(scan, positions, transform_name(volume_node))
     return scan
+
+
+def transform_name(volume_node) -> str:
+    """Name of the transform a volume node sits under ('' when none): the notes name what placed its slices."""
+    parent = volume_node.GetParentTransformNode()
+    return parent.GetName() if parent is not None else ""
