@@ -131,6 +131,7 @@ def test_predominance_lines():
     assert ex.predominance(z) == "lower, subpleural"
     assert ex.predominance(dict(z, lower=0.06, subpleural=0.06)) == "diffuse"
     assert ex.predominance({k: 0.0 for k in ex.ZONES}) == "none"
+    assert ex.predominance(z, lung_fraction=0.02) == "minimal" and ex.predominance(z, lung_fraction=0.1) != "minimal"
     assert ex.predominance(dict(z, upper=0.4, lower=0.02, central=0.3, subpleural=0.1)) == "upper, central"
 
 
@@ -156,16 +157,22 @@ def test_normal_lung_comes_out_low():
         assert ex.positive_patches(sigmoid(m)).mean() < 0.01
 
 
-@pytest.mark.parametrize("share", [0.05, 0.15, 0.3, 0.45])
+@pytest.mark.parametrize("share", [0.05, 0.15, 0.25])
 def test_rule_finds_the_diseased_patches(share):
     m, sick = synthetic_margins(diseased=share, seed=1)
     pos = ex.positive_patches(sigmoid(m))
-    assert pos[sick].mean() > 0.95  # recall
+    assert pos[sick].mean() > 0.9  # recall
     assert (~sick[pos]).mean() < 0.05  # precision: the lower-half spread is not widened by the disease
 
 
+def test_rule_limit_documented():
+    """A finding over most of the scored lung moves the scan's median into it: underestimated, then not seen."""
+    found = [ex.positive_patches(sigmoid(synthetic_margins(diseased=s, seed=1)[0])).mean() for s in (0.35, 0.6)]
+    assert found[0] < 0.35 and found[1] < 0.05
+
+
 def test_rule_ranks_scans_like_the_truth():
-    shares = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4]
+    shares = [0.0, 0.05, 0.1, 0.2, 0.3]
     found = [ex.positive_patches(sigmoid(synthetic_margins(diseased=s, seed=3)[0])).mean() for s in shares]
     assert np.all(np.diff(found) > 0)
 
@@ -182,6 +189,34 @@ def test_rule_does_not_depend_on_the_models_offset_or_spread(scale, offset):
 def test_fixed_cut_would_depend_on_the_offset():
     m, _ = synthetic_margins(diseased=0.2, seed=2)
     assert (sigmoid(m + 0.2) > 0.5).mean() > 0.9 and (sigmoid(m) > 0.5).mean() < 0.3
+
+
+def test_normal_reference_removes_a_normal_scans_own_tail(tmp_path):
+    """With a shipped normal-lung reference a patch must also stand out against normal lungs of that model."""
+    import json
+
+    # A normal scan scored lower and tighter than normal lungs usually are, with its own upper tail
+    # (dense boxes, 4 of its SDs out): positive against the scan alone, ordinary against normal lungs.
+    m = np.random.default_rng(4).normal(-0.08, 0.01, 2000)
+    m[:40] += 0.04
+    alone = ex.positive_patches(sigmoid(m))
+    ref = ex.calibrate([sigmoid(synthetic_margins(seed=s)[0]) for s in range(5, 9)])
+    assert ref["scans"] == 4 and ref["spread"] == pytest.approx(0.02, rel=0.1)
+    both = ex.positive_patches(sigmoid(m), reference=ref)
+    assert alone.sum() > 20 and both.sum() < alone.sum() / 4
+    sick, truth = synthetic_margins(diseased=0.2, seed=4)
+    assert ex.positive_patches(sigmoid(sick), reference=ref)[truth].mean() > 0.95  # disease still found
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"models": {"m": {"finding": ref}}}), encoding="utf-8")
+    assert ex.normal_reference("m", "finding", path)["centre"] == ref["centre"]
+    assert ex.normal_reference("m", "other", path) is None and ex.normal_reference("x", "finding", path) is None
+    assert "model's normal-lung reference" in ex.rule_text(reference=ref)
+    assert "model's normal-lung reference" not in ex.rule_text()
+
+
+def test_shipped_reference_for_the_demo_model():
+    ref = ex.normal_reference("phantom-demo", "interstitial lung disease")
+    assert ref is not None and ref["spread"] > 0 and ref["scans"] >= 10
 
 
 def test_constant_scores_give_nothing_positive():

@@ -106,7 +106,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                    help="depth of the subpleural zone from the pleural surface (mm)")
     g.add_argument("--extent-z", type=float, default=d.extent_z,
                    help="a patch counts as positive when its score stands this many robust SDs above the scan's "
-                        "own mode (see extent.py)")
+                        "own median (see extent.py)")
     g.add_argument("--patterns", help="comma-separated pattern prompts labelled into patterns.nii.gz, or 'off' "
                    "(default: " + ", ".join(DEFAULT_PATTERNS) + ")")
     g.add_argument("--normal-prompt", default=d.normal_prompt, help="the normal-lung prompt a pattern must beat")

@@ -19,18 +19,26 @@ similarities: they sit near 0.5, and both their offset (text-embedding bias betw
 and their spread differ between models and prompts, so no fixed cut (0.5 or otherwise) means the
 same thing twice. What the zero-shot model does reliably is *rank* patches within a scan (the whole
 montage method rests on it). So each patch's margin ``logit(p) = s_pos - s_neg`` is compared with
-the scan's own lung: centre = the mode of the margins (the midpoint of the shortest half, the
-shorth: the peak of the scan's most common tissue, normal lung), spread = robust SD of the margins *below* the mode (the finding,
-when present, lies on the upper side and must not widen the reference). A patch is positive when it
-stands more than ``k`` spreads above the centre. On a normal lung this leaves the far tail (about
-1 % at k = 3). Its limit: when the finding covers more of the scored lung than any normal tissue
-(the mode then moves into it) the scan comes out underestimated. Measured on phantoms with ground
+the scan's own lung: centre = the median margin, spread = robust SD of the margins *below* the
+median (the finding, when present, lies on the upper side and must not widen the reference). A
+patch is positive when it stands more than ``k`` spreads above the centre. Its limit: a finding
+that covers much of the scored lung moves the median into it (from about a third on, the extent is
+underestimated; past half it is not seen).
+
+Where the model ships a normal-lung reference for the prompt (``extent_calibration.json``: the
+prompt's margins pooled over normal scans, in ``weights/``, written by ``bench/bench_extent.py --calibrate``), a
+patch must also stand ``k`` robust SDs above that reference: a normal scan's own upper tail then
+no longer counts. Without one (any other model or prompt) the rule is the per-scan reference alone,
+and ``rule`` says which was used. Measured on phantoms with ground
 truth in bench/RESULTS.md (bench/bench_extent.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+import json
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -39,16 +47,20 @@ from .results import PatchSet
 
 #: Default depth (mm) of the subpleural rind: lung within this distance of the pleural surface.
 DEFAULT_RIND_MM = 10.0
-#: Default number of reference spreads above the scan's modal margin for a positive patch.
+#: Default number of reference spreads above the scan's median margin for a positive patch.
 DEFAULT_Z = 3.0
 ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "central")
 THIRDS = ("lower", "middle", "upper")  # third index 0, 1, 2 (from the base up)
 #: A zone share must be this many times the other side's share to count as predominant.
 PREDOMINANCE_RATIO = 1.5
 N_CODES = 12  # side (2) x third (3) x subpleural (2)
+#: Normal-lung references per model and prompt, shipped with the package (see ``normal_reference``).
+CALIBRATION_PATH = Path(__file__).resolve().parent / "weights" / "extent_calibration.json"
+#: Below this share of the scored lung the zone shares are noise: predominance says "minimal".
+MIN_EXTENT_FOR_PREDOMINANCE = 0.05
 #: One line stating the positive rule (written with each extent in result.json).
-RULE = ("positive patch: logit(p) above the mode of the scan's own patches by more than {k:g} robust SDs of "
-        "those below it (a per-scan normal-lung reference, since raw-cosine probabilities are uncalibrated); extent = lung volume "
+RULE = ("positive patch: logit(p) above the median of the scan's own patches by more than {k:g} robust SDs of "
+        "those below it (a per-scan normal-lung reference, since raw-cosine probabilities are uncalibrated){calibrated}; extent = lung volume "
         "in positive boxes / scored lung volume of the zone (boxes through their slice slab; lung outside every "
         "candidate box counts neither way); zones: thirds of each lung's S extent, patient left/right, "
         "subpleural = within {rind:g} mm of the pleura (3-D distance transform, true spacing)")
@@ -222,26 +234,17 @@ def zone_volume_table(codes: np.ndarray, patches: PatchSet, spacing_mm, slab_vox
 # ----------------------------------------------------------------------------------------------
 # The positive rule
 # ----------------------------------------------------------------------------------------------
-def shorth_centre(values: np.ndarray) -> float:
-    """Midpoint of the shortest interval holding half the sample (the shorth): the peak of the main component.
-
-    Unlike the median it does not move towards a second, smaller component on one side (the finding).
-    """
-    x = np.sort(np.asarray(values, dtype=np.float64))
-    if x.size < 3:
-        return float(np.median(x))
-    h = (x.size + 1) // 2
-    widths = x[h - 1:] - x[:x.size - h + 1]
-    i = int(np.argmin(widths))
-    return float((x[i] + x[i + h - 1]) / 2.0)
-
-
 def reference_z(scores: np.ndarray) -> np.ndarray:
-    """Scores standardised against the scan's own lung: (s - mode) / robust SD of the scores below the mode."""
+    """Scores standardised against the scan's own lung: (s - median) / robust SD of the scores below the median.
+
+    The median, not a mode: patch scores of a normal lung are often bimodal (dense dependent or
+    chest-wall boxes form a second cluster), and a mode estimate (tried: the shorth) then lands on
+    the lower cluster and calls the upper one positive (normal-lung extent up to 40 % on phantoms).
+    """
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
         return s.copy()
-    centre = shorth_centre(s)
+    centre = float(np.median(s))
     lower = centre - s[s <= centre]
     spread = 1.4826 * float(np.median(lower)) if lower.size else 0.0
     if not spread > 0:  # every patch scored alike: spread from the whole set, else nothing stands out
@@ -257,9 +260,35 @@ def margins(probabilities: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def positive_patches(probabilities: np.ndarray, z: float = DEFAULT_Z) -> np.ndarray:
-    """(N,) bool: patches whose margin stands more than ``z`` reference spreads above the scan's mode."""
-    return reference_z(margins(probabilities)) > z
+def positive_patches(probabilities: np.ndarray, z: float = DEFAULT_Z, reference: Optional[dict] = None) -> np.ndarray:
+    """(N,) bool: patches whose margin stands more than ``z`` spreads above the scan's median (and, with a
+    ``reference`` {"centre", "spread"} of normal lungs for this model and prompt, above that too)."""
+    m = margins(probabilities)
+    positive = reference_z(m) > z
+    if reference is not None:
+        positive &= (m - float(reference["centre"])) / float(reference["spread"]) > z
+    return positive
+
+
+def normal_reference(model_name: str, prompt: str, path=None) -> Optional[dict]:
+    """The normal-lung margin reference shipped for (model, prompt), or None (then the per-scan rule alone)."""
+    path = Path(path) if path is not None else CALIBRATION_PATH
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ref = (table.get("models", {}).get(model_name) or {}).get(prompt.strip())
+    if not ref or not float(ref.get("spread", 0)) > 0:
+        return None
+    return ref
+
+
+def calibrate(normal_probabilities: Sequence[np.ndarray]) -> dict:
+    """A normal-lung reference from the patch probabilities of normal scans: pooled median and robust SD of the margin."""
+    m = np.concatenate([margins(p) for p in normal_probabilities])
+    centre = float(np.median(m))
+    return {"centre": centre, "spread": 1.4826 * float(np.median(np.abs(m - centre))),
+            "scans": len(normal_probabilities), "patches": int(m.size)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +315,13 @@ def zone_fractions(table: np.ndarray, positive: np.ndarray) -> tuple[float, dict
     return (float(pos.sum()) / whole if whole > 0 else float("nan")), fractions, volumes
 
 
-def predominance(by_zone: dict, ratio: float = PREDOMINANCE_RATIO) -> str:
+def predominance(by_zone: dict, ratio: float = PREDOMINANCE_RATIO, lung_fraction: Optional[float] = None) -> str:
     """"lower, subpleural"-style summary: the zone whose share is ``ratio`` x its counterpart's.
 
     Cranio-caudal: the largest third if it is ``ratio`` x the largest of the other two; axial:
     subpleural vs central; side: left vs right. "diffuse" when none stands out, "none" when nothing
-    is positive.
+    is positive, "minimal" when ``lung_fraction`` is under ``MIN_EXTENT_FOR_PREDOMINANCE`` (a few
+    stray boxes, as on normal lungs, have no distribution to speak of).
     """
     def val(k):
         v = by_zone.get(k)
@@ -299,6 +329,8 @@ def predominance(by_zone: dict, ratio: float = PREDOMINANCE_RATIO) -> str:
 
     if max(val(k) for k in ZONES) <= 0:
         return "none"
+    if lung_fraction is not None and np.isfinite(lung_fraction) and lung_fraction < MIN_EXTENT_FOR_PREDOMINANCE:
+        return "minimal"
     parts = []
     thirds = sorted(("upper", "middle", "lower"), key=val, reverse=True)
     if val(thirds[0]) > 0 and val(thirds[0]) >= ratio * val(thirds[1]):
@@ -313,7 +345,8 @@ def predominance(by_zone: dict, ratio: float = PREDOMINANCE_RATIO) -> str:
 def extent_summary(table: np.ndarray, positive: np.ndarray, rule: str) -> dict:
     """The result.json record of one prompt (or pattern): lung fraction, by zone, predominance, rule."""
     fraction, by_zone, _ = zone_fractions(table, positive)
-    return {"lung_fraction": fraction, "by_zone": by_zone, "predominance": predominance(by_zone), "rule": rule,
+    return {"lung_fraction": fraction, "by_zone": by_zone, "predominance": predominance(by_zone, lung_fraction=fraction),
+            "rule": rule,
             "positive_patches": int(np.count_nonzero(positive))}
 
 
@@ -333,12 +366,19 @@ def truth_extent(codes: np.ndarray, disease_mask: np.ndarray, spacing_mm, slice_
     return float(pos.sum() / total.sum()) if total.sum() > 0 else float("nan"), by_zone
 
 
-def rule_text(z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM) -> str:
-    return RULE.format(k=z, rind=rind_mm)
+def rule_text(z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM, reference: Optional[dict] = None) -> str:
+    calibrated = ""
+    if reference is not None:
+        calibrated = (f", and more than {z:g} robust SDs above the model's normal-lung reference for this prompt "
+                      f"({reference.get('scans', '?')} normal scans, {reference.get('patches', '?')} patches)")
+    return RULE.format(k=z, rind=rind_mm, calibrated=calibrated)
 
 
 def extents_for(table: np.ndarray, probabilities: dict, prompts: Sequence[str], z: float = DEFAULT_Z,
-                rind_mm: float = DEFAULT_RIND_MM) -> dict:
-    """{prompt: extent record} for each prompt's patch probabilities."""
-    rule = rule_text(z, rind_mm)
-    return {p: extent_summary(table, positive_patches(probabilities[p], z), rule) for p in prompts}
+                rind_mm: float = DEFAULT_RIND_MM, references: Optional[dict] = None) -> dict:
+    """{prompt: extent record} for each prompt's patch probabilities (``references``: prompt -> normal reference)."""
+    out = {}
+    for p in prompts:
+        ref = (references or {}).get(p)
+        out[p] = extent_summary(table, positive_patches(probabilities[p], z, ref), rule_text(z, rind_mm, ref))
+    return out

@@ -4,7 +4,7 @@ Step beside scoring: the kept patch embeddings are compared with the text of eve
 and of a normal-lung prompt (text encoding only: re-running it costs one text pass). Raw cosine
 similarities of different prompts are not comparable (each text embedding has its own offset and
 spread against the image embeddings), so each prompt's similarities are first standardised against
-the scan's own lung (``extent.reference_z``: mode, robust SD below it). A patch takes the
+the scan's own lung (``extent.reference_z``: median, robust SD below it). A patch takes the
 pattern with the highest standardised score when that score exceeds the extent rule's threshold and
 beats the normal-lung prompt's; otherwise it is labelled none (0).
 
@@ -35,7 +35,7 @@ _FALLBACK = ((60, 180, 75), (0, 130, 200), (240, 50, 230), (210, 245, 60), (250,
              (170, 110, 40), (128, 0, 0), (128, 128, 0), (0, 0, 128))
 COLOUR_TABLE_NAME = "patterns.ctbl"
 LABELMAP_NAME = "patterns.nii.gz"
-RULE = ("each prompt's cosine similarity standardised against the scan's own lung (mode, robust SD of the scores "
+RULE = ("each prompt's cosine similarity standardised against the scan's own lung (median, robust SD of the scores "
         "below it); a patch takes the pattern with the highest score when it exceeds {k:g} and beats the normal-lung "
         "prompt '{normal}', else none")
 

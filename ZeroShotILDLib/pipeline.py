@@ -344,7 +344,10 @@ class Analyzer:
         findings = dict(zip(s.prompts, values[:len(s.prompts)]))
         subtypes = dict(zip(s.subtypes, values[len(s.prompts):]))
         table = self._zone_table(s)
-        extent = extent_mod.extents_for(table, probs, s.prompts, s.extent_z, s.subpleural_mm)
+        # A shipped normal-lung reference belongs to the registry's weights, not to a user's checkpoint.
+        references = ({p: extent_mod.normal_reference(self.model.spec.name, p) for p in s.prompts}
+                      if s.checkpoint is None else {})
+        extent = extent_mod.extents_for(table, probs, s.prompts, s.extent_z, s.subpleural_mm, references)
         pattern_map = None
         if s.patterns:
             self.progress("pattern map", 0, 1)

@@ -114,7 +114,7 @@ class AnalysisSettings:
     #: Depth (mm) of the subpleural rind measured from the pleural surface.
     subpleural_mm: float = 10.0
     #: A patch is positive when its prompt-vs-negative margin stands this many robust SDs above the
-    #: scan's own mode (the per-scan normal-lung reference; see extent.py and bench/RESULTS.md).
+    #: scan's own median (the per-scan normal-lung reference; see extent.py and bench/RESULTS.md).
     extent_z: float = 3.0
     #: Pattern prompts labelled together into patterns.nii.gz; empty = no pattern map.
     patterns: list[str] = field(default_factory=lambda: list(DEFAULT_PATTERNS))

@@ -12,10 +12,14 @@ lung mask:
   (IPF subpleural, SSc with subpleural sparing);
 - normal lungs: extent on the normal phantoms (should be low);
 
-for the default rule and, in the same run on the same probabilities, two alternatives (a fixed
-cut p > 0.5, and the per-scan reference at z = 2).
+for the engine's rule (per-scan reference and, for phantom-demo, the shipped normal-lung reference)
+and, in the same run on the same probabilities, the per-scan reference alone and a fixed cut p > 0.5.
 
-    python bench/bench_extent.py [--phantoms 24] [--out bench/RESULTS.md]
+``--calibrate`` first writes phantom-demo's normal-lung reference for the prompt into
+``ZeroShotILDLib/extent_calibration.json`` from normal phantoms of another cohort seed (4242 by
+default; never the evaluation cohort).
+
+    python bench/bench_extent.py [--phantoms 30] [--calibrate] [--out bench/RESULTS.md]
 """
 from __future__ import annotations
 
@@ -44,6 +48,9 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=(48, 128, 128), help="phantom shape z y x")
     ap.add_argument("--spacing", type=float, default=2.5, help="isotropic phantom spacing (mm)")
     ap.add_argument("--out", type=Path, help="append the results as Markdown to this file")
+    ap.add_argument("--calibrate", action="store_true", help="(re)write the normal-lung reference first")
+    ap.add_argument("--calibration-phantoms", type=int, default=12)
+    ap.add_argument("--calibration-seed", type=int, default=4242)
     args = ap.parse_args()
 
     from scipy.stats import spearmanr
@@ -56,13 +63,19 @@ def main() -> None:
 
     settings = AnalysisSettings(model="phantom-demo", scoring_mode="exact", subtypes=[], patterns=[])
     analyzer = Analyzer(settings)
-    rules = {f"per-scan reference, z > {settings.extent_z:g} (default)": lambda p: ex.positive_patches(p, settings.extent_z),
-             "per-scan reference, z > 2": lambda p: ex.positive_patches(p, 2.0),
+    prompt = settings.prompts[0]
+    geometry = dict(shape_zyx=tuple(args.shape), spacing_mm=(args.spacing,) * 3)
+    if args.calibrate:
+        calibrate_into_package(analyzer, prompt, args, geometry)
+    reference = ex.normal_reference(settings.model, prompt)
+    k = settings.extent_z
+    rules = {f"engine: per-scan reference{' + shipped normal reference' if reference else ''}, z > {k:g}":
+             lambda p: ex.positive_patches(p, k, reference),
+             f"per-scan reference alone, z > {k:g}": lambda p: ex.positive_patches(p, k),
              "fixed cut p > 0.5 (zero-shot argmax)": lambda p: np.asarray(p) > 0.5}
     rows = []
     t0 = time.perf_counter()
-    cohort = generate_cohort(args.phantoms, seed=args.seed, shape_zyx=tuple(args.shape),
-                             spacing_mm=(args.spacing,) * 3)
+    cohort = generate_cohort(args.phantoms, seed=args.seed, **geometry)
     for ph in cohort:
         scan = scan_from_array(ph.hu, ph.spacing_mm, ph.origin_mm, ph.direction, source="phantom")
         result = analyzer.analyze(scan)
@@ -81,6 +94,8 @@ def main() -> None:
     lines = [f"\n## Extent vs ground truth on phantoms (issue 14) — {time.strftime('%Y-%m-%d')}\n",
              f"    python bench/bench_extent.py --phantoms {args.phantoms} --seed {args.seed} "
              f"--shape {' '.join(map(str, args.shape))} --spacing {args.spacing:g}"
+             + (f" --calibrate --calibration-phantoms {args.calibration_phantoms} --calibration-seed "
+                f"{args.calibration_seed}" if args.calibrate else "")
              + (f" --out {args.out}" if args.out else "") + "\n",
              f"{len(rows)} phantoms (cohort seed {args.seed}, never used in training: {len(ild)} ILD — "
              + ", ".join(f"{sum(r['subtype'] == s for r in ild)} {s}" for s in sorted({r['subtype'] for r in ild}))
@@ -89,7 +104,10 @@ def main() -> None:
              f"lung inside `disease_mask`, by the same zones ({settings.subpleural_mm:g} mm rind). "
              f"Predominance: the sign of (lower − upper) and of (subpleural − central) agrees with the truth's, "
              f"on the ILD phantoms. {elapsed:.0f} s on {platform.processor() or platform.machine()} "
-             "(2 shared cores).\n",
+             "(2 shared cores). "
+             + (f"Normal-lung reference: {reference['scans']} normal phantoms ({reference['patches']} patches), "
+                f"centre {reference['centre']:.4f}, spread {reference['spread']:.4f} (logit units).\n"
+                if reference else "No normal-lung reference shipped: the per-scan rule alone.\n"),
              "| positive rule | Spearman, all scans | Spearman, ILD only | basal vs upper agrees | "
              "subpleural vs central agrees | extent, normal lungs: mean (max) | extent, ILD: mean (truth mean) |",
              "|---|---|---|---|---|---|---|"]
@@ -126,6 +144,35 @@ def main() -> None:
             f"{m(lambda r: r['pred'][default][1]['subpleural']):.0f} / {m(lambda r: r['pred'][default][1]['central']):.0f} % | "
             + "; ".join(sorted({r["predominance"] for r in group})) + " |")
     emit("\n".join(lines), args.out)
+
+
+def calibrate_into_package(analyzer, prompt: str, args, geometry: dict) -> None:
+    """Write the model's normal-lung margin reference for ``prompt`` into the package's calibration file."""
+    import json
+
+    from ZeroShotILDLib import extent as ex
+    from ZeroShotILDLib.atomic_files import atomic_write_text
+    from ZeroShotILDLib.phantom import generate_cohort
+    from ZeroShotILDLib.scan import scan_from_array
+
+    probabilities = []
+    for ph in generate_cohort(args.calibration_phantoms, seed=args.calibration_seed, positive_fraction=0.0,
+                              **geometry):
+        scan = scan_from_array(ph.hu, ph.spacing_mm, ph.origin_mm, ph.direction, source="phantom")
+        probabilities.append(analyzer.analyze(scan).patch_probabilities[prompt])
+    ref = ex.calibrate(probabilities)
+    ref["made_by"] = (f"python bench/bench_extent.py --calibrate --calibration-phantoms {args.calibration_phantoms} "
+                      f"--calibration-seed {args.calibration_seed} --shape {' '.join(map(str, args.shape))} "
+                      f"--spacing {args.spacing:g}")
+    try:
+        doc = json.loads(ex.CALIBRATION_PATH.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = {}
+    doc["format"] = "zeroshot-ild-extent-calibration/1"
+    doc["note"] = ("normal-lung reference of each model's prompt margin logit(p), pooled over normal scans: "
+                   "centre = median, spread = 1.4826 x MAD (extent.normal_reference)")
+    doc.setdefault("models", {}).setdefault(analyzer.settings.model, {})[prompt] = ref
+    atomic_write_text(ex.CALIBRATION_PATH, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
