@@ -278,7 +278,7 @@ def _summary(result, out_dir: Path) -> str:
 
 
 def _cmd_analyze(args, progress) -> int:
-    from .outputs import check_summary_path, prepare_out_dir, summary_row, write_summary
+    from .outputs import SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
 
     settings = settings_from_args(args)
     out = Path(args.out)
@@ -295,6 +295,9 @@ def _cmd_analyze(args, progress) -> int:
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
         prepare_out_dir(target, overwrite=args.overwrite)
+    if many and SUMMARY_NAME.lower() in (n.lower() for n in names):
+        raise InputError(f"a scan's output folder would be named {SUMMARY_NAME}, the cohort summary's name: rename "
+                         "that scan file")
     summary = check_summary_path(out, overwrite=args.overwrite) if many else None
     rows = []
     if many:

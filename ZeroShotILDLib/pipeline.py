@@ -350,7 +350,6 @@ class Analyzer:
         extent = extent_mod.extents_for(table, probs, s.prompts, s.extent_z, s.subpleural_mm, references)
         pattern_map = None
         if s.patterns:
-            self.progress("pattern map", 0, 1)
             pattern_map = patterns_mod.pattern_map(st.features, self.text, s.patterns, s.normal_prompt, s.extent_z)
             for k, name in enumerate(pattern_map.names, start=1):
                 pattern_map.extent[name] = extent_mod.extent_summary(table, pattern_map.labels == k, pattern_map.rule)
