@@ -101,10 +101,10 @@ def subpleural_rind(lung_mask: np.ndarray, spacing_mm, rind_mm: float = DEFAULT_
 
     Evenly spaced scans: exact 3-D Euclidean distance transform with the true (x, y, z) spacing, on
     the lungs' bounding box plus one voxel (the scan's own edge is not pleura: a lung cut off by the
-    field of view gets no rind there). Interval series (slices 1 mm then 9 mm apart) have no 3-D
-    neighbourhood; the depth there is the smaller of the in-plane 2-D distance and the distance along
-    the slice normal, at the true slice positions, to the nearest slice where that column leaves the
-    lung (it overestimates depth under oblique surfaces, so the rind there is thinner).
+    field of view gets no rind there). Interval series (slices 1 mm then 9 mm apart): the same
+    Euclidean distance over the sampled slices at their true positions (``_interval_depth``); the
+    lung between two sampled slices is not seen, so a pleural surface there counts from the nearest
+    sampled slice.
     """
     mask = np.asarray(lung_mask, dtype=bool)
     out = np.zeros(mask.shape, dtype=bool)
@@ -119,26 +119,28 @@ def subpleural_rind(lung_mask: np.ndarray, spacing_mm, rind_mm: float = DEFAULT_
     if slice_positions_mm is None:
         depth = ndimage.distance_transform_edt(crop, sampling=(sz, sy, sx))
     else:
-        depth = _interval_depth(crop, (sx, sy), np.asarray(slice_positions_mm, dtype=np.float64)[bounds[0]])
+        depth = _interval_depth(crop, (sx, sy), np.asarray(slice_positions_mm, dtype=np.float64)[bounds[0]], rind_mm)
     out[tuple(bounds)] = crop & (depth <= rind_mm)
     return out
 
 
-def _interval_depth(crop: np.ndarray, spacing_xy, positions: np.ndarray) -> np.ndarray:
+def _interval_depth(crop: np.ndarray, spacing_xy, positions: np.ndarray, rind_mm: float) -> np.ndarray:
+    """Distance (mm) from each voxel to the nearest non-lung sample, slices at their true ``positions``.
+
+    Exact for the sampled points: the squared distance to a non-lung point of slice z' is dz^2 plus the
+    squared in-plane distance to that slice's nearest non-lung pixel (its 2-D distance transform), so
+    the depth is the minimum of that over the slices within ``rind_mm`` (farther ones cannot be nearer
+    than the rind). Depths beyond the rind come out as inf.
+    """
     sx, sy = spacing_xy
-    depth = np.empty(crop.shape, dtype=np.float64)
+    inplane = np.stack([ndimage.distance_transform_edt(sl, sampling=(sy, sx)) if sl.any() else np.zeros(sl.shape)
+                        for sl in crop])
+    depth = np.full(crop.shape, np.inf)
     for z in range(crop.shape[0]):
-        depth[z] = ndimage.distance_transform_edt(crop[z], sampling=(sy, sx)) if crop[z].any() else 0.0
-    # Distance along the normal to the nearest non-lung slice of each column (forward and backward sweeps).
-    inf = np.inf
-    last = np.full(crop.shape[1:], -inf)
-    for z in range(crop.shape[0]):
-        last = np.where(crop[z], last, positions[z])
-        depth[z] = np.minimum(depth[z], np.where(crop[z], positions[z] - last, 0.0))
-    nxt = np.full(crop.shape[1:], inf)
-    for z in range(crop.shape[0] - 1, -1, -1):
-        nxt = np.where(crop[z], nxt, positions[z])
-        depth[z] = np.minimum(depth[z], np.where(crop[z], nxt - positions[z], 0.0))
+        near = np.flatnonzero(np.abs(positions - positions[z]) <= rind_mm)
+        for k in near:
+            dz = positions[k] - positions[z]
+            np.minimum(depth[z], np.sqrt(dz * dz + inplane[k] ** 2), out=depth[z])
     return depth
 
 
