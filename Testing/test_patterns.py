@@ -32,7 +32,8 @@ def test_labels_standardise_each_prompt_before_comparing():
 
 
 def test_paint_labels_and_colour_table():
-    patches = PatchSet(np.array([2, 2, 6]), np.array([0, 4, 0]), np.array([0, 4, 4]), 4, 4, np.ones(3), np.zeros((3, 3)))
+    patches = PatchSet(np.array([2, 2, 6]), np.array([0, 4, 0]), np.array([0, 4, 4]), 4, 4, np.ones(3),
+                       np.zeros((3, 3)))
     lung = np.ones((10, 8, 8), bool)
     lung[:, 0, 0] = False
     vol = pm.paint_labels(patches, np.array([1, 3, 2], np.uint8), lung.shape, slab_voxels=3, lung_mask=lung)

@@ -38,7 +38,8 @@ def test_summary_has_one_row_per_scan(two_scans, tmp_path, capsys):
     for r, folder in zip(rows, ("a_chest", "b_chest")):
         doc = validate_result(out / folder / "result.json")
         assert float(r["lung_volume_ml"]) == pytest.approx(doc["lung_volume_ml"], abs=0.05)
-        assert float(r["p[interstitial lung disease]"]) == pytest.approx(doc["probabilities"]["interstitial lung disease"], abs=1e-4)
+        p_ild = doc["probabilities"]["interstitial lung disease"]
+        assert float(r["p[interstitial lung disease]"]) == pytest.approx(p_ild, abs=1e-4)
         ext = doc["extent"]["honeycombing"]
         assert float(r["extent[honeycombing]"]) == pytest.approx(ext["lung_fraction"], abs=1e-4)
         for zone in ("upper", "lower", "left", "right", "subpleural", "central"):

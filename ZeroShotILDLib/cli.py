@@ -270,7 +270,8 @@ def _summary(result, out_dir: Path) -> str:
         lines.append(f"  P({k}) = {v:.3f}")
         ext = result.extent.get(k)
         if ext and ext["lung_fraction"] == ext["lung_fraction"]:
-            lines.append(f"  extent({k}) = {100 * ext['lung_fraction']:.1f} % of the scored lung ({ext['predominance']})")
+            lines.append(f"  extent({k}) = {100 * ext['lung_fraction']:.1f} % of the scored lung "
+                         f"({ext['predominance']})")
     for k, v in result.subtype_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
     lines += [f"  note: {n}" for n in result.notes]

@@ -60,7 +60,8 @@ CALIBRATION_PATH = Path(__file__).resolve().parent / "weights" / "extent_calibra
 MIN_EXTENT_FOR_PREDOMINANCE = 0.05
 #: One line stating the positive rule (written with each extent in result.json).
 RULE = ("positive patch: logit(p) above the median of the scan's own patches by more than {k:g} robust SDs of "
-        "those below it (a per-scan normal-lung reference, since raw-cosine probabilities are uncalibrated){calibrated}; extent = lung volume "
+        "those below it (a per-scan normal-lung reference, since raw-cosine probabilities are uncalibrated)"
+        "{calibrated}; extent = lung volume "
         "in positive boxes / scored lung volume of the zone (boxes through their slice slab; lung outside every "
         "candidate box counts neither way); zones: thirds of each lung's S extent, patient left/right, "
         "subpleural = within {rind:g} mm of the pleura (3-D distance transform, true spacing)")
@@ -286,7 +287,7 @@ def normal_reference(model_name: str, prompt: str, path=None) -> Optional[dict]:
 
 
 def calibrate(normal_probabilities: Sequence[np.ndarray]) -> dict:
-    """A normal-lung reference from the patch probabilities of normal scans: pooled median and robust SD of the margin."""
+    """A normal-lung reference from normal scans' patch probabilities: pooled median and robust SD of the margin."""
     m = np.concatenate([margins(p) for p in normal_probabilities])
     centre = float(np.median(m))
     return {"centre": centre, "spread": 1.4826 * float(np.median(np.abs(m - centre))),
@@ -347,8 +348,8 @@ def predominance(by_zone: dict, ratio: float = PREDOMINANCE_RATIO, lung_fraction
 def extent_summary(table: np.ndarray, positive: np.ndarray, rule: str) -> dict:
     """The result.json record of one prompt (or pattern): lung fraction, by zone, predominance, rule."""
     fraction, by_zone, _ = zone_fractions(table, positive)
-    return {"lung_fraction": fraction, "by_zone": by_zone, "predominance": predominance(by_zone, lung_fraction=fraction),
-            "rule": rule,
+    return {"lung_fraction": fraction, "by_zone": by_zone,
+            "predominance": predominance(by_zone, lung_fraction=fraction), "rule": rule,
             "positive_patches": int(np.count_nonzero(positive))}
 
 

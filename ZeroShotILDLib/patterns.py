@@ -20,7 +20,7 @@ import numpy as np
 
 from .extent import DEFAULT_Z, reference_z
 from .results import PatchSet
-from .settings import DEFAULT_PATTERNS
+from .settings import DEFAULT_PATTERNS  # noqa: F401  (the default set, importable from here too)
 
 NORMAL_PROMPT = "normal lung"
 #: Colours (RGB 0-255) by pattern name; other prompts take the fallback palette in order.

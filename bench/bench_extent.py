@@ -136,12 +136,20 @@ def main() -> None:
         def m(get):
             return 100 * float(np.nanmean([get(r) for r in group]))
 
+        def pair(zones, a, b):
+            return f"{m(lambda r: zones(r)[a]):.0f} / {m(lambda r: zones(r)[b]):.0f} %"
+
+        def truth_zones(r):
+            return r["truth_zone"]
+
+        def pred_zones(r):
+            return r["pred"][default][1]
+
         lines.append(
-            f"| {sub_name} | {len(group)} | {m(lambda r: r['truth']):.1f} % | {m(lambda r: r['pred'][default][0]):.1f} % | "
-            f"{m(lambda r: r['truth_zone']['lower']):.0f} / {m(lambda r: r['truth_zone']['upper']):.0f} % | "
-            f"{m(lambda r: r['pred'][default][1]['lower']):.0f} / {m(lambda r: r['pred'][default][1]['upper']):.0f} % | "
-            f"{m(lambda r: r['truth_zone']['subpleural']):.0f} / {m(lambda r: r['truth_zone']['central']):.0f} % | "
-            f"{m(lambda r: r['pred'][default][1]['subpleural']):.0f} / {m(lambda r: r['pred'][default][1]['central']):.0f} % | "
+            f"| {sub_name} | {len(group)} | {m(lambda r: r['truth']):.1f} % | "
+            f"{m(lambda r: r['pred'][default][0]):.1f} % | "
+            f"{pair(truth_zones, 'lower', 'upper')} | {pair(pred_zones, 'lower', 'upper')} | "
+            f"{pair(truth_zones, 'subpleural', 'central')} | {pair(pred_zones, 'subpleural', 'central')} | "
             + "; ".join(sorted({r["predominance"] for r in group})) + " |")
     emit("\n".join(lines), args.out)
 
