@@ -14,7 +14,7 @@ FAST = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "30", "--slic
 
 
 def test_labels_standardise_each_prompt_before_comparing():
-    """Prompt columns with their own offset and spread: the patch that stands out in a column takes that label."""
+    """Prompt columns with their own offset and spread: the patch whose contrast with normal lung stands out wins."""
     rng = np.random.default_rng(0)
     n = 400
     sims = np.stack([0.30 + 0.01 * rng.standard_normal(n),   # pattern 1: high offset, narrow
@@ -28,7 +28,7 @@ def test_labels_standardise_each_prompt_before_comparing():
     assert labels[5] == 1 and labels[6] == 2 and labels[7] == 0
     assert sims[6, 1] < sims[6, 0]  # raw cosine would have called it pattern 1
     assert np.mean(labels != 0) < 0.03  # the background stays unlabelled
-    assert scores.shape == (n, 3)
+    assert scores.shape == (n, 2)
 
 
 def test_paint_labels_and_colour_table():

@@ -57,7 +57,9 @@ def main() -> None:
 
     from ZeroShotILDLib import extent as ex
     from ZeroShotILDLib.phantom import generate_cohort
+    from ZeroShotILDLib.patterns import pattern_map
     from ZeroShotILDLib.pipeline import Analyzer
+    from ZeroShotILDLib.settings import DEFAULT_PATTERNS
     from ZeroShotILDLib.scan import scan_from_array
     from ZeroShotILDLib.settings import AnalysisSettings
 
@@ -85,8 +87,15 @@ def main() -> None:
                                    rind_mm=settings.subpleural_mm)
         truth, truth_zone = ex.truth_extent(true_zones.codes, ph.disease_mask, ph.spacing_mm)
         pred = {name: ex.zone_fractions(table, rule(probs))[:2] for name, rule in rules.items()}
+        # Pattern map on the same kept embeddings (text only), against the disease mask box by box.
+        pmap = pattern_map(analyzer._state.features, analyzer.text, DEFAULT_PATTERNS, settings.normal_prompt,
+                           settings.extent_z)
+        on_disease = box_disease_share(result.patches, ph.disease_mask) >= 0.1
+        labelled = pmap.labels > 0
         rows.append({"subtype": ph.labels["subtype"] or "normal", "truth": truth, "truth_zone": truth_zone,
-                     "pred": pred, "predominance": result.extent[settings.prompts[0]]["predominance"]})
+                     "pred": pred, "predominance": result.extent[settings.prompts[0]]["predominance"],
+                     "labelled": ex.zone_fractions(table, labelled)[0], "labelled_on_disease": on_disease[labelled],
+                     "labels": pmap.labels[labelled], "drawn": ph.labels["patterns"]})
     elapsed = time.perf_counter() - t0
 
     ild = [r for r in rows if r["subtype"] != "normal"]
@@ -151,7 +160,32 @@ def main() -> None:
             f"{pair(truth_zones, 'lower', 'upper')} | {pair(pred_zones, 'lower', 'upper')} | "
             f"{pair(truth_zones, 'subpleural', 'central')} | {pair(pred_zones, 'subpleural', 'central')} | "
             + "; ".join(sorted({r["predominance"] for r in group})) + " |")
+    lines += ["\nPattern map (default prompts " + ", ".join(f"'{p}'" for p in DEFAULT_PATTERNS)
+              + f" vs '{settings.normal_prompt}', same embeddings): share of the scored lung labelled with any "
+              "pattern, and of the labelled boxes those with >= 10 % of their lung on the disease mask:\n",
+              "| subtype | labelled lung: mean | labelled boxes on disease | most frequent label (patches) | "
+              "patterns drawn in the phantoms |", "|---|---|---|---|---|"]
+    for sub_name in sorted({r["subtype"] for r in rows}):
+        group = [r for r in rows if r["subtype"] == sub_name]
+        hits = np.concatenate([r["labelled_on_disease"] for r in group])
+        labels = np.concatenate([r["labels"] for r in group]).astype(int)
+        counts = np.bincount(labels, minlength=len(DEFAULT_PATTERNS) + 1)[1:]
+        top = (f"{DEFAULT_PATTERNS[int(np.argmax(counts))]} ({int(counts.max())} of {labels.size})"
+               if labels.size else "none")
+        drawn = sorted({p for r in group for p in r["drawn"]})
+        lines.append(f"| {sub_name} | {100 * np.mean([r['labelled'] for r in group]):.1f} % | "
+                     + (f"{100 * hits.mean():.0f} % of {hits.size}" if hits.size else "-")
+                     + f" | {top} | {', '.join(drawn) or '-'} |")
     emit("\n".join(lines), args.out)
+
+
+def box_disease_share(patches, disease_mask) -> np.ndarray:
+    """Share of each candidate box (on its own slice) inside the ground-truth disease mask."""
+    out = np.empty(len(patches))
+    for i in range(len(patches)):
+        z, r, c = int(patches.slice_index[i]), int(patches.row0[i]), int(patches.col0[i])
+        out[i] = disease_mask[z, r:r + patches.size_rows, c:c + patches.size_cols].mean()
+    return out
 
 
 def calibrate_into_package(analyzer, prompt: str, args, geometry: dict) -> None:
