@@ -286,3 +286,24 @@ def test_interval_series_zone_volumes_match_the_full_scan(tiny_model):
     # Counting sampled slices as if evenly spaced would put the cuts elsewhere: the S ranges agree instead.
     for side in ("left", "right"):
         np.testing.assert_allclose(b.zones["s_range_mm"][side], a.zones["s_range_mm"][side], atol=6.0)
+
+
+def test_feet_first_scan_gets_the_same_extent(small_phantom, tiny_model):
+    """The same chest stored feet-first (slice 0 at the top, z direction flipped): identical zones and extent."""
+    from conftest import tiny_settings
+    from ZeroShotILDLib.pipeline import Analyzer
+
+    ph = small_phantom
+    head_first = Scan(ph.hu, ph.spacing_mm, ph.origin_mm, ph.direction, source="phantom")
+    d = np.asarray(ph.direction, dtype=float).reshape(3, 3).copy()
+    origin = np.asarray(ph.origin_mm) + d[:, 2] * ph.spacing_mm[2] * (ph.hu.shape[0] - 1)
+    d[:, 2] *= -1
+    feet_first = Scan(np.ascontiguousarray(ph.hu[::-1]), ph.spacing_mm, tuple(origin), tuple(d.ravel()),
+                      source="phantom")
+    settings = tiny_settings(slice_step_mm=ph.spacing_mm[2], patterns=[], subtypes=[], extent_z=1.0)
+    a = Analyzer(settings, model=tiny_model).analyze(head_first, lung_mask=ph.lung_mask)
+    b = Analyzer(settings, model=tiny_model).analyze(feet_first, lung_mask=np.ascontiguousarray(ph.lung_mask[::-1]))
+    assert a.zones["scored_lung_ml"] == pytest.approx(b.zones["scored_lung_ml"], rel=1e-6)
+    ea, eb = a.extent["interstitial lung disease"], b.extent["interstitial lung disease"]
+    assert ea["positive_patches"] > 0 and ea["by_zone"]["upper"] != pytest.approx(ea["by_zone"]["lower"], abs=0.01)
+    assert eb["by_zone"] == pytest.approx(ea["by_zone"], abs=1e-6) and eb["predominance"] == ea["predominance"]
