@@ -101,6 +101,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                    help="fast mode: share of candidates re-scored at full resolution")
     g.add_argument("--rescore-min", type=int, default=d.rescore_min,
                    help="fast mode: re-score at least this many candidates at full resolution")
+    g.add_argument("--lung-working-spacing-mm", type=float, default=d.lung.working_spacing_mm,
+                   help="segment the lungs on a grid of about this spacing and upsample (0 = full resolution)")
     g = p.add_argument_group("extent and pattern map")
     g.add_argument("--subpleural-mm", type=float, default=d.subpleural_mm,
                    help="depth of the subpleural zone from the pleural surface (mm)")
@@ -109,10 +111,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                         "own median (see extent.py)")
     g.add_argument("--patterns", help="comma-separated pattern prompts labelled into patterns.nii.gz, or 'off' "
                    "(default: " + ", ".join(DEFAULT_PATTERNS) + ")")
-    g.add_argument("--normal-prompt", default=d.normal_prompt, help="the normal-lung prompt a pattern must beat")
-    g = p.add_argument_group("lung mask")
-    g.add_argument("--lung-working-spacing-mm", type=float, default=d.lung.working_spacing_mm,
-                   help="segment the lungs on a grid of about this spacing and upsample (0 = full resolution)")
+    g.add_argument("--normal-prompt", default=d.normal_prompt, help="the normal-lung prompt each pattern is scored against")
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
@@ -292,13 +291,13 @@ def _cmd_analyze(args, progress) -> int:
         if not Path(mask).expanduser().is_file():
             raise InputError(f"lung mask {mask} does not exist: give a NIfTI/NRRD/MHA file")
     names = output_names(args.inputs)
+    if many and SUMMARY_NAME.lower() in (n.lower() for n in names):
+        raise InputError(f"a scan's output folder would be named {SUMMARY_NAME}, the cohort summary's name: rename "
+                         "that scan file")
     targets = [out / name for name in names] if many else [out]
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
         prepare_out_dir(target, overwrite=args.overwrite)
-    if many and SUMMARY_NAME.lower() in (n.lower() for n in names):
-        raise InputError(f"a scan's output folder would be named {SUMMARY_NAME}, the cohort summary's name: rename "
-                         "that scan file")
     summary = check_summary_path(out, overwrite=args.overwrite) if many else None
     rows = []
     if many:

@@ -118,7 +118,7 @@ class AnalysisSettings:
     extent_z: float = 3.0
     #: Pattern prompts labelled together into patterns.nii.gz; empty = no pattern map.
     patterns: list[str] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
-    #: The normal-lung prompt a pattern must beat.
+    #: The normal-lung prompt each pattern is scored against (pattern minus normal-lung similarity).
     normal_prompt: str = "normal lung"
 
     lung: LungMaskSettings = field(default_factory=LungMaskSettings)
