@@ -111,7 +111,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                         "own median (see extent.py)")
     g.add_argument("--patterns", help="comma-separated pattern prompts labelled into patterns.nii.gz, or 'off' "
                    "(default: " + ", ".join(DEFAULT_PATTERNS) + ")")
-    g.add_argument("--normal-prompt", default=d.normal_prompt, help="the normal-lung prompt each pattern is scored against")
+    g.add_argument("--normal-prompt", default=d.normal_prompt,
+                   help="the normal-lung prompt each pattern is scored against")
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
