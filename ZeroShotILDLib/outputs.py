@@ -1,4 +1,5 @@
-"""Writing a result to a folder: result.json, patches.csv, montage.png, heatmap.nii.gz, lung_mask.nii.gz, overlay.png, patterns.nii.gz/.ctbl.
+"""Writing a result to a folder: result.json, patches.csv, montage.png, heatmap.nii.gz, lung_mask.nii.gz, overlay.png,
+patterns.nii.gz/.ctbl; and, for several scans, the cohort summary.csv beside their folders.
 
 The tool only ever replaces or removes files it wrote itself. Every result folder holds a manifest
 (``.zeroshot-ild-manifest.json``) naming the files the tool wrote there; anything else in the folder
