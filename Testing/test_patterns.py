@@ -117,3 +117,19 @@ def test_settings_refuse_bad_extent_options(capsys):
     with pytest.raises(InputError, match="normal-lung prompt"):
         tiny_settings(normal_prompt=" ").validate()
     assert tiny_settings(patterns=[" a ", "a", ""]).validate().patterns == ["a"]
+
+
+def test_painted_volume_and_extent_agree(analyzed):
+    """patterns.nii.gz and the extent per pattern count the same voxels (same boxes, slabs and overlap rule)."""
+    import dataclasses
+
+    analyzer, result = analyzed
+    n = len(result.patches)
+    labels = (np.arange(n) % 3).astype(np.uint8)  # every label present
+    pmap = dataclasses.replace(result.patterns, labels=labels)
+    volume = pm.label_volume(dataclasses.replace(result, patterns=pmap))
+    table = analyzer._state.zone_table
+    voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
+    for k in (1, 2):
+        assert np.count_nonzero(volume == k) * voxel_ml == pytest.approx(table[:-1][labels == k].sum(), rel=1e-9)
+    assert not volume[~result.lung_mask].any()

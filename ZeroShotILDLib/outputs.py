@@ -341,10 +341,9 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path) -> None:
     sitk.WriteImage(scan.to_output_sitk(result.lung_mask.astype(np.uint8)), str(folder / "lung_mask.nii.gz"),
                     useCompression=True)
     if result.patterns is not None:
-        from .patterns import colour_table_text, paint_labels
+        from .patterns import colour_table_text, label_volume
 
-        labels = paint_labels(result.patches, result.patterns.labels, scan.hu.shape, slab_voxels=slab,
-                              lung_mask=result.lung_mask)
+        labels = label_volume(result)
         sitk.WriteImage(scan.to_output_sitk(labels), str(folder / "patterns.nii.gz"), useCompression=True)
         del labels
         (folder / "patterns.ctbl").write_text(colour_table_text(result.patterns.names, result.patterns.colours),

@@ -117,6 +117,18 @@ def paint_labels(patches: PatchSet, labels: np.ndarray, shape_zyx, *, slab_voxel
     return out
 
 
+def label_volume(result) -> np.ndarray:
+    """The pattern map of an ``AnalysisResult`` as a uint8 [z,y,x] volume on the scan's grid (what
+    patterns.nii.gz holds; for the Slicer segmentation and DICOM SEG writers too)."""
+    from .patches import slice_step_voxels
+
+    if result.patterns is None:
+        raise ValueError("the result has no pattern map (AnalysisSettings.patterns is empty)")
+    slab = slice_step_voxels(result.spacing_mm, result.settings.slice_step_mm)
+    return paint_labels(result.patches, result.patterns.labels, result.lung_mask.shape, slab_voxels=slab,
+                        lung_mask=result.lung_mask)
+
+
 def colour_table_text(names: Sequence[str], colours: Sequence) -> str:
     """Slicer colour table (``.ctbl``): ``index name R G B A`` per line; spaces in names become underscores."""
     lines = ["# zeroshot-ild pattern map colour table", f"# Number of colors: {len(names) + 1}", "0 none 0 0 0 0"]
