@@ -34,7 +34,7 @@ EXTENT = {"interstitial lung disease": {
     "by_zone": {"upper": 0.05, "middle": 0.2, "lower": 0.44, "left": 0.25, "right": 0.21, "subpleural": 0.35,
                 "central": 0.1}}}
 #: Extent of a prompt the run gave no probability for (a pattern prompt): its own group, extent only.
-EXTENT_ONLY = {"honeycombing": {"lung_fraction": 0.07, "by_zone": {"lower": 0.15, "upper": None}}}
+EXTENT_ONLY = {"honeycombing": {"lung_fraction": 0.07, "by_zone": {"lower": 0.15, "upper": None}, "rule": "hand-made"}}
 PATTERN_NAMES = {1: "honeycombing", 2: "reticulation", 4: "normal lung"}  # label 3 unnamed, 4 after a gap
 
 
@@ -68,21 +68,21 @@ def phantom_scan():
 
 
 def analysed_dicom(folder, tiny_model, *, with_patterns=True):
+    """A DICOM series analysed with hand-made extent; the engine's own pattern map unless ``with_patterns`` is off."""
     from ZeroShotILDLib.pipeline import Analyzer
 
     scan = read_scan(folder)
-    result = Analyzer(tiny_settings(patch_mm=20.0), model=tiny_model).analyze(scan)
+    settings = tiny_settings(patch_mm=20.0) if with_patterns else tiny_settings(patch_mm=20.0, patterns=[])
+    result = Analyzer(settings, model=tiny_model).analyze(scan)
     result.extent = {**EXTENT, **EXTENT_ONLY}
     if with_patterns:
-        # A made-up pattern map: named labels in three bands of the lungs, an unnamed label 3 (written as none).
-        labels = np.zeros(scan.hu.shape, np.uint8)
-        z = np.arange(scan.hu.shape[0])[:, None, None]
-        labels[result.lung_mask & (z < 8)] = 1
-        labels[result.lung_mask & (z >= 8) & (z < 12)] = 3
-        labels[result.lung_mask & (z >= 12) & (z < 18)] = 2
-        labels[result.lung_mask & (z >= 18)] = 4
-        result.pattern_map, result.pattern_names = labels, PATTERN_NAMES
-        result.pattern_extent = {"honeycombing": 0.3, "reticulation": {"lung_fraction": 0.2}, "normal lung": 0.4}
+        assert result.patterns is not None
+        # Extent for two of the patterns only: the others get a segment but no SR group.
+        zones = EXTENT["interstitial lung disease"]
+        result.patterns.extent = {"honeycombing": {**zones, "lung_fraction": 0.3},
+                                  "reticulation": {**zones, "lung_fraction": 0.2}}
+    else:
+        assert result.patterns is None
     return scan, result
 
 
@@ -137,12 +137,33 @@ def test_lung_mask_seg_lies_on_the_source_slices(written):
 
 
 def test_pattern_seg_has_a_segment_per_named_pattern(written):
+    from ZeroShotILDLib.patterns import label_volume
+
     scan, result, out = written
     seg = hd.seg.segread(out / "patterns.seg.dcm")
     labels = [str(d.SegmentLabel) for d in seg.SegmentSequence]
-    assert labels == ["honeycombing", "reticulation", "normal lung"]  # label order; 3 unnamed, gap closed
-    masks = {number: result.pattern_map == value for number, value in enumerate(sorted(PATTERN_NAMES), start=1)}
+    assert labels == list(result.patterns.names)
+    volume = label_volume(result)
+    masks = {number: volume == number for number in range(1, len(labels) + 1)}
     check_segmentation_on_sources(seg, sources_of(scan), masks)
+
+
+def test_pattern_segments_are_numbered_without_gaps(written):
+    from ZeroShotILDLib.dicom_results import pattern_segmentation
+
+    scan, result, _ = written
+    # Named labels in three bands of the lungs, an unnamed label 3 (written as none), label 4 after it.
+    labels = np.zeros(scan.hu.shape, np.uint8)
+    z = np.arange(scan.hu.shape[0])[:, None, None]
+    labels[result.lung_mask & (z < 8)] = 1
+    labels[result.lung_mask & (z >= 8) & (z < 12)] = 3
+    labels[result.lung_mask & (z >= 12) & (z < 18)] = 2
+    labels[result.lung_mask & (z >= 18)] = 4
+    sources = sources_of(scan)
+    seg = pattern_segmentation(labels, PATTERN_NAMES, sources)
+    assert [str(d.SegmentLabel) for d in seg.SegmentSequence] == ["honeycombing", "reticulation", "normal lung"]
+    masks = {number: labels == value for number, value in enumerate(sorted(PATTERN_NAMES), start=1)}
+    check_segmentation_on_sources(seg, sources, masks)
 
 
 def _numeric(group):
@@ -161,7 +182,7 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     report = sr.content
     groups = report.get_volumetric_roi_measurement_groups()
     expected = (len(result.finding_probabilities) + len(EXTENT_ONLY) + len(result.subtype_probabilities)
-                + len(result.pattern_extent))
+                + len(result.patterns.extent))
     assert len(groups) == expected
     by_id = {g.tracking_identifier: g for g in groups}
     prompt = result.primary_prompt
@@ -180,9 +201,9 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     referenced = by_id[f"prompt: {prompt}"].referenced_segment
     assert referenced.referenced_sop_instance_uid == seg.SOPInstanceUID and referenced.referenced_segment_numbers == [1]
     assert referenced.source_series_for_segmentation.value == SERIES_UID
-    pattern_ref = by_id["pattern: normal lung"].referenced_segment
+    pattern_ref = by_id["pattern: reticulation"].referenced_segment
     assert pattern_ref.referenced_sop_instance_uid == patterns.SOPInstanceUID
-    assert pattern_ref.referenced_segment_numbers == [3]
+    assert pattern_ref.referenced_segment_numbers == [result.patterns.names.index("reticulation") + 1]
     # The model's meaning is coded: tiny-random has random weights.
     evaluation = by_id[f"prompt: {prompt}"].get_qualitative_evaluations()[0]
     assert evaluation.value.meaning == "No" and not result.model_meaningful
@@ -268,7 +289,8 @@ def test_cli_writes_dicom_results_by_default_and_not_with_the_off_switch(tmp_pat
     write_ct_series(tmp_path / "series", phantom_scan)
     args = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "20", "--mode", "exact", "-q"]
     assert cli.main(["analyze", str(tmp_path / "series"), "-o", str(tmp_path / "on"), *args]) == 0
-    assert {p.name for p in (tmp_path / "on").glob("*.dcm")} == {"lung_mask.seg.dcm", "result.sr.dcm"}
+    assert {p.name for p in (tmp_path / "on").glob("*.dcm")} == {"lung_mask.seg.dcm", "patterns.seg.dcm",
+                                                                  "result.sr.dcm"}
     assert cli.main(["analyze", str(tmp_path / "series"), "-o", str(tmp_path / "off"), "--no-dicom-results",
                      *args]) == 0
     assert not list((tmp_path / "off").glob("*.dcm"))
@@ -287,8 +309,8 @@ def test_real_osic_series(tmp_path, tiny_model):
     check_segmentation_on_sources(hd.seg.segread(out / "lung_mask.seg.dcm"), sources, {1: result.lung_mask})
     sr = hd.sr.srread(out / "result.sr.dcm")
     assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
-    assert len(sr.content.get_volumetric_roi_measurement_groups()) == (len(result.finding_probabilities)
-                                                                       + len(result.subtype_probabilities))
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == (
+        len(result.finding_probabilities) + len(result.subtype_probabilities) + len(result.patterns.extent))
     if DCIODVFY:
         for name in ("lung_mask.seg.dcm", "result.sr.dcm"):
             run = subprocess.run([DCIODVFY, str(out / name)], capture_output=True, text=True, timeout=120)

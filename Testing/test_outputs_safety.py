@@ -193,7 +193,7 @@ def test_batch_with_equal_file_names_keeps_both(small_phantom, tmp_path, capsys)
     code, stdout, err = _run(["analyze", str(tmp_path / "patA" / "chest.nii.gz"), str(tmp_path / "patB" / "chest.nii.gz"),
                               "-o", str(out), *FAST], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["patA_chest", "patB_chest"]
+    assert sorted(p.name for p in out.iterdir()) == ["patA_chest", "patB_chest", "summary.csv"]
     for pat in ("patA", "patB"):
         doc = validate_result(out / f"{pat}_chest" / "result.json")
         assert doc["input"].endswith(f"{pat}/chest.nii.gz")

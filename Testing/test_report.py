@@ -128,7 +128,8 @@ def test_analyze_writes_a_self_contained_report(analysed, tmp_path):
         assert subtype in words and f"{p:.3f}" in words
     assert "Research software, not a diagnostic device" in words
     assert "NOT meaningful" in words and result.model_warning in words  # tiny-random has random weights
-    assert "Extent by zone" not in words and "<svg" not in text  # no extent in this result
+    # The engine now computes extent for every prompt: the report shows it with its chart.
+    assert result.extent and "Extent by zone" in words and "<svg" in text
 
 
 def test_overlays_show_distinct_best_slices_in_rank_order(analysed):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import Cancelled, InputError
-from .settings import COMMON_FINDINGS, DEFAULT_SUBTYPES, AnalysisSettings, LungMaskSettings
+from .settings import COMMON_FINDINGS, DEFAULT_PATTERNS, DEFAULT_SUBTYPES, AnalysisSettings, LungMaskSettings
 
 EXIT_INPUT = 2
 EXIT_CANCELLED = 130
@@ -103,6 +103,16 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                    help="fast mode: re-score at least this many candidates at full resolution")
     g.add_argument("--lung-working-spacing-mm", type=float, default=d.lung.working_spacing_mm,
                    help="segment the lungs on a grid of about this spacing and upsample (0 = full resolution)")
+    g = p.add_argument_group("extent and pattern map")
+    g.add_argument("--subpleural-mm", type=float, default=d.subpleural_mm,
+                   help="depth of the subpleural zone from the pleural surface (mm)")
+    g.add_argument("--extent-z", type=float, default=d.extent_z,
+                   help="a patch counts as positive when its score stands this many robust SDs above the scan's "
+                        "own median (see extent.py)")
+    g.add_argument("--patterns", help="comma-separated pattern prompts labelled into patterns.nii.gz, or 'off' "
+                   "(default: " + ", ".join(DEFAULT_PATTERNS) + ")")
+    g.add_argument("--normal-prompt", default=d.normal_prompt,
+                   help="the normal-lung prompt each pattern is scored against")
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
@@ -118,7 +128,17 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         proposal_skip_within_mm=args.proposal_skip_within_mm,
         rescore_fraction=args.rescore_fraction, rescore_min=args.rescore_min,
         lung=LungMaskSettings(working_spacing_mm=args.lung_working_spacing_mm or None),
+        subpleural_mm=args.subpleural_mm, extent_z=args.extent_z, patterns=_patterns_arg(args.patterns),
+        normal_prompt=args.normal_prompt,
     ).validate()
+
+
+def _patterns_arg(value: Optional[str]) -> list:
+    if value is None:
+        return list(DEFAULT_PATTERNS)
+    if value.strip().lower() in ("off", "none", "no", "0", ""):
+        return []
+    return [p.strip() for p in value.split(",") if p.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +272,10 @@ def _summary(result, out_dir: Path) -> str:
              f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} candidate patches"]
     for k, v in result.finding_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
+        ext = result.extent.get(k)
+        if ext and ext["lung_fraction"] == ext["lung_fraction"]:
+            lines.append(f"  extent({k}) = {100 * ext['lung_fraction']:.1f} % of the scored lung "
+                         f"({ext['predominance']})")
     for k, v in result.subtype_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
     lines += [f"  note: {n}" for n in result.notes]
@@ -259,7 +283,7 @@ def _summary(result, out_dir: Path) -> str:
 
 
 def _cmd_analyze(args, progress) -> int:
-    from .outputs import prepare_out_dir
+    from .outputs import SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
 
     settings = settings_from_args(args)
     out = Path(args.out)
@@ -277,10 +301,16 @@ def _cmd_analyze(args, progress) -> int:
         if not highdicom_available():
             raise InputError(f"--dicom-results needs highdicom, which is not installed: {INSTALL_HINT}, or leave "
                              "the option out")
-    targets = [out / name for name in output_names(args.inputs)] if many else [out]
+    names = output_names(args.inputs)
+    if many and SUMMARY_NAME.lower() in (n.lower() for n in names):
+        raise InputError(f"a scan's output folder would be named {SUMMARY_NAME}, the cohort summary's name: rename "
+                         "that scan file")
+    targets = [out / name for name in names] if many else [out]
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
         prepare_out_dir(target, overwrite=args.overwrite)
+    summary = check_summary_path(out, overwrite=args.overwrite) if many else None
+    rows = []
     if many:
         print("output folders:")
         for path, target in zip(args.inputs, targets):
@@ -291,6 +321,12 @@ def _cmd_analyze(args, progress) -> int:
                                     lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite,
                                     dicom_results=args.dicom_results)
         print(_summary(result, target))
+        if summary is not None:
+            # Rewritten (atomically) after every scan: a stopped run leaves the rows of the scans it finished.
+            rows.append(summary_row(result, str(path), names[k]))
+            write_summary(rows, summary)
+    if summary is not None:
+        print(f"cohort summary: {summary}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Writing a result to a folder: result.json, patches.csv, montage.png, heatmap.nii.gz, lung_mask.nii.gz, overlay.png,
-report.html, and for a DICOM input the DICOM results (lung_mask.seg.dcm, patterns.seg.dcm, result.sr.dcm).
+report.html, patterns.nii.gz/.ctbl, and for a DICOM input the DICOM results (lung_mask.seg.dcm,
+patterns.seg.dcm, result.sr.dcm); and, for several scans, the cohort summary.csv beside their folders.
 
 The tool only ever replaces or removes files it wrote itself. Every result folder holds a manifest
 (``.zeroshot-ild-manifest.json``) naming the files the tool wrote there; anything else in the folder
@@ -41,10 +42,16 @@ MANIFEST_FORMAT = "zeroshot-ild-manifest/1"
 #: The list of files the tool wrote into a result folder; the only files it will ever replace or remove there.
 MANIFEST_NAME = ".zeroshot-ild-manifest.json"
 #: Every file a run writes into ``--out``, in the order they are moved into place (result.json last).
-OUTPUT_FILES = ("patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png", "report.html",
-                "result.json")
+OUTPUT_FILES = ("patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png", "patterns.nii.gz",
+                "patterns.ctbl", "report.html", "result.json")
 #: Files only some runs write (DICOM results of a DICOM input); ours all the same, in the manifest when written.
 OPTIONAL_OUTPUT_FILES = ("lung_mask.seg.dcm", "patterns.seg.dcm", "result.sr.dcm")
+#: Written only when the pattern map is on (``AnalysisSettings.patterns``).
+PATTERN_FILES = ("patterns.nii.gz", "patterns.ctbl")
+#: The cohort table ``analyze`` writes beside the per-scan folders when given several scans.
+SUMMARY_NAME = "summary.csv"
+#: Its first columns: how an earlier summary.csv is recognised as the tool's own (and so replaceable).
+SUMMARY_HEAD = ("input", "folder", "model", "model_meaningful", "lung_volume_ml")
 STAGING_PREFIX = ".zeroshot-ild-partial-"
 #: Earlier versions staged beside ``--out``: ``.NAME.partial-XXXX`` and ``.NAME.old-PID``.
 _LEGACY_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-[A-Za-z0-9_]+$")
@@ -75,9 +82,44 @@ def result_to_dict(result: AnalysisResult, top_patches: int | None = None) -> di
                     "patches": [patch_record(result, int(i)) for i in result.montage_indices]},
         "top_patches": [dict(patch_record(result, int(i)), rank=k + 1, in_montage=int(i) in montage_rank)
                         for k, i in enumerate(ranked)],
+        "extent": {k: _extent_record(v) for k, v in result.extent.items()},
+        "zones": dict(result.zones),
+        "patterns": _patterns_record(result),
         "notes": list(result.notes),
         "timings_s": {k: round(float(v), 3) for k, v in result.timings_s.items()},
     }
+
+
+def _extent_record(record: dict) -> dict:
+    out = dict(record)
+    out["lung_fraction"] = _rounded(record["lung_fraction"])
+    out["by_zone"] = {k: _rounded(v) for k, v in record["by_zone"].items()}
+    return out
+
+
+def _rounded(v):
+    return round(float(v), 5) if v is not None and math.isfinite(float(v)) else None
+
+
+def _patterns_record(result: AnalysisResult) -> Optional[dict]:
+    """The pattern map's entry in result.json (None when it is off): files, labels and extent per pattern."""
+    pm = result.patterns
+    if pm is None:
+        return None
+    counts = np.bincount(pm.labels, minlength=len(pm.names) + 1) if len(pm.labels) else np.zeros(len(pm.names) + 1)
+    return {
+        "file": "patterns.nii.gz", "colour_table": "patterns.ctbl", "normal_prompt": pm.normal_prompt,
+        "rule": pm.rule,
+        "labels": [{"value": 0, "name": "none", "colour": [0, 0, 0], "patches": int(counts[0])}]
+        + [{"value": k, "name": n, "colour": [int(c) for c in col], "patches": int(counts[k])}
+           for k, (n, col) in enumerate(zip(pm.names, pm.colours), start=1)],
+        "extent": {n: _extent_record(pm.extent[n]) for n in pm.names if n in pm.extent},
+    }
+
+
+def output_files(result: AnalysisResult) -> tuple:
+    """The files this result writes, in the order they are moved into place (result.json last)."""
+    return tuple(n for n in OUTPUT_FILES if result.patterns is not None or n not in PATTERN_FILES)
 
 
 def patch_record(result: AnalysisResult, i: int) -> dict:
@@ -291,12 +333,20 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     from .patches import slice_step_voxels
     from .report import write_report
 
+    labels = names = pattern_extent = None
+    if result.patterns is not None:
+        from .patterns import colour_table_text, label_volume
+
+        pm = result.patterns
+        labels = label_volume(result)
+        names = {k: n for k, n in pm.label_names().items() if k > 0}
+        pattern_extent = {n: pm.extent[n] for n in pm.names if n in pm.extent}
+        sitk.WriteImage(scan.to_output_sitk(labels), str(folder / "patterns.nii.gz"), useCompression=True)
+        (folder / "patterns.ctbl").write_text(colour_table_text(pm.names, pm.colours), encoding="utf-8")
     # First: whether they were written (or why not) is a note in result.json and the report.
-    # extent / pattern_* are optional fields of the result (absent: those parts are left out).
-    optional = tuple(write_dicom_results(
-        result, scan, folder, enabled=dicom, extent=getattr(result, "extent", None),
-        pattern_map=getattr(result, "pattern_map", None), pattern_names=getattr(result, "pattern_names", None),
-        pattern_extent=getattr(result, "pattern_extent", None)))
+    optional = tuple(write_dicom_results(result, scan, folder, enabled=dicom, extent=result.extent or None,
+                                         pattern_map=labels, pattern_names=names, pattern_extent=pattern_extent))
+    del labels
     with open(folder / "result.json", "w", encoding="utf-8") as handle:
         handle.write(json_text(result_to_dict(result)))
     write_patches_csv(result, folder / "patches.csv")
@@ -307,9 +357,8 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     # to_output_sitk: an interval series is written on a regular grid that overlays its slices.
     sitk.WriteImage(scan.to_output_sitk(heat), str(folder / "heatmap.nii.gz"), useCompression=True)
     overlay_figure(scan, result, heat).save(folder / "overlay.png")
-    write_report(result, scan, folder / "report.html", heat, extent=getattr(result, "extent", None),
-                 pattern_extent=getattr(result, "pattern_extent", None),
-                 output_files=[n for n in OUTPUT_FILES + optional])
+    write_report(result, scan, folder / "report.html", heat, extent=result.extent or None,
+                 pattern_extent=pattern_extent, output_files=list(output_files(result)) + list(optional))
     del heat
     sitk.WriteImage(scan.to_output_sitk(result.lung_mask.astype(np.uint8)), str(folder / "lung_mask.nii.gz"),
                     useCompression=True)
@@ -341,7 +390,7 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, o
         staging.mkdir()
         optional = _write_files(result, scan, staging, dicom=dicom)
         # result.json last: a folder with a new result.json holds every other new file.
-        written = [n for n in OUTPUT_FILES if n != "result.json"] + list(optional) + ["result.json"]
+        written = [n for n in output_files(result) if n != "result.json"] + list(optional) + ["result.json"]
         previous = _earlier_result(out_dir) or []
         # Name the union first: a kill while moving leaves a manifest that covers every file of ours.
         _write_manifest(out_dir, set(previous) | set(written))
@@ -379,3 +428,97 @@ def _discard(staging: Path, created_out: Optional[Path]) -> None:
 def check_out_dir(out_dir: os.PathLike, *, overwrite: bool = False) -> Path:
     """Backward-compatible name for :func:`prepare_out_dir`."""
     return prepare_out_dir(out_dir, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cohort summary (several scans): one row per scan, beside the per-scan folders
+# ----------------------------------------------------------------------------------------------
+def check_summary_path(parent: os.PathLike, *, overwrite: bool = False) -> Path:
+    """Where ``summary.csv`` goes; refused (one line, before any work) if a file there is not the tool's.
+
+    The tool's own summary is recognised by its header (``SUMMARY_HEAD``); anything else under that
+    name is the user's and is only replaced with ``overwrite``. A folder or link in the way is refused.
+    """
+    path = Path(parent).expanduser().resolve() / SUMMARY_NAME
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InputError(f"{path} is in the way of the cohort summary (it is not a plain file): move it or choose "
+                         "another --out")
+    if path.is_file() and not overwrite and not _is_our_summary(path):
+        raise InputError(f"{path} exists and was not written by zeroshot-ild: move it, choose another --out, or add "
+                         "--overwrite to replace it")
+    return path
+
+
+def _is_our_summary(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            head = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return tuple(head[:len(SUMMARY_HEAD)]) == SUMMARY_HEAD
+
+
+def summary_row(result: AnalysisResult, scan_input: str, folder: str) -> dict:
+    """One scan's row: what it was, probabilities, extent by zone, lung volume, notes (count and short flags).
+
+    Nothing from a DICOM header is written (no patient names); ``input`` is the path as the user gave it.
+    """
+    row = {"input": str(scan_input), "folder": folder, "model": result.model_name,
+           "model_meaningful": int(bool(result.model_meaningful)),
+           "lung_volume_ml": f"{float(result.lung_volume_ml):.1f}", "candidates": len(result.patches)}
+    for k, v in result.finding_probabilities.items():
+        row[f"p[{k}]"] = _fmt(v)
+    for k, v in result.subtype_probabilities.items():
+        row[f"p[{k}]"] = _fmt(v)
+    from .extent import ZONES
+
+    def extent_columns(prefix: str, record: dict) -> None:
+        row[f"{prefix}"] = _fmt(record["lung_fraction"])
+        for zone in ZONES:
+            row[f"{prefix}.{zone}"] = _fmt(record["by_zone"].get(zone))
+        row[f"{prefix}.predominance"] = record["predominance"]
+
+    for k, record in result.extent.items():
+        extent_columns(f"extent[{k}]", record)
+    if result.patterns is not None:
+        for name in result.patterns.names:
+            if name in result.patterns.extent:
+                row[f"pattern[{name}]"] = _fmt(result.patterns.extent[name]["lung_fraction"])
+    row["notes"] = len(result.notes)
+    row["flags"] = ";".join(_flags(result))
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None or not math.isfinite(float(v)):
+        return ""
+    return f"{float(v):.4f}"
+
+
+def _flags(result: AnalysisResult) -> list:
+    flags = []
+    if not result.model_meaningful:
+        flags.append("model-not-meaningful")
+    if result.encoded_exactly is not None and result.encoded_exactly < len(result.patches):
+        flags.append("fast-mode")
+    text = " ".join(result.notes).lower()
+    for needle, flag in (("lung mask read from", "lung-mask-given"), ("unevenly spaced", "interval-series"),
+                         ("gantry", "gantry-tilt"),
+                         ("remaining cells are black", "few-patches")):
+        if needle in text and flag not in flags:
+            flags.append(flag)
+    return flags
+
+
+def write_summary(rows: list, path: os.PathLike) -> Path:
+    """Write the cohort summary atomically (a reader never sees half a file); columns in first-seen order."""
+    columns: list = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())

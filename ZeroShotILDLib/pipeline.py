@@ -21,7 +21,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import extent as extent_mod
 from . import lung_mask as lung_mask_mod
+from . import patterns as patterns_mod
 from . import proposals
 from .classification import classify_montage, montage_features, subtype_pairs
 from .embeddings import EmbeddingCache, ImageEncoder, cache_key, scan_fingerprint
@@ -55,6 +57,9 @@ class _ScanState:
     #: The embedding record behind ``features`` (as cached): exact rows, proposal-pass rows and which are
     #: encoded; a later exact re-scoring continues from it when the cache has dropped the entry.
     record: Optional[dict] = None
+    #: (N + 1, 12) lung mL per candidate and zone code (extent.zone_volume_table), and the zone geometry.
+    zone_table: Optional[np.ndarray] = None
+    zones: Optional[dict] = None
 
     @property
     def encoded_exactly(self) -> int:
@@ -131,7 +136,10 @@ class Analyzer:
         features, exact, rescored_for, record = self._embed(scan, patches, notes, timings)
 
         self._state = _ScanState(scan, mask, volume_ml, patches, features, exact, rescored_for, notes, timings,
-                                 record)
+                                 record=record)
+        t = time.perf_counter()
+        self._zone_table(s)
+        timings["zones_s"] = time.perf_counter() - t
         result = self._score(s)
         result.timings_s["total_s"] = time.perf_counter() - t0
         return result
@@ -383,6 +391,16 @@ class Analyzer:
         values = classify_montage(feats, self.text, pairs)
         findings = dict(zip(s.prompts, values[:len(s.prompts)]))
         subtypes = dict(zip(s.subtypes, values[len(s.prompts):]))
+        table = self._zone_table(s)
+        # A shipped normal-lung reference belongs to the registry's weights, not to a user's checkpoint.
+        references = ({p: extent_mod.normal_reference(self.model.spec.name, p) for p in s.prompts}
+                      if s.checkpoint is None else {})
+        extent = extent_mod.extents_for(table, probs, s.prompts, s.extent_z, s.subpleural_mm, references)
+        pattern_map = None
+        if s.patterns:
+            pattern_map = patterns_mod.pattern_map(st.features, self.text, s.patterns, s.normal_prompt, s.extent_z)
+            for k, name in enumerate(pattern_map.names, start=1):
+                pattern_map.extent[name] = extent_mod.extent_summary(table, pattern_map.labels == k, pattern_map.rule)
         spec = self.model.spec
         warning = model_warning(spec.name, random_weights=not spec.meaningful, trained_on=spec.trained_on,
                                 source=st.scan.source)
@@ -395,8 +413,25 @@ class Analyzer:
             lung_mask=st.lung_mask, lung_volume_ml=st.lung_volume_ml, patches=st.patches, patch_probabilities=probs,
             ranked=ranked, montage_indices=montage_idx, montage=montage, finding_probabilities=findings,
             subtype_probabilities=subtypes, notes=notes, timings_s=dict(st.timings_s),
-            encoded_exactly=st.encoded_exactly,
+            encoded_exactly=st.encoded_exactly, extent=extent, patterns=pattern_map, zones=dict(st.zones or {}),
         )
+
+    def _zone_table(self, s: AnalysisSettings) -> np.ndarray:
+        """The scan's lung volume per candidate and zone (computed once per scan and rind depth)."""
+        st = self._state
+        assert st is not None
+        if st.zone_table is None or (st.zones or {}).get("subpleural_mm") != s.subpleural_mm:
+            scan = st.scan
+            zones = extent_mod.lung_zones(st.lung_mask, scan.spacing_mm, scan.origin_mm, scan.direction,
+                                          scan.slice_positions_mm, s.subpleural_mm)
+            slab = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)
+            st.zone_table = extent_mod.zone_volume_table(zones.codes, st.patches, scan.spacing_mm, slab, scan.slab_mm)
+            scored = extent_mod.zone_fractions(st.zone_table, np.zeros(len(st.patches), bool))[2]
+            st.zones = {"subpleural_mm": float(s.subpleural_mm), "midline_r_mm": round(zones.midline_r_mm, 2),
+                        "s_range_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in zones.s_range_mm.items()},
+                        "scored_lung_ml": {k: round(v, 2) for k, v in scored.items()},
+                        "unscored_lung_ml": round(float(st.zone_table[-1].sum()), 2)}
+        return st.zone_table
 
     @property
     def scan(self) -> Optional[Scan]:

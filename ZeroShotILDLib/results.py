@@ -59,6 +59,12 @@ class AnalysisResult:
     encoded_exactly: Optional[int] = None
     #: One line saying why the scores are not meaningful ("" when they are); see :func:`model_warning`.
     model_warning: str = ""
+    #: prompt -> extent record (``extent.extent_summary``: lung_fraction, by_zone, predominance, rule).
+    extent: dict = field(default_factory=dict)
+    #: The pattern map (``patterns.PatternMap``: a label per candidate, names, colours, extent per pattern); None when off.
+    patterns: Optional[object] = None
+    #: Scored lung volume (mL) per zone and the zone geometry (``extent``), shared by all prompts.
+    zones: dict = field(default_factory=dict)
 
     @property
     def primary_prompt(self) -> str:

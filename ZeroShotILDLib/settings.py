@@ -34,6 +34,8 @@ MONTAGE_SIZES = (4, 8, 16)
 RETRIEVAL_METHODS = ("clip", "random")
 DEVICES = ("auto", "cpu", "cuda")
 SCORING_MODES = ("exact", "fast")
+#: Pattern map prompts by default (plus the normal-lung prompt ``AnalysisSettings.normal_prompt``).
+DEFAULT_PATTERNS = ("honeycombing", "reticulation", "ground-glass opacity", "consolidation", "emphysema")
 
 
 @dataclass
@@ -108,6 +110,17 @@ class AnalysisSettings:
     rescore_fraction: float = 0.02
     rescore_min: int = 64
 
+    # Extent and pattern map (extent.py, patterns.py)
+    #: Depth (mm) of the subpleural rind measured from the pleural surface.
+    subpleural_mm: float = 10.0
+    #: A patch is positive when its prompt-vs-negative margin stands this many robust SDs above the
+    #: scan's own median (the per-scan normal-lung reference; see extent.py and bench/RESULTS.md).
+    extent_z: float = 3.0
+    #: Pattern prompts labelled together into patterns.nii.gz; empty = no pattern map.
+    patterns: list[str] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
+    #: The normal-lung prompt each pattern is scored against (pattern minus normal-lung similarity).
+    normal_prompt: str = "normal lung"
+
     lung: LungMaskSettings = field(default_factory=LungMaskSettings)
 
     # ------------------------------------------------------------------
@@ -154,6 +167,16 @@ class AnalysisSettings:
             raise InputError(f"re-score fraction {self.rescore_fraction} must be between 0 and 1")
         if self.rescore_min < 0:
             raise InputError(f"re-score minimum {self.rescore_min} must be 0 or more")
+        if not 0.0 < self.subpleural_mm <= 50.0:
+            raise InputError(f"subpleural rind {self.subpleural_mm} mm must be between 0 and 50")
+        if not 0.0 <= self.extent_z <= 20.0:
+            raise InputError(f"extent threshold {self.extent_z} must be between 0 and 20 robust SDs")
+        self.patterns = list(dict.fromkeys(p.strip() for p in (self.patterns or []) if p and p.strip()))
+        if len(self.patterns) > 254:
+            raise InputError(f"{len(self.patterns)} pattern prompts: give at most 254")
+        self.normal_prompt = (self.normal_prompt or "").strip()
+        if self.patterns and not self.normal_prompt:
+            raise InputError("empty normal-lung prompt: give one, e.g. --normal-prompt 'normal lung'")
         if self.top_k < 1:
             raise InputError("top-k must be at least 1")
         if self.batch_size < 1:

@@ -103,6 +103,9 @@ def write_result(result, folder, *, with_lung_mask: bool = True) -> Path:
         arrays[f"probability_{k}"] = np.asarray(result.patch_probabilities[prompt])
     if with_lung_mask:
         arrays["lung_mask"] = result.lung_mask
+    pm = result.patterns
+    if pm is not None:
+        arrays["pattern_labels"], arrays["pattern_scores"] = pm.labels, pm.scores
     with atomic_path(folder / "arrays.npz") as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     meta = {
@@ -116,6 +119,10 @@ def write_result(result, folder, *, with_lung_mask: bool = True) -> Path:
         "subtype_probabilities": [[k, float(v)] for k, v in result.subtype_probabilities.items()],
         "notes": list(result.notes), "timings_s": {k: float(v) for k, v in result.timings_s.items()},
         "encoded_exactly": None if result.encoded_exactly is None else int(result.encoded_exactly),
+        "extent": result.extent, "zones": result.zones,
+        "patterns": None if pm is None else {"names": list(pm.names), "normal_prompt": pm.normal_prompt,
+                                             "colours": [list(c) for c in pm.colours], "extent": pm.extent,
+                                             "rule": pm.rule},
     }
     atomic_write_text(folder / "result.json", json.dumps(meta))
     return folder
@@ -144,8 +151,19 @@ def read_result(folder, *, lung_mask=None):
         finding_probabilities=dict(meta["finding_probabilities"]),
         subtype_probabilities=dict(meta["subtype_probabilities"]), notes=list(meta["notes"]),
         timings_s=dict(meta["timings_s"]), encoded_exactly=meta["encoded_exactly"],
-        model_warning=meta.get("model_warning", ""),
+        model_warning=meta.get("model_warning", ""), extent=meta.get("extent") or {},
+        zones=meta.get("zones") or {}, patterns=_read_patterns(meta.get("patterns"), arrays),
     )
+
+
+def _read_patterns(record, arrays):
+    if record is None:
+        return None
+    from ZeroShotILDLib.patterns import PatternMap
+
+    return PatternMap(names=list(record["names"]), normal_prompt=record["normal_prompt"], labels=arrays["pattern_labels"],
+                      scores=arrays["pattern_scores"], colours=[tuple(c) for c in record["colours"]],
+                      extent=record["extent"], rule=record["rule"])
 
 
 def one_line(text: str, limit: int = 300) -> str:

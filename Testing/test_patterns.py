@@ -1,0 +1,135 @@
+"""Pattern map (issue 14): one label per patch from several prompts, painted volume, colour table, CLI outputs."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_settings
+from test_outputs_safety import validate_result
+from ZeroShotILDLib import patterns as pm
+from ZeroShotILDLib.cli import main
+from ZeroShotILDLib.results import PatchSet
+
+FAST = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "30", "--slice-step-mm", "5", "-q"]
+
+
+def test_labels_standardise_each_prompt_before_comparing():
+    """Prompt columns with their own offset and spread: the patch whose contrast with normal lung stands out wins."""
+    rng = np.random.default_rng(0)
+    n = 400
+    sims = np.stack([0.30 + 0.01 * rng.standard_normal(n),   # pattern 1: high offset, narrow
+                     0.00 + 0.02 * rng.standard_normal(n),   # pattern 2: low offset, wider
+                     0.20 + 0.01 * rng.standard_normal(n)], axis=1)  # normal lung
+    sims[5, 0] += 0.08   # stands out in pattern 1 (8 of its SDs)
+    sims[6, 1] += 0.16   # stands out in pattern 2 (8 of its SDs), though its raw value stays below column 1's
+    sims[7, 0] += 0.08
+    sims[7, 2] += 0.2    # ... but the normal-lung prompt claims this one even more
+    labels, scores = pm.label_patches(sims, z=3.0)
+    assert labels[5] == 1 and labels[6] == 2 and labels[7] == 0
+    assert sims[6, 1] < sims[6, 0]  # raw cosine would have called it pattern 1
+    assert np.mean(labels != 0) < 0.03  # the background stays unlabelled
+    assert scores.shape == (n, 2)
+
+
+def test_paint_labels_and_colour_table():
+    patches = PatchSet(np.array([2, 2, 6]), np.array([0, 4, 0]), np.array([0, 4, 4]), 4, 4, np.ones(3),
+                       np.zeros((3, 3)))
+    lung = np.ones((10, 8, 8), bool)
+    lung[:, 0, 0] = False
+    vol = pm.paint_labels(patches, np.array([1, 3, 2], np.uint8), lung.shape, slab_voxels=3, lung_mask=lung)
+    assert vol.dtype == np.uint8
+    assert vol[1, 1, 1] == 1 and vol[3, 5, 5] == 3 and vol[7, 1, 5] == 2 and vol[4, 1, 1] == 0
+    assert vol[2, 0, 0] == 0  # outside the lungs
+    text = pm.colour_table_text(["honeycombing", "ground-glass opacity"], pm.colours_for(["honeycombing", "x"]))
+    lines = [ln.split() for ln in text.splitlines() if not ln.startswith("#")]
+    assert lines[0][:2] == ["0", "none"] and lines[2][1] == "ground-glass_opacity"
+    assert all(len(ln) == 6 and all(v.isdigit() for v in ln[2:]) for ln in lines)
+
+
+def test_colours_are_distinct_for_unknown_prompts():
+    cols = pm.colours_for(["a", "b", "honeycombing", "c"])
+    assert len(set(cols)) == 4 and cols[2] == pm.COLOURS["honeycombing"]
+
+
+@pytest.fixture(scope="module")
+def analyzed(small_scan, tiny_model):
+    from ZeroShotILDLib.pipeline import Analyzer
+
+    analyzer = Analyzer(tiny_settings(), model=tiny_model)
+    return analyzer, analyzer.analyze(small_scan)
+
+
+def test_analyzer_labels_every_candidate(analyzed):
+    _, result = analyzed
+    pmap = result.patterns
+    assert pmap.names == list(pm.DEFAULT_PATTERNS) and pmap.normal_prompt == "normal lung"
+    assert pmap.labels.shape == (len(result.patches),) and pmap.labels.max() <= len(pmap.names)
+    for k, name in enumerate(pmap.names, start=1):
+        assert pmap.extent[name]["positive_patches"] == int(np.count_nonzero(pmap.labels == k))
+        assert 0.0 <= pmap.extent[name]["lung_fraction"] <= 1.0
+
+
+def test_pattern_map_reuses_the_kept_embeddings(analyzed, monkeypatch):
+    """Changing the pattern prompts encodes text only: no patch is encoded again."""
+    analyzer, first = analyzed
+
+    def no_images(*a, **k):
+        raise AssertionError("patches were encoded again")
+
+    monkeypatch.setattr(analyzer.encoder, "encode_batches", no_images)  # patches; the montage uses encode()
+    again = analyzer.reprompt(patterns=["honeycombing", "emphysema", "mosaic attenuation"])
+    assert again.patterns.names == ["honeycombing", "emphysema", "mosaic attenuation"]
+    assert again.patterns.labels.shape == first.patterns.labels.shape
+    off = analyzer.reprompt(patterns=[])
+    assert off.patterns is None and off.extent  # extent per prompt stays
+
+
+def test_cli_writes_patterns_and_removes_them_when_off(tmp_path, small_phantom, capsys):
+    import SimpleITK as sitk
+
+    scan = tmp_path / "phantom.nii.gz"
+    small_phantom.save(scan)
+    out = tmp_path / "out"
+    assert main(["analyze", str(scan), "-o", str(out), *FAST, "--patterns", "honeycombing,emphysema"]) == 0
+    doc = validate_result(out / "result.json")
+    assert [lab["name"] for lab in doc["patterns"]["labels"]] == ["none", "honeycombing", "emphysema"]
+    img = sitk.ReadImage(str(out / "patterns.nii.gz"))
+    ref = sitk.ReadImage(str(scan))
+    assert img.GetSize() == ref.GetSize() and np.allclose(img.GetDirection(), ref.GetDirection())
+    labels = sitk.GetArrayFromImage(img)
+    assert labels.max() <= 2
+    painted = {int(v) for v in np.unique(labels)} - {0}
+    assert painted <= {lab["value"] for lab in doc["patterns"]["labels"] if lab["patches"] > 0}
+    assert "honeycombing" in (out / "patterns.ctbl").read_text(encoding="utf-8")
+    manifest = json.loads((out / ".zeroshot-ild-manifest.json").read_text(encoding="utf-8"))
+    assert {"patterns.nii.gz", "patterns.ctbl"} <= set(manifest["files"])
+    assert main(["analyze", str(scan), "-o", str(out), *FAST, "--patterns", "off"]) == 0
+    doc = validate_result(out / "result.json")
+    assert doc["patterns"] is None and not (out / "patterns.nii.gz").exists() and not (out / "patterns.ctbl").exists()
+    assert doc["extent"]["interstitial lung disease"]["rule"]
+
+
+def test_settings_refuse_bad_extent_options(capsys):
+    from ZeroShotILDLib.errors import InputError
+
+    with pytest.raises(InputError, match="subpleural"):
+        tiny_settings(subpleural_mm=0).validate()
+    with pytest.raises(InputError, match="normal-lung prompt"):
+        tiny_settings(normal_prompt=" ").validate()
+    assert tiny_settings(patterns=[" a ", "a", ""]).validate().patterns == ["a"]
+
+
+def test_painted_volume_and_extent_agree(analyzed):
+    """patterns.nii.gz and the extent per pattern count the same voxels (same boxes, slabs and overlap rule)."""
+    import dataclasses
+
+    analyzer, result = analyzed
+    n = len(result.patches)
+    labels = (np.arange(n) % 3).astype(np.uint8)  # every label present
+    pmap = dataclasses.replace(result.patterns, labels=labels)
+    volume = pm.label_volume(dataclasses.replace(result, patterns=pmap))
+    table = analyzer._state.zone_table
+    voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
+    for k in (1, 2):
+        assert np.count_nonzero(volume == k) * voxel_ml == pytest.approx(table[:-1][labels == k].sum(), rel=1e-9)
+    assert not volume[~result.lung_mask].any()
