@@ -163,7 +163,7 @@ def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
     rows = read_rows(out / "results.csv")
     assert [r["model"] for r in rows] == ["tiny-random", f"dapt:{best}", "ensemble:run"]
     for r in rows:
-        assert 0.0 <= float(r["auroc"]) <= 1.0 and r["threshold_source"] == "validation"
+        assert 0.0 <= float(r["auroc"]) <= 1.0 and r["threshold_source"] == "val split"
     # (no subtypes table: one positive test scan cannot rank one subtype against another)
     for name in ("results.md", "roc.png", "pr.png", "scores.csv", "settings.json"):
         assert (out / name).is_file(), name
@@ -182,7 +182,7 @@ def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
         result = Analyzer(settings).analyze(str(record.scan_path))
         probabilities.append(result.finding_probabilities["interstitial lung disease"])
     row = [s for s in scores if s["scan_id"] == record.scan_id][0]
-    assert float(row["p_ild[ensemble:run]"]) == pytest.approx(np.mean(probabilities), abs=1e-6)
+    assert float(row["p[ensemble:run]"]) == pytest.approx(np.mean(probabilities), abs=1e-6)
     code, _, err = run(capsys, "evaluate", cohort["manifest"], "--out", out, *ENGINE, "--split", "nope")
     assert code == 2 and "split 'nope'" in err
 
