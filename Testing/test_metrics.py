@@ -186,3 +186,17 @@ def test_a_threshold_that_calls_every_scan_positive_is_flagged():
     assert low.degenerate == "the threshold calls every scan negative"
     fine = M.evaluate_binary(yt, np.r_[np.full(9, 0.8), np.full(7, 0.2)], n_resamples=0)
     assert fine.degenerate == "" and fine.threshold_source == M.OPTIMISTIC
+
+
+def test_degenerate_rows_are_marked_in_the_tables():
+    from training import plots
+
+    yt = np.array([1] * 9 + [0] * 7)
+    flagged = M.evaluate_binary(yt, np.linspace(0.6, 0.9, 16), y_val=np.array([1, 0]), s_val=np.array([0.5, 0.1]),
+                                n_resamples=0)
+    fine = M.evaluate_binary(yt, np.r_[np.full(9, 0.8), np.full(7, 0.2)], n_resamples=0)
+    table = plots.grid_markdown([plots.grid_row({"model": "a"}, flagged), plots.grid_row({"model": "b"}, fine)],
+                                factors=["model"], metrics=("auroc", "f1", "mcc"))
+    lines = table.splitlines()
+    assert "†" in lines[2] and "†" not in lines[3]
+    assert "Degenerate classifier: the threshold calls every scan positive" in table

@@ -638,14 +638,14 @@ def _warn_degenerate(reports: dict) -> None:
                         rep.f1.value, rep.mcc.value)
 
 
-def _finish_failures(out: Path, failures, records) -> int:
+def _finish_failures(out: Path, failures, records, final: Path) -> int:
     """failures.csv (also when empty: a re-run that fixed everything must not leave an old list) and the exit code."""
     if failures:
         _write_rows(out / "failures.csv", _failure_rows(failures, records))
     else:
         atomic_write_text(out / "failures.csv", "scan_id,split,reason\n")
     if failures:
-        print(f"{len(failures)} scan(s) could not be scored (listed in {out / 'failures.csv'}); "
+        print(f"{len(failures)} scan(s) could not be scored (listed in {final / 'failures.csv'}); "
               f"the results cover the others", file=sys.stderr)
         return 1
     return 0
@@ -724,7 +724,7 @@ def _cmd_evaluate(args) -> int:
                                              "threshold_split": val_name if use_val else None,
                                              "n_test": n, "n_val": len(val) if use_val else 0,
                                              "n_failed": len(failures), "notes": [x for x in [note] if x]})
-        code = _finish_failures(tmp, failures, all_records)
+        code = _finish_failures(tmp, failures, all_records, out)
     for name, rep in reports.items():
         print(f"{name}: AUROC {rep.auroc}  AUPRC {rep.auprc}  F1 {rep.f1} (threshold {rep.threshold:.3f}, "
               f"{rep.threshold_source}){'  DEGENERATE: ' + rep.degenerate if rep.degenerate else ''}")
@@ -782,7 +782,7 @@ def _cmd_grid(args) -> int:
                                              "n_failed": len(failures), "notes": [x for x in [note] if x],
                                              "factors": {"retrieval": retrievals, "model": models_,
                                                          "montage_size": sizes, "filter_threshold": thresholds}})
-        code = _finish_failures(tmp, failures, all_records)
+        code = _finish_failures(tmp, failures, all_records, out)
     print(f"{len(rows)} grid cells: {out / 'grid.md'}")
     return code
 
