@@ -194,9 +194,11 @@ def test_degenerate_rows_are_marked_in_the_tables():
     yt = np.array([1] * 9 + [0] * 7)
     flagged = M.evaluate_binary(yt, np.linspace(0.6, 0.9, 16), y_val=np.array([1, 0]), s_val=np.array([0.5, 0.1]),
                                 n_resamples=0)
-    fine = M.evaluate_binary(yt, np.r_[np.full(9, 0.8), np.full(7, 0.2)], n_resamples=0)
+    fine = M.evaluate_binary(yt, np.r_[np.full(4, 0.8), np.full(12, 0.2)], y_val=np.array([1, 0]),
+                             s_val=np.array([0.8, 0.2]), n_resamples=0)  # F1 8/13, below the degenerate 0.72
     table = plots.grid_markdown([plots.grid_row({"model": "a"}, flagged), plots.grid_row({"model": "b"}, fine)],
                                 factors=["model"], metrics=("auroc", "f1", "mcc"))
     lines = table.splitlines()
     assert "†" in lines[2] and "†" not in lines[3]
+    assert "**0.720**" not in lines[2] and "**0.615**" in lines[3]  # a degenerate F1 is never the bold best
     assert "Degenerate classifier: the threshold calls every scan positive" in table

@@ -296,7 +296,14 @@ def _training_inputs(args):
     from .data import default_class_names
 
     needs_labels = args.loss in ("unicl", "dlilp")
-    records = _read_manifest(args.manifest, require_report=not needs_labels)
+    records = _read_manifest(args.manifest)
+    if not needs_labels:  # image-only rows (e.g. negatives without text) are for evaluation, not for text losses
+        texted = [r for r in records if r.report_text is not None or r.report_path is not None]
+        if not texted:
+            raise InputError(f"no row of {args.manifest} has report_text or report_path: loss {args.loss} trains on text")
+        if len(texted) < len(records):
+            log.warning("%d of %d rows have no report and are left out of training", len(records) - len(texted), len(records))
+        records = texted
     classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else ()
     if needs_labels and not classes:
         classes = default_class_names(records)

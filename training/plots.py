@@ -182,8 +182,8 @@ def grid_markdown(rows: Sequence[Mapping], *, factors: Sequence[str],
     titles = {**FACTOR_TITLES, **METRIC_TITLES, **(titles or {})}
     formats = dict(formats or {})
     best = {}
-    for m in metrics:
-        values = [_value(r.get(m))[0] for r in rows]
+    for m in metrics:  # a degenerate row's F1/MCC is never "best"
+        values = [_value(r.get(m))[0] for r in rows if not (m in ("f1", "mcc") and r.get("degenerate"))]
         finite = [v for v in values if not math.isnan(v)]
         best[m] = max(finite) if finite else None
     lines = []
