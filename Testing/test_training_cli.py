@@ -442,3 +442,45 @@ def test_probe_takes_any_label_and_the_runs_prompt(capsys, cohort, cache, tmp_pa
     result = json.loads((tmp_path / "probe" / "probe.json").read_text(encoding="utf-8"))
     assert result["classes"] == ["no fibrosis", "fibrosis"]
     assert result["zero_shot_texts"] == ["no pulmonary fibrosis", "pulmonary fibrosis"]
+
+
+def test_reader_study_exports_2d_rows(capsys, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(tmp_path / f"s{k}.png")
+        rows.append({"scan_path": f"s{k}.png", "ild": str(k), "pixel_spacing_mm": "0.5"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, _, err = run(capsys, "reader-study", "export", manifest, "--out", tmp_path / "study", *ENGINE,
+                       "--methods", "random", "--readers", "r1")
+    assert code == 0, err
+    assert len(list((tmp_path / "study" / "images").glob("*.png"))) == 2
+
+
+def test_train_leaves_rows_without_text_out(capsys, caplog, cohort, cache, tmp_path):
+    rows = [dict(r, scan_id=r["scan_path"]) for r in read_rows(cohort["manifest"])]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    rows[0]["report_text"] = ""  # an image-only row (e.g. a negative without a caption)
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "train", manifest, "--cache", cache, "--out", tmp_path / "run", *TRAIN)
+    assert code == 0, err
+    assert "1 of 8 rows have no report and are left out of training" in caplog.text
+
+
+def test_covid_folder_becomes_a_manifest(tmp_path, capsys):
+    from conftest import shared_data
+    from training import covid
+    from training.manifest import read_manifest
+
+    folder = shared_data("real", "pairs", "covid_ct")
+    out = tmp_path / "sub" / "cohort.csv"
+    assert covid.main(["--data", str(folder), "--write-manifest", str(out), "--fov-mm", "350"]) == 0
+    records = read_manifest(out)
+    assert len(records) > 700 and {r.labels["covid"] for r in records} == {0, 1}
+    assert all(r.pixel_spacing_mm and r.scan_path.is_file() for r in records)
+    assert sum(r.report_text is not None for r in records) > 300
+    captions = [r.report_text for r in records if r.report_text]
+    assert not any(c in capsys.readouterr().out for c in captions[:20])  # counts only are printed
