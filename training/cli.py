@@ -488,7 +488,7 @@ class _Scorer:
                             write_text(self.cache_dir / f"{keys[i]}.json", json.dumps({"p": p_finding, "subtypes": subs}))
             except InputError as exc:
                 failures.append((record.scan_id, str(exc)))
-            except (OSError, ValueError, MemoryError, RuntimeError) as exc:  # one bad scan never aborts a cohort
+            except (OSError, ValueError, MemoryError) as exc:  # one bad scan never aborts a cohort
                 failures.append((record.scan_id, f"{Path(record.scan_path).name} could not be scored "
                                                  f"({type(exc).__name__}): check the file"))
             if failures and failures[-1][0] == record.scan_id:
