@@ -369,6 +369,11 @@ def test_evaluate_lists_failed_scans_reads_2d_rows_and_resumes(capsys, caplog, m
     code, _, _ = run(capsys, *argv)
     assert code == 1 and read == ["abdomen.nii.gz"]
     assert read_rows(out / "scores.csv") == scores
+    # grid shares the scoring: the same scan is listed, the rest tabled.
+    code, _, _ = run(capsys, "grid", mixed_cohort, "--out", tmp_path / "grid", *ENGINE, "--retrievals", "random",
+                     "--resamples", "0")
+    assert code == 1 and [f["scan_id"] for f in read_rows(tmp_path / "grid" / "failures.csv")] == [failures[0]["scan_id"]]
+    assert "abdomen.nii.gz" in (tmp_path / "grid" / "grid.md").read_text(encoding="utf-8")
 
 
 def test_evaluate_threshold_split_label_and_pixel_size(capsys, cohort, tmp_path):

@@ -450,8 +450,6 @@ class _Scorer:
         """(variant index -> {"ild": (n,), "subtypes": (n, K)}, failures) for ``variants`` of
         ``{"model", "filter_threshold", "retrieval", "montage_size"}``; ``failures`` lists
         (scan_id, one-line reason) and those rows hold NaN."""
-        from .files import atomic_write_text as write_text
-
         out = {i: {"ild": np.full(len(records), np.nan),
                    "subtypes": np.full((len(records), len(self.base.subtypes)), np.nan)}
                for i in range(len(variants))}
@@ -485,7 +483,8 @@ class _Scorer:
                         subs = [float(result.subtype_probabilities[s]) for s in self.base.subtypes]
                         out[i]["ild"][n], out[i]["subtypes"][n] = p_finding, subs
                         if keys:
-                            write_text(self.cache_dir / f"{keys[i]}.json", json.dumps({"p": p_finding, "subtypes": subs}))
+                            atomic_write_text(self.cache_dir / f"{keys[i]}.json",
+                                              json.dumps({"p": p_finding, "subtypes": subs}))
             except InputError as exc:
                 failures.append((record.scan_id, str(exc)))
             except (OSError, ValueError, MemoryError) as exc:  # one bad scan never aborts a cohort
