@@ -489,3 +489,21 @@ def test_covid_folder_becomes_a_manifest(tmp_path, capsys):
     assert sum(r.report_text is not None for r in records) > 300
     captions = [r.report_text for r in records if r.report_text]
     assert not any(c in capsys.readouterr().out for c in captions[:20])  # counts only are printed
+
+
+def test_a_real_scan_without_lungs_is_listed_not_fatal(capsys, cohort, tmp_path):
+    """The real abdominal DICOM series (no lungs in it) among the phantom test scans."""
+    from conftest import shared_data
+
+    series = shared_data("real", "ct", "totalseg", "abdomen_dicom_series")
+    rows = [dict(r) for r in read_rows(cohort["manifest"]) if r["split"] in ("val", "test")]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    rows.append({"scan_path": str(series), "scan_id": "abdomen", "ild": "0", "split": "test", "patient_id": "abdomen"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "evaluate", manifest, "--out", tmp_path / "eval", *ENGINE, "--retrieval", "random",
+                            "--resamples", "0")
+    assert code == 1, err
+    (failure,) = read_rows(tmp_path / "eval" / "failures.csv")
+    assert failure["scan_id"] == "abdomen" and "no lungs" in failure["reason"]
+    assert len(read_rows(tmp_path / "eval" / "scores.csv")) == 2 and "AUROC" in stdout
