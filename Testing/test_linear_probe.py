@@ -113,5 +113,11 @@ def test_base_new_report():
     rep2 = base_new_report(xtr, ytr, xte, yte, wrong, base_classes=[0, 1, 2], k=8, seeds=(0,))
     assert rep2["new"]["zero_shot"]["aca"] < 0.1
     assert rep2["new"]["linear_probe"]["aca_mean"] > 0.9
+    # Paper 002's "Avg." is the arithmetic mean of base and new; the harmonic mean is an extra.
+    b, n = rep2["base"]["zero_shot"]["aca"], rep2["new"]["zero_shot"]["aca"]
+    assert rep2["zero_shot_avg"] == pytest.approx((b + n) / 2)
+    assert rep2["zero_shot_hmean"] == pytest.approx(2 * b * n / (b + n)) and rep2["zero_shot_hmean"] < rep2["zero_shot_avg"]
+    lb, ln = rep2["base"]["linear_probe"]["aca_mean"], rep2["new"]["linear_probe"]["aca_mean"]
+    assert rep2["linear_probe_avg"] == pytest.approx((lb + ln) / 2)
     with pytest.raises(InputError, match="at least 2 classes on each side"):
         base_new_report(xtr, ytr, xte, yte, text, base_classes=[0, 1, 2, 3, 4])

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ZeroShotILDLib.errors import InputError
@@ -225,3 +226,35 @@ def test_report_text_in_the_ild_column_stays_off_stderr(tree, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "m.csv line 2, column ild: not a label" in err
     assert "reticulation" not in err and "Smith" not in err
+
+
+def test_pixel_spacing_of_2d_rows_is_a_column(tmp_path):
+    from PIL import Image
+
+    from training.preprocess import read_any_scan
+    from ZeroShotILDLib.settings import AnalysisSettings
+
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("scan_path,pixel_spacing_mm\na.png,0.7\n", encoding="utf-8")
+    (record,) = read_manifest(tmp_path / "m.csv")
+    assert record.pixel_spacing_mm == 0.7
+    scan = read_any_scan(record.scan_path, AnalysisSettings(), record.pixel_spacing_mm)
+    assert scan.spacing_mm[:2] == (0.7, 0.7) and scan.hu.shape == (1, 20, 30)
+    assert read_any_scan(record.scan_path, AnalysisSettings()).spacing_mm[:2] == (1.0, 1.0)
+    assert read_manifest(write_manifest([record], tmp_path / "back.csv"))[0].pixel_spacing_mm == 0.7
+    (tmp_path / "bad.csv").write_text("scan_path,pixel_spacing_mm\na.png,wide\n", encoding="utf-8")
+    with pytest.raises(InputError, match="pixel_spacing_mm: not a pixel size"):
+        read_manifest(tmp_path / "bad.csv")
+
+
+def test_stratified_split_keeps_the_class_balance():
+    from training.manifest import ManifestRecord, split_by_patient
+
+    records = [ManifestRecord(scan_path=Path(f"{i}.nii"), scan_id=str(i), ild=int(i < 20), patient_id=f"P{i}")
+               for i in range(100)]
+    for seed in range(3):
+        split = split_by_patient(records, val_fraction=0.1, test_fraction=0.5, seed=seed, stratify="ild")
+        test = [r for r in split if r.split == "test"]
+        val = [r for r in split if r.split == "val"]
+        assert len(test) == 50 and sum(r.ild for r in test) == 10
+        assert len(val) == 10 and sum(r.ild for r in val) == 2

@@ -70,7 +70,7 @@ def test_evaluate_binary_uses_validation_threshold():
     d = rep.to_dict()
     assert d["threshold"] == thr and d["n"] == 150 and d["auroc_low"] == rep.auroc.ci_low
     own = M.evaluate_binary(yt, st, n_resamples=0)
-    assert own.threshold_source == "test" and np.isnan(own.auroc.ci_low)
+    assert own.threshold_source == M.OPTIMISTIC and np.isnan(own.auroc.ci_low)
     assert own.f1.value >= rep.f1.value  # choosing on test itself is optimistic
     with pytest.raises(InputError, match="both validation labels and validation scores"):
         M.evaluate_binary(yt, st, y_val=yv)
@@ -172,3 +172,33 @@ def test_subtypes_one_vs_rest_and_ensembles():
     out = M.evaluate_models({"m1": (a, a), "m2": (b, b)}, y, y_val=y, n_resamples=0)
     assert set(out) == {"m1", "m2", "ensemble"}
     assert abs(out["ensemble"].auroc.value - sk.roc_auc_score(y, (a + b) / 2)) < 1e-12
+
+
+def test_a_threshold_that_calls_every_scan_positive_is_flagged():
+    # 9 of 16 positive; the validation set puts the threshold below every test score.
+    yt = np.array([1] * 9 + [0] * 7)
+    st = np.linspace(0.6, 0.9, 16)
+    rep = M.evaluate_binary(yt, st, y_val=np.array([1, 0, 1]), s_val=np.array([0.2, 0.1, 0.3]), n_resamples=0)
+    assert rep.f1.value == pytest.approx(sk.f1_score(yt, np.ones(16, int)))  # 0.72: looks fine
+    assert rep.mcc.value == 0.0 and rep.degenerate == "the threshold calls every scan positive"
+    assert rep.to_dict()["degenerate"] == rep.degenerate
+    low = M.evaluate_binary(yt, st, y_val=np.array([1, 0]), s_val=np.array([0.95, 0.1]), n_resamples=0)
+    assert low.degenerate == "the threshold calls every scan negative"
+    fine = M.evaluate_binary(yt, np.r_[np.full(9, 0.8), np.full(7, 0.2)], n_resamples=0)
+    assert fine.degenerate == "" and fine.threshold_source == M.OPTIMISTIC
+
+
+def test_degenerate_rows_are_marked_in_the_tables():
+    from training import plots
+
+    yt = np.array([1] * 9 + [0] * 7)
+    flagged = M.evaluate_binary(yt, np.linspace(0.6, 0.9, 16), y_val=np.array([1, 0]), s_val=np.array([0.5, 0.1]),
+                                n_resamples=0)
+    fine = M.evaluate_binary(yt, np.r_[np.full(4, 0.8), np.full(12, 0.2)], y_val=np.array([1, 0]),
+                             s_val=np.array([0.8, 0.2]), n_resamples=0)  # F1 8/13, below the degenerate 0.72
+    table = plots.grid_markdown([plots.grid_row({"model": "a"}, flagged), plots.grid_row({"model": "b"}, fine)],
+                                factors=["model"], metrics=("auroc", "f1", "mcc"))
+    lines = table.splitlines()
+    assert "†" in lines[2] and "†" not in lines[3]
+    assert "**0.720**" not in lines[2] and "**0.615**" in lines[3]  # a degenerate F1 is never the bold best
+    assert "Degenerate classifier: the threshold calls every scan positive" in table

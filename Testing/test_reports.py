@@ -296,3 +296,36 @@ def test_real_reports_keyword_labels_agree_with_mesh(iu_rows):
         # Measured 0.80/0.88 (effusion) and 0.82/0.99 (cardiomegaly): MeSH and text disagree on
         # hedged and vocabulary variants, not on negation.
         assert tp / (tp + fn) > 0.75 and tp / (tp + fp) > 0.8, (name, tp, fp, fn)
+
+
+def test_findings_after_a_report_label_keep_their_text():
+    from training.reports import parse_report, select_text
+
+    parsed = parse_report("Report: Findings - Subpleural reticulation in both lower lobes. Impression: UIP pattern.")
+    assert parsed.findings == "Subpleural reticulation in both lower lobes."
+    assert parsed.impression == "UIP pattern."
+    assert "reticulation" in select_text(parsed, "findings+impression")
+    # A lower-case "findings -" after a clause stays prose.
+    assert parse_report("The patient: findings - none yet").findings is None
+
+
+def test_text_yield_warns_on_the_real_iu_reports():
+    """IU reports are prose without lung subheadings: --text lung finds nothing, and says so."""
+    import csv as _csv
+
+    from conftest import shared_data
+    from training.reports import text_yield, yield_warning
+
+    path = shared_data("real", "reports", "iu_xray_reports.csv")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(_csv.DictReader(handle))
+    texts = [f"FINDINGS: {r['findings']}\nIMPRESSION: {r['impression']}" for r in rows]
+    lung = text_yield(texts, "lung")
+    assert lung["n"] == len(rows) > 3000 and lung["with_text"] < 0.05 * lung["n"]
+    warning = yield_warning(lung)
+    assert warning.startswith("--text lung finds no text in") and "--text " in warning.split(";")[1]
+    for r in rows[:50]:  # counts only: no report text in the message
+        for part in (r["findings"], r["impression"]):
+            assert not part or part not in warning
+    impression = text_yield(texts, "impression")
+    assert impression["with_text"] > 0.9 * impression["n"] and yield_warning(impression) is None

@@ -163,7 +163,7 @@ def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
     rows = read_rows(out / "results.csv")
     assert [r["model"] for r in rows] == ["tiny-random", f"dapt:{best}", "ensemble:run"]
     for r in rows:
-        assert 0.0 <= float(r["auroc"]) <= 1.0 and r["threshold_source"] == "validation"
+        assert 0.0 <= float(r["auroc"]) <= 1.0 and r["threshold_source"] == "val split"
     # (no subtypes table: one positive test scan cannot rank one subtype against another)
     for name in ("results.md", "roc.png", "pr.png", "scores.csv", "settings.json"):
         assert (out / name).is_file(), name
@@ -182,7 +182,7 @@ def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
         result = Analyzer(settings).analyze(str(record.scan_path))
         probabilities.append(result.finding_probabilities["interstitial lung disease"])
     row = [s for s in scores if s["scan_id"] == record.scan_id][0]
-    assert float(row["p_ild[ensemble:run]"]) == pytest.approx(np.mean(probabilities), abs=1e-6)
+    assert float(row["p[ensemble:run]"]) == pytest.approx(np.mean(probabilities), abs=1e-6)
     code, _, err = run(capsys, "evaluate", cohort["manifest"], "--out", out, *ENGINE, "--split", "nope")
     assert code == 2 and "split 'nope'" in err
 
@@ -301,3 +301,209 @@ def test_export_of_an_interrupted_run_reads_its_settings_from_the_run_folder(cap
 
     a, b = load_file(str(out)), load_file(str(tmp_path / "x.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on real-looking cohorts (issue 12)
+def _write_manifest(path: Path, rows: list) -> Path:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def mixed_cohort(cohort, tmp_path):
+    """The phantom val/test rows, a volume without lungs and two 2-D PNG slices (one with its pixel size)."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    rows = [dict(r) for r in read_rows(cohort["manifest"]) if r["split"] in ("val", "test")]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    body = np.full((8, 64, 64), -1000, np.int16)  # air around a solid soft-tissue body: no lungs in it
+    yy, xx = np.mgrid[:64, :64]
+    body[:, (yy - 32) ** 2 + (xx - 32) ** 2 < 26 ** 2] = 40
+    body += np.random.default_rng(0).integers(-20, 20, body.shape).astype(np.int16)
+    soft_tissue = sitk.GetImageFromArray(body)
+    soft_tissue.SetSpacing((3.0, 3.0, 6.0))
+    sitk.WriteImage(soft_tissue, str(tmp_path / "abdomen.nii.gz"))
+    rows.append({"scan_path": str(tmp_path / "abdomen.nii.gz"), "ild": "1", "split": "test", "patient_id": "abdomen",
+                 "subtype": "systemic sclerosis"})
+    rng = np.random.default_rng(3)
+    for k, (ild, subtype, spacing) in enumerate((("1", "hypersensitivity pneumonitis", "0.75"), ("0", "", ""))):
+        Image.fromarray(rng.integers(0, 255, (120, 140), dtype=np.uint8)).save(tmp_path / f"slice{k}.png")
+        rows.append({"scan_path": str(tmp_path / f"slice{k}.png"), "ild": ild, "subtype": subtype, "split": "test",
+                     "patient_id": f"png{k}", "pixel_spacing_mm": spacing})
+    return _write_manifest(tmp_path / "mixed.csv", rows)
+
+
+def test_evaluate_lists_failed_scans_reads_2d_rows_and_resumes(capsys, caplog, mixed_cohort, tmp_path, monkeypatch):
+    from training import preprocess
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", mixed_cohort, "--out", out, *ENGINE, "--retrieval", "clip", "--resamples", "20",
+            "--prompt", "COVID-19 pneumonia"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 1, err  # one scan failed: the rest are evaluated, the exit code says so
+    failures = read_rows(out / "failures.csv")
+    assert [f["scan_id"] for f in failures] == [str(tmp_path / "abdomen.nii.gz")]
+    assert "no lungs" in failures[0]["reason"] and failures[0]["split"] == "test"
+    assert f"could not be scored (listed in {out / 'failures.csv'})" in err and "1 mm per pixel assumed" in caplog.text
+    scores = read_rows(out / "scores.csv")
+    assert len(scores) == 4 and {s["scan_id"] for s in scores} >= {str(tmp_path / "slice0.png"), str(tmp_path / "slice1.png")}
+    results = (out / "results.md").read_text(encoding="utf-8")
+    assert "COVID-19 pneumonia vs no COVID-19 pneumonia" in results and "ILD vs" not in results
+    assert "abdomen.nii.gz" in results and "1 mm per pixel assumed" in results
+    assert json.loads((out / "settings.json").read_text(encoding="utf-8"))["n_failed"] == 1
+    # Subtypes: on every test scan (paper 000 Table 4) and, second, among the positive ones only.
+    everyone = (out / "subtypes.md").read_text(encoding="utf-8")
+    assert "every other test scan (4 scans" in everyone
+    assert "positive" in (out / "subtypes_among_positive.md").read_text(encoding="utf-8")
+    # A re-run reads only the scan that failed; finished scans come from the score cache.
+    read = []
+    original = preprocess.read_any_scan
+    monkeypatch.setattr(preprocess, "read_any_scan", lambda path, *a, **k: read.append(Path(path).name) or original(path, *a, **k))
+    code, _, _ = run(capsys, *argv)
+    assert code == 1 and read == ["abdomen.nii.gz"]
+    assert read_rows(out / "scores.csv") == scores
+    # grid shares the scoring: the same scan is listed, the rest tabled.
+    code, _, _ = run(capsys, "grid", mixed_cohort, "--out", tmp_path / "grid", *ENGINE, "--retrievals", "random",
+                     "--resamples", "0")
+    assert code == 1 and [f["scan_id"] for f in read_rows(tmp_path / "grid" / "failures.csv")] == [failures[0]["scan_id"]]
+    assert "abdomen.nii.gz" in (tmp_path / "grid" / "grid.md").read_text(encoding="utf-8")
+
+
+def test_evaluate_threshold_split_label_and_pixel_size(capsys, cohort, tmp_path):
+    rows = [dict(r, label_fibrosis=r["ild"]) for r in read_rows(cohort["manifest"])]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "eval"
+    code, stdout, err = run(capsys, "evaluate", manifest, "--out", out, *ENGINE, "--retrieval", "random",
+                            "--resamples", "0", "--label", "label_fibrosis", "--threshold-split", "none")
+    assert code == 0, err
+    rows_out = read_rows(out / "results.csv")
+    from training import metrics
+
+    assert rows_out[0]["threshold_source"] == metrics.OPTIMISTIC
+    assert "optimistic" in (out / "results.md").read_text(encoding="utf-8")
+    assert "fibrosis" in read_rows(out / "scores.csv")[0]
+    code, _, err = run(capsys, "evaluate", manifest, "--out", out, *ENGINE, "--label", "label_nope")
+    assert code == 2 and "no label 'label_nope'" in err and "fibrosis" in err
+    code, _, err = run(capsys, "evaluate", manifest, "--out", out, *ENGINE, "--pixel-spacing-mm", "-1")
+    assert code == 2 and "--pixel-spacing-mm" in err
+
+
+def test_split_stratifies_by_label_and_keeps_patients_whole(capsys, tmp_path):
+    rows = []
+    for patient in range(40):
+        for scan in range(2):  # two scans per patient, one label per patient: 10 positive patients
+            rows.append({"scan_path": f"p{patient}_{scan}.nii.gz", "patient_id": f"P{patient}",
+                         "label_covid": int(patient % 4 == 0)})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "split.csv"
+    code, stdout, err = run(capsys, "split", manifest, "--out", out, "--val-fraction", "0.2", "--test-fraction", "0.4",
+                            "--stratify", "covid")
+    assert code == 0, err
+    split = read_rows(out)
+    by_patient = {}
+    for r in split:
+        by_patient.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_patient.values())
+    positives = {name: sum(1 for p, s in by_patient.items() if s == {name} and int(p[1:]) % 4 == 0)
+                 for name in ("train", "val", "test")}
+    assert positives == {"train": 4, "val": 2, "test": 4}  # 40 / 20 / 40 % of the 10 positive patients
+    assert "covid 0: 24, 1: 8" in stdout  # the test line: 12 patients x 2 scans
+    code, _, err = run(capsys, "split", manifest, "--out", out, "--stratify", "ild")
+    assert code == 2 and "ild" in err and err.count("\n") == 1
+
+
+def test_preview_text_shows_the_choice_on_stdout_and_warns_without_text(capsys, tmp_path, caplog):
+    secret = "Subpleural reticulation in both lower lobes."
+    rows = [{"scan_path": f"s{i}.nii.gz", "report_text": f"Report: Findings - {secret} Impression: UIP pattern {i}."}
+            for i in range(4)]
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "preview-text", manifest, "--text", "findings+impression", "-n", "1")
+    assert code == 0 and secret in stdout and stdout.count("===") == 2
+    assert "findings+impression 4 of 4" in stdout
+    code, stdout, err = run(capsys, "preview-text", manifest, "--text", "lung", "-n", "0")
+    assert code == 0 and "lung 0 of 4" in stdout
+    logged = err + caplog.text
+    assert "--text lung finds no text in 4 of 4 reports" in logged and secret not in logged
+
+
+def test_probe_takes_any_label_and_the_runs_prompt(capsys, cohort, cache, tmp_path):
+    rows = [dict(r, label_fibrosis=r["ild"], scan_id=r["scan_path"]) for r in read_rows(cohort["manifest"])]
+    for r in rows:  # same scan ids and files: the cached montages are found
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "probe", manifest, "--cache", cache, "--out", tmp_path / "probe", "--model",
+                            "tiny-random", "--device", "cpu", "--label", "label_fibrosis", "--prompt", "pulmonary fibrosis",
+                            "--k", "1", "--repeats", "1", "-q")
+    assert code == 0, err
+    result = json.loads((tmp_path / "probe" / "probe.json").read_text(encoding="utf-8"))
+    assert result["classes"] == ["no fibrosis", "fibrosis"]
+    assert result["zero_shot_texts"] == ["no pulmonary fibrosis", "pulmonary fibrosis"]
+
+
+def test_reader_study_exports_2d_rows(capsys, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(tmp_path / f"s{k}.png")
+        rows.append({"scan_path": f"s{k}.png", "ild": str(k), "pixel_spacing_mm": "0.5"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, _, err = run(capsys, "reader-study", "export", manifest, "--out", tmp_path / "study", *ENGINE,
+                       "--methods", "random", "--readers", "r1")
+    assert code == 0, err
+    assert len(list((tmp_path / "study" / "images").glob("*.png"))) == 2
+
+
+def test_train_leaves_rows_without_text_out(capsys, caplog, cohort, cache, tmp_path):
+    rows = [dict(r, scan_id=r["scan_path"]) for r in read_rows(cohort["manifest"])]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    rows[0]["report_text"] = ""  # an image-only row (e.g. a negative without a caption)
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "train", manifest, "--cache", cache, "--out", tmp_path / "run", *TRAIN)
+    assert code == 0, err
+    assert "1 of 8 rows have no report and are left out of training" in caplog.text
+
+
+def test_covid_folder_becomes_a_manifest(tmp_path, capsys):
+    from conftest import shared_data
+    from training import covid
+    from training.manifest import read_manifest
+
+    folder = shared_data("real", "pairs", "covid_ct")
+    out = tmp_path / "sub" / "cohort.csv"
+    assert covid.main(["--data", str(folder), "--write-manifest", str(out), "--fov-mm", "350"]) == 0
+    records = read_manifest(out)
+    assert len(records) > 700 and {r.labels["covid"] for r in records} == {0, 1}
+    assert all(r.pixel_spacing_mm and r.scan_path.is_file() for r in records)
+    assert sum(r.report_text is not None for r in records) > 300
+    captions = [r.report_text for r in records if r.report_text]
+    assert not any(c in capsys.readouterr().out for c in captions[:20])  # counts only are printed
+
+
+def test_a_real_scan_without_lungs_is_listed_not_fatal(capsys, cohort, tmp_path):
+    """The real abdominal DICOM series (no lungs in it) among the phantom test scans."""
+    from conftest import shared_data
+
+    series = shared_data("real", "ct", "totalseg", "abdomen_dicom_series")
+    rows = [dict(r) for r in read_rows(cohort["manifest"]) if r["split"] in ("val", "test")]
+    for r in rows:
+        r["scan_path"] = str(cohort["folder"] / r["scan_path"])
+    rows.append({"scan_path": str(series), "scan_id": "abdomen", "ild": "0", "split": "test", "patient_id": "abdomen"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    code, stdout, err = run(capsys, "evaluate", manifest, "--out", tmp_path / "eval", *ENGINE, "--retrieval", "random",
+                            "--resamples", "0")
+    assert code == 1, err
+    (failure,) = read_rows(tmp_path / "eval" / "failures.csv")
+    assert failure["scan_id"] == "abdomen" and "no lungs" in failure["reason"]
+    assert len(read_rows(tmp_path / "eval" / "scores.csv")) == 2 and "AUROC" in stdout

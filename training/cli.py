@@ -10,6 +10,7 @@
     zeroshot-ild-train reader-study export|analyze ...                numbered montages, ICC(3,1)
     zeroshot-ild-train probe        MANIFEST --cache DIR --out DIR    K-shot linear probing
     zeroshot-ild-train alignment    MANIFEST --cache DIR --out DIR    image-text alignment
+    zeroshot-ild-train preview-text MANIFEST --text lung -n 3         what --text picks (stdout only)
 
 Every command is a thin adapter: montages, models and scores come from the engine
 (``ZeroShotILDLib``), training from ``training.dapt``, metrics and tables from
@@ -43,6 +44,8 @@ from .files import atomic_path, atomic_write_text
 PROG = "zeroshot-ild-train"
 #: Written by ``preprocess`` beside the montages: the engine settings they were built with.
 CACHE_SETTINGS = "preprocess_settings.json"
+#: Folder inside an evaluate/grid --out where finished per-scan scores are kept (a re-run skips those scans).
+SCORE_CACHE = ".scan_scores"
 log = logging.getLogger(PROG)
 
 
@@ -159,10 +162,11 @@ def _pairs(records, cache: str, class_names=None):
 # split / preprocess
 # ----------------------------------------------------------------------------------------------
 def _cmd_split(args) -> int:
-    from .manifest import split_by_patient, split_counts, write_manifest
+    from .manifest import label_value, split_by_patient, split_counts, write_manifest
 
     records = _read_manifest(args.manifest, check_files=False)
-    split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                             stratify=args.stratify)
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     # write_manifest picks CSV or JSONL by the suffix, so the temporary name keeps it.
@@ -173,7 +177,12 @@ def _cmd_split(args) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     for name, counts in sorted(split_counts(split).items(), key=lambda kv: str(kv[0])):
-        print(f"{name}: {counts['scans']} scans, {counts['patients']} patients")
+        line = f"{name}: {counts['scans']} scans, {counts['patients']} patients"
+        if args.stratify:
+            values = [label_value(r, args.stratify) for r in split if r.split == name]
+            tally = {str(v): values.count(v) for v in sorted(set(values), key=str)}
+            line += f"; {args.stratify} " + ", ".join(f"{k}: {v}" for k, v in tally.items())
+        print(line)
     print(f"written {out}")
     return 0
 
@@ -185,7 +194,8 @@ def _cmd_preprocess(args, progress) -> int:
     shard = preprocess.parse_shard(args.shard)
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
-    records = _read_manifest(args.manifest)
+    # The pixel size of 2-D rows comes from the manifest only: train/probe find the montages by it.
+    records, _ = _with_pixel_spacing(_read_manifest(args.manifest), None)
     cache = Path(args.cache).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     stored = cache / CACHE_SETTINGS
@@ -286,7 +296,14 @@ def _training_inputs(args):
     from .data import default_class_names
 
     needs_labels = args.loss in ("unicl", "dlilp")
-    records = _read_manifest(args.manifest, require_report=not needs_labels)
+    records = _read_manifest(args.manifest)
+    if not needs_labels:  # image-only rows (e.g. negatives without text) are for evaluation, not for text losses
+        texted = [r for r in records if r.report_text is not None or r.report_path is not None]
+        if not texted:
+            raise InputError(f"no row of {args.manifest} has report_text or report_path: loss {args.loss} trains on text")
+        if len(texted) < len(records):
+            log.warning("%d of %d rows have no report and are left out of training", len(records) - len(texted), len(records))
+        records = texted
     classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else ()
     if needs_labels and not classes:
         classes = default_class_names(records)
@@ -356,15 +373,21 @@ def _ensemble_members(path: str) -> list:
 
 
 class _Scorer:
-    """ILD and subtype probabilities of scans for several model/settings variants.
+    """Finding and subtype probabilities of scans for several model/settings variants.
 
     Each scan is read and its lungs segmented once; every variant then runs the engine's
     ``Analyzer`` on that mask. Variants that differ only in retrieval or montage size share one
-    analysis and are re-scored with ``Analyzer.reprompt`` (no patch is encoded twice).
+    analysis and are re-scored with ``Analyzer.reprompt`` (no patch is encoded twice). 2-D images
+    are read as one-slice scans (``preprocess.read_any_scan``), taken whole when no lungs are found.
+
+    A scan that cannot be scored (no lungs, unreadable) is listed in ``failures`` and the others go
+    on. With ``cache_dir`` each finished (scan, variant) score is kept there, keyed by the scan's
+    content, its pixel size, the settings and the model files, so a re-run skips finished scans.
     """
 
-    def __init__(self, base: AnalysisSettings):
+    def __init__(self, base: AnalysisSettings, cache_dir: Optional[Path] = None):
         self.base = base
+        self.cache_dir = cache_dir
         self._analyzers: dict = {}
 
     def _analyzer(self, model: str, filter_threshold: float):
@@ -377,46 +400,154 @@ class _Scorer:
             self._analyzers[key] = Analyzer(settings)
         return self._analyzers[key]
 
-    def score(self, records, variants: Sequence[dict], *, quiet: bool) -> dict:
-        """variant index -> {"ild": (n,), "subtypes": (n, K)} for ``variants`` of
-        ``{"model", "filter_threshold", "retrieval", "montage_size"}``."""
+    def _scan_and_mask(self, record):
         from ZeroShotILDLib import lung_mask
-        from ZeroShotILDLib.scan import read_scan
 
-        out = {i: {"ild": np.empty(len(records)), "subtypes": np.empty((len(records), len(self.base.subtypes)))}
+        from .preprocess import is_image, read_any_scan
+
+        scan = read_any_scan(record.scan_path, self.base, record.pixel_spacing_mm)
+        try:
+            mask = lung_mask.segment_lungs(scan.hu, scan.spacing_mm, self.base.lung)
+        except InputError:
+            if not is_image(record.scan_path):
+                raise
+            mask = np.ones(scan.hu.shape, dtype=bool)  # a figure crop: the whole image, as preprocess takes it
+        return scan, mask
+
+    def _key(self, record, variant: dict, model_hashes: dict) -> str:
+        import hashlib
+
+        from ZeroShotILDLib.file_hashes import sha256_path
+
+        settings = {k: v for k, v in self.base.to_dict().items() if k not in ("device", "batch_size")}
+        blob = json.dumps({"scan": record.scan_id, "content": sha256_path(record.scan_path),
+                           "pixel_spacing_mm": record.pixel_spacing_mm, "settings": settings, "variant": variant,
+                           "model_files": model_hashes.get(variant["model"])}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+    def _model_hashes(self, variants) -> dict:
+        """Content hashes of checkpoint files, so a retrained checkpoint at the same path is scored anew."""
+        from ZeroShotILDLib.file_hashes import sha256_path
+
+        out = {}
+        for v in variants:
+            files = [v["model"][len("dapt:"):] if v["model"].startswith("dapt:") else v["model"]]
+            if v["model"] == self.base.model and self.base.checkpoint:
+                files.append(self.base.checkpoint)
+            out[v["model"]] = [sha256_path(f) if Path(f).expanduser().is_file() else None
+                               for f in (str(Path(x).expanduser()) for x in files)]
+        return out
+
+    def _cached(self, key: str):
+        path = self.cache_dir / f"{key}.json"
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            return float(entry["p"]), [float(x) for x in entry["subtypes"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def score(self, records, variants: Sequence[dict], *, quiet: bool) -> tuple:
+        """(variant index -> {"ild": (n,), "subtypes": (n, K)}, failures) for ``variants`` of
+        ``{"model", "filter_threshold", "retrieval", "montage_size"}``; ``failures`` lists
+        (scan_id, one-line reason) and those rows hold NaN."""
+        out = {i: {"ild": np.full(len(records), np.nan),
+                   "subtypes": np.full((len(records), len(self.base.subtypes)), np.nan)}
                for i in range(len(variants))}
         groups: dict = {}
         for i, v in enumerate(variants):
             groups.setdefault((v["model"], v["filter_threshold"]), []).append(i)
+        for model, threshold in groups:  # a missing model is the run's error, not every scan's
+            _ = self._analyzer(model, threshold).model
+        hashes = self._model_hashes(variants) if self.cache_dir is not None else {}
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         prompt = self.base.prompts[0]
+        failures = []
         for n, record in enumerate(_bar(records, desc="scoring scans", quiet=quiet)):
-            scan = read_scan(record.scan_path)
-            mask = lung_mask.segment_lungs(scan.hu, scan.spacing_mm, self.base.lung)
-            for (model, threshold), members in groups.items():
-                analyzer = self._analyzer(model, threshold)
-                analyzer.analyze(scan, lung_mask=mask)
-                for i in members:
-                    v = variants[i]
-                    result = analyzer.reprompt(retrieval=v["retrieval"], montage_size=v["montage_size"])
-                    out[i]["ild"][n] = result.finding_probabilities[prompt]
-                    out[i]["subtypes"][n] = [result.subtype_probabilities[s] for s in self.base.subtypes]
-        return out
+            try:
+                keys = ({i: self._key(record, v, hashes) for i, v in enumerate(variants)}
+                        if self.cache_dir is not None else {})
+                cached = {i: self._cached(k) for i, k in keys.items()}
+                if keys and all(c is not None for c in cached.values()):
+                    for i, (p_finding, subs) in cached.items():
+                        out[i]["ild"][n], out[i]["subtypes"][n] = p_finding, subs
+                    continue
+                scan, mask = self._scan_and_mask(record)
+                for (model, threshold), members in groups.items():
+                    analyzer = self._analyzer(model, threshold)
+                    analyzer.analyze(scan, lung_mask=mask)
+                    for i in members:
+                        v = variants[i]
+                        result = analyzer.reprompt(retrieval=v["retrieval"], montage_size=v["montage_size"])
+                        p_finding = float(result.finding_probabilities[prompt])
+                        subs = [float(result.subtype_probabilities[s]) for s in self.base.subtypes]
+                        out[i]["ild"][n], out[i]["subtypes"][n] = p_finding, subs
+                        if keys:
+                            atomic_write_text(self.cache_dir / f"{keys[i]}.json",
+                                              json.dumps({"p": p_finding, "subtypes": subs}))
+            except InputError as exc:
+                failures.append((record.scan_id, str(exc)))
+            except (OSError, ValueError, MemoryError) as exc:  # one bad scan never aborts a cohort
+                failures.append((record.scan_id, f"{Path(record.scan_path).name} could not be scored "
+                                                 f"({type(exc).__name__}): check the file"))
+            if failures and failures[-1][0] == record.scan_id:
+                log.warning("scan %s not scored: %s", record.scan_id, failures[-1][1])
+                for i in out:
+                    out[i]["ild"][n] = np.nan
+                    out[i]["subtypes"][n] = np.nan
+        return out, failures
 
 
-def _eval_split(records, split: str):
-    """(test records, validation records) for evaluation; never the training split."""
+def _with_pixel_spacing(records, spacing_mm: Optional[float]):
+    """Records whose 2-D image rows carry a pixel size (the column, else ``--pixel-spacing-mm``), and a
+    one-line note when some have neither (then 1 mm per pixel is assumed, and said)."""
+    from .preprocess import DEFAULT_PIXEL_SPACING_MM, is_image
+
+    if spacing_mm is not None and not 0 < spacing_mm < 100:
+        raise InputError(f"--pixel-spacing-mm {spacing_mm}: give millimetres per pixel, e.g. 0.7")
+    out, missing = [], 0
+    for r in records:
+        if is_image(r.scan_path) and r.pixel_spacing_mm is None:
+            if spacing_mm is None:
+                missing += 1
+            else:
+                r = dataclasses.replace(r, pixel_spacing_mm=float(spacing_mm))
+        out.append(r)
+    note = None
+    if missing:
+        note = (f"{missing} 2-D image row(s) have no pixel size (manifest column pixel_spacing_mm or "
+                f"--pixel-spacing-mm): {DEFAULT_PIXEL_SPACING_MM:g} mm per pixel assumed, so patch sizes in mm are guesses")
+        log.warning(note)
+    return out, note
+
+
+def _add_pixel_spacing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pixel-spacing-mm", type=float,
+                   help="pixel size of 2-D PNG/JPG rows without a pixel_spacing_mm column (default: 1 mm, with a warning)")
+
+
+def _eval_split(records, split: str, threshold_split: str = "val"):
+    """(evaluated records, threshold records, name of the threshold set) for evaluation; never the training split.
+
+    The F1 threshold comes from ``threshold_split`` rows; when that is the evaluated split itself,
+    ``none``, or the manifest has no splits, there are none and the threshold is chosen on the
+    evaluated scans (labelled optimistic)."""
     have_split = any(r.split for r in records)
     if not have_split:
-        return list(records), []
+        return list(records), [], None
     test = [r for r in records if r.split == split]
     if not test:
         raise InputError(f"the manifest has no rows with split {split!r}: choose --split or run `{PROG} split`")
-    val = [r for r in records if r.split == "val"] if split != "val" else []
-    return test, val
+    if threshold_split in (None, "none", split):
+        return test, [], None
+    val = [r for r in records if r.split == threshold_split]
+    return test, val, threshold_split
 
 
-def _labels(records) -> np.ndarray:
-    return np.array([int(r.ild) for r in records], dtype=np.int64)
+def _labels(records, label: str = "ild") -> np.ndarray:
+    from .manifest import label_value
+
+    return np.array([int(label_value(r, label)) for r in records], dtype=np.int64)
 
 
 def _both_classes(y: np.ndarray) -> bool:
@@ -424,14 +555,26 @@ def _both_classes(y: np.ndarray) -> bool:
 
 
 def _evaluation_sets(args):
-    """Test and validation records of a labelled manifest, their ILD labels, and whether the
-    validation set can choose the F1 threshold (it needs both classes); AUROC needs both in test."""
-    records = _read_manifest(args.manifest, require_ild=True)
-    test, val = _eval_split(records, args.split)
-    y_test, y_val = _labels(test), _labels(val)
-    if not _both_classes(y_test):
-        raise InputError(f"the {args.split} rows need both ILD-positive and -negative scans for AUROC")
-    return test, val, y_test, y_val, _both_classes(y_val)
+    """Evaluated and threshold records of a labelled manifest (2-D rows with their pixel size), the label,
+    the threshold set's name (None: no usable set, the threshold is optimistic) and the pixel-size note."""
+    from .manifest import check_label, label_value
+
+    records = _read_manifest(args.manifest)
+    label = check_label(records, args.label)
+    if label == "subtype":
+        raise InputError("--label subtype is not a yes/no label: subtypes are scored one against the rest "
+                         "automatically; use --label ild or a label_<name> column")
+    records, note = _with_pixel_spacing(records, args.pixel_spacing_mm)
+    test, val, val_name = _eval_split(records, args.split, args.threshold_split)
+    for r in test + val:
+        if label_value(r, label) is None:
+            raise InputError(f"{r.source}, label {label}: empty; evaluation needs it for every scan")
+    if not _both_classes(_labels(test, label)):
+        raise InputError(f"the {args.split} rows need both {label}-positive and -negative scans for AUROC")
+    if val and not _both_classes(_labels(val, label)):
+        log.warning("the %s rows lack one class: the F1 threshold is chosen on the evaluated set (optimistic)", val_name)
+        val, val_name = [], None
+    return test, val, label, val_name, note
 
 
 def _row(factors: dict, report) -> dict:
@@ -441,62 +584,158 @@ def _row(factors: dict, report) -> dict:
     return dict(plots.grid_row(factors, report), threshold_source=report.threshold_source)
 
 
+def _score_sets(args, base, test, val, variants):
+    """Score test + threshold rows; failed scans are dropped from both (listed, never aborting)."""
+    out_dir = Path(args.out).expanduser()
+    scored, failures = _Scorer(base, cache_dir=out_dir / SCORE_CACHE).score(test + val, variants, quiet=args.quiet)
+    failed = {scan_id for scan_id, _ in failures}
+    keep = np.array([r.scan_id not in failed for r in test + val], dtype=bool)
+    n = len(test)
+    scored = {i: {"test": {k: v[:n][keep[:n]] for k, v in entry.items()},
+                  "val": {k: v[n:][keep[n:]] for k, v in entry.items()}} for i, entry in scored.items()}
+    test = [r for r in test if r.scan_id not in failed]
+    val = [r for r in val if r.scan_id not in failed]
+    return scored, failures, test, val
+
+
+def _failure_rows(failures, records) -> list:
+    split_of = {r.scan_id: r.split or "" for r in records}
+    return [{"scan_id": scan_id, "split": split_of.get(scan_id, ""), "reason": reason} for scan_id, reason in failures]
+
+
+def _check_after_failures(args, failures, test, val, label, records):
+    """Both classes must survive the failed scans; else failures.csv is written and the run ends in one line."""
+    if _both_classes(_labels(test, label)):
+        if val and not _both_classes(_labels(val, label)):
+            return False
+        return bool(val)
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_rows(out / "failures.csv", _failure_rows(failures, records))
+    raise InputError(f"{len(failures)} scans could not be scored and the rest of the {args.split} rows lack one "
+                     f"class: see {out / 'failures.csv'}")
+
+
+def _failures_markdown(failures, records) -> str:
+    if not failures:
+        return ""
+    lines = ["", f"**{len(failures)} scan(s) could not be scored and are left out** (also in `failures.csv`):", "",
+             "| Scan | Split | Reason |", "| --- | --- | --- |"]
+    for row in _failure_rows(failures, records):
+        lines.append(f"| {row['scan_id']} | {row['split']} | {row['reason'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _notes_markdown(notes: Sequence[str]) -> str:
+    return "".join(f"\n> Note: {n}\n" for n in notes if n)
+
+
+def _threshold_caption(val_name: Optional[str]) -> str:
+    from . import metrics
+
+    return (f"F1 threshold chosen on the {val_name} split" if val_name else
+            f"F1 threshold {metrics.OPTIMISTIC} (no other labelled split: F1/MCC are optimistic)")
+
+
+def _warn_degenerate(reports: dict) -> None:
+    for name, rep in reports.items():
+        if rep.degenerate:
+            log.warning("%s: degenerate classifier: %s (F1 %.2f, MCC %.2f)", name, rep.degenerate,
+                        rep.f1.value, rep.mcc.value)
+
+
+def _finish_failures(out: Path, failures, records, final: Path) -> int:
+    """failures.csv (also when empty: a re-run that fixed everything must not leave an old list) and the exit code."""
+    if failures:
+        _write_rows(out / "failures.csv", _failure_rows(failures, records))
+    else:
+        atomic_write_text(out / "failures.csv", "scan_id,split,reason\n")
+    if failures:
+        print(f"{len(failures)} scan(s) could not be scored (listed in {final / 'failures.csv'}); "
+              f"the results cover the others", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from . import metrics, plots
 
     base = settings_from_args(args)
     models_ = list(dict.fromkeys(args.models or [base.model]))
     ensembles = {f"ensemble:{Path(p).expanduser().resolve().parent.name}": _ensemble_members(p) for p in args.ensemble or []}
-    test, val, y_test, y_val, use_val = _evaluation_sets(args)
+    test, val, label, val_name, note = _evaluation_sets(args)
+    all_records = test + val
     members = list(dict.fromkeys(models_ + [m for ms in ensembles.values() for m in ms]))
     variants = [dict(model=m, filter_threshold=base.filter_threshold, retrieval=base.retrieval,
                      montage_size=base.montage_size) for m in members]
-    scored = _Scorer(base).score(test + (val if use_val else []), variants, quiet=args.quiet)
+    scored, failures, test, val = _score_sets(args, base, test, val, variants)
+    use_val = _check_after_failures(args, failures, test, val, label, all_records)
+    y_test, y_val = _labels(test, label), _labels(val, label)
     n = len(test)
     per_model = {m: scored[i] for i, m in enumerate(members)}
-    scores = {m: (per_model[m]["ild"][n:] if use_val else None, per_model[m]["ild"][:n]) for m in models_}
-    sub_scores = {m: per_model[m]["subtypes"] for m in models_}
+    scores = {m: (per_model[m]["val"]["ild"] if use_val else None, per_model[m]["test"]["ild"]) for m in models_}
+    sub_scores = {m: (per_model[m]["test"]["subtypes"], per_model[m]["val"]["subtypes"]) for m in models_}
     for name, ms in ensembles.items():
-        ild = metrics.ensemble_probabilities([per_model[m]["ild"] for m in ms])
-        scores[name] = (ild[n:] if use_val else None, ild[:n])
-        sub_scores[name] = metrics.ensemble_probabilities([per_model[m]["subtypes"] for m in ms])
+        scores[name] = (metrics.ensemble_probabilities([per_model[m]["val"]["ild"] for m in ms]) if use_val else None,
+                        metrics.ensemble_probabilities([per_model[m]["test"]["ild"] for m in ms]))
+        sub_scores[name] = tuple(metrics.ensemble_probabilities([per_model[m][part]["subtypes"] for m in ms])
+                                 for part in ("test", "val"))
     kw = dict(n_resamples=args.resamples, seed=args.seed)
-    reports = metrics.evaluate_models(scores, y_test, y_val=y_val if use_val else None, ensemble=False, **kw)
+    reports = metrics.evaluate_models(scores, y_test, y_val=y_val if use_val else None, ensemble=False,
+                                      val_name=f"{val_name} split", **kw)
+    _warn_degenerate(reports)
     rows = [_row({"model": name}, rep) for name, rep in reports.items()]
-    subtype_rows = []
+    subtype_rows, subtype_ild_rows = [], []
     subtypes = [r.subtype for r in test]
     if any(subtypes):
-        val_kw = {}
-        if use_val:
-            val_kw = dict(val_subtypes=[r.subtype for r in val], val_among=y_val == 1)
-        for name, sub in sub_scores.items():
-            if use_val:
-                val_kw["val_scores"] = sub[n:]
-            per = metrics.evaluate_subtypes(subtypes, sub[:n], class_names=base.subtypes, among=y_test == 1,
-                                            **val_kw, **kw)
-            subtype_rows += [_row({"model": name, "subtype": s}, rep) for s, rep in per.items()]
-    with _staged_output(Path(args.out)) as tmp:
-        caption = (f"ILD vs no ILD on the {args.split} split ({n} scans); F1 threshold chosen on the "
-                   f"{'validation' if use_val else 'test'} set; 95 % bootstrap CIs ({args.resamples} resamples)")
+        for name, (sub, sub_val) in sub_scores.items():
+            for among, target in ((None, subtype_rows), (y_test == 1, subtype_ild_rows)):
+                val_kw = {}
+                if use_val:
+                    val_kw = dict(val_subtypes=[r.subtype for r in val], val_scores=sub_val,
+                                  val_among=None if among is None else y_val == 1)
+                per = metrics.evaluate_subtypes(subtypes, sub, class_names=base.subtypes, among=among,
+                                                val_name=f"{val_name} split", **val_kw, **kw)
+                target += [_row({"model": name, "subtype": s}, rep) for s, rep in per.items()]
+    finding, negative = base.prompts[0], base.negative_for(0)
+    out = Path(args.out).expanduser()
+    with _staged_output(out) as tmp:
+        caption = (f"## {finding} vs {negative} ({label} labels)\n\n{args.split} split, {n} scans "
+                   f"({int(y_test.sum())} positive); {_threshold_caption(val_name if use_val else None)}; "
+                   f"95 % bootstrap CIs ({args.resamples} resamples)")
         plots.write_grid_tables(rows, tmp / "results", factors=["model"], metrics=("auroc", "auprc", "f1", "mcc"),
                                 caption=caption)
+        extra = _notes_markdown([note]) + _failures_markdown(failures, all_records)
+        if extra:
+            with open(tmp / "results.md", "a", encoding="utf-8") as handle:
+                handle.write(extra)
+        titles = {"subtype": "Subtype"}
         if subtype_rows:
-            plots.write_grid_tables(subtype_rows, tmp / "subtypes", factors=["model", "subtype"],
-                                    caption="One subtype vs the other ILD scans (paper 000 Table 4)")
+            plots.write_grid_tables(subtype_rows, tmp / "subtypes", factors=["model", "subtype"], titles=titles,
+                                    caption=f"Table 1 of 2: one subtype vs every other {args.split} scan "
+                                            f"({n} scans, as paper 000 Table 4)")
+        if subtype_ild_rows:
+            plots.write_grid_tables(subtype_ild_rows, tmp / "subtypes_among_positive", factors=["model", "subtype"],
+                                    titles=titles, caption=f"Table 2 of 2: one subtype vs the other {label}-positive "
+                                    f"{args.split} scans only ({int(y_test.sum())} scans)")
         curves = {name: (y_test, s) for name, (_, s) in scores.items()}
-        plots.plot_roc_curves(curves, tmp / "roc.png", title="ILD: ROC")
-        plots.plot_pr_curves(curves, tmp / "pr.png", title="ILD: precision-recall")
-        score_rows = [dict({"scan_id": r.scan_id, "ild": int(r.ild), "subtype": r.subtype or ""},
-                           **{f"p_ild[{name}]": float(s[k]) for name, (_, s) in scores.items()})
+        plots.plot_roc_curves(curves, tmp / "roc.png", title=f"{finding}: ROC")
+        plots.plot_pr_curves(curves, tmp / "pr.png", title=f"{finding}: precision-recall")
+        score_rows = [dict({"scan_id": r.scan_id, label: int(y_test[k]), "subtype": r.subtype or ""},
+                           **{f"p[{name}]": float(s[k]) for name, (_, s) in scores.items()})
                       for k, r in enumerate(test)]
         _write_rows(tmp / "scores.csv", score_rows)
         _write_json(tmp / "settings.json", {"settings": base.to_dict(), "models": models_, "ensembles": ensembles,
-                                             "split": args.split, "n_test": n, "n_val": len(val) if use_val else 0})
+                                             "split": args.split, "label": label, "prompt": finding, "negative": negative,
+                                             "threshold_split": val_name if use_val else None,
+                                             "n_test": n, "n_val": len(val) if use_val else 0,
+                                             "n_failed": len(failures), "notes": [x for x in [note] if x]})
+        code = _finish_failures(tmp, failures, all_records, out)
     for name, rep in reports.items():
         print(f"{name}: AUROC {rep.auroc}  AUPRC {rep.auprc}  F1 {rep.f1} (threshold {rep.threshold:.3f}, "
-              f"{rep.threshold_source})")
-    print(f"results: {Path(args.out) / 'results.md'}")
-    return 0
+              f"{rep.threshold_source}){'  DEGENERATE: ' + rep.degenerate if rep.degenerate else ''}")
+    print(f"results: {out / 'results.md'}")
+    return code
 
 
 def _cmd_grid(args) -> int:
@@ -514,28 +753,44 @@ def _cmd_grid(args) -> int:
         dataclasses.replace(base, montage_size=s).validate()
     for t in thresholds:
         dataclasses.replace(base, filter_threshold=t).validate()
-    test, val, y_test, y_val, use_val = _evaluation_sets(args)
+    test, val, label, val_name, note = _evaluation_sets(args)
+    all_records = test + val
     variants = [dict(retrieval=r, model=m, montage_size=s, filter_threshold=t)
                 for r in retrievals for m in models_ for s in sizes for t in thresholds]
-    scored = _Scorer(base).score(test + (val if use_val else []), variants, quiet=args.quiet)
+    scored, failures, test, val = _score_sets(args, base, test, val, variants)
+    use_val = _check_after_failures(args, failures, test, val, label, all_records)
+    y_test, y_val = _labels(test, label), _labels(val, label)
     n = len(test)
-    rows, curves = [], {}
+    rows, curves, reports = [], {}, {}
     for i, v in enumerate(_bar(variants, desc="bootstrap", quiet=args.quiet)):
-        s = scored[i]["ild"]
-        rep = metrics.evaluate_binary(y_test, s[:n], y_val=y_val if use_val else None, s_val=s[n:] if use_val else None,
-                                      n_resamples=args.resamples, seed=args.seed)
+        s_test, s_val = scored[i]["test"]["ild"], scored[i]["val"]["ild"]
+        rep = metrics.evaluate_binary(y_test, s_test, y_val=y_val if use_val else None, s_val=s_val if use_val else None,
+                                      n_resamples=args.resamples, seed=args.seed, val_name=f"{val_name} split")
         rows.append(_row(v, rep))
-        curves[f"{v['retrieval']} / {v['model']} / {v['montage_size']}x{v['montage_size']} / {v['filter_threshold']}"] = (y_test, s[:n])
+        cell = f"{v['retrieval']} / {v['model']} / {v['montage_size']}x{v['montage_size']} / {v['filter_threshold']}"
+        curves[cell], reports[cell] = (y_test, s_test), rep
+    _warn_degenerate(reports)
     factors = ["retrieval", "model", "montage_size", "filter_threshold"]
-    with _staged_output(Path(args.out)) as tmp:
+    finding, negative = base.prompts[0], base.negative_for(0)
+    out = Path(args.out).expanduser()
+    with _staged_output(out) as tmp:
         plots.write_grid_tables(rows, tmp / "grid", factors=factors,
-                                caption=f"ILD classification on the {args.split} split ({n} scans), paper 000 layout")
-        plots.plot_roc_curves(curves, tmp / "roc.png", title="ILD: ROC")
-        plots.plot_pr_curves(curves, tmp / "pr.png", title="ILD: precision-recall")
-        _write_json(tmp / "settings.json", {"settings": base.to_dict(), "factors": {
-            "retrieval": retrievals, "model": models_, "montage_size": sizes, "filter_threshold": thresholds}})
-    print(f"{len(rows)} grid cells: {Path(args.out) / 'grid.md'}")
-    return 0
+                                caption=f"## {finding} vs {negative} ({label} labels)\n\n{args.split} split, {n} scans; "
+                                        f"{_threshold_caption(val_name if use_val else None)}; paper 000 layout")
+        extra = _notes_markdown([note]) + _failures_markdown(failures, all_records)
+        if extra:
+            with open(tmp / "grid.md", "a", encoding="utf-8") as handle:
+                handle.write(extra)
+        plots.plot_roc_curves(curves, tmp / "roc.png", title=f"{finding}: ROC")
+        plots.plot_pr_curves(curves, tmp / "pr.png", title=f"{finding}: precision-recall")
+        _write_json(tmp / "settings.json", {"settings": base.to_dict(), "label": label, "prompt": finding,
+                                             "threshold_split": val_name if use_val else None,
+                                             "n_failed": len(failures), "notes": [x for x in [note] if x],
+                                             "factors": {"retrieval": retrievals, "model": models_,
+                                                         "montage_size": sizes, "filter_threshold": thresholds}})
+        code = _finish_failures(tmp, failures, all_records, out)
+    print(f"{len(rows)} grid cells: {out / 'grid.md'}")
+    return code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,9 +798,9 @@ def _cmd_grid(args) -> int:
 # ----------------------------------------------------------------------------------------------
 def _cmd_reader_export(args) -> int:
     from ZeroShotILDLib.pipeline import Analyzer, montage_for_scan
-    from ZeroShotILDLib.scan import read_scan
 
     from . import reader_study
+    from .preprocess import is_image, read_any_scan
 
     base = settings_from_args(args)
     methods = {"random": dataclasses.replace(base, retrieval="random"), "clip": dataclasses.replace(base, retrieval="clip")}
@@ -561,12 +816,14 @@ def _cmd_reader_export(args) -> int:
         records = [r for r in records if r.split == args.split]
     if not records:
         raise InputError(f"no rows with split {args.split!r} in the manifest")
+    records, _ = _with_pixel_spacing(records, args.pixel_spacing_mm)
     analyzers = {m: Analyzer(methods[m]) for m in chosen if methods[m].retrieval == "clip"}
     montages = {}
     for record in _bar(records, desc="montages", quiet=args.quiet):
-        scan = read_scan(record.scan_path)
+        scan = read_any_scan(record.scan_path, base, record.pixel_spacing_mm)
         for m in chosen:
-            montages[(record.scan_id, m)], _ = montage_for_scan(scan, methods[m], analyzer=analyzers.get(m))
+            montages[(record.scan_id, m)], _ = montage_for_scan(scan, methods[m], analyzer=analyzers.get(m),
+                                                                whole_image_if_no_lungs=is_image(record.scan_path))
     with _staged_output(Path(args.out)) as tmp:
         written = reader_study.export_reader_study(montages, tmp, grid_n=base.montage_size,
                                                    readers=_csv_list(args.readers, what="--readers"),
@@ -636,14 +893,22 @@ def _cmd_probe(args) -> int:
 
     from . import linear_probe
 
+    from .manifest import check_label, label_value
+
     records = _read_manifest(args.manifest)
-    records = [r for r in records if r.ild is not None]
-    if args.label == "subtype":
+    label = check_label(records, args.label)
+    if label == "subtype":
+        records = [r for r in records if r.ild is not None]
         classes = ["no ild"] + sorted({r.subtype.strip().lower() for r in records if r.subtype})
         label_of = lambda r: classes.index(r.subtype.strip().lower()) if r.subtype else (0 if r.ild == 0 else None)
+        texts = classes
     else:
-        classes = ["no ild", "ild"]
-        label_of = lambda r: int(r.ild)
+        # A yes/no label: zero-shot compares the run's prompt with its negative, never a literal "ild".
+        positive = args.prompt or ("interstitial lung disease" if label == "ild" else label.replace("_", " "))
+        negative = args.negative or f"no {positive}"
+        classes = [f"no {label}", label]
+        texts = [negative, positive]
+        label_of = lambda r: label_value(r, label)
     records = [r for r in records if label_of(r) is not None]
     train = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split == args.split]
@@ -662,7 +927,8 @@ def _cmd_probe(args) -> int:
     result = {"classes": classes, "k": args.k,
               "linear_probe": linear_probe.linear_probe_eval(xtr, ytr, xte, yte, k=args.k, seeds=seeds)}
     text = TextEncoder(model)
-    prototypes = np.stack([text.embed(c).numpy() for c in classes])
+    prototypes = np.stack([text.embed(c).numpy() for c in texts])
+    result["zero_shot_texts"] = list(texts)
     zs = linear_probe.zero_shot_probabilities(xte, prototypes)
     result["zero_shot"] = linear_probe.classification_metrics(yte, zs)
     if base:
@@ -674,6 +940,10 @@ def _cmd_probe(args) -> int:
     lp = result["linear_probe"]
     print(f"{args.k}-shot linear probe ({len(classes)} classes, {len(seeds)} draws): ACA {lp['aca_mean']:.3f} "
           f"± {lp['aca_std']:.3f}; zero-shot ACA {result['zero_shot'].get('aca', float('nan')):.3f}")
+    if base:
+        bn = result["base_new"]
+        print(f"base/new Avg. (arithmetic mean, paper 002): zero-shot {bn['zero_shot_avg']:.3f}, linear probe "
+              f"{bn['linear_probe_avg']:.3f}; harmonic mean (extra): {bn['zero_shot_hmean']:.3f}, {bn['linear_probe_hmean']:.3f}")
     return 0
 
 
@@ -689,6 +959,10 @@ def _cmd_alignment(args) -> int:
         raise InputError(f"no rows with split {args.split!r} in the manifest")
     model = load_model(args.model, checkpoint=args.checkpoint, weights_dir=args.weights_dir, device=args.device)
     pairs, _ = _pairs(records, args.cache)
+    counts = reports.text_yield([p.report for p in pairs], args.text_choice)
+    warning = reports.yield_warning(counts)
+    if warning:
+        log.warning(warning)
     texts, sentences, owners = [], [], []
     for i, p in enumerate(pairs):
         text = reports.select_text(p.report, args.text_choice, source=p.source)
@@ -707,6 +981,28 @@ def _cmd_alignment(args) -> int:
     if "sentence_mean" in result:
         line += f"; sentence-level {result['sentence_mean']:.3f} ± {result['sentence_std']:.3f}"
     print(f"{line} ({result['n_images']} images)")
+    return 0
+
+
+def _cmd_preview_text(args) -> int:
+    """What ``--text`` picks from the first reports, on stdout only (the user asked to see them):
+    report text never goes to the log or to an error message."""
+    from . import reports
+
+    if args.rows < 0:
+        raise InputError(f"--rows must be 0 or more, got {args.rows}")
+    records = _read_manifest(args.manifest, check_files=False)
+    texts = [r.read_report() for r in records]
+    for r, text in list(zip(records, texts))[:args.rows]:
+        picked = reports.select_text(text or "", args.text_choice, missing="none") if text else None
+        print(f"=== {r.scan_id} ({r.source}); parts found: {', '.join(reports.parse_report(text or '').available_texts()) or 'none'}")
+        print(picked if picked else f"(no {args.text_choice} text in this report)")
+    counts = reports.text_yield(texts, args.text_choice)
+    print("=== counts over all rows: " + ", ".join(f"{c} {k} of {counts['n']}" for c, k in
+                                                   ((c, counts["by_choice"][c]) for c in reports.TEXT_CHOICES)))
+    warning = reports.yield_warning(counts)
+    if warning:
+        log.warning(warning)
     return 0
 
 
@@ -734,6 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients for validation (paper 000: 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--stratify", metavar="LABEL",
+                   help="keep each value of this label (ild, subtype or a label_<name> column) in the same "
+                        "proportion in every split, patients kept whole (paper 000 balanced its test set)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("preprocess", help="cache one montage per scan (resumable, --shard i/N for job arrays)")
@@ -765,8 +1064,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("manifest", help="labelled manifest (ild column; split column to pick test/val rows)")
         p.add_argument("--out", required=True)
-        p.add_argument("--split", default="test", help="rows to evaluate (default test; val rows set the F1 threshold)")
+        p.add_argument("--split", default="test", help="rows to evaluate (default test)")
+        p.add_argument("--threshold-split", default="val",
+                       help="rows that choose the F1 threshold (default val; 'none', or the evaluated split itself, "
+                            "chooses it on the evaluated rows and labels F1/MCC optimistic)")
+        p.add_argument("--label", default="ild", help="yes/no label to evaluate: ild or any label_<name> column (e.g. covid)")
         p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+        _add_pixel_spacing_arg(p)
         _add_settings_args(p)
         if name == "evaluate":
             p.add_argument("--models", action="append", metavar="MODEL",
@@ -790,6 +1094,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--readers", help="comma list of reader codes (one sheet each)")
     q.add_argument("--blind", action="store_true", help="neutral image names, shuffled; key.csv maps them back")
     q.add_argument("--split", default="test", help="rows to export when the manifest has splits")
+    _add_pixel_spacing_arg(q)
     _add_settings_args(q)
     q = rs.add_parser("analyze", help="read filled sheets, write paper 000 Table 6")
     q.add_argument("study", help="folder written by `reader-study export`")
@@ -801,11 +1106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--label", default="subtype", choices=["subtype", "ild"], help="classes: no ild + subtypes, or ild yes/no")
+    p.add_argument("--label", default="subtype",
+                   help="classes: subtype (no ild + subtypes), ild (yes/no) or any label_<name> column (yes/no)")
     p.add_argument("--k", type=int, default=16, help="cases per class (paper 002: 16)")
     p.add_argument("--repeats", type=int, default=5, help="K-shot draws (seeds)")
     p.add_argument("--base", help="comma list of base classes (seen in pre-training) for the base/new report")
     p.add_argument("--split", default="test", help="evaluation rows (train rows are probed on)")
+    p.add_argument("--prompt", help="zero-shot text of the positive class of a yes/no label (default: the label name, "
+                                    "'interstitial lung disease' for ild)")
+    p.add_argument("--negative", help="zero-shot text of the negative class (default: 'no ' + the prompt)")
     _add_model_args(p)
 
     p = sub.add_parser("alignment", help="paper 001: report- and sentence-level image-text cosine similarity")
@@ -815,6 +1124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
     p.add_argument("--split", default="test", help="rows to use when the manifest has splits")
     _add_model_args(p)
+
+    p = sub.add_parser("preview-text", help="show what --text picks from the first reports of a manifest (stdout only)")
+    p.add_argument("manifest")
+    p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
+    p.add_argument("-n", "--rows", type=int, default=3, help="reports shown (default 3; counts cover every row)")
     return parser
 
 
@@ -846,6 +1160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_reader_export(args) if args.action == "export" else _cmd_reader_analyze(args)
         if args.command == "probe":
             return _cmd_probe(args)
+        if args.command == "preview-text":
+            return _cmd_preview_text(args)
         return _cmd_alignment(args)
     except InputError as exc:
         progress.close()

@@ -223,10 +223,57 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_manifest_only(data, out: Path, fov_mm: float = 0.0) -> int:
+    """The folder as a manifest for the ``zeroshot-ild-train`` recipe (README); counts only are printed.
+
+    The figure crops carry no pixel size. With ``fov_mm`` each row gets ``pixel_spacing_mm`` =
+    ``fov_mm`` / the image's larger side (an assumed field of view, so a small and a large crop of
+    a chest give patches of similar anatomy); without it the commands assume 1 mm per pixel and say so.
+    """
+    import dataclasses
+
+    from PIL import Image
+
+    from ZeroShotILDLib.atomic_files import atomic_path
+
+    from .manifest import write_manifest
+
+    try:
+        records = read_covid_ct(Path(data).expanduser().resolve())  # absolute: the manifest may live anywhere
+    except InputError as exc:
+        print(f"covid: error: {exc}", file=sys.stderr)
+        return 2
+    if fov_mm:
+        sized = []
+        for r in records:
+            with Image.open(r.scan_path) as im:  # the header only
+                sized.append(dataclasses.replace(r, pixel_spacing_mm=round(fov_mm / max(im.size), 4)))
+        records = sized
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        staged = tmp.with_name(tmp.name + out.suffix)  # write_manifest picks the format by the suffix
+        try:
+            write_manifest(records, staged)
+            staged.replace(tmp)
+        finally:
+            staged.unlink(missing_ok=True)
+    covid = sum(r.labels.get("covid") == 1 for r in records)
+    captioned = sum(r.report_text is not None for r in records)
+    print(f"{len(records)} images ({covid} COVID, {len(records) - covid} non-COVID; {captioned} with a caption), "
+          f"{len({r.patient_id for r in records})} patients -> {out}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.covid", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the covid_ct folder")
-    p.add_argument("--out", required=True, help="work folder (montages, DAPT run, results.json); keep it out of git")
+    p.add_argument("--out", help="work folder (montages, DAPT run, results.json); keep it out of git")
+    p.add_argument("--write-manifest", metavar="CSV",
+                   help="only write a zeroshot-ild-train manifest of every image (caption as report_text, "
+                        "label_covid, patient_id) and stop")
+    p.add_argument("--fov-mm", type=float, default=0.0,
+                   help="with --write-manifest: assumed field of view of each crop (e.g. 350): pixel_spacing_mm = "
+                        "FOV / larger side; default none (the commands then assume 1 mm per pixel and warn)")
     p.add_argument("--base-model", default="phantom-demo")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
@@ -236,6 +283,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--compare-base", action="store_true", help="also score the base model before DAPT")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.write_manifest:
+        return _write_manifest_only(args.data, Path(args.write_manifest), args.fov_mm)
+    if not args.out:
+        p.error("--out is required (or give --write-manifest)")
     try:
         results = run(args.data, args.out, base_model=args.base_model, max_steps=args.steps, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, max_test_images=args.max_test_images,

@@ -291,8 +291,9 @@ def base_new_report(train_features, train_labels, test_features, test_labels,
     -------
     dict
         ``{"base": {"classes", "zero_shot", "linear_probe"}, "new": {...},
-        "zero_shot_hmean", "linear_probe_hmean"}`` with ACA-based harmonic means of the two
-        sides, as in the base/new literature.
+        "zero_shot_avg", "linear_probe_avg", "zero_shot_hmean", "linear_probe_hmean"}``.
+        ``*_avg`` is paper 002's "Avg." column: the arithmetic mean of the base and new ACA.
+        ``*_hmean`` (the harmonic mean of CoOp-style base-to-new papers) is kept as an extra.
     """
     emb = _features(class_embeddings, "class embeddings")
     n_classes = emb.shape[0]
@@ -322,6 +323,8 @@ def base_new_report(train_features, train_labels, test_features, test_labels,
             "linear_probe": linear_probe_eval(train_features, train_labels, xte, yte, k=k,
                                               seeds=seeds, classes=cls, c=c),
         }
+    for method, key in (("zero_shot", "aca"), ("linear_probe", "aca_mean")):
+        out[f"{method}_avg"] = float((out["base"][method][key] + out["new"][method][key]) / 2)
     out["zero_shot_hmean"] = _hmean(out["base"]["zero_shot"]["aca"], out["new"]["zero_shot"]["aca"])
     out["linear_probe_hmean"] = _hmean(out["base"]["linear_probe"]["aca_mean"],
                                        out["new"]["linear_probe"]["aca_mean"])

@@ -15,6 +15,8 @@ subtype        no          free text (e.g. ``idiopathic pulmonary fibrosis``); i
 label_<name>   no          any further 0/1 label, read like ``ild``
 split          no          train / val / test (also training, valid, validation, testing)
 patient_id     no          scans of one patient always land in the same split
+pixel_spacing_mm no        pixel size of a 2-D PNG/JPG row in mm (default: the command's
+                           ``--pixel-spacing-mm``, else 1 mm with a warning)
 extra_<name>   no          carried along untouched
 ============== =========== ===================================================================
 
@@ -46,7 +48,7 @@ _TRUE = {"1", "1.0", "yes", "y", "true", "t", "positive", "pos"}
 _FALSE = {"0", "0.0", "no", "n", "false", "f", "negative", "neg"}
 _BLANK = {"", "nan", "na", "n/a", "none", "null", "unknown", "?"}
 _KNOWN = ("scan_path", "scan_id", "report_text", "report_path", "ild", "subtype", "split",
-          "patient_id", "labels")
+          "patient_id", "pixel_spacing_mm", "labels")
 
 
 @dataclass
@@ -69,6 +71,8 @@ class ManifestRecord:
     patient_id: Optional[str] = None
     #: ``extra_<name>`` columns, untouched strings.
     extra: dict = field(default_factory=dict, repr=False)
+    #: Pixel size (mm) of a 2-D image row; None = not given (3-D scans carry their own spacing).
+    pixel_spacing_mm: Optional[float] = None
     #: Where the row came from, e.g. ``"manifest.csv line 4"`` (for messages).
     source: str = ""
 
@@ -193,11 +197,21 @@ def _record(raw: dict, *, base: Path, where: str, check_files: bool) -> Manifest
         if split is None:
             raise InputError(f"{col('split')}: not a split; use train, val or test, or leave it blank")
 
+    spacing_text = _text(cols.get("pixel_spacing_mm"))
+    pixel_spacing_mm = None
+    if spacing_text is not None:
+        try:
+            pixel_spacing_mm = float(spacing_text)
+        except ValueError:
+            pixel_spacing_mm = float("nan")
+        if not (pixel_spacing_mm > 0 and pixel_spacing_mm < 100):
+            raise InputError(f"{col('pixel_spacing_mm')}: not a pixel size; give millimetres per pixel, e.g. 0.7")
+
     scan_id = _text(cols.get("scan_id")) or Path(scan_text).as_posix()
     return ManifestRecord(
         scan_path=scan_path, scan_id=scan_id, report_text=report_text, report_path=report_path,
         ild=ild, subtype=subtype, labels=labels, split=split,
-        patient_id=_text(cols.get("patient_id")),
+        patient_id=_text(cols.get("patient_id")), pixel_spacing_mm=pixel_spacing_mm,
         extra={k[len("extra_"):]: v for k, v in cols.items() if k.startswith("extra_")},
         source=where,
     )
@@ -317,6 +331,8 @@ def write_manifest(records: Sequence[ManifestRecord], path: Union[str, Path]) ->
             "ild": "" if r.ild is None else r.ild, "subtype": r.subtype or "",
             "split": r.split or "", "patient_id": r.patient_id or "",
         }
+        if any(x.pixel_spacing_mm is not None for x in records):
+            row["pixel_spacing_mm"] = "" if r.pixel_spacing_mm is None else r.pixel_spacing_mm
         for name in label_names:
             v = r.labels.get(name)
             row[f"label_{name}"] = "" if v is None else v
@@ -358,8 +374,54 @@ def check_patient_splits(records: Iterable[ManifestRecord]) -> None:
                              f"all scans of a patient must be in one split")
 
 
+def label_names(records: Sequence[ManifestRecord]) -> list[str]:
+    """Label columns a command can use: ``ild``, ``subtype`` and every ``label_<name>``."""
+    return ["ild", "subtype"] + sorted({k for r in records for k in r.labels if k not in ("ild", "subtype")})
+
+
+def label_value(record: ManifestRecord, name: str):
+    """The value of label ``name`` (``ild``, ``subtype`` or a ``label_<name>`` column) of one row; None = unknown."""
+    key = name.strip().lower()
+    key = key[len("label_"):] if key.startswith("label_") else key
+    if key in record.labels:
+        return record.labels[key]
+    if key == "ild":
+        return record.ild
+    if key == "subtype":
+        return record.subtype.strip().lower() if record.subtype else (None if record.ild is None else "no ild")
+    return None
+
+
+def check_label(records: Sequence[ManifestRecord], name: str) -> str:
+    """``name`` without a ``label_`` prefix, or one ``InputError`` line listing the labels the manifest has."""
+    key = name.strip().lower()
+    key = key[len("label_"):] if key.startswith("label_") else key
+    if key in ("ild", "subtype") or any(key in r.labels for r in records):
+        if any(label_value(r, key) is not None for r in records):
+            return key
+        raise InputError(f"label {name!r} is blank in every row of the manifest: fill it in or choose another label")
+    raise InputError(f"the manifest has no label {name!r}: choose one of {', '.join(label_names(records))}")
+
+
+def _allocate(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` over groups of ``sizes`` in proportion (largest remainder), never more than a group has."""
+    n = sum(sizes)
+    if n == 0 or total <= 0:
+        return [0] * len(sizes)
+    exact = [total * s / n for s in sizes]
+    out = [min(int(e), s) for e, s in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order * 2:
+        if sum(out) >= total:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+    return out
+
+
 def split_by_patient(records: Sequence[ManifestRecord], *, val_fraction: float = 0.1,
-                     test_fraction: float = 0.0, seed: int = 0) -> list[ManifestRecord]:
+                     test_fraction: float = 0.0, seed: int = 0,
+                     stratify: Optional[str] = None) -> list[ManifestRecord]:
     """Assign train/val/test by patient, never by scan.
 
     Rows that already have a split keep it, and the other scans of the same patient follow
@@ -377,6 +439,11 @@ def split_by_patient(records: Sequence[ManifestRecord], *, val_fraction: float =
     test_fraction : float, default 0.0
         Share of unassigned patients for the test split.
     seed : int, default 0
+    stratify : str, optional
+        A label (``ild``, ``subtype`` or a ``label_<name>`` column): each value's patients are
+        shared out in the same proportions, so val and test keep the cohort's class balance
+        (paper 000 balanced its test set). A patient takes the largest value among its scans
+        (positive if any scan is); patients with the label blank form their own stratum.
 
     Returns
     -------
@@ -401,8 +468,27 @@ def split_by_patient(records: Sequence[ManifestRecord], *, val_fraction: float =
     n_val = count(val_fraction)
     n_test = min(count(test_fraction), max(len(free) - n_val - 1, 0))
     assigned = dict(fixed)
-    for i, key in enumerate(shuffled):
-        assigned[key] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    if stratify is None:
+        for i, key in enumerate(shuffled):
+            assigned[key] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+        return [dataclasses.replace(r, split=assigned[r.patient_key]) for r in records]
+    name = check_label(records, stratify)
+    value_of: dict = {}
+    for r in records:
+        v = label_value(r, name)
+        if v is not None:
+            old = value_of.get(r.patient_key)
+            value_of[r.patient_key] = v if old is None else max(old, v, key=str)
+    strata: dict = {}
+    for key in shuffled:  # shuffled order inside each stratum
+        strata.setdefault(str(value_of.get(key)), []).append(key)
+    names = sorted(strata)
+    sizes = [len(strata[k]) for k in names]
+    vals = _allocate(n_val, sizes)
+    tests = _allocate(n_test, [s - v for s, v in zip(sizes, vals)])
+    for k, nv, nt in zip(names, vals, tests):
+        for i, key in enumerate(strata[k]):
+            assigned[key] = "val" if i < nv else "test" if i < nv + nt else "train"
     return [dataclasses.replace(r, split=assigned[r.patient_key]) for r in records]
 
 

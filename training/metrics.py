@@ -283,10 +283,14 @@ class BinaryReport:
     f1: Estimate
     mcc: Estimate
     threshold: float
-    #: "validation", or "test" when no validation set was given (then F1 is optimistic).
+    #: "validation" (or the name of the split the threshold came from), or ``OPTIMISTIC`` when
+    #: no other set was given: the threshold was then chosen on the evaluated scans themselves.
     threshold_source: str
     n: int
     n_positive: int
+    #: "" or what is wrong with the threshold on the evaluated scans: it calls every scan positive
+    #: (F1 = 2p/(1+p), MCC 0) or every scan negative; AUROC/AUPRC still rank, F1 means nothing.
+    degenerate: str = ""
 
     def to_dict(self) -> dict:
         """Flat dict for CSV/JSON: ``auroc, auroc_low, auroc_high, ...``."""
@@ -296,15 +300,30 @@ class BinaryReport:
             out[name] = e.value
             out[f"{name}_low"] = e.ci_low
             out[f"{name}_high"] = e.ci_high
-        out.update(threshold=self.threshold, threshold_source=self.threshold_source, n=self.n,
-                   n_positive=self.n_positive, n_resamples=self.auroc.n_resamples,
+        out.update(threshold=self.threshold, threshold_source=self.threshold_source, degenerate=self.degenerate,
+                   n=self.n, n_positive=self.n_positive, n_resamples=self.auroc.n_resamples,
                    n_redrawn=self.auroc.n_redrawn, confidence=self.auroc.confidence)
         return out
 
 
+#: ``threshold_source`` when the F1 threshold was chosen on the very scans it is scored on.
+OPTIMISTIC = "optimistic: chosen on the evaluated set"
+
+
+def degenerate_threshold(y_true, y_score, threshold: float) -> str:
+    """"" or a one-phrase flag when ``score >= threshold`` gives every case the same call."""
+    y, s = _binary(y_true, y_score)
+    positives = int(np.sum(s >= threshold))
+    if positives == y.size:
+        return "the threshold calls every scan positive"
+    if positives == 0:
+        return "the threshold calls every scan negative"
+    return ""
+
+
 def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                    confidence: float = DEFAULT_CONFIDENCE) -> BinaryReport:
+                    confidence: float = DEFAULT_CONFIDENCE, val_name: str = "validation") -> BinaryReport:
     """Paper 000's evaluation: AUROC, AUPRC and F1 (plus MCC) with bootstrap 95 % CIs.
 
     Parameters
@@ -313,15 +332,17 @@ def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
         Test labels (0/1) and scores.
     y_val, s_val : (m,) arrays, optional
         Validation labels and scores; the max-F1 threshold is chosen here. Without them it is
-        chosen on the test set itself and ``threshold_source`` says so.
+        chosen on the test set itself and ``threshold_source`` says so (``OPTIMISTIC``).
     n_resamples : int, default 1000
     seed : int, default 0
     confidence : float, default 0.95
+    val_name : str, default "validation"
+        How ``threshold_source`` names the set the threshold came from.
 
     Returns
     -------
     BinaryReport
-        The F1/MCC intervals keep the threshold fixed (the threshold is not re-chosen per
+        ``degenerate`` flags a threshold that calls every test case the same. The F1/MCC intervals keep the threshold fixed (the threshold is not re-chosen per
         resample: it belongs to the model, not to the test set).
     """
     y, s = _binary(y_test, s_test)
@@ -329,10 +350,10 @@ def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
         raise InputError("give both validation labels and validation scores, or neither")
     if y_val is not None:
         threshold, _ = max_f1_threshold(y_val, s_val)
-        source = "validation"
+        source = val_name
     else:
         threshold, _ = max_f1_threshold(y, s)
-        source = "test"
+        source = OPTIMISTIC
     est = bootstrap(
         {
             "auroc": _auroc_unchecked,
@@ -344,7 +365,7 @@ def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
     )
     return BinaryReport(auroc=est["auroc"], auprc=est["auprc"], f1=est["f1"], mcc=est["mcc"],
                         threshold=threshold, threshold_source=source, n=int(y.size),
-                        n_positive=int(y.sum()))
+                        n_positive=int(y.sum()), degenerate=degenerate_threshold(y, s, threshold))
 
 
 def ensemble_probabilities(probabilities: Sequence) -> np.ndarray:

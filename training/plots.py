@@ -106,7 +106,8 @@ def grid_row(factors: Mapping[str, object], report: "M.BinaryReport") -> dict:
     """One table row: the grid factors followed by a ``BinaryReport``'s estimates."""
     row = dict(factors)
     row.update(auroc=report.auroc, auprc=report.auprc, f1=report.f1, mcc=report.mcc,
-               threshold=report.threshold, n=report.n, n_positive=report.n_positive)
+               threshold=report.threshold, n=report.n, n_positive=report.n_positive,
+               degenerate=getattr(report, "degenerate", ""))
     return row
 
 
@@ -175,13 +176,14 @@ def grid_markdown(rows: Sequence[Mapping], *, factors: Sequence[str],
 
     A factor value equal to the one in the row above is left blank (rows are grouped by the
     leading factors, as in the paper); metric cells read ``0.771 (0.702–0.835)`` when an
-    interval is known; the best value of each metric column is bold.
+    interval is known; the best value of each metric column is bold. F1 and MCC of a row whose
+    threshold gives every scan the same call (``degenerate``) carry a dagger and a note below.
     """
     titles = {**FACTOR_TITLES, **METRIC_TITLES, **(titles or {})}
     formats = dict(formats or {})
     best = {}
-    for m in metrics:
-        values = [_value(r.get(m))[0] for r in rows]
+    for m in metrics:  # a degenerate row's F1/MCC is never "best"
+        values = [_value(r.get(m))[0] for r in rows if not (m in ("f1", "mcc") and r.get("degenerate"))]
         finite = [v for v in values if not math.isnan(v)]
         best[m] = max(finite) if finite else None
     lines = []
@@ -213,8 +215,14 @@ def grid_markdown(rows: Sequence[Mapping], *, factors: Sequence[str],
                 text = f"**{text}**"
             if not (_nan(lo) or _nan(hi)):
                 text += f" ({float(lo):.{digits}f}–{float(hi):.{digits}f})"
+            if m in ("f1", "mcc") and r.get("degenerate"):
+                text += " †"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
+    flags = sorted({str(r["degenerate"]) for r in rows if r.get("degenerate")})
+    if flags:
+        lines += ["", f"† Degenerate classifier: {'; '.join(flags)}, so "
+                      "F1 only restates the share of positives and MCC is 0; read AUROC/AUPRC."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,9 @@ array splits thousands of scans without coordination; ``workers`` processes run 
 
 2-D images (PNG/JPG slices such as the COVID-CT figure crops) are taken as one-slice scans: their
 grey levels are mapped back through the HU window, so windowing returns the original pixels, and
-when no lungs are found in them the whole image counts as lung.
+when no lungs are found in them the whole image counts as lung. Their pixel size comes from the
+manifest's ``pixel_spacing_mm`` column (or ``--pixel-spacing-mm``); without either, 1 mm per pixel
+is assumed and said (``DEFAULT_PIXEL_SPACING_MM``).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RANDOM_MONTAGE_PX = 224
 #: Largest 2-D image taken (pixels); PIL's own bomb limit is ~89 M, a figure crop is far smaller.
 MAX_IMAGE_PIXELS = 50_000_000
+#: Pixel size assumed for a 2-D image whose spacing nobody gave (patch sizes are in mm).
+DEFAULT_PIXEL_SPACING_MM = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def settings_key(settings: AnalysisSettings) -> dict:
     return key
 
 
-def item_key(scan_id: str, settings: AnalysisSettings, scan_path=None) -> str:
+def item_key(scan_id: str, settings: AnalysisSettings, scan_path=None, pixel_spacing_mm=None) -> str:
     """Cache key of one montage: scan id, the scan's content hash and the montage settings.
 
     ``scan_path`` is hashed (file or DICOM folder) when given and readable; an unreadable path
@@ -78,12 +82,15 @@ def item_key(scan_id: str, settings: AnalysisSettings, scan_path=None) -> str:
             content = sha256_path(scan_path)
         except OSError:
             content = None
-    blob = json.dumps({"scan": scan_id, "content": content, "settings": settings_key(settings)}, sort_keys=True)
+    payload = {"scan": scan_id, "content": content, "settings": settings_key(settings)}
+    if pixel_spacing_mm is not None:  # only then: caches of the 1-mm default stay valid
+        payload["pixel_spacing_mm"] = float(pixel_spacing_mm)
+    blob = json.dumps(payload, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
-def montage_path(out_dir, scan_id: str, settings: AnalysisSettings, scan_path=None) -> Path:
-    return Path(out_dir) / "montages" / f"{item_key(scan_id, settings, scan_path)}.png"
+def montage_path(out_dir, scan_id: str, settings: AnalysisSettings, scan_path=None, pixel_spacing_mm=None) -> Path:
+    return Path(out_dir) / "montages" / f"{item_key(scan_id, settings, scan_path, pixel_spacing_mm)}.png"
 
 
 def is_finished(png: Path) -> bool:
@@ -107,7 +114,7 @@ def finished_montages(records: Sequence, out_dir, settings: AnalysisSettings) ->
     """scan_id -> montage path for every finished item (what ``data.pairs_from_manifest`` takes)."""
     out = {}
     for r in records:
-        png = montage_path(out_dir, r.scan_id, settings, r.scan_path)
+        png = montage_path(out_dir, r.scan_id, settings, r.scan_path, getattr(r, "pixel_spacing_mm", None))
         if is_finished(png):
             out[r.scan_id] = png
     return out
@@ -131,7 +138,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-def image_as_scan(path: Path, hu_window=(-1350.0, 150.0)):
+def is_image(scan_path) -> bool:
+    """A 2-D image file (PNG/JPG/...) rather than a scan."""
+    return Path(scan_path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_as_scan(path: Path, hu_window=(-1350.0, 150.0), pixel_spacing_mm=None):
     """A 2-D 8-bit image as a one-slice scan whose windowed pixels equal the image's grey levels."""
     from ZeroShotILDLib.scan import scan_from_array
 
@@ -151,30 +163,42 @@ def image_as_scan(path: Path, hu_window=(-1350.0, 150.0)):
         raise InputError(f"{path.name} is not a readable image ({type(exc).__name__}): check the file") from None
     lo, hi = hu_window
     hu = (lo + gray / 255.0 * (hi - lo)).round().astype(np.int16)[None]
-    return _Image2D(hu=hu, source=path.name, scan_from_array=scan_from_array)
+    return _Image2D(hu=hu, source=path.name, scan_from_array=scan_from_array,
+                    pixel_spacing_mm=float(pixel_spacing_mm or DEFAULT_PIXEL_SPACING_MM))
 
 
 class _Image2D:
     """Holds a one-slice pseudo-HU array until the engine turns it into a Scan."""
 
-    def __init__(self, hu, source, scan_from_array):
+    def __init__(self, hu, source, scan_from_array, pixel_spacing_mm=DEFAULT_PIXEL_SPACING_MM):
         self.hu, self.source, self._make = hu, source, scan_from_array
+        self.pixel_spacing_mm = pixel_spacing_mm
 
     def scan(self):
         # scan_from_array validates HU content; a figure crop is not HU, so build the Scan directly.
         from ZeroShotILDLib.scan import Scan
 
-        return Scan(hu=self.hu, spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0),
+        d = self.pixel_spacing_mm
+        return Scan(hu=self.hu, spacing_mm=(d, d, 1.0), origin_mm=(0.0, 0.0, 0.0),
                     direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), source=self.source, notes=["2-D image input"])
 
 
-def build_montage_for(scan_path: Path, settings: AnalysisSettings, analyzer=None):
+def read_any_scan(scan_path, settings: AnalysisSettings, pixel_spacing_mm=None):
+    """A scan file or DICOM folder, or a 2-D image as a one-slice scan (``pixel_spacing_mm`` per pixel)."""
+    from ZeroShotILDLib.scan import read_scan
+
+    if is_image(scan_path):
+        return image_as_scan(Path(scan_path), settings.hu_window, pixel_spacing_mm).scan()
+    return read_scan(scan_path)
+
+
+def build_montage_for(scan_path: Path, settings: AnalysisSettings, analyzer=None, pixel_spacing_mm=None):
     """(montage uint8, info) for one scan or image, with the engine's own pipeline."""
     from ZeroShotILDLib import pipeline
     from ZeroShotILDLib.scan import read_scan
 
-    if scan_path.suffix.lower() in IMAGE_SUFFIXES:
-        scan = image_as_scan(scan_path, settings.hu_window).scan()
+    if is_image(scan_path):
+        scan = read_any_scan(scan_path, settings, pixel_spacing_mm)
         return pipeline.montage_for_scan(scan, settings, analyzer=analyzer, whole_image_if_no_lungs=True,
                                          image_size=RANDOM_MONTAGE_PX)
     return pipeline.montage_for_scan(read_scan(scan_path), settings, analyzer=analyzer, image_size=RANDOM_MONTAGE_PX)
@@ -191,14 +215,14 @@ def _worker_init(settings_dict: dict, threads: int) -> None:
     _WORKER["analyzer"] = None
 
 
-def _process_one(scan_id: str, scan_path: str, png: str) -> tuple[str, Optional[str]]:
+def _process_one(scan_id: str, scan_path: str, png: str, pixel_spacing_mm=None) -> tuple[str, Optional[str]]:
     from ZeroShotILDLib.pipeline import Analyzer
 
     settings: AnalysisSettings = _WORKER["settings"]
     if settings.retrieval == "clip" and _WORKER.get("analyzer") is None:
         _WORKER["analyzer"] = Analyzer(settings)
     try:
-        montage, info = build_montage_for(Path(scan_path), settings, _WORKER.get("analyzer"))
+        montage, info = build_montage_for(Path(scan_path), settings, _WORKER.get("analyzer"), pixel_spacing_mm)
     except InputError as exc:
         return scan_id, str(exc)
     except (OSError, ValueError, MemoryError) as exc:  # one bad item never aborts a cohort
@@ -227,11 +251,12 @@ def preprocess(records: Sequence, out_dir, settings: AnalysisSettings, *, worker
     mine = shard_records(records, shard)
     todo, summary = [], PreprocessSummary(out_dir=str(out_dir))
     for r in mine:
-        png = montage_path(out_dir, r.scan_id, settings, r.scan_path)
+        spacing = getattr(r, "pixel_spacing_mm", None)
+        png = montage_path(out_dir, r.scan_id, settings, r.scan_path, spacing)
         if is_finished(png):
             summary.skipped += 1
         else:
-            todo.append((r.scan_id, str(r.scan_path), str(png)))
+            todo.append((r.scan_id, str(r.scan_path), str(png), spacing))
     (out_dir / "montages").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "settings.json", json.dumps(settings_key(settings), indent=1, sort_keys=True))
     progress("preprocessing", 0, len(todo))

@@ -173,6 +173,15 @@ def _line_start(text: str, pos: int) -> bool:
     return i < 0 or text[i] in "\r\n"
 
 
+_LABEL_PREFIX = re.compile(r"[ \t]*[A-Za-z][A-Za-z ]{0,30}:[ \t]*")
+
+
+def _after_label(text: str, pos: int) -> bool:
+    """Only a short ``Label:`` stands between the line start and ``pos`` ("Report: Findings - ...")."""
+    start = max(text.rfind("\n", 0, pos), text.rfind("\r", 0, pos)) + 1
+    return _LABEL_PREFIX.fullmatch(text, start, pos) is not None
+
+
 def _after_sentence(text: str, pos: int) -> bool:
     i = pos - 1
     while i >= 0 and text[i] in " \t*_":
@@ -193,8 +202,9 @@ def _section_headers(text: str):
             if not (at_line and name[0].isupper()):
                 continue
         elif sep.strip() != ":":
-            # "Findings - ..." only at the start of a line: a dash mid-sentence is prose.
-            if not at_line:
+            # "Findings - ..." only at the start of a line (or after a leading "Report:" label):
+            # a dash mid-sentence is prose.
+            if not (at_line or (name[0].isupper() and _after_label(text, start))):
                 continue
         elif not (at_line or _after_sentence(text, start) or name[0].isupper()):
             # Lower-case "findings:" mid-sentence is prose; capitalised "Findings:" is a header
@@ -311,6 +321,36 @@ def select_text(report, text: str = "impression", *, source: Optional[str] = Non
                 else "fix or drop this report")
         raise InputError(f"report{where} has {wanted}: {hint}")
     return out
+
+
+#: Above this share of reports without the chosen text, commands warn (the choice does not fit the cohort).
+MOSTLY_EMPTY_SHARE = 0.5
+
+
+def text_yield(texts: Sequence[Optional[str]], text: str) -> dict:
+    """How many reports give text for choice ``text``, and for every other choice (counts only, no text).
+
+    Returns ``{"choice", "n", "with_text", "by_choice": {choice: count}}``; empty reports count as none.
+    """
+    if text not in TEXT_CHOICES:
+        raise InputError(f"unknown text choice {text!r}; choose one of {', '.join(TEXT_CHOICES)}")
+    by_choice = dict.fromkeys(TEXT_CHOICES, 0)
+    for t in texts:
+        for c in parse_report(t or "").available_texts():
+            by_choice[c] += 1
+    return {"choice": text, "n": len(texts), "with_text": by_choice[text], "by_choice": by_choice}
+
+
+def yield_warning(counts: dict) -> Optional[str]:
+    """One line when most reports give no text for the chosen part (None otherwise); names counts, never text."""
+    n, got = counts["n"], counts["with_text"]
+    if n == 0 or (n - got) <= MOSTLY_EMPTY_SHARE * n:
+        return None
+    better = sorted((c for c in TEXT_CHOICES if c != counts["choice"] and counts["by_choice"][c] > got),
+                    key=lambda c: -counts["by_choice"][c])
+    hint = (f"; --text {better[0]} gives text for {counts['by_choice'][better[0]]}" if better else "")
+    return (f"--text {counts['choice']} finds no text in {n - got} of {n} reports{hint} "
+            f"(see `preview-text` for what each choice picks)")
 
 
 # ---------------------------------------------------------------------------------------------
