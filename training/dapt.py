@@ -90,6 +90,8 @@ MONITORS = {"val_loss": "min", "val_auroc": "max"}
 LOGGERS = ("csv", "tensorboard", "mlflow")
 #: Mean pairwise cosine of the validation image embeddings at or above which a run is "collapsed".
 COLLAPSE_COSINE = 0.95
+#: ... and the spread 1 - cosine at most this share of the base model's.
+COLLAPSE_SPREAD_RATIO = 0.25
 #: A best validation loss within this fraction of the chance level counts as "at chance".
 CHANCE_MARGIN = 0.02
 LABEL_HEAD_SUFFIX = ".labelhead.safetensors"
@@ -642,7 +644,9 @@ def health_verdict(history: Sequence, config: DaptConfig) -> dict:
     """Whether a run collapsed or stayed at chance, from its validations' health metrics.
 
     ``collapsed``: the last validation's mean pairwise image cosine is at least
-    ``config.collapse_cosine``. ``at_chance``: no validation after training started scored a loss
+    ``config.collapse_cosine`` and, when the base model was measured (the sanity validation at
+    step 0), the spread ``1 - cosine`` shrank to a quarter of the base model's or less: a base
+    model whose montage embeddings were already that close is not called collapsed by training. ``at_chance``: no validation after training started scored a loss
     more than ``config.chance_margin`` (relative) below the chance level. ``warning`` is one line
     saying what went wrong, or None.
     """
@@ -654,7 +658,9 @@ def health_verdict(history: Sequence, config: DaptConfig) -> dict:
     last = trained[-1]
     out: dict = {"validations": len(trained), "last": last, "initial": initial}
     cosine = last.get("val_mean_cosine")
-    out["collapsed"] = bool(cosine is not None and cosine >= config.collapse_cosine)
+    base = initial.get("val_mean_cosine") if initial else None
+    out["collapsed"] = bool(cosine is not None and cosine >= config.collapse_cosine
+                            and (base is None or (1.0 - cosine) <= COLLAPSE_SPREAD_RATIO * (1.0 - base)))
     ratios = [m["val_loss"] / m["val_chance"] for m in trained
               if m.get("val_chance") and math.isfinite(m.get("val_loss", float("nan")))]
     out["at_chance"] = bool(ratios) and min(ratios) >= 1.0 - config.chance_margin
@@ -927,7 +933,8 @@ class _SignalCatcher(L.Callback):
 
         def handler(signum, frame):
             self.signal_name = signal.Signals(signum).name
-            trainer.received_sigterm = True  # Lightning stops after this batch and raises SIGTERMException
+            # Lightning stops after the current batch and raises SIGTERMException.
+            trainer._signal_connector.received_sigterm = True
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.getsignal(sig)
