@@ -250,3 +250,25 @@ def test_sigterm_mid_run_exits_143_and_resume_finishes_the_same_run(cohort, tmp_
     assert done.returncode == 0, done.stderr
     result = summary(out)["result"]
     assert result["global_step"] == 200 and result["interrupted"] is None and Path(result["best_checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("logger,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_missing_logger_is_one_line_before_any_work(capsys, cohort, tmp_path, logger, module):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], "--out", tmp_path / "r", *TRAIN,
+                       "--max-steps", "1", "--logger", logger)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"pip install {module}" in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_epoch_limit_that_cuts_max_steps_says_so(capsys, caplog, cohort, tmp_path):
+    out = tmp_path / "r"
+    code, stdout, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], "--out", out, *TRAIN,
+                            "--max-steps", "5", "--max-epochs", "1", "--lr", "1e-7")
+    assert code == 0, err
+    assert summary(out)["result"]["global_step"] == 2 and summary(out)["limited_by"] == "max_epochs"
+    assert "length set by max-epochs" in stdout
+    assert any("--max-epochs 1 ends the run at 2 steps, before --max-steps 5" in r.getMessage() for r in caplog.records)

@@ -950,7 +950,9 @@ class _SignalCatcher(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+        # A signal can also surface as another error: Ctrl+C reaches data-loader workers too, and
+        # the loader then fails between two steps. The state is a step boundary either way.
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and self.signal_name is None:
             return
         self.signal_name = self.signal_name or ("SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -1030,25 +1032,26 @@ def _stored_settings(output: Path) -> Optional[dict]:
     return None
 
 
+def _check_logger(config: DaptConfig) -> None:
+    """One line before any work when the chosen logger's package is not installed."""
+    import importlib.util
+
+    if config.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise InputError("--logger tensorboard needs TensorBoard: pip install tensorboard (or use --logger csv)")
+    if config.logger == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise InputError("--logger mlflow needs MLflow: pip install mlflow (or use --logger csv)")
+
+
 def _loggers(config: DaptConfig, output: Path) -> list:
     """CSV always (``logs/metrics.csv``, one folder per run, appended to on resume), plus the chosen one."""
     
     loggers = [CSVLogger(str(output), name="logs", version="", flush_logs_every_n_steps=max(1, config.val_every_steps))]
+    _check_logger(config)
     if config.logger == "tensorboard":
-        try:
-            from lightning.pytorch.loggers import TensorBoardLogger
-            import importlib.util
+        from lightning.pytorch.loggers import TensorBoardLogger
 
-            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-                raise ImportError
-        except ImportError:
-            raise InputError("--logger tensorboard needs TensorBoard: pip install tensorboard (or use --logger csv)") from None
         loggers.append(TensorBoardLogger(str(output), name="tensorboard", version=""))
     elif config.logger == "mlflow":
-        import importlib.util
-
-        if importlib.util.find_spec("mlflow") is None:
-            raise InputError("--logger mlflow needs MLflow: pip install mlflow (or use --logger csv)")
         from lightning.pytorch.loggers import MLFlowLogger
 
         loggers.append(MLFlowLogger(experiment_name="zeroshot-ild-dapt", run_name=output.name,
@@ -1111,7 +1114,7 @@ def _quiet_lightning():
             for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
                             ".*litlogger.*", ".*litmodels.*", ".*Checkpoint directory .* exists and is not empty.*",
                             ".*resuming from a checkpoint that ended before the epoch ended.*",
-                            ".*Experiment logs directory .* exists and is not empty.*"):
+                            ".*Experiment logs directory .* exists and is not empty.*", ".*treespec.*"):
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
@@ -1195,8 +1198,12 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     world = _world_size(config)
     _check_records(train_records, val_records, config, world)
 
+    _check_logger(config)
     steps_per_epoch = len(train_records) // (config.batch_size * world)
     total_steps, trainer_epochs, limited_by = plan_steps(config, steps_per_epoch)
+    if limited_by == "max_epochs" and config.max_steps and config.max_steps > 0:
+        log.warning("--max-epochs %d ends the run at %d steps, before --max-steps %d", config.max_epochs, total_steps,
+                    config.max_steps)
     if previous is not None and not previous.get("result", {}).get("interrupted"):
         done = int(previous.get("result", {}).get("global_step", 0))
         if total_steps <= done or source is None:
@@ -1243,10 +1250,10 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(source) if source is not None else None,
                         weights_only=True)
-        except SystemExit as exc:  # Lightning's SIGTERMException
+        except (SystemExit, Exception) as exc:  # Lightning's SIGTERMException, or a loader killed by the signal
             from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-            if not isinstance(exc, SIGTERMException):
+            if not isinstance(exc, SIGTERMException) and signals.signal_name is None:
                 raise
             stopped = signals.signal_name or "SIGTERM"
         finally:
