@@ -272,3 +272,24 @@ def test_epoch_limit_that_cuts_max_steps_says_so(capsys, caplog, cohort, tmp_pat
     assert summary(out)["result"]["global_step"] == 2 and summary(out)["limited_by"] == "max_epochs"
     assert "length set by max-epochs" in stdout
     assert any("--max-epochs 1 ends the run at 2 steps, before --max-steps 5" in r.getMessage() for r in caplog.records)
+
+
+def test_text_less_labelled_validation_pairs_feed_the_auroc_only(tmp_path):
+    import dataclasses as dc
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from test_dapt import config, make_pairs
+
+    pairs = make_pairs(tmp_path, count=16)
+    pairs = [dc.replace(p, ild=int(p.labels[0]), split="val" if i >= 12 else "train") for i, p in enumerate(pairs)]
+    # Validation: two pairs with text, two labelled images without.
+    pairs[14] = dc.replace(pairs[14], report="")
+    pairs[15] = dc.replace(pairs[15], report="")
+    result = dapt.fit(config(tmp_path / "run", max_steps=1, val_every_steps=1, class_names=()), pairs)
+    last = result.health["last"]
+    assert last["val_chance"] == pytest.approx(math.log(2))  # the loss saw the two pairs with text
+    assert "val_auroc" in last and "val_mean_cosine" in last
+    with pytest.raises(dapt.InputError, match="no validation pair has a report"):
+        dapt.fit(config(tmp_path / "none", max_steps=1, class_names=()),
+                 [dc.replace(p, report="") if p.split == "val" else p for p in pairs])

@@ -477,11 +477,24 @@ class DaptModule(L.LightningModule):
         labels = has_text = None
         if cfg.loss in ("unicl", "dlilp"):
             labels = all_gather_no_grad(batch["labels"].float())[valid]
-        if cfg.loss == "dlilp":
+        if cfg.loss == "dlilp" or not self.training:
             has_text = all_gather_no_grad(batch["has_text"].bool())[valid]
-        self._chance = self.chance_loss(int(first.shape[0]), labels, has_text)
-        if not self.training and "ild" in batch:
-            self._val_store.append([first.detach(), text.detach(), all_gather_no_grad(batch["ild"].long())[valid]])
+        if not self.training:
+            entry = {"image": first.detach(), "ild": all_gather_no_grad(batch["ild"].long())[valid]}
+            if cfg.loss != "dlilp":
+                # Validation pairs without text (labelled images kept for the zero-shot AUROC)
+                # take no part in a loss that needs text.
+                image = {n: v[has_text] for n, v in image.items()}
+                text = text[has_text]
+                labels = labels[has_text] if labels is not None else None
+                first = image[names[0]]
+            entry.update(paired_image=first.detach(), text=text[has_text].detach() if cfg.loss == "dlilp" else text.detach())
+            if cfg.loss == "dlilp":
+                entry["paired_image"] = entry["image"][has_text]
+            self._val_store.append(entry)
+        self._chance = self.chance_loss(int(first.shape[0]), labels, has_text if cfg.loss == "dlilp" else None)
+        if first.shape[0] == 0:
+            return None, 0
         if cfg.loss in ("clip", "relaxed"):
             loss = losses.clip_loss(first, text, scale, relaxed=cfg.loss == "relaxed" or cfg.relaxed_positives, **relax)
         elif cfg.loss == "slip":
@@ -515,8 +528,9 @@ class DaptModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, size = self.compute_loss(batch)
-        if self._val_store:
-            self._val_store[-1] += [float(loss) * size, self._chance * size, size]
+        if size == 0:  # a batch of text-less (AUROC-only) pairs
+            return None
+        self._val_store[-1].update(loss=float(loss) * size, chance=self._chance * size, size=size)
         # Identical on every rank already; sync_dist only keeps Lightning's bookkeeping uniform.
         self.log("val_loss", loss, batch_size=size, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val_chance", self._chance, batch_size=size, on_step=False, on_epoch=True, sync_dist=True)
@@ -531,14 +545,15 @@ class DaptModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_store:
             return
-        image = torch.cat([s[0] for s in self._val_store]).float()
-        text = torch.cat([s[1] for s in self._val_store]).float()
-        ild = torch.cat([s[2] for s in self._val_store]).cpu().numpy()
-        count = sum(s[5] for s in self._val_store)
-        losses_seen = {"val_loss": sum(s[3] for s in self._val_store) / count,
-                       "val_chance": sum(s[4] for s in self._val_store) / count}
+        store = self._val_store
         self._val_store = []
-        metrics = embedding_health(image, text)
+        image = torch.cat([s["image"] for s in store]).float()
+        ild = torch.cat([s["ild"] for s in store]).cpu().numpy()
+        count = sum(s.get("size", 0) for s in store)
+        losses_seen = {"val_loss": sum(s.get("loss", 0.0) for s in store) / count,
+                       "val_chance": sum(s.get("chance", 0.0) for s in store) / count} if count else {}
+        metrics = embedding_health(image, torch.cat([s["text"] for s in store]).float(),
+                                   torch.cat([s["paired_image"] for s in store]).float())
         known = ild >= 0
         if known.any() and len(set(ild[known].tolist())) == 2:
             from .metrics import roc_auc
@@ -614,8 +629,9 @@ class DaptModule(L.LightningModule):
         return path
 
 
-def embedding_health(image: torch.Tensor, text: torch.Tensor) -> dict:
-    """Spread of L2-normalised image embeddings and image->text retrieval, (N, D) each, row i paired.
+def embedding_health(image: torch.Tensor, text: torch.Tensor, paired_image: Optional[torch.Tensor] = None) -> dict:
+    """Spread of L2-normalised image embeddings (N, D) and image->text retrieval of the pairs
+    ``paired_image`` (default ``image``) / ``text``, row i of each paired.
 
     ``val_mean_cosine``: mean cosine over all pairs of different images (1 = every image maps to
     one point). ``val_effective_rank``: exp of the entropy of the normalised singular values
@@ -632,10 +648,11 @@ def embedding_health(image: torch.Tensor, text: torch.Tensor) -> dict:
     p = singular / singular.sum().clamp_min(1e-12)
     p = p[p > 0]
     out["val_effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
-    similarity = image @ text.double().t()
+    paired = (image if paired_image is None else paired_image.double())
+    similarity = paired @ text.double().t()
     rank = (similarity > similarity.diagonal()[:, None]).sum(dim=1)
     for k in (1, 5):
-        if k < n:
+        if k < paired.shape[0]:
             out[f"val_recall_at_{k}"] = float((rank < k).double().mean())
     return out
 
@@ -890,10 +907,15 @@ def _check_records(train: list, val: list, config: DaptConfig, world: int) -> No
     if missing:
         raise InputError(f"{len(missing)} cached montages are missing (first: {missing[0].image_path}): run the preprocessing first")
     if config.loss != "dlilp":
-        no_text = [r for r in train + val if not (r.report or "").strip()]
+        # Validation pairs without text but with a label only feed the zero-shot AUROC.
+        val_ids = {id(r) for r in val}
+        no_text = [r for r in train + val if not (r.report or "").strip() and not (id(r) in val_ids and r.ild is not None)]
         if no_text:
             where = no_text[0].source or no_text[0].scan_id or no_text[0].image_path
-            raise InputError(f"{len(no_text)} pairs have no report (first: {where}): loss {config.loss} needs text for every pair")
+            raise InputError(f"{len(no_text)} pairs have no report (first: {where}): loss {config.loss} needs text for every "
+                             "pair (validation images without text are kept only when they have an ILD label)")
+        if not any((r.report or "").strip() for r in val):
+            raise InputError(f"no validation pair has a report: loss {config.loss} needs text to be validated")
     if config.loss in ("unicl", "dlilp"):
         unlabelled = [r for r in train if not r.labels]
         if len(unlabelled) == len(train):
