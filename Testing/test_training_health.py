@@ -293,3 +293,33 @@ def test_text_less_labelled_validation_pairs_feed_the_auroc_only(tmp_path):
     with pytest.raises(dapt.InputError, match="no validation pair has a report"):
         dapt.fit(config(tmp_path / "none", max_steps=1, class_names=()),
                  [dc.replace(p, report="") if p.split == "val" else p for p in pairs])
+
+
+def test_metrics_csv_is_on_disk_at_every_validation(tmp_path):
+    import sys as _sys
+
+    import lightning as L
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from test_dapt import config, make_pairs
+
+    class Reader(L.Callback):
+        seen: list = []
+
+        def on_validation_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            path = tmp_path / "run" / "logs" / "metrics.csv"
+            with open(path, newline="", encoding="utf-8") as handle:
+                self.seen.append(sum(1 for r in csv.DictReader(handle) if r.get("val_loss")))
+
+    reader = Reader()
+    dapt.fit(config(tmp_path / "run", max_steps=4, val_every_steps=2, class_names=()), make_pairs(tmp_path, count=16),
+             callbacks=[reader])
+    assert reader.seen == [1, 2]
+
+
+def test_print_config_for_nested_commands(capsys):
+    code, out, err = run(capsys, "reader-study", "export", "m.csv", "--out", "o", "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(out)["manifest"] == "m.csv"
