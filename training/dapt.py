@@ -1210,9 +1210,10 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         if summary_path.is_file():
             previous = json.loads(summary_path.read_text(encoding="utf-8"))
     source = _resume_source(output, resume_path) if resume else None
+    resumed_step = 0
     if source is not None:
         # Untrusted until read weights-only: refused in one line before any work (or log line) starts.
-        read_lightning_checkpoint(source)
+        resumed_step = _int_or(read_lightning_checkpoint(source).get("global_step"), 0)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if train_records is None or val_records is None:
         train_records, val_records = split_records(records, val_fraction=config.val_fraction, seed=config.seed)
@@ -1280,8 +1281,8 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
             stopped = signals.signal_name or "SIGTERM"
         finally:
             signals.uninstall()
-    if old_logs is not None:
-        old_logs.merge(_int_or(read_lightning_checkpoint(source).get("global_step"), 0) if source else 0)
+            if old_logs is not None:  # Lightning's CSV writer started the file afresh
+                old_logs.merge(resumed_step)
 
     result = FitResult(output_dir=str(output), best_checkpoint=None, best_val_loss=None,
                        last_checkpoint=str(checkpoints / "last.safetensors"),
