@@ -323,3 +323,27 @@ def test_print_config_for_nested_commands(capsys):
     code, out, err = run(capsys, "reader-study", "export", "m.csv", "--out", "o", "--print-config")
     assert code == 0, err
     assert yaml.safe_load(out)["manifest"] == "m.csv"
+
+
+def test_sweep_ranks_runs_at_chance_or_collapsed_after_healthy_ones(monkeypatch, tmp_path):
+    from training.data import PairRecord
+
+    verdicts = {1e-3: (2.770, {"at_chance": True, "collapsed": False}),
+                1e-4: (2.771, {"at_chance": True, "collapsed": False}),
+                1e-5: (2.900, {"at_chance": False, "collapsed": False})}
+
+    def fake_fit(config, records, **kwargs):
+        score, health = verdicts[config.learning_rate]
+        return dapt.FitResult(output_dir=config.output_dir, best_checkpoint="b", best_val_loss=score, best_score=score,
+                              health=dict(health))
+
+    monkeypatch.setattr(dapt, "fit", fake_fit)
+    records = [PairRecord("x", "t", scan_id=str(i), split="val" if i < 2 else "train") for i in range(6)]
+    config = dapt.DaptConfig(output_dir=str(tmp_path / "s"))
+    result = dapt.sweep(config, records, learning_rates=list(verdicts))
+    assert result.best_learning_rate == 1e-5
+    del verdicts[1e-5]
+    result = dapt.sweep(dapt.DaptConfig(output_dir=str(tmp_path / "t")), records, learning_rates=list(verdicts))
+    assert result.best_learning_rate == 1e-3
+    payload = json.loads(Path(result.summary_json).read_text(encoding="utf-8"))
+    assert "none of them is learning" in payload["warning"] and payload["runs"][0]["at_chance"] is True
