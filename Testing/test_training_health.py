@@ -238,7 +238,7 @@ def test_sigterm_mid_run_exits_143_and_resume_finishes_the_same_run(cohort, tmp_
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 143, stderr
     lines = [line for line in stderr.splitlines() if "resume with --resume" in line]
-    assert len(lines) == 1 and "SIGTERM" in lines[0]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in stderr
     state = dapt.read_lightning_checkpoint(out / "checkpoints" / "last.ckpt")
     stopped_at = int(state["global_step"])
     assert 0 < stopped_at < 200
@@ -347,3 +347,25 @@ def test_sweep_ranks_runs_at_chance_or_collapsed_after_healthy_ones(monkeypatch,
     assert result.best_learning_rate == 1e-3
     payload = json.loads(Path(result.summary_json).read_text(encoding="utf-8"))
     assert "none of them is learning" in payload["warning"] and payload["runs"][0]["at_chance"] is True
+
+
+def test_sigint_mid_run_exits_130_with_a_resumable_checkpoint(cohort, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "training", "train", str(cohort["manifest"]), "--cache", str(cohort["cache"]),
+            "--out", str(out), *TRAIN, "--max-steps", "200", "--val-every", "1000", "--lr", "1e-6"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out / "logs").is_dir() and any((out / "logs").iterdir()):
+            time.sleep(2.0)
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert len([line for line in stderr.splitlines() if "resume with --resume" in line and "SIGINT" in line]) == 1
+    assert "Traceback" not in stderr
+    assert 0 < int(dapt.read_lightning_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]) < 200
+    assert summary(out)["result"]["interrupted"] == "SIGINT"
