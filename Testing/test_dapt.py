@@ -182,7 +182,10 @@ def test_one_step_per_loss(tmp_path, pairs, loss):
     assert result.global_step == 1 and result.best_val_loss is not None and math.isfinite(result.best_val_loss)
     assert Path(result.best_checkpoint).is_file() and Path(result.resume_checkpoint).is_file()
     ensemble = json.loads(Path(result.ensemble_json).read_text(encoding="utf-8"))
-    assert [c["path"] for c in ensemble["checkpoints"]] == [c["path"] for c in result.top_k]
+    # Stored relative to ensemble.json's folder; FitResult gives them absolute.
+    folder = Path(result.ensemble_json).parent
+    assert not any(Path(c["path"]).is_absolute() for c in ensemble["checkpoints"])
+    assert [str((folder / c["path"]).resolve()) for c in ensemble["checkpoints"]] == [c["path"] for c in result.top_k]
 
 
 # ---------------------------------------------------------------------------------------------

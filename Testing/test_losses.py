@@ -284,3 +284,101 @@ def test_dlilp_without_any_text_is_the_label_term():
     got = losses.dlilp_loss(label_f, prototypes, LABELS, image_f, text_f, none, 3.0, 2.0)
     expected = _prototype_reference(label_f.numpy(), prototypes.numpy(), LABELS.numpy(), 3.0)
     assert float(got) == pytest.approx(expected, abs=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against an independent implementation and against finite differences
+# ---------------------------------------------------------------------------------------------
+def _random_unit(n: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("n,scale", [(2, 1.0), (8, 14.3), (16, 100.0)])
+def test_clip_loss_equals_open_clip_cliploss(n, scale):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    image, text = _random_unit(n, 32, 1), _random_unit(n, 32, 2)
+    reference = open_clip_loss.ClipLoss()(image, text, torch.tensor(scale, dtype=torch.float64))
+    assert float(losses.clip_loss(image, text, scale)) == pytest.approx(float(reference), rel=1e-12, abs=1e-12)
+
+
+def test_relaxed_clip_equals_clip_bit_for_bit_below_threshold():
+    # Positive cosines all below t = 0.5: eq. 3 is s/(2t) = s there, so nothing changes at all.
+    image = _random_unit(8, 64, 3, torch.float32)
+    text = _random_unit(8, 64, 4, torch.float32)
+    assert float((image * text).sum(1).max()) < 0.5
+    assert not bool(losses.relaxation_active((image * text).sum(1)).any())
+    assert torch.equal(losses.clip_loss(image, text, 20.0, relaxed=True), losses.clip_loss(image, text, 20.0))
+    # A positive pair above t switches the relaxation on and the loss changes.
+    text2 = text.clone()
+    text2[0] = 0.6 * image[0] + 0.8 * text[0]  # cosine about 0.6
+    text2[0] = text2[0] / text2[0].norm()
+    assert bool(losses.relaxation_active((image * text2).sum(1))[0])
+    assert not torch.equal(losses.clip_loss(image, text2, 20.0, relaxed=True), losses.clip_loss(image, text2, 20.0))
+
+
+def test_slip_with_relaxation_is_relaxed_clip_plus_ssl():
+    # Reference written from eqs. 3-8 with numpy loops, not with clip_loss.
+    n, scale, weight, tau = 4, 5.0, 1.0, 0.1
+    image, text = _random_unit(n, 6, 5), _random_unit(n, 6, 6)
+    text[1] = image[1] * 0.2 + text[1] * 0.1
+    text = text / text.norm(dim=1, keepdim=True)  # one positive cosine above t
+    s1, s2 = _random_unit(n, 6, 7), _random_unit(n, 6, 8)
+    sim = (image @ text.t()).numpy().copy()
+    assert sim[1, 1] >= 0.5
+    for i in range(n):
+        s = sim[i, i]
+        sim[i, i] = _sigmoid(10.0 * (s - 0.5)) if s >= 0.5 else (s / 1.0 if s >= 0 else s)
+    logits = scale * sim
+    i2t = -np.mean([logits[i, i] - np.log(np.exp(logits[i]).sum()) for i in range(n)])
+    t2i = -np.mean([logits[i, i] - np.log(np.exp(logits[:, i]).sum()) for i in range(n)])
+    expected = 0.5 * (i2t + t2i) + weight * _nt_xent_reference(s1.numpy(), s2.numpy(), tau)
+    got = losses.slip_loss(image, text, s1, s2, scale, ssl_weight=weight, ssl_temperature=tau, relaxed=True)
+    assert float(got) == pytest.approx(expected, abs=1e-10)
+    plain = losses.slip_loss(image, text, s1, s2, scale, ssl_weight=weight, ssl_temperature=tau)
+    assert float(plain) != pytest.approx(expected, abs=1e-6)
+
+
+def _gradcheck(fn, *tensors):
+    inputs = tuple(t.detach().clone().to(torch.float64).requires_grad_(True) for t in tensors)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _normed(*xs):
+    return [x / x.norm(dim=1, keepdim=True) for x in xs]
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_gradcheck_clip_and_relaxed(relaxed):
+    image, text = _random_unit(5, 8, 9), _random_unit(5, 8, 10)
+    text[0] = 0.9 * image[0] + 0.1 * text[0]  # one positive in the sigmoid piece
+
+    def fn(a, b, scale):
+        a, b = _normed(a, b)
+        return losses.clip_loss(a, b, scale, relaxed=relaxed)
+
+    _gradcheck(fn, image, text, torch.tensor(7.0))
+
+
+def test_gradcheck_nt_xent_and_slip():
+    a, b, c, d = (_random_unit(4, 6, s) for s in (11, 12, 13, 14))
+    _gradcheck(lambda x, y: losses.nt_xent_loss(*_normed(x, y), temperature=0.2), a, b)
+    _gradcheck(lambda w, t, x, y, s: losses.slip_loss(*_normed(w, t, x, y), s, relaxed=True), a, b, c, d, torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_gradcheck_uniclip(relaxed):
+    o, w, t = (_random_unit(3, 6, s) for s in (15, 16, 17))
+    _gradcheck(lambda x, y, z, s: losses.uniclip_loss(*_normed(x, y, z), s, relaxed=relaxed), o, w, t, torch.tensor(4.0))
+
+
+def test_gradcheck_unicl_prototype_unicl_and_dlilp():
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64)
+    image, text, label_f = (_random_unit(4, 6, s) for s in (18, 19, 20))
+    prototypes = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    has_text = torch.tensor([True, False, True, True])
+    _gradcheck(lambda x, y, s: losses.unicl_loss(*_normed(x, y), labels, s), image, text, torch.tensor(5.0))
+    _gradcheck(lambda x, p, s: losses.prototype_unicl_loss(*_normed(x), p, labels, s), image, prototypes, torch.tensor(5.0))
+    _gradcheck(lambda lf, p, x, y, s1, s2: losses.dlilp_loss(*_normed(lf), p, labels, *_normed(x, y), has_text, s1, s2),
+               label_f, prototypes, image, text, torch.tensor(5.0), torch.tensor(3.0))

@@ -154,7 +154,9 @@ def test_sweep_over_two_learning_rates(capsys, cohort, cache, tmp_path):
 def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
     out = tmp_path / "eval"
     # The best top-k checkpoint is also an ensemble member, so it is scored once for both rows.
-    members = [c["path"] for c in json.loads((trained / "ensemble.json").read_text(encoding="utf-8"))["checkpoints"]]
+    # ensemble.json stores paths relative to its own folder.
+    members = [str((trained / c["path"]).resolve())
+               for c in json.loads((trained / "ensemble.json").read_text(encoding="utf-8"))["checkpoints"]]
     best = members[0]
     code, stdout, _ = run(capsys, "evaluate", cohort["manifest"], "--out", out, *ENGINE, "--retrieval", "clip",
                           "--models", "tiny-random", "--models", f"dapt:{best}", "--ensemble", trained / "ensemble.json",

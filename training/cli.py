@@ -236,24 +236,34 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--relax-slope", type=float, default=d.relax_slope, help="alpha of eq. 3 (10)")
     g.add_argument("--dlilp-text-weight", type=float, default=d.dlilp_text_weight, help="lambda of DLILP (0.1)")
     g.add_argument("--classes", help="comma-separated label classes for unicl/dlilp (default: ild, no ild, subtypes, label_* columns)")
-    g.add_argument("--text", dest="text_choice", default=d.text_choice, choices=reports.TEXT_CHOICES,
-                   help="report part to train on (full = whole text, e.g. captions)")
-    g.add_argument("--sentences", type=int, default=d.sentences_per_sample,
-                   help="sentences sampled per report and step (paper 001: 3; 0 = whole text)")
-    g.add_argument("--no-augment", action="store_true", help="no weak augmentation of the CLIP/UniCL/DLILP image")
+    g.add_argument("--recipe", default=dapt.DEFAULT_RECIPE, choices=tuple(dapt.RECIPES),
+                   help="paper000 (default): impression, whole text; paper001: findings+impression, 3 sampled sentences")
+    g.add_argument("--text", dest="text_choice", default=None, choices=reports.TEXT_CHOICES,
+                   help="report part to train on (default: the recipe's; full = whole text, e.g. captions)")
+    g.add_argument("--sentences", type=int, default=None,
+                   help="sentences sampled per report and step (default: the recipe's; 0 = whole text)")
+    g.add_argument("--no-augment", action="store_true", help="no weak (geometric) augmentation of the CLIP/UniCL/DLILP image")
+    g.add_argument("--intensity-augment", action="store_true",
+                   help="add brightness/contrast 0.5-2 to augmented views (changes HU-window density; off by default)")
     g = p.add_argument_group("optimisation (defaults: paper 000 / 001)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per device and step")
     g.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     g.add_argument("--optimizer", default=d.optimizer, choices=dapt.OPTIMIZERS)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--max-epochs", type=int, default=d.max_epochs)
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="-1 = no limit")
+    g.add_argument("--max-epochs", type=int, default=None,
+                   help=f"epoch limit (default: none with --max-steps, else {dapt.DEFAULT_MAX_EPOCHS}); the earlier limit wins")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer-step limit (-1 = none)")
     g.add_argument("--grad-clip", type=float, default=d.gradient_clip_norm, help="max gradient norm (0 = off)")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="patients held out when the manifest has no split")
     g.add_argument("--val-every", type=int, default=d.val_every_steps, help="validate and checkpoint every N steps")
     g.add_argument("--patience", type=int, default=d.patience_steps, help="early-stopping patience in steps")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="checkpoints kept (and ensembled) by validation loss")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="checkpoints kept (and ensembled) by the monitor")
+    g.add_argument("--monitor", default=d.monitor, choices=tuple(dapt.MONITORS),
+                   help="checkpoint, early-stopping and sweep criterion: val_loss (paper 000) or val_auroc "
+                   "(zero-shot AUROC on the validation labels)")
+    g.add_argument("--logger", default=d.logger, choices=dapt.LOGGERS,
+                   help="metrics.csv is always written; tensorboard / mlflow add their logs (if installed)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("hardware")
     g.add_argument("--accelerator", default=d.accelerator, help="auto | cpu | gpu")
@@ -275,10 +285,25 @@ def _devices(text: str):
         raise InputError(f"--devices {text!r}: give a count, 'auto' or a list of ids such as 0,1") from None
 
 
+def _apply_recipe(args) -> None:
+    """Fill --text / --sentences left unset from --recipe (train and sweep)."""
+    from . import dapt
+
+    if getattr(args, "recipe", None) is None:
+        return
+    recipe = dapt.recipe_config(args.recipe)
+    if args.text_choice is None:
+        args.text_choice = recipe["text_choice"]
+    if args.sentences is None:
+        args.sentences = recipe["sentences_per_sample"]
+
+
 def _config_from_args(args, out: str, class_names: tuple, montage_settings: AnalysisSettings):
     from . import dapt
 
-    return dapt.DaptConfig(
+    _apply_recipe(args)
+    return dapt.DaptConfig(recipe=args.recipe, intensity_augment=args.intensity_augment, monitor=args.monitor,
+                           logger=args.logger,
         output_dir=out, model=args.model, checkpoint=args.checkpoint, weights_dir=args.weights_dir, loss=args.loss,
         relaxed_positives=args.relaxed_positives, relax_threshold=args.relax_threshold, relax_slope=args.relax_slope,
         dlilp_text_weight=args.dlilp_text_weight, class_names=class_names, text_choice=args.text_choice,
@@ -298,12 +323,17 @@ def _training_inputs(args):
     needs_labels = args.loss in ("unicl", "dlilp")
     records = _read_manifest(args.manifest)
     if not needs_labels:  # image-only rows (e.g. negatives without text) are for evaluation, not for text losses
+        def kept(r):
+            # Labelled validation images without text stay: they feed the zero-shot AUROC (dapt).
+            return r.report_text is not None or r.report_path is not None or (r.split == "val" and r.ild is not None)
+
         texted = [r for r in records if r.report_text is not None or r.report_path is not None]
         if not texted:
             raise InputError(f"no row of {args.manifest} has report_text or report_path: loss {args.loss} trains on text")
-        if len(texted) < len(records):
-            log.warning("%d of %d rows have no report and are left out of training", len(records) - len(texted), len(records))
-        records = texted
+        used = [r for r in records if kept(r)]
+        if len(used) < len(records):
+            log.warning("%d of %d rows have no report and are left out of training", len(records) - len(used), len(records))
+        records = used
     classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else ()
     if needs_labels and not classes:
         classes = default_class_names(records)
@@ -314,12 +344,26 @@ def _training_inputs(args):
 def _print_fit(result, label: str = "") -> None:
     head = f"{label}: " if label else ""
     if result.best_checkpoint:
-        print(f"{head}best val loss {result.best_val_loss:.4f} after {result.global_step} steps"
+        score = f"best {result.monitor} {result.best_score:.4f}" if result.best_score is not None else "best checkpoint"
+        if result.monitor != "val_loss" and result.best_val_loss is not None:
+            score += f" (val loss {result.best_val_loss:.4f})"
+        print(f"{head}{score} after {result.global_step} steps"
               f"{' (stopped early)' if result.stopped_early else ''}: {result.best_checkpoint}")
     else:
         print(f"{head}{result.global_step} steps, no checkpoint scored")
+    if result.limited_by:
+        print(f"{head}length set by {result.limited_by.replace('_', '-')}")
+    last = (result.health or {}).get("last") or {}
+    if last:
+        parts = [f"{k[4:]} {v:.3f}" for k, v in last.items() if k != "val_loss"]
+        print(f"{head}last validation: " + ", ".join(parts))
+    if result.relaxation and result.relaxation.get("pair_fraction") is not None:
+        r = result.relaxation
+        print(f"{head}relaxation active for {r['pair_fraction']:.1%} of positive pairs "
+              f"({r['step_fraction']:.1%} of steps)")
     if result.ensemble_json:
         print(f"{head}top-{len(result.top_k)} ensemble: {result.ensemble_json}")
+    # A collapsed / at-chance verdict was already logged by dapt.fit as one warning line.
 
 
 def _cmd_train(args) -> int:
@@ -327,7 +371,11 @@ def _cmd_train(args) -> int:
 
     pairs, classes, settings = _training_inputs(args)
     config = _config_from_args(args, args.out, classes, settings)
-    result = dapt.fit(config, pairs, resume=args.resume)
+    try:
+        result = dapt.fit(config, pairs, resume=args.resume)
+    except dapt.RunInterrupted as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
     if result.summary_json:  # rank 0 only
         _print_fit(result)
     return 0
@@ -339,7 +387,11 @@ def _cmd_sweep(args) -> int:
     pairs, classes, settings = _training_inputs(args)
     config = _config_from_args(args, args.out, classes, settings)
     rates = _csv_list(args.lrs, float, what="--lrs") or dapt.default_learning_rates()
-    result = dapt.sweep(config, pairs, learning_rates=rates, resume=args.resume)
+    try:
+        result = dapt.sweep(config, pairs, learning_rates=rates, resume=args.resume)
+    except dapt.RunInterrupted as exc:
+        print(f"{PROG}: {exc} (the sweep continues with --resume)", file=sys.stderr)
+        return exc.exit_code
     for rate, run in result.runs.items():
         _print_fit(run, f"lr {rate:.2e}")
     if result.best_learning_rate is not None:
@@ -1129,7 +1181,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
     p.add_argument("-n", "--rows", type=int, default=3, help="reports shown (default 3; counts cover every row)")
+    _add_config_args(parser)
     return parser
+
+
+#: Options every command takes from the top-level parser; never settings of a run.
+_CONFIG_EXCLUDED = {"command", "action", "config", "print_config", "help"}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and --print-config on every (sub)command parser that runs something."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument("--config", metavar="FILE",
+                            help="YAML file of this command's settings (keys as printed by --print-config); "
+                            "flags on the command line win")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the effective settings as YAML (usable as --config) and exit")
+        return
+    for sub in subs:
+        for child in sub.choices.values():
+            _add_config_args(child)
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple:
+    """(sub-parser, its name) of the command named in argv, or (None, "") if none is."""
+    chosen, names = parser, []
+    for token in argv:
+        subs = [a for a in chosen._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        if token in subs[0].choices:
+            chosen = subs[0].choices[token]
+            names.append(token)
+    return (chosen, " ".join(names)) if names else (None, "")
+
+
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _settings_keys(command: argparse.ArgumentParser) -> dict:
+    """key -> action for every setting of a command: its dest and its long option without dashes."""
+    keys: dict = {}
+    for action in command._actions:
+        if action.dest in _CONFIG_EXCLUDED or isinstance(action, argparse._HelpAction):
+            continue
+        keys[action.dest] = action
+        for option in action.option_strings:
+            if option.startswith("--"):
+                keys.setdefault(option[2:], action)
+                keys.setdefault(option[2:].replace("-", "_"), action)
+    return keys
+
+
+def _load_config(path: str, command: argparse.ArgumentParser, name: str) -> dict:
+    """dest -> value from a YAML file; unknown keys are refused in one line."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"--config {file.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--config {file.name} must be a mapping of settings (key: value), not {type(data).__name__}")
+    keys = _settings_keys(command)
+    unknown = sorted(str(k) for k in data if str(k) not in keys)
+    if unknown:
+        raise InputError(f"--config {file.name}: unknown settings for `{name}`: {', '.join(unknown)} "
+                         f"(see `{PROG} {name} --print-config`)")
+    return {keys[str(k)].dest: v for k, v in data.items()}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    """Parse argv; a --config file's values become the command's defaults first (argv wins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_path(argv)
+    command, name = _command_parser(parser, argv)
+    if path and command is not None:
+        values = _load_config(path, command, name)
+        for action in command._actions:
+            if action.dest in values:
+                # A value from the file satisfies a required option or positional.
+                action.required = False
+                if not action.option_strings:
+                    action.nargs = "?"
+                action.default = values[action.dest]
+        command.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _print_config(args) -> int:
+    import yaml
+
+    if args.command in ("train", "sweep"):
+        _apply_recipe(args)
+    settings = {k: v for k, v in vars(args).items() if k not in _CONFIG_EXCLUDED}
+    print(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True), end="")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1139,7 +1296,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InputError as exc:  # e.g. the optional training dependencies are missing
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if getattr(args, "print_config", False):
+        return _print_config(args)
     progress = TqdmProgress(enabled=not args.quiet)
     try:
         if args.command == "split":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import csv
 import json
 import sys
@@ -137,7 +138,7 @@ def score_images(model: str, scans: Sequence[tuple], prompts: Sequence[str], *, 
 
 def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int = 32, learning_rate: float = 1e-4,
         prompts: Sequence[str] = DEFAULT_PROMPTS, seed: int = 0, max_test_images: Optional[int] = None,
-        compare_base: bool = False, progress: bool = True) -> dict:
+        compare_base: bool = False, progress: bool = True, monitor: str = "val_loss") -> dict:
     """Split, preprocess, DAPT, zero-shot test; returns the aggregate results (also ``results.json``)."""
     from . import dapt, preprocess
     from .data import pairs_from_manifest
@@ -147,6 +148,9 @@ def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int
     out_dir.mkdir(parents=True, exist_ok=True)
     records = split_by_patient(read_covid_ct(data), val_fraction=0.1, test_fraction=0.3, seed=seed)
     train_val = [r for r in records if r.split in ("train", "val") and r.report_text]
+    # Validation images without a caption (all non-COVID) feed the zero-shot AUROC logged at every
+    # validation (and --monitor val_auroc); the loss uses the captioned pairs only.
+    train_val += [r for r in records if r.split == "val" and not r.report_text]
     test = [r for r in records if r.split == "test"]
     held_out = (len(test), len({r.patient_key for r in test}))
     if max_test_images and len(test) > max_test_images:
@@ -160,11 +164,14 @@ def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int
     settings = AnalysisSettings(model=base_model, retrieval="random", seed=seed, device="cpu").validate()
     summary = preprocess.preprocess(train_val, out_dir / "montages", settings, workers=1)
     montages = preprocess.finished_montages(train_val, out_dir / "montages", settings)
-    pairs = pairs_from_manifest([r for r in train_val if r.scan_id in montages], montages, class_names=())
+    kept = [r for r in train_val if r.scan_id in montages]
+    pairs = [dataclasses.replace(p, ild=int(r.labels["covid"]))
+             for r, p in zip(kept, pairs_from_manifest(kept, montages, class_names=()))]
     train = [p for p in pairs if p.split == "train"]
     val = [p for p in pairs if p.split == "val"]
     config = dapt.DaptConfig(output_dir=str(out_dir / "dapt"), model=base_model, loss="clip", text_choice="full",
-                             sentences_per_sample=3, batch_size=batch_size, learning_rate=learning_rate,
+                             sentences_per_sample=3, monitor=monitor,
+                             montage_settings=dataclasses.replace(settings, prompts=[prompts[0]]).to_dict(), batch_size=batch_size, learning_rate=learning_rate,
                              warmup_steps=min(20, max_steps // 5), max_steps=max_steps, max_epochs=1000,
                              val_every_steps=max(25, max_steps // 3), top_k=1, accelerator="cpu", precision="32-true",
                              num_workers=0, seed=seed, progress_bar=progress)
@@ -178,12 +185,17 @@ def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int
         models["base (before DAPT)"] = base_model
     models["DAPT on COVID-CT captions"] = f"dapt:{trained}"
     scans = image_scans(test, settings)
-    results = {"data": {"images": len(records), "captioned_train_pairs": len(train), "val_pairs": len(val),
+    results = {"data": {"images": len(records), "captioned_train_pairs": len(train),
+                        "val_pairs": sum(1 for p in val if p.report), "val_images_auroc_only": sum(1 for p in val if not p.report),
                         "test_images_held_out": held_out[0], "test_patients_held_out": held_out[1],
                         "test_images_scored": len(test), "test_covid": int(y.sum()),
                         "test_patients": len({r.patient_key for r in test}),
                         "preprocess_failed": len(summary.failed)},
                "dapt": {"steps": fit.global_step, "best_val_loss": fit.best_val_loss, "loss": config.loss,
+                        "monitor": monitor, "best_score": fit.best_score,
+                        "collapsed": fit.health.get("collapsed"), "at_chance": fit.health.get("at_chance"),
+                        "initial_val": fit.health.get("initial"), "last_val": fit.health.get("last"),
+                        "warning": fit.health.get("warning"),
                         "batch_size": batch_size, "learning_rate": learning_rate, "base_model": base_model},
                "auroc": {}}
     for name, model in models.items():
@@ -281,6 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-test-images", type=int, help="score a seeded, class-balanced draw of this many test images")
     p.add_argument("--compare-base", action="store_true", help="also score the base model before DAPT")
+    p.add_argument("--monitor", default="val_loss", choices=("val_loss", "val_auroc"),
+                   help="checkpoint criterion (val_auroc: zero-shot AUROC of the validation images, first prompt)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.write_manifest:
@@ -290,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run(args.data, args.out, base_model=args.base_model, max_steps=args.steps, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, max_test_images=args.max_test_images,
-                      compare_base=args.compare_base, progress=not args.quiet)
+                      compare_base=args.compare_base, progress=not args.quiet, monitor=args.monitor)
     except InputError as exc:
         print(f"covid: error: {exc}", file=sys.stderr)
         return 2

@@ -3,12 +3,21 @@
 Lightning supplies the loop, checkpointing, early stopping, precision, devices and nodes; this
 module says only what is specific to the method: which loss, which views, which text.
 
-Paper 000's recipe is the default: 10 % of patients held out for validation, validation and a
-checkpoint every 100 steps, early stopping after 1,000 steps without improvement, the five best
-checkpoints by validation loss kept (for ensembles), at most 10 epochs, and a sweep over five
-learning rates in [1e-5, 1e-3] picking the best by validation loss. Paper 001 supplies sentence
-sampling (n = 3), the relaxed positive-pair similarity, SLIP and UniCLIP; paper 002 UniCL and
-DLILP.
+Paper 000's recipe is the default (``recipe="paper000"``): the impression section, whole text,
+10 % of patients held out for validation, validation and a checkpoint every 100 steps, early
+stopping after 1,000 steps without improvement, the five best checkpoints by validation loss
+kept (for ensembles), at most 10 epochs, and a sweep over five learning rates in [1e-5, 1e-3]
+picking the best by validation loss. ``recipe="paper001"`` trains on findings+impression with
+n = 3 sentences sampled per step (paper 001's sentence sampling); paper 001 also supplies the
+relaxed positive-pair similarity, SLIP and UniCLIP; paper 002 UniCL and DLILP. Augmentation is
+geometric only unless ``intensity_augment`` is set: brightness/contrast change HU-window density.
+
+Every validation logs, besides ``val_loss``, the loss's chance level (``val_chance``: the loss
+with every logit equal), the zero-shot AUROC of the validation labels with the run's own prompt
+(``val_auroc``, when the manifest has ILD labels of both classes), the spread of the image
+embeddings (``val_mean_cosine``, ``val_effective_rank``) and image->text retrieval
+(``val_recall_at_1``/``_5``). A run whose embeddings collapse or whose loss stays at chance says
+so (``FitResult.health``, a warning, the summary).
 
 Output folder of :func:`fit`::
 
@@ -18,7 +27,8 @@ Output folder of :func:`fit`::
     best.safetensors                                     copy of the best top-k checkpoint
     ensemble.json                                        top-k paths, best first, for averaging
     dapt_summary.json                                    settings, split sizes, losses, steps
-    logs/version_*/metrics.csv                           loss curves
+    logs/metrics.csv                                     loss and health curves (one folder per run,
+                                                         appended to on resume; --logger adds others)
 
 Every ``.safetensors`` file is written by ``ZeroShotILDLib.models.save_checkpoint`` (architecture,
 preprocessing and these training settings in its metadata, no pickled objects), so the engine
@@ -27,11 +37,13 @@ prototypes beside each checkpoint as ``<name>.labelhead.safetensors`` (:func:`lo
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +79,21 @@ LOSS_VIEWS = {
     "slip": ("weak", "strong1", "strong2"), "uniclip": ("original", "weak"),
 }
 LOGIT_SCALE_MAX = math.log(100.0)
+#: Text and sentence sampling of the two papers' recipes; paper 000's is the default.
+RECIPES = {"paper000": {"text_choice": "impression", "sentences_per_sample": 0},
+           "paper001": {"text_choice": "findings+impression", "sentences_per_sample": 3}}
+DEFAULT_RECIPE = "paper000"
+#: Paper 000's epoch limit, used only when neither max_epochs nor max_steps is given.
+DEFAULT_MAX_EPOCHS = 10
+#: Checkpoint / early-stopping / sweep criteria and their direction.
+MONITORS = {"val_loss": "min", "val_auroc": "max"}
+LOGGERS = ("csv", "tensorboard", "mlflow")
+#: Mean pairwise cosine of the validation image embeddings at or above which a run is "collapsed".
+COLLAPSE_COSINE = 0.95
+#: ... and the spread 1 - cosine at most this share of the base model's.
+COLLAPSE_SPREAD_RATIO = 0.25
+#: A best validation loss within this fraction of the chance level counts as "at chance".
+CHANCE_MARGIN = 0.02
 LABEL_HEAD_SUFFIX = ".labelhead.safetensors"
 _LABEL_HEAD_KEY = "zeroshot_ild_label_head"
 
@@ -91,22 +118,32 @@ class DaptConfig:
         dlilp_text_weight : lambda of DLILP's image-text term (0.1).
         class_names : label classes in the order of ``PairRecord.labels``.
     Text and images
-        text_choice : report part, see ``reports.TEXT_CHOICES`` (``findings+impression``).
-        sentences_per_sample : n sentences sampled per step (3); 0 = the whole text.
-        augment : weak augmentation of the CLIP/UniCL/DLILP image (paper 001 trains CLIP on WA).
+        recipe : ``paper000`` (default) or ``paper001``: where text_choice and
+            sentences_per_sample came from (see :data:`RECIPES`; :func:`recipe_config` applies it).
+        text_choice : report part, see ``reports.TEXT_CHOICES`` (``impression``, paper 000).
+        sentences_per_sample : n sentences sampled per step (0 = the whole text, paper 000;
+            paper 001: 3). Validation always uses the whole text, unaugmented images.
+        augment : weak geometric augmentation of the CLIP/UniCL/DLILP image (paper 001's WA).
+        intensity_augment : add brightness/contrast 0.5-2 to augmented views (off: it changes
+            the HU-window density that separates ground glass from fibrosis).
     Optimisation
         batch_size : samples per device and step; the loss sees batch_size x devices x nodes.
         learning_rate : peak learning rate after warm-up (1e-4).
         optimizer : ``adamw`` or ``adam``; weight_decay (0.1) applies to matrices only.
         warmup_steps : linear warm-up (100 optimizer steps), then cosine decay to 0 at the end.
-        max_epochs (10), max_steps (-1 = no limit): whichever ends training first.
+        max_epochs (None), max_steps (-1 = none): whichever ends training first; with neither
+            given, paper 000's 10 epochs; an explicit max_steps alone is never cut by epochs.
         gradient_clip_norm : max global L2 norm of the gradients (1.0; None = off).
         logit_scale_max : clamp of log(1/tau) after every step (ln 100).
     Validation and checkpoints
         val_fraction : share of patients held out when the records carry no split (0.1).
         val_every_steps : validation and checkpoint interval, optimizer steps (100).
         patience_steps : stop after this many steps without a better validation loss (1000).
-        top_k : checkpoints kept by validation loss (5).
+        top_k : checkpoints kept by the monitor (5).
+        monitor : ``val_loss`` (paper 000) or ``val_auroc`` (zero-shot AUROC on validation
+            labels): ranks checkpoints, drives early stopping and the sweep.
+        collapse_cosine, chance_margin : thresholds of the health verdict (0.95, 0.02).
+        logger : ``csv`` (always written), ``tensorboard`` or ``mlflow`` in addition.
     Hardware
         accelerator (``auto``/``cpu``/``gpu``), devices (per node), num_nodes, strategy
         (``auto`` = DDP when more than one process), precision (``auto`` = bf16-mixed on GPUs
@@ -133,15 +170,17 @@ class DaptConfig:
     ssl_temperature: float = 0.1
     dlilp_text_weight: float = 0.1
     class_names: tuple = ()
-    text_choice: str = "findings+impression"
-    sentences_per_sample: int = 3
+    recipe: str = DEFAULT_RECIPE
+    text_choice: str = RECIPES[DEFAULT_RECIPE]["text_choice"]
+    sentences_per_sample: int = RECIPES[DEFAULT_RECIPE]["sentences_per_sample"]
     augment: bool = True
+    intensity_augment: bool = False
     batch_size: int = 64
     learning_rate: float = 1e-4
     optimizer: str = "adamw"
     weight_decay: float = 0.1
     warmup_steps: int = 100
-    max_epochs: int = 10
+    max_epochs: Optional[int] = None
     max_steps: int = -1
     gradient_clip_norm: Optional[float] = 1.0
     logit_scale_max: float = LOGIT_SCALE_MAX
@@ -149,6 +188,10 @@ class DaptConfig:
     val_every_steps: int = 100
     patience_steps: int = 1000
     top_k: int = 5
+    monitor: str = "val_loss"
+    collapse_cosine: float = COLLAPSE_COSINE
+    chance_margin: float = CHANCE_MARGIN
+    logger: str = "csv"
     accelerator: str = "auto"
     devices: Union[int, str] = 1
     num_nodes: int = 1
@@ -168,9 +211,17 @@ class DaptConfig:
             raise InputError(f"unknown optimizer {self.optimizer!r}: use adamw or adam")
         if self.loss in ("unicl", "dlilp") and not self.class_names:
             raise InputError(f"loss {self.loss} needs labels: give class names (label columns in the manifest)")
-        for name in ("batch_size", "val_every_steps", "top_k", "max_epochs", "num_nodes"):
+        for name in ("batch_size", "val_every_steps", "top_k", "num_nodes"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_epochs is not None and int(self.max_epochs) < 1:
+            raise InputError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if self.recipe not in RECIPES:
+            raise InputError(f"unknown recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
+        if self.monitor not in MONITORS:
+            raise InputError(f"unknown monitor {self.monitor!r}: use one of {', '.join(MONITORS)}")
+        if self.logger not in LOGGERS:
+            raise InputError(f"unknown logger {self.logger!r}: use one of {', '.join(LOGGERS)}")
         if self.learning_rate <= 0:
             raise InputError(f"learning rate must be positive, got {self.learning_rate}")
         if not 0.0 < self.relax_threshold < 1.0:
@@ -211,6 +262,17 @@ class FitResult:
     train_samples: int = 0
     val_samples: int = 0
     summary_json: Optional[str] = None
+    #: The checkpoint criterion and the best checkpoint's value of it.
+    monitor: str = "val_loss"
+    best_score: Optional[float] = None
+    #: Which limit ends the run ("max_steps", "max_epochs", "max_epochs (default)").
+    limited_by: Optional[str] = None
+    #: Collapse / chance verdict and the last validation's health metrics (:func:`health_verdict`).
+    health: dict = field(default_factory=dict)
+    #: Relaxed losses: how often eq. 3 changed a positive pair (None for other losses).
+    relaxation: Optional[dict] = None
+    #: Set when SIGTERM/SIGINT stopped the run: the signal's name; the run resumes with resume=True.
+    interrupted: Optional[str] = None
 
 
 @dataclass
@@ -328,6 +390,12 @@ class DaptModule(L.LightningModule):
                 prototypes = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
             self.label_head = LabelHead(prototypes.shape[1], config.class_names, prototypes,
                                         logit_scale=float(self.clip.logit_scale.detach()))
+        self._val_store: list = []
+        #: Health metrics of every validation, ``(global_step, {name: value})``; the first is the
+        #: base model's (Lightning's sanity validation before any step).
+        self.health_history: list = []
+        #: Positive pairs (and steps) where eq. 3 changed the similarity, over all training steps.
+        self.relax_counts = {"pairs_active": 0, "pairs": 0, "steps_active": 0, "steps": 0}
 
     # -- features --------------------------------------------------------------------------
     def normalize(self, pixels01: torch.Tensor) -> torch.Tensor:
@@ -353,6 +421,43 @@ class DaptModule(L.LightningModule):
         with torch.autocast(device_type=raw.device.type, enabled=False):
             return self._loss_from_features(dict(zip(names, raw.split(local, dim=0))), raw_text, batch)
 
+    @property
+    def _relaxes(self) -> bool:
+        cfg = self.config
+        return cfg.loss == "relaxed" or (cfg.relaxed_positives and cfg.loss in ("clip", "slip", "uniclip"))
+
+    def _count_relaxation(self, image: dict, text: torch.Tensor) -> None:
+        """Count the positive image-text pairs at or above t (where eq. 3 is not the identity)."""
+        if not (self._relaxes and self.training):
+            return
+        cosines = torch.cat([(image[n] * text).sum(dim=1) for n in image if n in ("weak", "original")])
+        active = int(losses.relaxation_active(cosines.detach(), threshold=self.config.relax_threshold).sum())
+        counts = self.relax_counts
+        counts["pairs_active"] += active
+        counts["pairs"] += int(cosines.numel())
+        counts["steps_active"] += int(active > 0)
+        counts["steps"] += 1
+
+    def chance_loss(self, n: int, labels: Optional[torch.Tensor] = None, has_text: Optional[torch.Tensor] = None) -> float:
+        """The loss when every logit is equal (an encoder that tells nothing apart), for n samples.
+
+        CLIP/relaxed/UniCL: ln n; SLIP: ln n + w ln(2n - 1); UniCLIP: ln(3n - 2); DLILP: its two
+        terms with uniform logits (from the classes present and the samples with text).
+        """
+        cfg = self.config
+        if n < 1:
+            return float("nan")
+        if cfg.loss in ("clip", "relaxed", "unicl"):
+            return math.log(n)
+        if cfg.loss == "slip":
+            return math.log(n) + cfg.ssl_weight * math.log(max(1, 2 * n - 1))
+        if cfg.loss == "uniclip":
+            return math.log(3 * n - 2)
+        text = int(has_text.sum()) if has_text is not None else n
+        label_term = float(losses.prototype_unicl_loss(torch.ones(n, 1), torch.ones(labels.shape[1], 1),
+                                                       labels.detach().cpu().float(), 0.0))
+        return label_term + cfg.dlilp_text_weight * (math.log(text) if text > 0 else 0.0)
+
     def _loss_from_features(self, raw_views: dict, raw_text: torch.Tensor, batch: dict) -> tuple:
         cfg = self.config
         names = list(cfg.views)
@@ -368,6 +473,28 @@ class DaptModule(L.LightningModule):
         scale = self.clip.logit_scale.float().exp()
         relax = dict(threshold=cfg.relax_threshold, slope=cfg.relax_slope)
         first = image[names[0]]
+        self._count_relaxation(image, text)
+        labels = has_text = None
+        if cfg.loss in ("unicl", "dlilp"):
+            labels = all_gather_no_grad(batch["labels"].float())[valid]
+        if cfg.loss == "dlilp" or not self.training:
+            has_text = all_gather_no_grad(batch["has_text"].bool())[valid]
+        if not self.training:
+            entry = {"image": first.detach(), "ild": all_gather_no_grad(batch["ild"].long())[valid]}
+            if cfg.loss != "dlilp":
+                # Validation pairs without text (labelled images kept for the zero-shot AUROC)
+                # take no part in a loss that needs text.
+                image = {n: v[has_text] for n, v in image.items()}
+                text = text[has_text]
+                labels = labels[has_text] if labels is not None else None
+                first = image[names[0]]
+            entry.update(paired_image=first.detach(), text=text[has_text].detach() if cfg.loss == "dlilp" else text.detach())
+            if cfg.loss == "dlilp":
+                entry["paired_image"] = entry["image"][has_text]
+            self._val_store.append(entry)
+        self._chance = self.chance_loss(int(first.shape[0]), labels, has_text if cfg.loss == "dlilp" else None)
+        if first.shape[0] == 0:
+            return None, 0
         if cfg.loss in ("clip", "relaxed"):
             loss = losses.clip_loss(first, text, scale, relaxed=cfg.loss == "relaxed" or cfg.relaxed_positives, **relax)
         elif cfg.loss == "slip":
@@ -377,11 +504,8 @@ class DaptModule(L.LightningModule):
         elif cfg.loss == "uniclip":
             loss = losses.uniclip_loss(image["original"], image["weak"], text, scale, relaxed=cfg.relaxed_positives, **relax)
         elif cfg.loss == "unicl":
-            labels = all_gather_no_grad(batch["labels"].float())[valid]
             loss = losses.unicl_loss(first, text, labels, scale)
         else:  # dlilp
-            labels = all_gather_no_grad(batch["labels"].float())[valid]
-            has_text = all_gather_no_grad(batch["has_text"].bool())[valid]
             label_features = gather(self.label_head(raw_views[names[0]]))
             loss = losses.dlilp_loss(label_features, self.label_head.prototypes, labels, first, text, has_text,
                                      self.label_head.logit_scale.exp(), scale, text_weight=cfg.dlilp_text_weight)
@@ -392,13 +516,72 @@ class DaptModule(L.LightningModule):
         # Every rank holds the same global loss, so no cross-rank reduction is needed.
         self.log("train_loss", loss, batch_size=size, on_step=True, on_epoch=False, prog_bar=True)
         self.log("logit_scale", self.clip.logit_scale.detach().exp(), batch_size=size, on_step=True, on_epoch=False)
+        self.log("train_chance", self._chance, batch_size=size, on_step=True, on_epoch=False)
+        if self._relaxes:
+            c = self.relax_counts
+            self.log("relax_active_fraction", c["pairs_active"] / max(1, c["pairs"]), batch_size=size,
+                     on_step=True, on_epoch=False)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_store = []
 
     def validation_step(self, batch, batch_idx):
         loss, size = self.compute_loss(batch)
+        if size == 0:  # a batch of text-less (AUROC-only) pairs
+            return None
+        self._val_store[-1].update(loss=float(loss) * size, chance=self._chance * size, size=size)
         # Identical on every rank already; sync_dist only keeps Lightning's bookkeeping uniform.
         self.log("val_loss", loss, batch_size=size, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val_chance", self._chance, batch_size=size, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def _prompt_pair(self) -> tuple:
+        from ZeroShotILDLib.settings import AnalysisSettings
+
+        settings = AnalysisSettings.from_dict(self.config.montage_settings) if self.config.montage_settings else AnalysisSettings()
+        return settings.prompts[0], settings.negative_for(0)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_store:
+            return
+        store = self._val_store
+        self._val_store = []
+        image = torch.cat([s["image"] for s in store]).float()
+        ild = torch.cat([s["ild"] for s in store]).cpu().numpy()
+        count = sum(s.get("size", 0) for s in store)
+        losses_seen = {"val_loss": sum(s.get("loss", 0.0) for s in store) / count,
+                       "val_chance": sum(s.get("chance", 0.0) for s in store) / count} if count else {}
+        metrics = embedding_health(image, torch.cat([s["text"] for s in store]).float(),
+                                   torch.cat([s["paired_image"] for s in store]).float())
+        known = ild >= 0
+        if known.any() and len(set(ild[known].tolist())) == 2:
+            from .metrics import roc_auc
+
+            positive, negative = self._prompt_pair()
+            with torch.no_grad():
+                tokens = self.tokenizer([positive, negative]).to(image.device)
+                prompts = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+            # The engine's softmax over (prompt, negative) is monotone in this difference.
+            score = (image @ prompts[0] - image @ prompts[1]).cpu().numpy()
+            metrics["val_auroc"] = roc_auc(ild[known], score[known])
+        step = int(self.trainer.global_step) if self._trainer is not None else 0
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if sanity and step > 0:
+            return  # a resumed run's sanity pass repeats the last validation
+        self.health_history.append((step, {**metrics, **losses_seen}))
+        if not sanity:
+            for name, value in metrics.items():
+                self.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zeroshot_ild_dapt"] = {"relax_counts": dict(self.relax_counts),
+                                           "health_history": [[s, dict(m)] for s, m in self.health_history]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("zeroshot_ild_dapt") or {}
+        self.relax_counts.update({k: int(v) for k, v in (saved.get("relax_counts") or {}).items()})
+        self.health_history = [(int(s), {k: float(v) for k, v in m.items()}) for s, m in saved.get("health_history") or []]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # CLIP's recipe: keep 1/tau <= 100 after every update.
@@ -446,6 +629,71 @@ class DaptModule(L.LightningModule):
         return path
 
 
+def embedding_health(image: torch.Tensor, text: torch.Tensor, paired_image: Optional[torch.Tensor] = None) -> dict:
+    """Spread of L2-normalised image embeddings (N, D) and image->text retrieval of the pairs
+    ``paired_image`` (default ``image``) / ``text``, row i of each paired.
+
+    ``val_mean_cosine``: mean cosine over all pairs of different images (1 = every image maps to
+    one point). ``val_effective_rank``: exp of the entropy of the normalised singular values
+    (Roy & Vetterli 2007; 1 = one direction, up to min(N, D)). ``val_recall_at_k``: share of
+    images whose own text is among the k most similar texts (chance k/N), for k < N.
+    """
+    image = image.double()
+    n = image.shape[0]
+    out: dict = {}
+    if n >= 2:
+        gram = image @ image.t()
+        out["val_mean_cosine"] = float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+    singular = torch.linalg.svdvals(image)
+    p = singular / singular.sum().clamp_min(1e-12)
+    p = p[p > 0]
+    out["val_effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
+    paired = (image if paired_image is None else paired_image.double())
+    similarity = paired @ text.double().t()
+    rank = (similarity > similarity.diagonal()[:, None]).sum(dim=1)
+    for k in (1, 5):
+        if k < paired.shape[0]:
+            out[f"val_recall_at_{k}"] = float((rank < k).double().mean())
+    return out
+
+
+def health_verdict(history: Sequence, config: DaptConfig) -> dict:
+    """Whether a run collapsed or stayed at chance, from its validations' health metrics.
+
+    ``collapsed``: the last validation's mean pairwise image cosine is at least
+    ``config.collapse_cosine`` and, when the base model was measured (the sanity validation at
+    step 0), the spread ``1 - cosine`` shrank to a quarter of the base model's or less: a base
+    model whose montage embeddings were already that close is not called collapsed by training. ``at_chance``: no validation after training started scored a loss
+    more than ``config.chance_margin`` (relative) below the chance level. ``warning`` is one line
+    saying what went wrong, or None.
+    """
+    history = list(history)
+    if not history:
+        return {}
+    initial = history[0][1] if history[0][0] == 0 else None
+    trained = [m for step, m in history if step > 0] or [history[-1][1]]
+    last = trained[-1]
+    out: dict = {"validations": len(trained), "last": last, "initial": initial}
+    cosine = last.get("val_mean_cosine")
+    base = initial.get("val_mean_cosine") if initial else None
+    out["collapsed"] = bool(cosine is not None and cosine >= config.collapse_cosine
+                            and (base is None or (1.0 - cosine) <= COLLAPSE_SPREAD_RATIO * (1.0 - base)))
+    ratios = [m["val_loss"] / m["val_chance"] for m in trained
+              if m.get("val_chance") and math.isfinite(m.get("val_loss", float("nan")))]
+    out["at_chance"] = bool(ratios) and min(ratios) >= 1.0 - config.chance_margin
+    problems = []
+    if out["collapsed"]:
+        before = f" (base model {initial['val_mean_cosine']:.3f})" if initial and "val_mean_cosine" in initial else ""
+        problems.append(f"image embeddings collapsed: mean pairwise cosine {cosine:.3f}{before}, "
+                        f"effective rank {last.get('val_effective_rank', float('nan')):.2f}")
+    if out["at_chance"]:
+        best = min(trained, key=lambda m: m.get("val_loss", float("inf")))
+        problems.append(f"validation loss stayed at chance (best {best['val_loss']:.4f}, chance {best['val_chance']:.4f})")
+    out["warning"] = ("run is not learning: " + "; ".join(problems) + ": try a lower --lr, more data or check the texts"
+                      if problems else None)
+    return out
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -473,10 +721,11 @@ class DaptDataModule(L.LightningDataModule):
         self.config = config
         common = dict(image_size=int(image_size), views=config.views, text_choice=config.text_choice,
                       sentences_per_sample=config.sentences_per_sample, num_classes=len(config.class_names),
-                      seed=config.seed)
+                      seed=config.seed, intensity_augment=config.intensity_augment)
         # Built here, not in setup(): a report without the chosen section fails before training.
         self.train_set = MontagePairDataset(train, **common)
-        self.val_set = MontagePairDataset(val, **common)
+        # Deterministic validation: no augmentation, the whole text of each report.
+        self.val_set = MontagePairDataset(val, evaluation=True, **common)
         self._train_sampler: Optional[GlobalBatchSampler] = None
 
     def _rank_world(self) -> tuple:
@@ -542,16 +791,18 @@ class EngineCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.ensemble_json = Path(ensemble_json)
         self.config = config
+        #: checkpoint path -> {"val_loss", "val_auroc"} at the time it was written.
+        self.scores: dict = {}
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         path = Path(filepath)
         if path.stem.startswith(self.CHECKPOINT_NAME_LAST):
             trainer.save_checkpoint(str(path.with_name(RESUME_NAME)), weights_only=False)
+        metrics = trainer.callback_metrics
+        scores = {k: float(metrics[k]) for k in MONITORS if k in metrics}
+        self.scores[str(Path(filepath).resolve())] = scores
         if trainer.is_global_zero:
-            metrics = trainer.callback_metrics
-            extra = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
-            if "val_loss" in metrics:
-                extra["val_loss"] = float(metrics["val_loss"])
+            extra = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **scores}
             trainer.lightning_module.export(path, **extra)
         trainer.strategy.barrier()
         self._last_global_step_saved = trainer.global_step
@@ -565,9 +816,24 @@ class EngineCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
         if trainer.is_global_zero and not trainer.sanity_checking:
-            ranked = sorted(((float(v), str(Path(p).resolve())) for p, v in self.best_k_models.items()))
-            top_k = [{"path": p, "val_loss": v, "step": _step_of(p)} for v, p in ranked]
+            sign = 1.0 if self.mode == "min" else -1.0
+            ranked = sorted(((sign * float(v), str(Path(p).resolve())) for p, v in self.best_k_models.items()))
+            top_k = []
+            for _, p in ranked:
+                scores = self.scores.get(p, {})
+                top_k.append({"path": p, "val_loss": scores.get("val_loss"), "val_auroc": scores.get("val_auroc"),
+                              "monitor": self.monitor, "score": float(self.best_k_models[p]) if p in self.best_k_models
+                              else scores.get(self.monitor), "step": _step_of(p)})
             write_ensemble(self.ensemble_json, top_k, self.config, global_step=int(trainer.global_step))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["scores"] = {p: dict(v) for p, v in self.scores.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.scores = {str(p): {k: float(x) for k, x in v.items()} for p, v in (state_dict.get("scores") or {}).items()}
 
 
 class _ValidateAtEnd(L.Callback):
@@ -641,14 +907,261 @@ def _check_records(train: list, val: list, config: DaptConfig, world: int) -> No
     if missing:
         raise InputError(f"{len(missing)} cached montages are missing (first: {missing[0].image_path}): run the preprocessing first")
     if config.loss != "dlilp":
-        no_text = [r for r in train + val if not (r.report or "").strip()]
+        # Validation pairs without text but with a label only feed the zero-shot AUROC.
+        val_ids = {id(r) for r in val}
+        no_text = [r for r in train + val if not (r.report or "").strip() and not (id(r) in val_ids and r.ild is not None)]
         if no_text:
             where = no_text[0].source or no_text[0].scan_id or no_text[0].image_path
-            raise InputError(f"{len(no_text)} pairs have no report (first: {where}): loss {config.loss} needs text for every pair")
+            raise InputError(f"{len(no_text)} pairs have no report (first: {where}): loss {config.loss} needs text for every "
+                             "pair (validation images without text are kept only when they have an ILD label)")
+        if not any((r.report or "").strip() for r in val):
+            raise InputError(f"no validation pair has a report: loss {config.loss} needs text to be validated")
     if config.loss in ("unicl", "dlilp"):
         unlabelled = [r for r in train if not r.labels]
         if len(unlabelled) == len(train):
             raise InputError(f"loss {config.loss} needs labels but no training pair has any: add label columns to the manifest")
+
+
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT stopped a run after a resumable checkpoint was written.
+
+    ``exit_code`` is 128 + the signal number (143 for SIGTERM, 130 for SIGINT), what a shell
+    reports for a process ended by that signal; ``result`` is the partial :class:`FitResult`.
+    """
+
+    def __init__(self, signal_name: str, exit_code: int, result: "FitResult"):
+        super().__init__(f"interrupted by {signal_name} at step {result.global_step}: a resumable checkpoint is in "
+                         f"{Path(result.output_dir) / 'checkpoints' / RESUME_NAME}; resume with --resume")
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+        self.result = result
+
+
+class _SignalCatcher(L.Callback):
+    """Turn SIGTERM/SIGINT into a stop at the next step boundary, then write a resumable checkpoint.
+
+    SIGTERM is Lightning's own notifier (it raises ``SIGTERMException`` after the current batch);
+    SIGINT is routed to the same path here instead of Lightning's KeyboardInterrupt handling,
+    which would exit 1 in the middle of a step without a checkpoint.
+    """
+
+    def __init__(self, checkpoints: Path):
+        self.checkpoints = checkpoints
+        self.signal_name: Optional[str] = None
+        self._previous: dict = {}
+
+    def install(self, trainer) -> None:
+        import signal
+
+        def handler(signum, frame):
+            self.signal_name = signal.Signals(signum).name
+            # Lightning stops after the current batch and raises SIGTERMException.
+            trainer._signal_connector.received_sigterm = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # A signal can also surface as another error: Ctrl+C reaches data-loader workers too, and
+        # the loader then fails between two steps. The state is a step boundary either way.
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and self.signal_name is None:
+            return
+        self.signal_name = self.signal_name or ("SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM")
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(self.checkpoints / RESUME_NAME), weights_only=False)
+        if trainer.is_global_zero:
+            pl_module.export(self.checkpoints / "last.safetensors", global_step=int(trainer.global_step),
+                             epoch=int(trainer.current_epoch))
+
+
+def recipe_config(recipe: str) -> dict:
+    """The DaptConfig fields a recipe sets (``text_choice``, ``sentences_per_sample``)."""
+    if recipe not in RECIPES:
+        raise InputError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
+    return dict(RECIPES[recipe])
+
+
+def plan_steps(config: DaptConfig, steps_per_epoch: int) -> tuple:
+    """(optimizer steps of the run, max_epochs for Lightning, which limit ends it).
+
+    An explicit ``max_steps`` alone is never cut by an epoch limit; with neither limit given the
+    run lasts paper 000's 10 epochs; with both, the earlier wins.
+    """
+    steps = int(config.max_steps) if config.max_steps and config.max_steps > 0 else None
+    epochs = int(config.max_epochs) if config.max_epochs else None
+    if steps is None and epochs is None:
+        return steps_per_epoch * DEFAULT_MAX_EPOCHS, DEFAULT_MAX_EPOCHS, f"max_epochs (default {DEFAULT_MAX_EPOCHS})"
+    if epochs is None:
+        return steps, -1, "max_steps"
+    if steps is None:
+        return steps_per_epoch * epochs, epochs, "max_epochs"
+    by_epochs = steps_per_epoch * epochs
+    if by_epochs < steps:
+        return by_epochs, epochs, "max_epochs"
+    return steps, epochs, "max_steps"
+
+
+#: Settings that may differ when a run is resumed (they do not change what is trained).
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "max_epochs", "progress_bar", "num_workers", "logger",
+                     "patience_steps")
+
+
+def check_resume_settings(config: DaptConfig, stored: Optional[dict]) -> None:
+    """Refuse (one line) a resume whose settings differ from the run's, listing each difference."""
+    if not stored:
+        return
+    given = config.to_json()
+    differ = []
+    for name, value in given.items():
+        if name in RESUMABLE_CHANGES or name not in stored:
+            continue
+        old = stored[name]
+        if _jsonable(old) != _jsonable(value) and not (isinstance(old, (int, float)) and isinstance(value, (int, float))
+                                                      and float(old) == float(value)):
+            differ.append(f"{name} ({_short(old)} -> {_short(value)})")
+    if differ:
+        raise InputError(f"--resume with settings that differ from the run's: {', '.join(differ)}: give the run's "
+                         "own flags (or its --config), or start a new run in another --out")
+
+
+def _short(value) -> str:
+    text = json.dumps(_jsonable(value)) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _stored_settings(output: Path) -> Optional[dict]:
+    summary = output / "dapt_summary.json"
+    if summary.is_file():
+        try:
+            return json.loads(summary.read_text(encoding="utf-8"))["config"]
+        except (ValueError, KeyError, TypeError):
+            return None
+    last = output / "checkpoints" / "last.safetensors"
+    if last.is_file():
+        meta = models.read_checkpoint_metadata(last) or {}
+        if isinstance(meta.get("training"), dict):
+            return meta["training"]
+    return None
+
+
+def _check_logger(config: DaptConfig) -> None:
+    """One line before any work when the chosen logger's package is not installed."""
+    import importlib.util
+
+    if config.logger == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise InputError("--logger tensorboard needs TensorBoard: pip install tensorboard (or use --logger csv)")
+    if config.logger == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise InputError("--logger mlflow needs MLflow: pip install mlflow (or use --logger csv)")
+
+
+def _loggers(config: DaptConfig, output: Path) -> list:
+    """CSV always (``logs/metrics.csv``, one folder per run, appended to on resume), plus the chosen one."""
+    
+    loggers = [CSVLogger(str(output), name="logs", version="", flush_logs_every_n_steps=max(1, config.val_every_steps))]
+    _check_logger(config)
+    if config.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(output), name="tensorboard", version=""))
+    elif config.logger == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        loggers.append(MLFlowLogger(experiment_name="zeroshot-ild-dapt", run_name=output.name,
+                                    tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or (output / "mlruns").as_uri()))
+    return loggers
+
+
+class _FlushLogs(L.Callback):
+    """Write the logged metrics to disk after every validation (a crash keeps the curves so far)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class _PreviousLogs:
+    """Keeps a resumed run's ``metrics.csv`` rows: Lightning's CSV writer starts the file afresh."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list = []
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as handle:
+                self.rows = list(csv.DictReader(handle))
+
+    def merge(self, up_to_step: int) -> None:
+        if not self.rows or not self.path.is_file():
+            return
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            new = list(csv.DictReader(handle))
+        old = [r for r in self.rows if _int_or(r.get("step"), -1) < up_to_step]
+        rows = old + new
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _int_or(text, default: int) -> int:
+    try:
+        return int(float(text))
+    except (TypeError, ValueError):
+        return default
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's start-up lines (GPU/TPU available, LOCAL_RANK, model summary adverts) at WARNING
+    for the length of the run: scoped to Lightning's own loggers, never the root logger."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+             "lightning.pytorch.accelerators.cuda", "lightning_fabric")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
+                            ".*litlogger.*", ".*litmodels.*", ".*Checkpoint directory .* exists and is not empty.*",
+                            ".*resuming from a checkpoint that ended before the epoch ended.*",
+                            ".*Experiment logs directory .* exists and is not empty.*", ".*treespec.*"):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _slurm_plugins() -> list:
+    """SLURMEnvironment(auto_requeue=True) when running under SLURM: on the requeue signal Lightning
+    saves a checkpoint and requeues the job, which then resumes (see :func:`fit`)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=True)]
+    return []
+
+
+def _slurm_requeued() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID")) and _int_or(os.environ.get("SLURM_RESTART_COUNT"), 0) > 0
+
+
+def _resume_source(output: Path, resume_path: Path) -> Optional[Path]:
+    """The newest resumable state: ``last.ckpt`` or a Lightning SLURM ``hpc_ckpt_*.ckpt``."""
+    candidates = [p for p in [resume_path, *output.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = False,
@@ -665,27 +1178,42 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     resume : bool
         Continue from ``<output_dir>/checkpoints/last.ckpt`` when it exists; the run then ends
         where an uninterrupted one would (same sample order, sentences, augmentations and
-        schedule). A fresh start otherwise.
+        schedule). Settings other than :data:`RESUMABLE_CHANGES` must match the run's
+        (:func:`check_resume_settings`). A finished run given a larger ``max_steps`` (or
+        ``max_epochs``) continues to it; otherwise resuming it returns its stored result. A SLURM
+        job requeued by Lightning's auto-requeue resumes by itself.
     callbacks : sequence of lightning callbacks
         Added to the run (monitoring, tests).
 
     Returns
     -------
     FitResult
+
+    Raises
+    ------
+    RunInterrupted
+        SIGTERM or SIGINT arrived: a resumable checkpoint and a summary marked ``interrupted``
+        were written.
     """
     config.validate()
     output = Path(config.output_dir).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     checkpoints = output / "checkpoints"
     resume_path = checkpoints / RESUME_NAME
+    resume = resume or _slurm_requeued()
     if not resume and resume_path.exists():
         raise InputError(f"{output} already holds a run: pass --resume to continue it or choose another output folder")
     summary_path = output / "dapt_summary.json"
-    if resume and summary_path.is_file():  # written only when a run has finished: nothing left to do
-        return FitResult(**json.loads(summary_path.read_text(encoding="utf-8"))["result"])
-    if resume and resume_path.exists():
+    previous: Optional[dict] = None
+    if resume:
+        check_resume_settings(config, _stored_settings(output))
+        if summary_path.is_file():
+            previous = json.loads(summary_path.read_text(encoding="utf-8"))
+    source = _resume_source(output, resume_path) if resume else None
+    resumed_step = 0
+    if source is not None:
         # Untrusted until read weights-only: refused in one line before any work (or log line) starts.
-        read_lightning_checkpoint(resume_path)
+        resumed_step = _int_or(read_lightning_checkpoint(source).get("global_step"), 0)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if train_records is None or val_records is None:
         train_records, val_records = split_records(records, val_fraction=config.val_fraction, seed=config.seed)
@@ -693,71 +1221,122 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     world = _world_size(config)
     _check_records(train_records, val_records, config, world)
 
+    _check_logger(config)
+    steps_per_epoch = len(train_records) // (config.batch_size * world)
+    total_steps, trainer_epochs, limited_by = plan_steps(config, steps_per_epoch)
+    if limited_by == "max_epochs" and config.max_steps and config.max_steps > 0:
+        log.warning("--max-epochs %d ends the run at %d steps, before --max-steps %d", config.max_epochs, total_steps,
+                    config.max_steps)
+    if previous is not None and not previous.get("result", {}).get("interrupted"):
+        done = int(previous.get("result", {}).get("global_step", 0))
+        if total_steps <= done or source is None:
+            log.warning("the run in %s has finished (%d steps); give a larger --max-steps to extend it", output, done)
+            return FitResult(**{k: v for k, v in previous["result"].items() if k in _FIT_FIELDS})
+
     precision = resolve_precision(config.precision, config.accelerator)
     loaded = models.load_model(config.model, checkpoint=config.checkpoint, weights_dir=config.weights_dir, device="cpu")
-    steps_per_epoch = len(train_records) // (config.batch_size * world)
-    total_steps = steps_per_epoch * config.max_epochs
-    if config.max_steps > 0:
-        total_steps = min(total_steps, config.max_steps)
     module = DaptModule(loaded, config)
     module.total_steps = total_steps
     data = DaptDataModule(train_records, val_records, config, loaded.image_size)
     # Validate at least once, at the end, even for runs shorter than the interval.
     val_every = max(1, min(config.val_every_steps, total_steps))
     patience = max(1, math.ceil(config.patience_steps / val_every))
+    monitor, mode = config.monitor, MONITORS[config.monitor]
+    if monitor == "val_auroc" and len({r.ild for r in val_records if r.ild is not None}) < 2:
+        raise InputError("--monitor val_auroc needs validation scans with ILD labels of both classes (an ild column): "
+                         "use --monitor val_loss or label the validation patients")
 
-    checkpoint_cb = EngineCheckpoint(dirpath=str(checkpoints), filename="step{step:07d}-val_loss{val_loss:.4f}",
-                                     auto_insert_metric_name=False, monitor="val_loss", mode="min",
+    checkpoint_cb = EngineCheckpoint(dirpath=str(checkpoints), filename=f"step{{step:07d}}-{monitor}{{{monitor}:.4f}}",
+                                     auto_insert_metric_name=False, monitor=monitor, mode=mode,
                                      save_top_k=config.top_k, save_last=True, ensemble_json=output / "ensemble.json",
                                      config=config)
-    early_cb = EarlyStopping(monitor="val_loss", mode="min", patience=patience, check_on_train_epoch_end=False)
+    early_cb = EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
+    signals = _SignalCatcher(checkpoints)
     strategy = config.strategy
     if strategy == "auto" and world > 1:
         strategy = "ddp"
-    trainer = L.Trainer(
-        default_root_dir=str(output), max_epochs=config.max_epochs, max_steps=config.max_steps,
-        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        gradient_clip_val=config.gradient_clip_norm, gradient_clip_algorithm="norm",
-        accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
-        precision=precision, use_distributed_sampler=False, deterministic=config.deterministic,
-        callbacks=[checkpoint_cb, early_cb, _ValidateAtEnd(total_steps), *callbacks], logger=CSVLogger(str(output), name="logs"),
-        enable_progress_bar=config.progress_bar, enable_model_summary=False, log_every_n_steps=1,
-    )
-    ckpt_path = str(resume_path) if resume and resume_path.exists() else None
-    with warnings.catch_warnings():
-        # GlobalBatchSampler resumes mid-epoch by itself (see DaptDataModule._progress).
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    csv_file = output / "logs" / "metrics.csv"
+    old_logs = _PreviousLogs(csv_file) if source is not None else None
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            default_root_dir=str(output), max_epochs=trainer_epochs, max_steps=total_steps,
+            val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=-1,
+            gradient_clip_val=config.gradient_clip_norm, gradient_clip_algorithm="norm",
+            accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
+            precision=precision, use_distributed_sampler=False, deterministic=config.deterministic,
+            callbacks=[checkpoint_cb, early_cb, _ValidateAtEnd(total_steps), _FlushLogs(), signals, *callbacks],
+            logger=_loggers(config, output), plugins=_slurm_plugins(),
+            enable_progress_bar=config.progress_bar, enable_model_summary=False, log_every_n_steps=1,
+        )
+        signals.install(trainer)
+        stopped = None
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(source) if source is not None else None,
+                        weights_only=True)
+        except (SystemExit, Exception) as exc:  # Lightning's SIGTERMException, or a loader killed by the signal
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            if not isinstance(exc, SIGTERMException) and signals.signal_name is None:
+                raise
+            stopped = signals.signal_name or "SIGTERM"
+        finally:
+            signals.uninstall()
+            if old_logs is not None:  # Lightning's CSV writer started the file afresh
+                old_logs.merge(resumed_step)
 
     result = FitResult(output_dir=str(output), best_checkpoint=None, best_val_loss=None,
                        last_checkpoint=str(checkpoints / "last.safetensors"),
                        resume_checkpoint=str(resume_path) if resume_path.exists() else None,
                        global_step=int(trainer.global_step), train_samples=len(train_records),
-                       val_samples=len(val_records))
+                       val_samples=len(val_records), monitor=monitor, limited_by=limited_by, interrupted=stopped)
     if not trainer.is_global_zero:
+        if stopped:
+            raise RunInterrupted(stopped, 128 + _signal_number(stopped), result)
         return result
     # Read back from disk rather than from the callback: with ddp_spawn training ran elsewhere.
     ensemble_path = output / "ensemble.json"
     if ensemble_path.is_file():
         ensemble = json.loads(ensemble_path.read_text(encoding="utf-8"))
-        result.top_k = ensemble["checkpoints"]
+        result.top_k = [{**c, "path": str((output / c["path"]).resolve())} for c in ensemble["checkpoints"]]
         result.global_step = max(result.global_step, int(ensemble.get("global_step", 0)))
         result.ensemble_json = str(ensemble_path)
-    result.stopped_early = result.global_step < total_steps
+    result.stopped_early = not stopped and result.global_step < total_steps
     if result.top_k:
         best_source = result.top_k[0]["path"]
-        result.best_val_loss = float(result.top_k[0]["val_loss"])
+        result.best_val_loss = result.top_k[0].get("val_loss")
+        result.best_score = result.top_k[0].get("score")
         best = output / "best.safetensors"
         shutil.copyfile(best_source, best)
         if label_head_path(best_source).is_file():
             shutil.copyfile(label_head_path(best_source), label_head_path(best))
         result.best_checkpoint = str(best)
-    result.summary_json = str(output / "dapt_summary.json")
-    _write_json(Path(result.summary_json), {"config": config.to_json(), "result": dataclasses.asdict(result),
-                                            "precision": precision, "world_size": world,
-                                            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                                            "val_every_steps": val_every, "patience_validations": patience})
+    result.health = health_verdict(module.health_history, config)
+    if module._relaxes:
+        c = module.relax_counts
+        result.relaxation = {"threshold": config.relax_threshold, "pairs_active": c["pairs_active"], "pairs": c["pairs"],
+                             "pair_fraction": c["pairs_active"] / c["pairs"] if c["pairs"] else None,
+                             "steps_active": c["steps_active"], "steps": c["steps"],
+                             "step_fraction": c["steps_active"] / c["steps"] if c["steps"] else None}
+    if result.health.get("warning"):
+        log.warning("%s", result.health["warning"])
+    result.summary_json = str(summary_path)
+    _write_json(summary_path, {"config": config.to_json(), "result": dataclasses.asdict(result),
+                               "precision": precision, "world_size": world,
+                               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                               "limited_by": limited_by, "val_every_steps": val_every,
+                               "patience_validations": patience, "health_history": module.health_history})
+    if stopped:
+        raise RunInterrupted(stopped, 128 + _signal_number(stopped), result)
     return result
+
+
+_FIT_FIELDS = {f.name for f in dataclasses.fields(FitResult)}
+
+
+def _signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name, signal.SIGTERM))
 
 
 def _step_of(path: str) -> Optional[int]:
@@ -772,10 +1351,17 @@ def _step_of(path: str) -> Optional[int]:
 def write_ensemble(path: Union[str, Path], top_k: Sequence[dict], config: DaptConfig, *, global_step: int = 0) -> Path:
     """The JSON the engine averages over: ``{"checkpoints": [{"path", "val_loss", "step"}, ...]}``, best first.
 
+    Paths are stored relative to the JSON file's folder (``ZeroShotILDLib.ensemble`` resolves them
+    against it; absolute paths from older runs are still read).
+
     ``combine`` names CheXzero's rule: average the probabilities of the checkpoints.
     """
+    path = Path(path)
+    # Relative to the file's folder: a copied or moved run folder keeps working.
+    members = [{**c, "path": os.path.relpath(Path(c["path"]).resolve(), path.resolve().parent)} for c in top_k]
     payload = {"format": "zeroshot-ild-ensemble/1", "base_model": config.model, "loss": config.loss,
-               "combine": "mean_probability", "global_step": int(global_step), "checkpoints": list(top_k)}
+               "monitor": config.monitor, "combine": "mean_probability", "global_step": int(global_step),
+               "checkpoints": members}
     return _write_json(Path(path), payload)
 
 
@@ -793,7 +1379,10 @@ def default_learning_rates(count: int = 5, low: float = 1e-5, high: float = 1e-3
 
 def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Optional[Sequence[float]] = None, *,
           resume: bool = False, callbacks: Sequence = ()) -> SweepResult:
-    """Fit once per learning rate (same split, seed and everything else) and pick the lowest validation loss.
+    """Fit once per learning rate (same split, seed and everything else) and pick the best by ``config.monitor``.
+
+    Runs that collapsed or stayed at chance (:func:`health_verdict`) are ranked after every
+    healthy one; when all are, the sweep says so (``warning`` in ``sweep.json``).
 
     Each run goes to ``<output_dir>/lr_<value>``; ``sweep.json`` and ``sweep.csv`` in
     ``output_dir`` list every run's best validation loss and best checkpoint. With ``resume``,
@@ -809,12 +1398,24 @@ def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Opt
         run_dir = output / f"lr_{rate:.2e}"
         run_config = dataclasses.replace(config, learning_rate=float(rate), output_dir=str(run_dir))
         runs[rate] = fit(run_config, (), train_records=train, val_records=val, resume=resume, callbacks=callbacks)
-    scored = [(r.best_val_loss, rate) for rate, r in runs.items() if r.best_val_loss is not None]
-    best_rate = min(scored)[1] if scored else None
-    rows = [{"learning_rate": rate, "best_val_loss": r.best_val_loss, "global_step": r.global_step,
+    sign = 1.0 if MONITORS[config.monitor] == "min" else -1.0
+
+    def unhealthy(r: FitResult) -> bool:
+        return bool(r.health.get("collapsed") or r.health.get("at_chance"))
+
+    # Healthy runs first: a collapsed or at-chance run wins only when every run is one.
+    scored = [(unhealthy(r), sign * r.best_score, rate) for rate, r in runs.items() if r.best_score is not None]
+    best_rate = min(scored)[2] if scored else None
+    warning = None
+    if scored and all(s[0] for s in scored):
+        warning = "every learning rate of the sweep collapsed or stayed at chance: none of them is learning"
+        log.warning("%s", warning)
+    rows = [{"learning_rate": rate, "monitor": config.monitor, "best_score": r.best_score,
+             "best_val_loss": r.best_val_loss, "collapsed": r.health.get("collapsed"),
+             "at_chance": r.health.get("at_chance"), "global_step": r.global_step,
              "stopped_early": r.stopped_early, "best_checkpoint": r.best_checkpoint} for rate, r in runs.items()]
-    summary_json = _write_json(output / "sweep.json", {"best_learning_rate": best_rate, "runs": rows,
-                                                        "config": config.to_json()})
+    summary_json = _write_json(output / "sweep.json", {"best_learning_rate": best_rate, "monitor": config.monitor,
+                                                        "warning": warning, "runs": rows, "config": config.to_json()})
     summary_csv = output / "sweep.csv"
     with atomic_path(summary_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

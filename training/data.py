@@ -14,7 +14,7 @@ global batch ``b`` of epoch ``e`` is fixed, and each rank takes its share of it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -57,6 +57,8 @@ class PairRecord:
         ``"train"``, ``"val"`` or ``"test"`` when fixed, else None.
     source : str
         Where the record came from (manifest line), for messages.
+    ild : int or None
+        1 (ILD, or any subtype), 0 (no ILD) or None (unlabelled).
     """
 
     image_path: str
@@ -66,6 +68,8 @@ class PairRecord:
     patient_id: Optional[str] = None
     split: Optional[str] = None
     source: str = ""
+    #: The manifest's ILD label (1, 0) when it has one: validation scores zero-shot AUROC on it.
+    ild: Optional[int] = None
 
     @property
     def patient_key(self) -> str:
@@ -124,7 +128,8 @@ def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[
         except KeyError:
             raise InputError(f"{r.source}: no cached montage for this scan: run the preprocessing first") from None
         out.append(PairRecord(image_path=str(image), report=r.read_report() or "", labels=tuple(values),
-                              scan_id=r.scan_id, patient_id=r.patient_id, split=r.split, source=r.source))
+                              scan_id=r.scan_id, patient_id=r.patient_id, split=r.split, source=r.source,
+                              ild=1 if (r.ild == 1 or subtype) else (0 if r.ild == 0 else None)))
     return out
 
 
@@ -143,26 +148,39 @@ class AugmentationSettings:
     flip_probability : float
         Probability of a left-right flip.
     brightness : (float, float)
-        Range of the brightness factor (1 = unchanged).
+        Range of the brightness factor (1 = unchanged, the default).
     contrast : (float, float)
-        Range of the contrast factor around the image mean (1 = unchanged).
+        Range of the contrast factor around the image mean (1 = unchanged, the default).
+
+    Brightness and contrast are off by default: a montage's grey levels are HU through a fixed
+    window, so scaling them changes the density that tells ground glass and fibrosis apart.
     """
 
     rotation_deg: tuple = (-20.0, 20.0)
     crop_area: tuple = (0.8, 1.0)
     crop_aspect: tuple = (0.9, 1.1)
     flip_probability: float = 0.5
-    brightness: tuple = (0.5, 2.0)
-    contrast: tuple = (0.5, 2.0)
+    brightness: tuple = (1.0, 1.0)
+    contrast: tuple = (1.0, 1.0)
 
 
-#: Paper 001's weak augmentation (WA): rotation +-20 deg, crop area 0.8-1, aspect 0.9-1.1.
+#: Paper 001's weak augmentation (WA), geometric part: rotation +-20 deg, crop area 0.8-1, aspect 0.9-1.1.
 WEAK = AugmentationSettings()
-#: Paper 001's strong augmentation (SA): rotation +-30 deg, crop area 0.7-1, aspect 0.8-1.2.
+#: Paper 001's strong augmentation (SA), geometric part: rotation +-30 deg, crop area 0.7-1, aspect 0.8-1.2.
 STRONG = AugmentationSettings(rotation_deg=(-30.0, 30.0), crop_area=(0.7, 1.0), crop_aspect=(0.8, 1.2))
+#: Brightness/contrast factors 0.5-2 (opt-in, ``intensity_augment``): they change HU-window density.
+INTENSITY_RANGE = (0.5, 2.0)
 
 #: View name -> augmentation (None = the image as cached).
 VIEW_AUGMENTATIONS = {"original": None, "weak": WEAK, "strong1": STRONG, "strong2": STRONG}
+
+
+def view_augmentation(view: str, *, intensity: bool = False) -> Optional[AugmentationSettings]:
+    """The augmentation of a view; ``intensity`` adds brightness/contrast 0.5-2 to the geometric one."""
+    settings = VIEW_AUGMENTATIONS[view]
+    if settings is None or not intensity:
+        return settings
+    return replace(settings, brightness=INTENSITY_RANGE, contrast=INTENSITY_RANGE)
 
 
 def augment(image: torch.Tensor, settings: AugmentationSettings, rng: np.random.Generator) -> torch.Tensor:
@@ -186,8 +204,10 @@ def augment(image: torch.Tensor, settings: AugmentationSettings, rng: np.random.
     out = TF.rotate(out, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
     if rng.random() < settings.flip_probability:
         out = TF.horizontal_flip(out)
-    out = TF.adjust_brightness(out, float(rng.uniform(*settings.brightness)))
-    out = TF.adjust_contrast(out, float(rng.uniform(*settings.contrast)))
+    if tuple(settings.brightness) != (1.0, 1.0):
+        out = TF.adjust_brightness(out, float(rng.uniform(*settings.brightness)))
+    if tuple(settings.contrast) != (1.0, 1.0):
+        out = TF.adjust_contrast(out, float(rng.uniform(*settings.contrast)))
     return out.clamp_(0.0, 1.0)
 
 
@@ -246,17 +266,22 @@ class MontagePairDataset(Dataset):
         Length of the label vectors; records with fewer labels are padded with 0.
     seed : int
         Seed of all per-item randomness.
+    evaluation : bool
+        Validation items: every view is the montage as cached and the text is the whole chosen
+        part of the report, so the validation loss measures the model, not the sampling.
+    intensity_augment : bool
+        Add brightness/contrast 0.5-2 to the augmented views (off: geometric only).
 
     Items are requested as ``(index, epoch)`` (what :class:`GlobalBatchSampler` yields), as
     ``(index, epoch, False)`` for a padding item, or as a plain index, which means ``EVAL_EPOCH``.
     Each item is a dict with ``views`` (name -> (1, S, S) float tensor), ``text`` (str, "" when
     the record has no report), ``has_text`` (bool), ``labels`` ((num_classes,) float tensor),
-    ``valid`` (bool, False for padding) and ``index``.
+    ``valid`` (bool, False for padding), ``index`` and ``ild`` (1, 0, or -1 when unknown).
     """
 
     def __init__(self, records: Sequence[PairRecord], *, image_size: int, views: Sequence[str] = ("weak",),
                  text_choice: str = "findings+impression", sentences_per_sample: int = reports.DEFAULT_SENTENCES_PER_SAMPLE,
-                 num_classes: int = 0, seed: int = 0):
+                 num_classes: int = 0, seed: int = 0, evaluation: bool = False, intensity_augment: bool = False):
         unknown = [v for v in views if v not in VIEW_AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown views {unknown}; use {sorted(VIEW_AUGMENTATIONS)}")
@@ -266,6 +291,8 @@ class MontagePairDataset(Dataset):
         self.sentences_per_sample = int(sentences_per_sample)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
+        self.evaluation = bool(evaluation)
+        self.intensity_augment = bool(intensity_augment)
         # Parsed once: sampling then costs nothing per step.
         self.sentences = [report_sentences(r.report, text_choice, source=r.source or r.scan_id or Path(r.image_path).name)
                           for r in self.records]
@@ -284,21 +311,21 @@ class MontagePairDataset(Dataset):
         sentences = self.sentences[index]
         if not sentences:
             text = ""
-        elif self.sentences_per_sample > 0:
+        elif self.sentences_per_sample > 0 and not self.evaluation:
             text = reports.sample_text(sentences, self.sentences_per_sample, rng=text_rng)
         else:
             text = " ".join(sentences)
         image = load_montage(record.image_path, self.image_size)
         views = {}
         for name, view_rng in zip(self.views, view_rngs):
-            settings = VIEW_AUGMENTATIONS[name]
+            settings = None if self.evaluation else view_augmentation(name, intensity=self.intensity_augment)
             views[name] = image.clone() if settings is None else augment(image, settings, view_rng)
         labels = torch.zeros(self.num_classes, dtype=torch.float32)
         if self.num_classes and record.labels:
             values = torch.as_tensor([float(v) for v in record.labels[: self.num_classes]], dtype=torch.float32)
             labels[: values.numel()] = values
         return {"views": views, "text": text, "has_text": bool(text), "labels": labels, "valid": bool(valid),
-                "index": index}
+                "index": index, "ild": -1 if record.ild is None else int(record.ild)}
 
 
 class GlobalBatchSampler(Sampler):

@@ -56,6 +56,17 @@ def relaxed_similarity(cosine: torch.Tensor, *, threshold: float = RELAX_THRESHO
     return torch.where(cosine >= threshold, high, torch.where(cosine >= 0, middle, cosine))
 
 
+def relaxation_active(cosine: torch.Tensor, *, threshold: float = RELAX_THRESHOLD) -> torch.Tensor:
+    """Where eq. 3 changes a positive pair's similarity: ``cosine >= threshold`` (bool, same shape).
+
+    Below the threshold the relaxed similarity is ``s / (2t)`` (``s`` for negative cosines); at
+    paper 001's t = 0.5 that is ``s / 1.0 = s``, so a relaxed CLIP loss equals the plain one bit
+    for bit until some positive cosine reaches t. This mask is what a run counts to report how
+    often the relaxation was active.
+    """
+    return cosine >= threshold
+
+
 def _relax_positions(similarity: torch.Tensor, positive: torch.Tensor, threshold: float, slope: float) -> torch.Tensor:
     """``similarity`` with eq. 3 applied where the boolean mask ``positive`` is set."""
     return torch.where(positive, relaxed_similarity(similarity, threshold=threshold, slope=slope), similarity)
