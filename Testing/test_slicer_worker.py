@@ -225,3 +225,18 @@ def test_a_worker_that_never_answers_is_reported(client, small_phantom, monkeypa
     job = _analyse(client, small_phantom)
     assert job.wait(30) and job.state == worker_client.FAILED
     assert isinstance(job.error, WorkerError) and "did not answer" in str(job.error) and not client.alive
+
+
+def test_worker_python_skips_the_launcher_whose_stdin_may_not_reach_python(tmp_path):
+    from ZeroShotILDMRML.worker_client import worker_python
+
+    launcher = tmp_path / "bin" / "PythonSlicer"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\n", encoding="utf-8")
+    launcher.chmod(0o755)
+    assert worker_python(None) == sys.executable  # outside Slicer
+    assert worker_python(str(launcher)) == str(launcher)  # no python-real beside it: the launcher
+    real = tmp_path / "bin" / ("python-real.exe" if os.name == "nt" else "python-real")
+    real.write_text("#!/bin/sh\n", encoding="utf-8")
+    real.chmod(0o755)
+    assert worker_python(str(launcher)) == str(real.resolve())

@@ -946,14 +946,12 @@ def _appLogic():
 
 
 def _workerPython() -> str:
-    """Slicer's own Python for the worker process (``PythonSlicer``, as other extensions run theirs)."""
+    """Slicer's own Python for the worker process (see ``worker_client.worker_python``)."""
     import shutil
 
-    if hasattr(slicer, "app"):
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
+    from ZeroShotILDMRML.worker_client import worker_python
+
+    return worker_python(shutil.which("PythonSlicer") if hasattr(slicer, "app") else None)
 
 
 def _temporaryPath():

@@ -367,6 +367,26 @@ class WorkerClient:
                 self.pump()
 
 
+def worker_python(launcher: Optional[str]) -> str:
+    """The interpreter to start the worker with, given Slicer's ``PythonSlicer`` launcher (or None).
+
+    ``PythonSlicer`` is a CTK application launcher: it sets up the environment, then runs
+    ``python-real`` beside it as a QProcess. CTK launchers have started that child with QProcess's
+    default *managed* stdin, which the launcher never writes to, so requests sent to the launcher's
+    stdin would not reach the worker. Slicer itself was started through the same launcher settings,
+    so its environment (which the worker inherits) already is the one ``PythonSlicer`` would build:
+    ``python-real`` can be run directly. The launcher is the fallback, and ``sys.executable`` outside Slicer.
+    """
+    if not launcher:
+        return sys.executable
+    folder = Path(launcher).resolve().parent
+    for name in ("python-real.exe", "python-real") if os.name == "nt" else ("python-real",):
+        candidate = folder / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return launcher
+
+
 def _write(process, request: dict) -> None:
     if process is None or process.stdin is None:
         raise BrokenPipeError("no worker")
