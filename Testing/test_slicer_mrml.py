@@ -774,3 +774,28 @@ def test_module_support_code_imports_without_torch_or_qt():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(len(catalog.model_names())), str(len(parameters.PARAMETERS))]
+
+
+def test_prone_scan_with_a_full_width_table_shows_results_where_the_ct_is():
+    """Issue 15 in Slicer: a prone scan (head first, patient prone: rows and columns both run against
+    L and P) on a table as wide as the field of view. The Lungs segment stays inside the body and every
+    top-patch markup lies on lung of the CT, through the node's own geometry."""
+    from ZeroShotILDLib.phantom import generate_phantom
+
+    phantom = generate_phantom(5, shape_zyx=(40, 128, 128), spacing_mm=(2.5, 2.5, 5.0),
+                               subtype="idiopathic pulmonary fibrosis", table="full", position="prone")
+    prone = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # ImageOrientationPatient (-1,0,0 / 0,-1,0)
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, phantom.hu, phantom.spacing_mm, ORIGIN_MM, prone, "Prone CT")
+    session = AnalysisSession(volume, tiny_settings(top_k=TOP_K, slice_step_mm=10.0, scoring_mode="exact"))
+    session.compute()
+    nodes = session.apply(app_logic=headless.app_logic)
+    result = session.result
+    assert not (result.lung_mask & ~phantom.body_mask).any()  # no table or outside air in the Lungs segment
+    ras_to_ijk = np.linalg.inv(_ijk_to_ras(volume))
+    for roi, i in zip(nodes.patch_rois, result.ranked):
+        i_, j_, k_ = (ras_to_ijk @ np.r_[roi.GetCenter(), 1.0])[:3]
+        z, y, x = int(round(k_)), int(np.floor(j_)), int(np.floor(i_))
+        assert z == result.patches.slice_index[i]
+        box = phantom.lung_mask[z, y - 2:y + 3, x - 2:x + 3]
+        assert phantom.body_mask[z, y, x] and box.any(), "a top patch sits off the patient's lungs"
