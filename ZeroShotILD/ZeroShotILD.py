@@ -229,6 +229,8 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openWeightsDirButton.connect("clicked(bool)", self.onOpenWeightsDir)
         self.ui.showMontageButton.connect("clicked(bool)", self.onShowMontage)
         self.ui.saveMontageButton.connect("clicked(bool)", self.onSaveMontage)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
+        self.ui.showExtentChartButton.connect("clicked(bool)", self.onShowExtentChart)
         self.ui.patchTableView.connect("selectionChanged()", self.onPatchSelected)
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -472,6 +474,13 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.probabilityTableView.setMRMLTableNode(nodes.probabilities)
         self.ui.patchTableView.setMRMLTableNode(nodes.patch_table)
+        self.ui.extentTableView.setMRMLTableNode(nodes.extent_table)
+        self.ui.extentTableView.visible = nodes.extent_table is not None
+        self.ui.patternsSegmentsTableView.setSegmentationNode(nodes.patterns)
+        self.ui.patternsSegmentsTableView.visible = nodes.patterns is not None
+        self.ui.patternsLabel.visible = nodes.patterns is not None
+        self.ui.extentLabel.text = self.logic.extentSummary() or _("Extent by zone (%):")
+        self.ui.showExtentChartButton.enabled = nodes.extent_chart is not None
         self.ui.resultsCollapsibleButton.collapsed = False
         if self._parameterNode is not None:
             self._shownRange = self._parameterNode.heatmapRange
@@ -534,6 +543,18 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if path:
                 saved = self.logic.saveMontage(path)
                 self.ui.statusLabel.text = _("Montage saved to {path}").format(path=saved)
+
+    def onShowExtentChart(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot show the extent chart."), waitCursor=True):
+            self.logic.showExtentChart()
+
+    def onSaveReport(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot save the report."), waitCursor=True):
+            default = str(self.logic.defaultReportPath())
+            path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save report"), default, "HTML (*.html)")
+            if path:
+                saved = self.logic.saveReport(path)
+                self.ui.statusLabel.text = _("Report saved to {path}").format(path=saved)
 
     def onOpenWeightsDir(self) -> None:
         folder = Path(self._parameterNode.weightsDir or catalog.default_weights_dir()) if self._parameterNode else catalog.default_weights_dir()
@@ -866,6 +887,18 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         warning = mrml_results.result_warning(r)
         return "\n".join(n for n in r.notes if n != warning)
 
+    def extentSummary(self) -> str:
+        """One line on the first prompt's extent: share of the lung and where it predominates."""
+        if self.session is None or self.session.result is None:
+            return ""
+        r = self.session.result
+        record = (r.extent or {}).get(r.primary_prompt)
+        if not record or record.get("lung_fraction") is None:
+            return ""
+        where = record.get("predominance") or ""
+        return _("Extent of {prompt}: {pct:.1f} % of the lung{where} (table: % of each zone's lung).").format(
+            prompt=r.primary_prompt, pct=100.0 * float(record["lung_fraction"]), where=f", {where}" if where else "")
+
     def modelWarning(self) -> str:
         """Why the last result's scores are not meaningful ("" when they are, or with no result)."""
         if self.session is None or self.session.result is None:
@@ -886,6 +919,15 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         mrml_results.show_result(self.session.nodes, self.session.input_volume, app_logic=_appLogic(), opacity=opacity,
                                  switch_layout=not self._layoutSwitched)
         self._layoutSwitched = True
+
+    def showExtentChart(self) -> None:
+        """Show the extent-by-zone table and bar chart in the layout's table and plot views."""
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        if nodes is None or nodes.extent_chart is None:
+            raise InputError("no extent yet: press Apply first")
+        mrml_results.show_table_and_chart(nodes.extent_table, nodes.extent_chart, _appLogic())
 
     def setHeatmapRange(self, mode: str) -> None:
         """Colour the heatmap over the probabilities' own range ("relative") or 0-1 ("fixed 0-1")."""
@@ -935,6 +977,27 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         if nodes is None or nodes.montage is None:
             raise InputError("no montage yet: press Apply first")
         return mrml_results.save_montage(nodes.montage, path)
+
+    def defaultReportPath(self) -> Path:
+        from ZeroShotILDMRML import mrml_results
+
+        if self.session is None or self.session.result is None:
+            raise InputError("no result yet: press Apply first")
+        return mrml_results.default_report_path(self.session.input_volume)
+
+    def saveReport(self, path: Optional[str] = None) -> Path:
+        """Write the one-page report.html of the last result (default: next to the saved scene).
+
+        The same report as the command line's. When the analysis ran in the worker process the
+        voxels are not kept here, so the scan is rebuilt from the input volume for the pictures.
+        """
+        from ZeroShotILDMRML import mrml_results
+
+        if self.session is None or self.session.result is None:
+            raise InputError("no result yet: press Apply first")
+        volume = self.session.input_volume
+        return mrml_results.save_report(self.session.result, volume, path or self.defaultReportPath(),
+                                        scan=self.session.scan)
 
 
 def _modelKey(settings):
