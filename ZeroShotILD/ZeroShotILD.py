@@ -120,6 +120,10 @@ class ZeroShotILDParameterNode:
     weightsDir - folder searched for downloaded weights (empty: the user cache folder).
     prompts - findings separated by ";" (the first is ranked and painted); negatives likewise.
     subtypes - one ILD subtype per line.
+    patterns - pattern-map prompts, one per line (empty: no pattern map); normalPrompt - the
+        normal-lung prompt they are contrasted with.
+    subpleuralMm - depth of the subpleural rind (extent by zone); extentZ - the extent rule's
+        threshold in robust SDs above the scan's own lung.
     heatmapOpacity - foreground opacity of the heatmap in the slice views (display only).
     heatmapRange - colour range of the heatmap: the probabilities' own range or the fixed 0-1 (display only).
     """
@@ -133,6 +137,10 @@ class ZeroShotILDParameterNode:
     prompts: str = DEFAULTS["prompts"]
     negatives: str = DEFAULTS["negatives"]
     subtypes: str = DEFAULTS["subtypes"]
+    patterns: str = DEFAULTS["patterns"]
+    normalPrompt: str = DEFAULTS["normalPrompt"]
+    subpleuralMm: Annotated[float, WithinRange(0.5, 50.0)] = DEFAULTS["subpleuralMm"]
+    extentZ: Annotated[float, WithinRange(0.0, 20.0)] = DEFAULTS["extentZ"]
     patchMm: Annotated[float, WithinRange(2.0, 200.0)] = DEFAULTS["patchMm"]
     patchPx: Annotated[int, WithinRange(0, 1024)] = DEFAULTS["patchPx"]
     strideFraction: Annotated[float, WithinRange(0.1, 4.0)] = DEFAULTS["strideFraction"]
