@@ -324,3 +324,26 @@ def test_logic_save_report(module, small_phantom, tmp_path):  # noqa: F811
     summary = logic.extentSummary()
     fraction = logic.session.result.extent["honeycombing"]["lung_fraction"]
     assert summary.startswith("Extent of honeycombing: ") and f"{100 * fraction:.1f} %" in summary
+
+
+def test_nodes_from_a_worker_result_equal_the_in_process_ones(analysed, tmp_path):
+    """The panel's path: the result comes back from the worker process through files; its pattern
+    segmentation, extent table and report are the same as from the in-process result."""
+    from ZeroShotILDMRML import worker
+
+    headless, volume, session, nodes = analysed
+    worker.write_result(session.result, tmp_path / "job")
+    back = worker.read_result(tmp_path / "job")
+    np.testing.assert_array_equal(label_volume(back), label_volume(session.result))
+    other = add_ct_volume(headless.scene, slicer.util.arrayFromVolume(volume), session.scan.spacing_mm, ORIGIN_MM,
+                          OBLIQUE_DIRECTION, "Worker CT")
+    try:
+        got = mrml_results.write_result(other, back, app_logic=headless.app_logic)
+        np.testing.assert_array_equal(_segment_labels(got.patterns, other), label_volume(session.result))
+        assert _table_columns(got.extent_table) == _table_columns(nodes.extent_table)
+        report = mrml_results.save_report(back, other, tmp_path / "report.html")
+        assert "Extent by zone" in _report_images(report)[0]
+    finally:
+        for node in mrml_results.find_result_nodes(other).nodes():
+            mrml_results.remove_node(node)
+        mrml_results.remove_node(other)
