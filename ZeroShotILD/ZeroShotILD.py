@@ -1196,6 +1196,13 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
             self.assertIsNone(logic.session.scan)  # the voxels were not copied in Slicer's process
             nodes = logic.reprompt(["honeycombing"])
             self.assertIn("honeycombing", nodes.heatmap.GetName())
+
+            self.delayDisplay("Pattern segmentation, extent table and report")
+            result = logic.session.result
+            self.assertEqual(nodes.patterns.GetSegmentation().GetNumberOfSegments(), len(result.patterns.names))
+            self.assertEqual(nodes.extent_series.GetYColumnName(), "honeycombing")
+            report = logic.saveReport(os.path.join(slicer.app.temporaryPath, "ZeroShotILD-test-report.html"))
+            self.assertIn("Extent by zone", Path(report).read_text(encoding="utf-8"))
         finally:
             logic.shutdownWorker()
 
