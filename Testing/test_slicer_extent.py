@@ -321,6 +321,13 @@ def test_logic_save_report(module, small_phantom, tmp_path):  # noqa: F811
     text, images = _report_images(path)
     np.testing.assert_array_equal(images[-1], logic.session.result.montage)
     assert "honeycombing" in text and "Extent by zone" in text
+    # Voxels edited after the analysis: the rebuilt scan would not be the analysed one.
+    voxels = slicer.util.arrayFromVolume(volume)
+    voxels[0, 0, 0] += 1
+    slicer.util.arrayFromVolumeModified(volume)
+    with pytest.raises(InputError, match="edited after it was analysed"):
+        logic.saveReport(str(tmp_path / "edited.html"))
+    assert not (tmp_path / "edited.html").exists()
     summary = logic.extentSummary()
     fraction = logic.session.result.extent["honeycombing"]["lung_fraction"]
     assert summary.startswith("Extent of honeycombing: ") and f"{100 * fraction:.1f} %" in summary

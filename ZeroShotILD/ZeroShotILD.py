@@ -1004,6 +1004,13 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         if self.session is None or self.session.result is None:
             raise InputError("no result yet: press Apply first")
         volume = self.session.input_volume
+        if self.session.scan is None:
+            from ZeroShotILDMRML.session import _voxels_mtime
+
+            # The pictures would show voxels the result was not computed on.
+            if _voxels_mtime(volume) != self.session.voxels_mtime:
+                raise InputError(f"volume '{volume.GetName()}' was edited after it was analysed: press Apply again, "
+                                 "then save the report")
         return mrml_results.save_report(self.session.result, volume, path or self.defaultReportPath(),
                                         scan=self.session.scan)
 
