@@ -575,6 +575,8 @@ def _non_default_settings() -> AnalysisSettings:
         subtypes=["idiopathic pulmonary fibrosis", "sarcoidosis"], patch_mm=24.5, patch_px=None, stride_fraction=0.5,
         slice_step_mm=2.5, filter_threshold=0.8, hu_window=(-1200.0, 200.0), retrieval="random", montage_size=8,
         top_k=12, seed=7, scoring_mode="fast", proposal_grid_tokens=2, rescore_fraction=0.25, rescore_min=5,
+        patterns=["honeycombing", "traction bronchiectasis"], normal_prompt="healthy lung", subpleural_mm=7.5,
+        extent_z=2.5,
         lung=LungMaskSettings(threshold_hu=-450.0, min_component_ml=3.0, opening_mm=1.0, closing_mm=4.0,
                               erosion_mm=0.5, airway_hu=-960.0, fill_holes=False),
     ).validate()
@@ -598,6 +600,13 @@ def test_parameter_node_round_trip_through_a_saved_scene():
     assert node.GetParameter("patchMm") == "24.5" and node.GetParameter("patchPx") == "0"
     assert node.GetParameter("prompts") == "honeycombing;ground-glass opacity"
     assert parameters.read_settings(node) == settings
+    assert node.GetParameter("patterns") == "honeycombing\ntraction bronchiectasis"
+    assert node.GetParameter("subpleuralMm") == "7.5" and node.GetParameter("normalPrompt") == "healthy lung"
+    # No pattern prompts: no pattern map (and the engine refuses patterns without a normal-lung prompt).
+    off = parameters.values_to_settings({**parameters.DEFAULTS, "patterns": "  \n "})
+    assert off.patterns == []
+    with pytest.raises(InputError):
+        parameters.values_to_settings({**parameters.DEFAULTS, "normalPrompt": " "})
 
     scene = headless.scene
     scene.SetSaveToXMLString(1)

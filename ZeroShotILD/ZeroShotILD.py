@@ -120,6 +120,10 @@ class ZeroShotILDParameterNode:
     weightsDir - folder searched for downloaded weights (empty: the user cache folder).
     prompts - findings separated by ";" (the first is ranked and painted); negatives likewise.
     subtypes - one ILD subtype per line.
+    patterns - pattern-map prompts, one per line (empty: no pattern map); normalPrompt - the
+        normal-lung prompt they are contrasted with.
+    subpleuralMm - depth of the subpleural rind (extent by zone); extentZ - the extent rule's
+        threshold in robust SDs above the scan's own lung.
     heatmapOpacity - foreground opacity of the heatmap in the slice views (display only).
     heatmapRange - colour range of the heatmap: the probabilities' own range or the fixed 0-1 (display only).
     """
@@ -133,6 +137,10 @@ class ZeroShotILDParameterNode:
     prompts: str = DEFAULTS["prompts"]
     negatives: str = DEFAULTS["negatives"]
     subtypes: str = DEFAULTS["subtypes"]
+    patterns: str = DEFAULTS["patterns"]
+    normalPrompt: str = DEFAULTS["normalPrompt"]
+    subpleuralMm: Annotated[float, WithinRange(0.5, 50.0)] = DEFAULTS["subpleuralMm"]
+    extentZ: Annotated[float, WithinRange(0.0, 20.0)] = DEFAULTS["extentZ"]
     patchMm: Annotated[float, WithinRange(2.0, 200.0)] = DEFAULTS["patchMm"]
     patchPx: Annotated[int, WithinRange(0, 1024)] = DEFAULTS["patchPx"]
     strideFraction: Annotated[float, WithinRange(0.1, 4.0)] = DEFAULTS["strideFraction"]
@@ -229,6 +237,8 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openWeightsDirButton.connect("clicked(bool)", self.onOpenWeightsDir)
         self.ui.showMontageButton.connect("clicked(bool)", self.onShowMontage)
         self.ui.saveMontageButton.connect("clicked(bool)", self.onSaveMontage)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
+        self.ui.showExtentChartButton.connect("clicked(bool)", self.onShowExtentChart)
         self.ui.patchTableView.connect("selectionChanged()", self.onPatchSelected)
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -472,6 +482,13 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.probabilityTableView.setMRMLTableNode(nodes.probabilities)
         self.ui.patchTableView.setMRMLTableNode(nodes.patch_table)
+        self.ui.extentTableView.setMRMLTableNode(nodes.extent_table)
+        self.ui.extentTableView.visible = nodes.extent_table is not None
+        self.ui.patternsSegmentsTableView.setSegmentationNode(nodes.patterns)
+        self.ui.patternsSegmentsTableView.visible = nodes.patterns is not None
+        self.ui.patternsLabel.visible = nodes.patterns is not None
+        self.ui.extentLabel.text = self.logic.extentSummary() or _("Extent by zone (%):")
+        self.ui.showExtentChartButton.enabled = nodes.extent_chart is not None
         self.ui.resultsCollapsibleButton.collapsed = False
         if self._parameterNode is not None:
             self._shownRange = self._parameterNode.heatmapRange
@@ -534,6 +551,18 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if path:
                 saved = self.logic.saveMontage(path)
                 self.ui.statusLabel.text = _("Montage saved to {path}").format(path=saved)
+
+    def onShowExtentChart(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot show the extent chart."), waitCursor=True):
+            self.logic.showExtentChart()
+
+    def onSaveReport(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot save the report."), waitCursor=True):
+            default = str(self.logic.defaultReportPath())
+            path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save report"), default, "HTML (*.html)")
+            if path:
+                saved = self.logic.saveReport(path)
+                self.ui.statusLabel.text = _("Report saved to {path}").format(path=saved)
 
     def onOpenWeightsDir(self) -> None:
         folder = Path(self._parameterNode.weightsDir or catalog.default_weights_dir()) if self._parameterNode else catalog.default_weights_dir()
@@ -866,6 +895,18 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         warning = mrml_results.result_warning(r)
         return "\n".join(n for n in r.notes if n != warning)
 
+    def extentSummary(self) -> str:
+        """One line on the first prompt's extent: share of the lung and where it predominates."""
+        if self.session is None or self.session.result is None:
+            return ""
+        r = self.session.result
+        record = (r.extent or {}).get(r.primary_prompt)
+        if not record or record.get("lung_fraction") is None:
+            return ""
+        where = record.get("predominance") or ""
+        return _("Extent of {prompt}: {pct:.1f} % of the lung{where} (table: % of each zone's lung).").format(
+            prompt=r.primary_prompt, pct=100.0 * float(record["lung_fraction"]), where=f", {where}" if where else "")
+
     def modelWarning(self) -> str:
         """Why the last result's scores are not meaningful ("" when they are, or with no result)."""
         if self.session is None or self.session.result is None:
@@ -886,6 +927,15 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         mrml_results.show_result(self.session.nodes, self.session.input_volume, app_logic=_appLogic(), opacity=opacity,
                                  switch_layout=not self._layoutSwitched)
         self._layoutSwitched = True
+
+    def showExtentChart(self) -> None:
+        """Show the extent-by-zone table and bar chart in the layout's table and plot views."""
+        from ZeroShotILDMRML import mrml_results
+
+        nodes = self.resultNodes()
+        if nodes is None or nodes.extent_chart is None:
+            raise InputError("no extent yet: press Apply first")
+        mrml_results.show_table_and_chart(nodes.extent_table, nodes.extent_chart, _appLogic())
 
     def setHeatmapRange(self, mode: str) -> None:
         """Colour the heatmap over the probabilities' own range ("relative") or 0-1 ("fixed 0-1")."""
@@ -935,6 +985,34 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         if nodes is None or nodes.montage is None:
             raise InputError("no montage yet: press Apply first")
         return mrml_results.save_montage(nodes.montage, path)
+
+    def defaultReportPath(self) -> Path:
+        from ZeroShotILDMRML import mrml_results
+
+        if self.session is None or self.session.result is None:
+            raise InputError("no result yet: press Apply first")
+        return mrml_results.default_report_path(self.session.input_volume)
+
+    def saveReport(self, path: Optional[str] = None) -> Path:
+        """Write the one-page report.html of the last result (default: next to the saved scene).
+
+        The same report as the command line's. When the analysis ran in the worker process the
+        voxels are not kept here, so the scan is rebuilt from the input volume for the pictures.
+        """
+        from ZeroShotILDMRML import mrml_results
+
+        if self.session is None or self.session.result is None:
+            raise InputError("no result yet: press Apply first")
+        volume = self.session.input_volume
+        if self.session.scan is None:
+            from ZeroShotILDMRML.session import _voxels_mtime
+
+            # The pictures would show voxels the result was not computed on.
+            if _voxels_mtime(volume) != self.session.voxels_mtime:
+                raise InputError(f"volume '{volume.GetName()}' was edited after it was analysed: press Apply again, "
+                                 "then save the report")
+        return mrml_results.save_report(self.session.result, volume, path or self.defaultReportPath(),
+                                        scan=self.session.scan)
 
 
 def _modelKey(settings):
@@ -1123,6 +1201,13 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
             self.assertIsNone(logic.session.scan)  # the voxels were not copied in Slicer's process
             nodes = logic.reprompt(["honeycombing"])
             self.assertIn("honeycombing", nodes.heatmap.GetName())
+
+            self.delayDisplay("Pattern segmentation, extent table and report")
+            result = logic.session.result
+            self.assertEqual(nodes.patterns.GetSegmentation().GetNumberOfSegments(), len(result.patterns.names))
+            self.assertEqual(nodes.extent_series.GetYColumnName(), "honeycombing")
+            report = logic.saveReport(os.path.join(slicer.app.temporaryPath, "ZeroShotILD-test-report.html"))
+            self.assertIn("Extent by zone", Path(report).read_text(encoding="utf-8"))
         finally:
             logic.shutdownWorker()
 

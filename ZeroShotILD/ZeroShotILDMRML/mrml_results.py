@@ -11,7 +11,34 @@ Outputs of one input volume live in one subject-hierarchy folder, a child of the
   "#rank probability" (three decimals: zero-shot scores often differ only there);
 - the montage as a one-slice scalar volume (the image the model classified), placed beside the scan;
 - a table of finding and subtype probabilities with a bar chart, and a table of the top patches
-  with the same columns as the command line's ``patches.csv``.
+  with the same columns as the command line's ``patches.csv``;
+- segmentation "Patterns" (when the result has a pattern map): one segment per pattern prompt, in
+  the pattern's colour, holding the lung voxels of the patches labelled with it (what the command
+  line's ``patterns.nii.gz`` holds), so Segment Statistics measures it;
+- an "extent by zone" table (rows: whole lung and the zones, columns: each prompt's and each
+  pattern's extent in % of that zone's scored lung volume, as ``result.json``'s ``extent``) with a
+  bar chart of the primary prompt's extent by zone.
+
+Roles (``ZeroShotILD.Role``) and node classes, one node per role and results folder unless noted:
+
+=================  =========================  =========================================
+role               class                      written by
+=================  =========================  =========================================
+lungs              vtkMRMLSegmentationNode    a full analysis only (kept on re-prompt)
+heatmap            vtkMRMLScalarVolumeNode    every run and re-prompt
+patch              vtkMRMLMarkupsROINode      one per top patch, replaced every time
+montage            vtkMRMLScalarVolumeNode    every run and re-prompt
+probabilities      vtkMRMLTableNode           every run and re-prompt
+patches            vtkMRMLTableNode           every run and re-prompt
+chart / series     vtkMRMLPlotChartNode /     every run and re-prompt
+                   vtkMRMLPlotSeriesNode
+patterns           vtkMRMLSegmentationNode    every run and re-prompt; removed when the
+                                              result has no pattern map
+extent             vtkMRMLTableNode           every run and re-prompt
+extentChart /      vtkMRMLPlotChartNode /     every run and re-prompt
+extentSeries       vtkMRMLPlotSeriesNode
+heatmapColors      vtkMRMLColorTableNode      once per scene (not in the folder)
+=================  =========================  =========================================
 
 Every output node carries the attribute ``ZeroShotILD.Role`` so that a new run or a new prompt
 updates the nodes in place instead of piling up copies. Imports ``slicer`` and ``vtk`` but never
@@ -43,6 +70,7 @@ WARNING_ATTRIBUTE = "ZeroShotILD.ModelWarning"
 FOLDER_NAME = "ZeroShotILD results"
 COLOR_NODE_NAME = "ZeroShotILD heatmap"
 LUNGS_NAME = "Lungs"
+PATTERNS_NAME = "Patterns"
 
 LUNGS = "lungs"
 HEATMAP = "heatmap"
@@ -53,6 +81,15 @@ PATCH_TABLE = "patches"
 CHART = "chart"
 SERIES = "series"
 COLORS = "heatmapColors"
+PATTERNS = "patterns"
+EXTENT_TABLE = "extent"
+EXTENT_CHART = "extentChart"
+EXTENT_SERIES = "extentSeries"
+#: Rows of the extent table: the whole lung, then the zones in the report's order (``report.ZONES``).
+WHOLE_LUNG = "whole lung"
+EXTENT_ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "central")
+#: Column-name prefix of a pattern's extent (a pattern may share its text with a prompt).
+PATTERN_COLUMN_PREFIX = "pattern: "
 
 LUNG_COLOR = (0.55, 0.75, 1.0)
 OUTLINE_COLOR = (0.0, 1.0, 1.0)
@@ -81,9 +118,14 @@ class ResultNodes:
     patch_table: object = None
     chart: object = None
     series: object = None
+    patterns: object = None
+    extent_table: object = None
+    extent_chart: object = None
+    extent_series: object = None
 
     def nodes(self) -> list:
-        single = [self.lungs, self.heatmap, self.montage, self.probabilities, self.patch_table, self.chart, self.series]
+        single = [self.lungs, self.heatmap, self.montage, self.probabilities, self.patch_table, self.chart, self.series,
+                  self.patterns, self.extent_table, self.extent_chart, self.extent_series]
         return [n for n in single if n is not None] + list(self.patch_rois)
 
 
@@ -127,7 +169,7 @@ def _folder_nodes(input_volume, folder: int) -> list:
     out = []
     for child in _children(sh, folder):
         node = sh.GetItemDataNode(child)
-        if node is not None:
+        if node is not None and node.GetScene() is not None:  # an item may outlive its removed node
             out.append(node)
     return out
 
@@ -139,7 +181,8 @@ def find_result_nodes(input_volume) -> Optional[ResultNodes]:
         return None
     nodes = ResultNodes(folder)
     single = {LUNGS: "lungs", HEATMAP: "heatmap", MONTAGE: "montage", PROBABILITIES: "probabilities",
-              PATCH_TABLE: "patch_table", CHART: "chart", SERIES: "series"}
+              PATCH_TABLE: "patch_table", CHART: "chart", SERIES: "series", PATTERNS: "patterns",
+              EXTENT_TABLE: "extent_table", EXTENT_CHART: "extent_chart", EXTENT_SERIES: "extent_series"}
     for node in _folder_nodes(input_volume, folder):
         role = node.GetAttribute(ROLE_ATTRIBUTE)
         if role == PATCH:
@@ -223,6 +266,9 @@ def _write_prompt_outputs(builder: _Builder, result, app_logic) -> ResultNodes:
     nodes.probabilities = _write_probability_table(builder, result)
     nodes.patch_table = _write_patch_table(builder, result)
     nodes.chart, nodes.series = _write_chart(builder, result, nodes.probabilities)
+    nodes.patterns = _write_patterns(builder, result)
+    nodes.extent_table = _write_extent_table(builder, result)
+    nodes.extent_chart, nodes.extent_series = _write_extent_chart(builder, result, nodes.extent_table)
     return nodes
 
 
@@ -232,19 +278,13 @@ def _write_lungs(builder: _Builder, lung_mask: np.ndarray):
     seg = builder.node("vtkMRMLSegmentationNode", LUNGS, LUNGS_NAME)
     if seg.GetDisplayNode() is None:
         seg.CreateDefaultDisplayNodes()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(ref)
+    # Transform first: the reference geometry is taken in the segmentation's own frame, so under
+    # the input's transform it is the input's own grid (set before, it is the transformed grid).
     builder.follow_input_transform(seg)
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ref)
     segmentation = seg.GetSegmentation()
     segmentation.RemoveAllSegments()
-    # Import through a temporary labelmap with the input's geometry: that keeps the voxel grid exact.
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", LUNGS_NAME)
-    try:
-        labelmap.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(ref)))
-        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(lung_mask, dtype=np.uint8))
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
-            raise RuntimeError("importing the lung mask into the segmentation failed")
-    finally:
-        remove_node(labelmap)
+    _import_labels(builder, seg, lung_mask, LUNGS_NAME)
     if segmentation.GetNumberOfSegments() == 0:
         # An empty mask imports no segment; keep the named segment so the user sees it is empty.
         segmentation.AddEmptySegment(LUNGS_NAME, LUNGS_NAME, LUNG_COLOR)
@@ -256,6 +296,128 @@ def _write_lungs(builder: _Builder, lung_mask: np.ndarray):
     display.SetOpacity2DFill(0.0)
     display.SetOpacity2DOutline(0.8)
     return seg
+
+
+def _import_labels(builder: _Builder, seg, labels: np.ndarray, name: str, segment_ids=None) -> None:
+    """Import a [z,y,x] label array on the input's voxel grid into ``seg``.
+
+    Through a temporary labelmap with the input's IJK-to-RAS and the input's parent transform: the
+    import resamples a labelmap that sits under another transform than the segmentation, so with the
+    segmentation under the input's transform (an acquisition or registration transform) a labelmap
+    outside it would land elsewhere. Under the same transform the voxel grid is taken over exactly.
+    ``segment_ids``: label k goes into the k-th of these existing segments; without them the import
+    makes one segment per label value present.
+    """
+    labelmap = builder.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    try:
+        labelmap.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(builder.input)))
+        builder.follow_input_transform(labelmap)
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(labels, dtype=np.uint8))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        ok = (logic.ImportLabelmapToSegmentationNode(labelmap, seg) if segment_ids is None
+              else logic.ImportLabelmapToSegmentationNode(labelmap, seg, segment_ids))
+        if not ok:
+            raise RuntimeError(f"importing the {name} labels into the segmentation failed")
+    finally:
+        remove_node(labelmap)
+
+
+def pattern_segment_id(k: int) -> str:
+    """Segment ID of pattern label ``k`` (1-based, as in patterns.nii.gz)."""
+    return f"pattern_{k}"
+
+
+def _write_patterns(builder: _Builder, result):
+    """Segmentation "Patterns": segment k = the lung voxels labelled pattern k (``patterns.label_volume``).
+
+    Every pattern gets its segment, empty when no patch won it, so the segment list (and Segment
+    Statistics' table) always names the whole set. Removed when the result has no pattern map.
+    """
+    pm = getattr(result, "patterns", None)
+    if pm is None:
+        for node in _folder_nodes(builder.input, builder.folder):
+            if node.GetAttribute(ROLE_ATTRIBUTE) == PATTERNS:
+                remove_node(node)
+        return None
+    from ZeroShotILDLib.patterns import label_volume
+
+    seg = builder.node("vtkMRMLSegmentationNode", PATTERNS, PATTERNS_NAME)
+    if seg.GetDisplayNode() is None:
+        seg.CreateDefaultDisplayNodes()
+    builder.follow_input_transform(seg)  # before the reference geometry, as for the lungs
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(builder.input)
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    ids = vtk.vtkStringArray()
+    for k, (name, colour) in enumerate(zip(pm.names, pm.colours), start=1):
+        segment_id = segmentation.AddEmptySegment(pattern_segment_id(k), name, tuple(c / 255.0 for c in colour))
+        ids.InsertNextValue(segment_id)
+    labels = label_volume(result)
+    if labels.any():
+        _import_labels(builder, seg, labels, PATTERNS_NAME, ids)
+    seg.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
+    seg.GetDisplayNode().SetOpacity2DFill(0.4)
+    return seg
+
+
+def extent_columns(result) -> list:
+    """(column name, {row: % or NaN}) of the extent table: each prompt, then each pattern."""
+    out = []
+
+    def column(record):
+        by_zone = record.get("by_zone") or {}
+        values = {WHOLE_LUNG: record.get("lung_fraction")}
+        values.update({z: by_zone.get(z) for z in EXTENT_ZONES})
+        return {k: (100.0 * float(v) if v is not None else float("nan")) for k, v in values.items()}
+
+    for prompt, record in (getattr(result, "extent", None) or {}).items():
+        out.append((prompt, column(record)))
+    pm = getattr(result, "patterns", None)
+    if pm is not None:
+        for name in pm.names:
+            if name in pm.extent:
+                out.append((PATTERN_COLUMN_PREFIX + name, column(pm.extent[name])))
+    return out
+
+
+def _write_extent_table(builder: _Builder, result):
+    table = builder.node("vtkMRMLTableNode", EXTENT_TABLE, f"{builder.input.GetName()} extent by zone (%)")
+    rows = (WHOLE_LUNG,) + EXTENT_ZONES
+    columns = [("Index", "int", range(1, len(rows) + 1)), ("Zone", "string", rows)]
+    for name, values in extent_columns(result):
+        columns.append((name, "double", [values[r] for r in rows]))
+    _fill_table(table, columns)
+    table.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
+    record = (getattr(result, "extent", None) or {}).get(result.primary_prompt) or {}
+    # The rule and the predominance, saved with the scene beside the numbers they explain.
+    table.SetAttribute("ZeroShotILD.ExtentRule", str(record.get("rule", "")))
+    table.SetAttribute("ZeroShotILD.Predominance", str(record.get("predominance", "")))
+    return table
+
+
+def _write_extent_chart(builder: _Builder, result, table):
+    prompt = result.primary_prompt
+    series = builder.node("vtkMRMLPlotSeriesNode", EXTENT_SERIES, f"Extent of {prompt}")
+    series.SetAndObserveTableNodeID(table.GetID())
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+    series.SetXColumnName("Index")
+    series.SetYColumnName(prompt if prompt in (getattr(result, "extent", None) or {}) else "")
+    series.SetLabelColumnName("Zone")
+    series.SetColor(0.23, 0.44, 0.71)
+    chart = builder.node("vtkMRMLPlotChartNode", EXTENT_CHART, f"{builder.input.GetName()} extent chart")
+    if chart.GetNumberOfPlotSeriesNodes() != 1 or chart.GetNthPlotSeriesNodeID(0) != series.GetID():
+        chart.RemoveAllPlotSeriesNodeIDs()
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    title = f"Extent of {prompt} by zone: {builder.input.GetName()}"
+    warning = result_warning(result)
+    if warning:
+        title += f" ({short_warning(warning)})"
+    chart.SetTitle(title)
+    chart.SetXAxisTitle("zone (see table)")
+    chart.SetYAxisTitle("% of the zone's lung")
+    chart.SetYAxisRangeAuto(True)
+    chart.SetLegendVisibility(False)
+    return chart, series
 
 
 def heatmap_array(result) -> np.ndarray:
@@ -619,6 +781,12 @@ def remove_node(node) -> None:
     for getter, count in (("GetNthDisplayNode", "GetNumberOfDisplayNodes"), ("GetNthStorageNode", "GetNumberOfStorageNodes")):
         if hasattr(node, count):
             owned += [getattr(node, getter)(i) for i in range(getattr(node, count)())]
+    # Its subject-hierarchy item too: without the application's plugins (slicer-core) the item stays
+    # in the results folder pointing at the removed node.
+    sh = _sh(scene)
+    item = sh.GetItemByDataNode(node) if sh is not None else 0
+    if item:
+        sh.RemoveItem(item, False, False)
     scene.RemoveNode(node)
     for child in owned:
         if child is not None and child.GetScene() is scene:
@@ -653,15 +821,21 @@ def show_result(nodes: ResultNodes, input_volume, *, app_logic=None, opacity: fl
         layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layout is not None:
             layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
-    if app_logic is not None:
-        selection = app_logic.GetSelectionNode()
-        if selection is not None and nodes.probabilities is not None and nodes.chart is not None:
-            selection.SetActiveTableID(nodes.probabilities.GetID())
-            selection.SetActivePlotChartID(nodes.chart.GetID())
-            app_logic.PropagateTableSelection()
-            app_logic.PropagatePlotChartSelection()
+    if nodes.probabilities is not None and nodes.chart is not None:
+        show_table_and_chart(nodes.probabilities, nodes.chart, app_logic)
     if jump and nodes.patch_rois:
         jump_to_patch(nodes.patch_rois[0])
+
+
+def show_table_and_chart(table, chart, app_logic) -> None:
+    """Make ``table`` and ``chart`` the ones the layout's table and plot views show."""
+    selection = app_logic.GetSelectionNode() if app_logic is not None else None
+    if selection is None:
+        return
+    selection.SetActiveTableID(table.GetID() if table is not None else None)
+    selection.SetActivePlotChartID(chart.GetID() if chart is not None else None)
+    app_logic.PropagateTableSelection()
+    app_logic.PropagatePlotChartSelection()
 
 
 def rank_in_patch_table(patch_table, row: int) -> Optional[int]:
@@ -725,4 +899,44 @@ def save_montage(montage_node, path: Optional[str] = None) -> Path:
     out = Path(path).expanduser() if path else default_montage_path(montage_node)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(montage_image(montage_node)).save(out)
+    return out
+
+
+def default_report_path(input_volume) -> Path:
+    """``<scene folder>/<volume name> report.html``: next to the saved scene (or the current folder)."""
+    root = input_volume.GetScene().GetRootDirectory() or "."
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in input_volume.GetName()).strip("_")
+    return Path(root).expanduser() / f"{safe or 'scan'}_report.html"
+
+
+def save_report(result, input_volume, path, *, scan=None) -> Path:
+    """Write the one-page ``report.html`` of ``result`` (the command line's report) to ``path``.
+
+    ``scan``: the engine's ``Scan`` the result was computed on; when the voxels were analysed in the
+    worker process and are not kept here, it is rebuilt from ``input_volume`` (same conversion as the
+    worker's input) just for the report's overlay pictures. Written atomically: a failure leaves no
+    half-written file.
+    """
+    from ZeroShotILDLib.atomic_files import atomic_path
+    from ZeroShotILDLib.errors import InputError
+    from ZeroShotILDLib.report import write_report
+
+    from .volumes import scan_from_volume_node
+
+    if result is None:
+        raise InputError("no result to report: press Apply first")
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise InputError(f"'{out}' is a folder: give a file name for the report, such as report.html")
+    if not out.parent.is_dir():
+        raise InputError(f"folder '{out.parent}' does not exist: choose an existing folder for the report")
+    if scan is None:
+        scan = scan_from_volume_node(input_volume)
+    if tuple(scan.hu.shape) != tuple(result.shape_zyx):
+        raise InputError(f"volume '{input_volume.GetName()}' changed size since it was analysed: press Apply again")
+    pm = getattr(result, "patterns", None)
+    pattern_extent = {n: pm.extent[n] for n in pm.names if n in pm.extent} if pm is not None else None
+    with atomic_path(out) as tmp:
+        write_report(result, scan, tmp, heatmap_array(result), extent=result.extent or None,
+                     pattern_extent=pattern_extent or None)
     return out

@@ -8,7 +8,8 @@ values exactly as the wrapper's serializers do (str as is, int/float via ``str``
 other's values. It needs no Qt and no wrapper, which is what lets CI test it under ``slicer-core``.
 
 Multi-valued settings are single text fields in the panel: prompts and negatives are separated by
-";" (the first prompt is the one ranked and painted), subtypes are one per line.
+";" (the first prompt is the one ranked and painted), subtypes and pattern-map prompts are one per
+line (no pattern prompts: no pattern map).
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def _defaults() -> tuple:
         Parameter("prompts", str, PROMPT_SEPARATOR.join(s.prompts), ("prompts",)),
         Parameter("negatives", str, PROMPT_SEPARATOR.join(s.negatives or []), ("negatives",)),
         Parameter("subtypes", str, SUBTYPE_SEPARATOR.join(s.subtypes), ("subtypes",)),
+        Parameter("patterns", str, SUBTYPE_SEPARATOR.join(s.patterns), ("patterns",)),
+        Parameter("normalPrompt", str, s.normal_prompt, ("normal_prompt",)),
+        Parameter("subpleuralMm", float, float(s.subpleural_mm), ("subpleural_mm",)),
+        Parameter("extentZ", float, float(s.extent_z), ("extent_z",)),
         Parameter("patchMm", float, float(s.patch_mm), ("patch_mm",)),
         Parameter("patchPx", int, int(s.patch_px or 0), ("patch_px",)),
         Parameter("strideFraction", float, float(s.stride_fraction), ("stride_fraction",)),
@@ -150,6 +155,10 @@ def settings_to_values(settings: AnalysisSettings, model_names: Sequence[str]) -
         "prompts": PROMPT_SEPARATOR.join(settings.prompts),
         "negatives": PROMPT_SEPARATOR.join(settings.negatives or []),
         "subtypes": SUBTYPE_SEPARATOR.join(settings.subtypes),
+        "patterns": SUBTYPE_SEPARATOR.join(settings.patterns or []),
+        "normalPrompt": settings.normal_prompt,
+        "subpleuralMm": float(settings.subpleural_mm),
+        "extentZ": float(settings.extent_z),
         "patchMm": float(settings.patch_mm),
         "patchPx": int(settings.patch_px or 0),
         "strideFraction": float(settings.stride_fraction),
@@ -206,6 +215,10 @@ def values_to_settings(values: Mapping, *, validate: bool = True) -> AnalysisSet
         prompts=prompts,
         negatives=_split_negatives(v["negatives"]),
         subtypes=split_subtypes(v["subtypes"]),
+        patterns=split_subtypes(v["patterns"]),
+        normal_prompt=str(v["normalPrompt"]).strip(),
+        subpleural_mm=float(v["subpleuralMm"]),
+        extent_z=float(v["extentZ"]),
         patch_mm=float(v["patchMm"]),
         patch_px=int(v["patchPx"]) or None,
         stride_fraction=float(v["strideFraction"]),
@@ -281,9 +294,8 @@ def settings_fields_covered() -> set:
     return {f for p in PARAMETERS for f in p.fields}
 
 
-#: Settings the panel does not carry yet (extent and pattern map, issue 14): Slicer runs them at their
-#: defaults until the module's pattern display lands; the command line and the Python API set them.
-NOT_IN_PANEL = frozenset({"subpleural_mm", "extent_z", "patterns", "normal_prompt"})
+#: Settings the panel does not carry (none at present: every engine setting has its parameter).
+NOT_IN_PANEL: frozenset = frozenset()
 
 
 def all_settings_fields() -> set:
