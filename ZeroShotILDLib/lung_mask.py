@@ -106,6 +106,17 @@ def lung_volume_ml(mask: np.ndarray, spacing_mm) -> float:
     return float(np.count_nonzero(mask)) * float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0
 
 
+def _volume_and_spacing(hu, spacing_mm, what: str) -> tuple:
+    """``hu`` as a 3-D array and ``spacing_mm`` as three positive floats, or a one-line ``InputError``."""
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise InputError(f"{what} needs a 3-D [z, y, x] volume, got {hu.ndim}-D: give a CT volume")
+    spacing = tuple(float(v) for v in spacing_mm)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    return hu, spacing
+
+
 def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Boolean mask [z, y, x] of the patient's body with everything inside it (lungs, airways, gut).
 
@@ -114,12 +125,7 @@ def segment_body(hu: np.ndarray, spacing_mm, *, cancel: Optional[CancelToken] = 
     slices: a sparse series keeps every slice) and brought back by nearest neighbour.
     """
     _, cancel = resolve(None, cancel)
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise InputError(f"the body mask needs a 3-D [z, y, x] volume, got {hu.ndim}-D: give a CT volume")
-    spacing = tuple(float(v) for v in spacing_mm)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    hu, spacing = _volume_and_spacing(hu, spacing_mm, "the body mask")
     coarse, (fz, fy, fx) = _body_grid(hu, spacing, cancel)
     small = _body_coarse(coarse, (spacing[1] * fy, spacing[0] * fx), cancel)
     out = np.empty(hu.shape, dtype=bool)
@@ -170,12 +176,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
     """
     s = settings or LungMaskSettings()
     progress, cancel = resolve(progress, cancel)
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise InputError(f"lung segmentation needs a 3-D [z, y, x] volume, got {hu.ndim}-D: give a CT volume")
-    spacing = tuple(float(v) for v in spacing_mm)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise InputError(f"spacing {spacing_mm} mm is invalid: give three positive numbers (x, y, z)")
+    hu, spacing = _volume_and_spacing(hu, spacing_mm, "lung segmentation")
     if direction is not None and _columns_run_front_to_back(direction):
         upright = np.ascontiguousarray(hu.transpose(0, 2, 1))
         mask = segment_lungs(upright, (spacing[1], spacing[0], spacing[2]), s, progress=progress, cancel=cancel,

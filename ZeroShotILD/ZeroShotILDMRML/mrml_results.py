@@ -397,22 +397,10 @@ def _write_extent_table(builder: _Builder, result):
 
 def _write_extent_chart(builder: _Builder, result, table):
     prompt = result.primary_prompt
-    series = builder.node("vtkMRMLPlotSeriesNode", EXTENT_SERIES, f"Extent of {prompt}")
-    series.SetAndObserveTableNodeID(table.GetID())
-    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
-    series.SetXColumnName("Index")
-    series.SetYColumnName(prompt if prompt in (getattr(result, "extent", None) or {}) else "")
-    series.SetLabelColumnName("Zone")
-    series.SetColor(0.23, 0.44, 0.71)
-    chart = builder.node("vtkMRMLPlotChartNode", EXTENT_CHART, f"{builder.input.GetName()} extent chart")
-    if chart.GetNumberOfPlotSeriesNodes() != 1 or chart.GetNthPlotSeriesNodeID(0) != series.GetID():
-        chart.RemoveAllPlotSeriesNodeIDs()
-        chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    title = f"Extent of {prompt} by zone: {builder.input.GetName()}"
-    warning = result_warning(result)
-    if warning:
-        title += f" ({short_warning(warning)})"
-    chart.SetTitle(title)
+    chart, series = _bar_chart(builder, result, table, EXTENT_SERIES, f"Extent of {prompt}",
+                               y_column=prompt if prompt in (getattr(result, "extent", None) or {}) else "",
+                               label_column="Zone", colour=(0.23, 0.44, 0.71), chart_role=EXTENT_CHART,
+                               chart_name="extent chart", title=f"Extent of {prompt} by zone")
     chart.SetXAxisTitle("zone (see table)")
     chart.SetYAxisTitle("% of the zone's lung")
     chart.SetYAxisRangeAuto(True)
@@ -742,23 +730,32 @@ def _write_patch_table(builder: _Builder, result):
     return table
 
 
-def _write_chart(builder: _Builder, result, table):
-    series = builder.node("vtkMRMLPlotSeriesNode", SERIES, "Probability")
+def _bar_chart(builder: _Builder, result, table, series_role: str, series_name: str, *, y_column: str,
+               label_column: str, colour, chart_role: str, chart_name: str, title: str):
+    """A bar series over ``table``'s ``Index`` column in its own chart, titled with the input and any warning."""
+    series = builder.node("vtkMRMLPlotSeriesNode", series_role, series_name)
     series.SetAndObserveTableNodeID(table.GetID())
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
     series.SetXColumnName("Index")
-    series.SetYColumnName("Probability")
-    series.SetLabelColumnName("Label")
-    series.SetColor(0.98, 0.55, 0.04)
-    chart = builder.node("vtkMRMLPlotChartNode", CHART, f"{builder.input.GetName()} probabilities chart")
-    if chart.GetNumberOfPlotSeriesNodes() == 0 or chart.GetNthPlotSeriesNodeID(0) != series.GetID():
+    series.SetYColumnName(y_column)
+    series.SetLabelColumnName(label_column)
+    series.SetColor(*colour)
+    chart = builder.node("vtkMRMLPlotChartNode", chart_role, f"{builder.input.GetName()} {chart_name}")
+    if chart.GetNumberOfPlotSeriesNodes() != 1 or chart.GetNthPlotSeriesNodeID(0) != series.GetID():
         chart.RemoveAllPlotSeriesNodeIDs()
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    title = f"P(finding) and P(subtype): {builder.input.GetName()}"
+    title = f"{title}: {builder.input.GetName()}"
     warning = result_warning(result)
     if warning:
         title += f" ({short_warning(warning)})"
     chart.SetTitle(title)
+    return chart, series
+
+
+def _write_chart(builder: _Builder, result, table):
+    chart, series = _bar_chart(builder, result, table, SERIES, "Probability", y_column="Probability",
+                               label_column="Label", colour=(0.98, 0.55, 0.04), chart_role=CHART,
+                               chart_name="probabilities chart", title="P(finding) and P(subtype)")
     chart.SetXAxisTitle("finding / subtype (see table)")
     chart.SetYAxisTitle("probability")
     chart.SetYAxisRangeAuto(False)
