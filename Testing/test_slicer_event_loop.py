@@ -221,7 +221,7 @@ def run_panel_session(module, path, tmp_path, monkeypatch, **overrides) -> dict:
         ids, mtime = host.node_ids(), volume.GetMTime()
         host.set(**{**overrides, **LONG})
         host.press_apply()
-        host.run(timeout_s=60.0, until=lambda: host.widget._progress.fraction > 0.2)
+        host.run(timeout_s=max(120.0, 5 * cli_s), until=lambda: host.widget._progress.fraction > 0.2)
         assert host.widget._job is not None, "the long run finished before it could be cancelled"
         t0 = time.monotonic()
         host.press_apply()  # the Apply button reads "Cancel" while a run is going
@@ -233,7 +233,7 @@ def run_panel_session(module, path, tmp_path, monkeypatch, **overrides) -> dict:
 
         # 4. Kill the worker half-way: one clear line, the scene as before, and the next Apply works.
         host.press_apply()
-        host.run(timeout_s=60.0, until=lambda: host.widget._progress.fraction > 0.2)
+        host.run(timeout_s=max(120.0, 5 * cli_s), until=lambda: host.widget._progress.fraction > 0.2)
         assert host.widget._job is not None
         os.kill(host.worker().pid, signal.SIGKILL)
         host.run(timeout_s=10.0)
