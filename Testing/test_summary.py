@@ -4,7 +4,7 @@ import csv
 import pytest
 
 from test_outputs_safety import validate_result
-from ZeroShotILDLib.cli import main
+from ZeroShotILDLib.cli import EXIT_INPUT, main
 from ZeroShotILDLib.outputs import SUMMARY_HEAD
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "30", "--slice-step-mm", "5", "-q",
@@ -89,3 +89,22 @@ def test_a_scan_named_like_the_summary_is_refused(small_phantom, tmp_path, capsy
         small_phantom.save(p)
     assert main(["analyze", *map(str, paths), "-o", str(tmp_path / "out"), *FAST]) == 2
     assert "rename" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_broken_scan_in_a_batch_is_reported_and_the_rest_analysed(two_scans, tmp_path, capsys):
+    """A cohort run does not stop at a damaged file: the others are analysed, the failure is one line on
+    stderr and a row of summary.csv, no folder is written for it, and the exit code says a scan failed."""
+    broken = tmp_path / "broken" / "chest.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(two_scans[0].read_bytes()[:2000])  # truncated download
+    out = tmp_path / "cohort"
+    code = main(["analyze", str(two_scans[0]), str(broken), str(two_scans[1]), "-o", str(out), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT
+    assert len(err) == 2 and str(broken) in err[0] and "1 of 3 scans failed" in err[1]
+    rows = read_rows(out / "summary.csv")
+    assert [r["input"] for r in rows] == [str(two_scans[0]), str(broken), str(two_scans[1])]
+    assert rows[1]["error"] and not rows[1]["model"] and rows[0]["error"] == rows[2]["error"] == ""
+    assert tuple(list(rows[0])[:len(SUMMARY_HEAD)]) == SUMMARY_HEAD  # still recognised as ours next time
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 2 and all((out / f / "result.json").is_file() for f in folders)

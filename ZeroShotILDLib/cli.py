@@ -283,7 +283,7 @@ def _summary(result, out_dir: Path) -> str:
 
 
 def _cmd_analyze(args, progress) -> int:
-    from .outputs import SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
+    from .outputs import SUMMARY_HEAD, SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
 
     settings = settings_from_args(args)
     out = Path(args.out)
@@ -316,10 +316,23 @@ def _cmd_analyze(args, progress) -> int:
         for path, target in zip(args.inputs, targets):
             print(f"  {path} -> {target}")
     analyzer = None
+    failed = 0
     for k, (path, target) in enumerate(zip(args.inputs, targets)):
-        result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer,
-                                    lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite,
-                                    dicom_results=args.dicom_results)
+        try:
+            result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer,
+                                        lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite,
+                                        dicom_results=args.dicom_results)
+        except InputError as exc:
+            if not many:
+                raise
+            # One bad scan in a cohort (no lungs, damaged file) is reported and the rest analysed:
+            # a night's batch must not stop at scan 3 of 200. Its folder is not written.
+            progress.close()
+            failed += 1
+            print(f"zeroshot-ild: error: {path}: {exc}", file=sys.stderr)
+            rows.append({**dict.fromkeys(SUMMARY_HEAD, ""), "input": str(path), "error": str(exc)})
+            write_summary(rows, summary)
+            continue
         print(_summary(result, target))
         if summary is not None:
             # Rewritten (atomically) after every scan: a stopped run leaves the rows of the scans it finished.
@@ -327,6 +340,9 @@ def _cmd_analyze(args, progress) -> int:
             write_summary(rows, summary)
     if summary is not None:
         print(f"cohort summary: {summary}")
+    if failed:
+        print(f"zeroshot-ild: error: {failed} of {len(args.inputs)} scans failed (listed in {summary})", file=sys.stderr)
+        return EXIT_INPUT
     return 0
 
 
