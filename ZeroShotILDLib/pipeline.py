@@ -254,14 +254,18 @@ class Analyzer:
                 count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
                                                 rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
                 stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
-                step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, s.proposal_skip_within_mm)
-                neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
                 bf16 = proposals.proposal_precision(fast_model) == "bf16"
+                skip_mm = s.proposal_skip_within_mm
+                if not bf16 and skip_mm > 0:  # 0 still means every slice
+                    skip_mm = max(skip_mm, proposals.FP32_SKIP_WITHIN_MM)
+                step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, skip_mm)
+                neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
                 n_first = int(proposals.first_pass(patches.slice_index, neighbours, step, stride).sum())
+                depth = None if bf16 else proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
                 if not proposals.proposals_pay_off(
                         n, count, grid, proposals.full_grid_tokens(self.model),
                         proposals.BF16_RELATIVE_COST if bf16 else proposals.FP32_RELATIVE_COST,
-                        n_proposals=proposals.expected_proposals(n_first, n, count, step)):
+                        n_proposals=proposals.expected_proposals(n_first, n, count, step, depth)):
                     fast_model = None  # a small scan (or no slice to skip in fp32): exact is as cheap
                     if not bf16:
                         notes.append("fast mode: without native bf16, fast mode saves work only by skipping thin "
@@ -303,7 +307,19 @@ class Analyzer:
                 if first.size:
                     encode_proposals(first, "proposal pass")
                 proposal_grid, proposal_step, proposal_precision, changed = grid, step, precision, True
-            if step > 1:
+            if step > 1 and proposals_exact:
+                # Best-first: encode the best-scoring candidates not yet encoded (interpolated scores)
+                # until the best ``depth`` are all exact; each batch sharpens the interpolation near it.
+                depth = proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
+                while True:
+                    scores = softmax_probability(
+                        proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index, neighbours),
+                        *text_pair)
+                    more = proposals.next_to_encode(scores, proposal_encoded, depth, proposals.FP32_SEARCH_BATCH)
+                    if not more.size:
+                        break
+                    encode_proposals(np.sort(more), "proposal pass: best first")
+            elif step > 1:
                 # The slices skipped next to this prompt's best boxes: where its top patches may be.
                 more = proposals.neighbours_to_refine(softmax_probability(proposal, *text_pair), proposal_encoded,
                                                       neighbours, proposals.REFINE_PER_RESCORED * count)

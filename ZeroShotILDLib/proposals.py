@@ -234,10 +234,15 @@ def proposals_pay_off(n_candidates: int, rescore: int, grid_tokens: int, full_gr
     return proposal < exact
 
 
-def expected_proposals(first_pass_count: int, n_candidates: int, rescore: int, step: int) -> int:
-    """Proposal encodings to expect: the first pass plus the refinement's at most 2 (step - 1)
-    slice neighbours of each of the ``REFINE_PER_RESCORED x rescore`` best boxes."""
-    refine = REFINE_PER_RESCORED * int(rescore) * 2 * (int(step) - 1) if step > 1 else 0
+def expected_proposals(first_pass_count: int, n_candidates: int, rescore: int, step: int,
+                       search_depth: Optional[int] = None) -> int:
+    """Proposal encodings to expect: the first pass plus, in bf16, the refinement's at most 2 (step - 1)
+    slice neighbours of each of the ``REFINE_PER_RESCORED x rescore`` best boxes, or, in fp32, the
+    best-first search's ``search_depth``."""
+    if search_depth is not None:
+        refine = int(search_depth) if step > 1 else 0
+    else:
+        refine = REFINE_PER_RESCORED * int(rescore) * 2 * (int(step) - 1) if step > 1 else 0
     return min(int(n_candidates), int(first_pass_count) + refine)
 
 
@@ -275,6 +280,31 @@ def rank_exact_first(probabilities: np.ndarray, exact: np.ndarray, k: int) -> np
 #: 1 mm phantoms (every third slice encoded first) the exact top-16 were all re-scored from 1x up
 #: (bench/RESULTS.md); 2x is the margin.
 REFINE_PER_RESCORED = 2
+
+
+#: Without native bf16 the proposal pass is the fp32 model itself (its encodings are exact), so it
+#: saves work only by encoding fewer candidates: every slice within this distance of an encoded one is
+#: skipped at first (every ninth 1 mm slice), then the search below fills in where the best are.
+FP32_SKIP_WITHIN_MM = 4.0
+#: fp32 pass: candidates are encoded best-first, ``FP32_SEARCH_BATCH`` at a time, until the best
+#: ``FP32_SEARCH_DEPTH_PER_TOP x max(top_k, montage patches)`` by score (exact where encoded,
+#: interpolated in z elsewhere) are all encoded. Measured on the reference phantom with random ViT-B/32
+#: (bench/RESULTS.md, issue 13): a depth of 384 for the top-16 kept 16/16 for both prompts tried at 24 %
+#: of the candidates encoded; 256 kept 15/16 and 14/16.
+FP32_SEARCH_DEPTH_PER_TOP = 24
+FP32_SEARCH_BATCH = 64
+
+
+def fp32_search_depth(n_candidates: int, top_k: int, montage_patches: int) -> int:
+    return min(int(n_candidates), FP32_SEARCH_DEPTH_PER_TOP * max(int(top_k), int(montage_patches)))
+
+
+def next_to_encode(scores: np.ndarray, encoded: np.ndarray, depth: int, batch: int) -> np.ndarray:
+    """Up to ``batch`` not-yet-encoded candidates among the best ``depth`` by score (ties by index);
+    empty when those are all encoded, which ends the fp32 pass's best-first search."""
+    p = np.asarray(scores, dtype=np.float64)
+    head = np.lexsort((np.arange(p.size), -p))[:int(depth)]
+    return head[~encoded[head]][:int(batch)]
 
 
 def proposal_slice_step(candidate_slice_mm: float, skip_within_mm: float) -> int:
