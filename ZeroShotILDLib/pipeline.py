@@ -9,6 +9,8 @@ a re-prompt ranks the new prompt from the kept (partly proposal-pass) features, 
 preview. ``Analyzer.reprompt(..., exact=True)`` then encodes what the new prompt's answer needs
 (proposal-pass neighbours of its best boxes, fp32 features of its best candidates), exactly as a
 fresh analysis with that prompt on the same embeddings would, so the result equals that run.
+Without native bf16 the proposal pass is the fp32 model itself (see ``proposals``): its encodings
+are exact rows, and the exact re-prompt continues its best-first search for the new prompt.
 """
 from __future__ import annotations
 
