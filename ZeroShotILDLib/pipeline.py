@@ -9,6 +9,8 @@ a re-prompt ranks the new prompt from the kept (partly proposal-pass) features, 
 preview. ``Analyzer.reprompt(..., exact=True)`` then encodes what the new prompt's answer needs
 (proposal-pass neighbours of its best boxes, fp32 features of its best candidates), exactly as a
 fresh analysis with that prompt on the same embeddings would, so the result equals that run.
+Without native bf16 the proposal pass is the fp32 model itself (see ``proposals``): its encodings
+are exact rows, and the exact re-prompt continues its best-first search for the new prompt.
 """
 from __future__ import annotations
 
@@ -226,21 +228,26 @@ class Analyzer:
         exact_feats, exact = None, np.zeros(n, bool)
         # Proposal features as encoded (zero rows where a slice was skipped) and which rows they are.
         proposal, proposal_encoded, proposal_grid, proposal_step = None, np.zeros(n, bool), 0, 0
+        proposal_precision = ""
         if entry is not None:
             exact_feats, exact = entry["features"].copy(), entry["exact"].astype(bool)
             if entry.get("proposal") is not None and entry.get("proposal_encoded") is not None:
                 proposal, proposal_encoded = entry["proposal"].copy(), entry["proposal_encoded"].astype(bool)
                 proposal_grid, proposal_step = int(entry["proposal_grid"]), int(entry["proposal_step"])
+                # Entries written before the fp32 pass existed hold bf16 proposals.
+                proposal_precision = str(entry.get("proposal_precision", "bf16"))
         changed = False
         volume = self._device_volume(scan.hu)
 
         fast_model, grid, count = None, 0, n
+        stride = step = 1
+        neighbours = None
         if s.scoring_mode == "fast" and not exact.all():
             fast_model = self._proposal_model()
             grid = s.proposal_grid_tokens or proposals.full_grid_tokens(self.model)
             if fast_model is None:
-                notes.append("fast mode: no cheaper proposal pass on this device (it needs a CPU with native bf16, "
-                             "or runs exact under autocast on a GPU); every patch was encoded exactly")
+                notes.append("fast mode: no cheaper proposal pass on this device (a GPU runs exact under autocast); "
+                             "every patch was encoded exactly")
             elif s.proposal_grid_tokens and not proposals.supports_low_resolution(self.model):
                 notes.append(f"fast mode: '{self.model.spec.name}' cannot run at another resolution; "
                              "every patch was encoded exactly")
@@ -248,36 +255,78 @@ class Analyzer:
             else:
                 count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
                                                 rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
-                if not proposals.proposals_pay_off(n, count, grid, proposals.full_grid_tokens(self.model)):
-                    fast_model = None  # a small scan: encoding everything exactly is as cheap
+                stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
+                bf16 = proposals.proposal_precision(fast_model) == "bf16"
+                skip_mm = s.proposal_skip_within_mm
+                if not bf16 and skip_mm > 0:  # 0 still means every slice
+                    skip_mm = max(skip_mm, proposals.FP32_SKIP_WITHIN_MM)
+                step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, skip_mm)
+                neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
+                n_first = int(proposals.first_pass(patches.slice_index, neighbours, step, stride).sum())
+                depth = None if bf16 else proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
+                if not proposals.proposals_pay_off(
+                        n, count, grid, proposals.full_grid_tokens(self.model),
+                        proposals.BF16_RELATIVE_COST if bf16 else proposals.FP32_RELATIVE_COST,
+                        n_proposals=proposals.expected_proposals(n_first, n, count, step, depth)):
+                    fast_model = None  # a small scan (or no slice to skip in fp32): exact is as cheap
+                    if not bf16:
+                        notes.append("fast mode: without native bf16, fast mode saves work only by skipping thin "
+                                     "slices, and this scan has too few to skip; every patch was encoded exactly")
         use_proposals = fast_model is not None
 
         rescored_for = None
         t = time.perf_counter()
         if use_proposals:
-            stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
-            step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, s.proposal_skip_within_mm)
-            if proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step:
+            precision = proposals.proposal_precision(fast_model)
+            # fp32 at the model's own size: each proposal encoding is an exact one, kept as such.
+            proposals_exact = proposals.proposals_are_exact(fast_model, self.model, grid)
+            if (proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step
+                    or proposal_precision != precision):
                 proposal, proposal_encoded = None, np.zeros(n, bool)
-            neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
             pair = (s.prompts[0], s.negative_for(0))
             text_pair = self.text.pair(*pair)
+
+            def encode_proposals(indices, stage):
+                nonlocal proposal, exact_feats, changed
+                feats = self._encode_proposals(fast_model, volume, patches, grid, indices, stage)
+                if proposal is None:
+                    proposal = np.zeros((n, feats.shape[1]), np.float32)
+                proposal[indices] = feats
+                proposal_encoded[indices] = True
+                if proposals_exact:
+                    if exact_feats is None:
+                        exact_feats = np.zeros((n, feats.shape[1]), np.float32)
+                    exact_feats[indices] = feats
+                    exact[indices] = True
+                changed = True
+
             if proposal is None:
                 first = np.flatnonzero(proposals.first_pass(patches.slice_index, neighbours, step, stride))
-                feats = self._encode_proposals(fast_model, volume, patches, grid, first, "proposal pass")
-                proposal = np.zeros((n, feats.shape[1]), np.float32)
-                proposal[first] = feats
-                proposal_encoded[first] = True
-                proposal_grid, proposal_step, changed = grid, step, True
-            if step > 1:
+                if proposals_exact and exact_feats is not None:
+                    # Rows already exact (from an earlier run) are their own proposals.
+                    proposal, proposal_encoded = exact_feats.copy(), exact.copy()
+                    first = first[~exact[first]]
+                if first.size:
+                    encode_proposals(first, "proposal pass")
+                proposal_grid, proposal_step, proposal_precision, changed = grid, step, precision, True
+            if step > 1 and proposals_exact:
+                # Best-first: encode the best-scoring candidates not yet encoded (interpolated scores)
+                # until the best ``depth`` are all exact; each batch sharpens the interpolation near it.
+                depth = proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
+                while True:
+                    scores = softmax_probability(
+                        proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index, neighbours),
+                        *text_pair)
+                    more = proposals.next_to_encode(scores, proposal_encoded, depth, proposals.FP32_SEARCH_BATCH)
+                    if not more.size:
+                        break
+                    encode_proposals(np.sort(more), "proposal pass: best first")
+            elif step > 1:
                 # The slices skipped next to this prompt's best boxes: where its top patches may be.
                 more = proposals.neighbours_to_refine(softmax_probability(proposal, *text_pair), proposal_encoded,
                                                       neighbours, proposals.REFINE_PER_RESCORED * count)
                 if more.size:
-                    proposal[more] = self._encode_proposals(fast_model, volume, patches, grid, more,
-                                                            "proposal pass: neighbours")
-                    proposal_encoded[more] = True
-                    changed = True
+                    encode_proposals(more, "proposal pass: neighbours")
             timings["proposals_s"] = time.perf_counter() - t
             t = time.perf_counter()
             ranking_features = proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index,
@@ -300,7 +349,8 @@ class Analyzer:
             entry = {"features": exact_feats, "exact": exact}
             if proposal is not None:
                 entry.update(proposal=proposal, proposal_encoded=proposal_encoded,
-                             proposal_grid=np.int64(proposal_grid), proposal_step=np.int64(proposal_step))
+                             proposal_grid=np.int64(proposal_grid), proposal_step=np.int64(proposal_step),
+                             proposal_precision=np.str_(proposal_precision))
             self.cache.put(key, entry)
 
         features = exact_feats.copy()
@@ -309,9 +359,11 @@ class Analyzer:
             skipped = n - int(proposal_encoded.sum())
             how = (f", {skipped} on skipped slices interpolated from the boxes {proposal_step} candidate slices apart"
                    if skipped else "")
-            notes.append(f"fast mode: {n} candidates ranked by a bf16 proposal pass ({proposal_grid}x{proposal_grid} "
-                         f"tokens{how}), the best {int(exact.sum())} re-scored exactly in fp32; top patches and "
-                         "montage come from the re-scored ones, the heatmap elsewhere shows proposal scores")
+            notes.append(f"fast mode: {n} candidates ranked by a{'n' if proposal_precision == 'fp32' else ''} "
+                         f"{proposal_precision} proposal pass ({proposal_grid}x{proposal_grid} "
+                         f"tokens{how}), {int(exact.sum())} scored exactly in fp32 (the best of them re-scored); "
+                         "top patches and montage come from the exact ones, the heatmap elsewhere shows proposal "
+                         "scores")
         else:
             rescored_for = None
         return features, exact, rescored_for, entry
@@ -343,9 +395,10 @@ class Analyzer:
 
     def _encode_proposals(self, fast_model: LoadedModel, volume, patches: PatchSet, grid_tokens: int,
                           indices: np.ndarray, stage: str) -> np.ndarray:
-        """``patches[indices]`` encoded by the bf16 tower at ``grid_tokens``^2 tokens, in ``indices`` order."""
+        """``patches[indices]`` encoded by the proposal tower (bf16 copy, or the fp32 model) at ``grid_tokens``^2 tokens, in ``indices`` order."""
         s = self.settings
-        encoder = ImageEncoder(fast_model, self.encoder.batch_size)
+        # The fp32 pass runs the model itself: its encodings count with the exact ones.
+        encoder = self.encoder if fast_model is self.model else ImageEncoder(fast_model, self.encoder.batch_size)
         if grid_tokens == proposals.full_grid_tokens(self.model):
             context = contextlib.nullcontext(self.model.image_size)
         else:

@@ -20,6 +20,14 @@ neighbours of the best 2 x rescore boxes encodes 45-58 % of the candidates and s
 the exact top-16 on three 1 mm phantoms, for both prompts tried; every other slice of a 1.5 mm CT
 lost 1 of 16, so slices are skipped only within 1 mm of an encoded one by default.
 
+Without native bf16 (most laptops and workstations; ``ZEROSHOT_ILD_CPU_BF16=0`` says so) a bf16 tower is
+slower than fp32, so the proposal pass is the fp32 model itself at its own input size: each proposal
+is an exact encoding and fast mode saves work only by encoding fewer candidates. It encodes the
+slices ``FP32_SKIP_WITHIN_MM`` apart (every ninth 1 mm slice), then best-first: the candidates whose
+score (exact, or interpolated in z) is among the best ``fp32_search_depth`` and not yet encoded, 64 at
+a time, until those are all exact. Lower token grids were measured for this path and rejected: 4x4
+tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and 430 (of 1,142).
+
 On a GPU the exact mode already runs under autocast and is fast, so fast mode encodes exactly there.
 """
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
@@ -35,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .models import LoadedModel
 
 
@@ -55,9 +65,27 @@ def supports_low_resolution(model: LoadedModel) -> bool:
     return _vision_transformer(model) is not None
 
 
-@lru_cache(maxsize=1)
+#: Environment variable that overrides the CPU check: 0 = treat the CPU as having no fast bf16 (the
+#: fp32 proposal pass), 1 = use the bf16 tower whatever /proc/cpuinfo says.
+CPU_BF16_ENV = "ZEROSHOT_ILD_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16); elsewhere bf16 is slower.
+
+    ``ZEROSHOT_ILD_CPU_BF16=0|1`` overrides the check: a CPU that lists the flags may still run bf16
+    slowly (oneDNN limited by ``ONEDNN_MAX_CPU_ISA``, a virtual machine hiding AMX state).
+    """
+    value = os.environ.get(CPU_BF16_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        raise InputError(f"{CPU_BF16_ENV}={value!r} is not understood: set it to 0 (no fast bf16) or 1, or unset it")
+    return _cpuinfo_has_bf16()
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
@@ -111,15 +139,30 @@ class _Bf16ImageTower(torch.nn.Module):
 
 
 def proposal_model(model: LoadedModel) -> Optional[LoadedModel]:
-    """The model the proposal pass runs: a bf16 copy of the image tower, or None where it would not pay.
+    """The model the proposal pass runs, or None where a proposal pass would not pay.
 
-    None on a GPU (the exact mode already uses autocast there) and on CPUs without native bf16.
+    A bf16 copy of the image tower on CPUs with native bf16; elsewhere on a CPU the model itself in
+    fp32, whose full-resolution proposals are exact encodings (see :func:`proposals_are_exact`), so
+    there the pass saves work by skipping slices (and, optionally, tokens) only. None on a GPU (the
+    exact mode already uses autocast there) and for models without an image tower.
     """
-    if model.device.type != "cpu" or not cpu_has_fast_bf16() or not hasattr(model.model, "visual"):
+    if model.device.type != "cpu" or not hasattr(model.model, "visual"):
         return None
+    if not cpu_has_fast_bf16():
+        return model
     fast = copy.copy(model)
     fast.model = _Bf16ImageTower(model.model.visual)
     return fast
+
+
+def proposal_precision(proposal: LoadedModel) -> str:
+    """'bf16' for the bf16 tower, 'fp32' for the model itself."""
+    return "bf16" if isinstance(proposal.model, _Bf16ImageTower) else "fp32"
+
+
+def proposals_are_exact(proposal: LoadedModel, model: LoadedModel, grid_tokens: int) -> bool:
+    """Whether a proposal encoding is the exact mode's encoding: the fp32 model at its own input size."""
+    return proposal.model is model.model and int(grid_tokens) == full_grid_tokens(model)
 
 
 def token_px(model: LoadedModel) -> int:
@@ -177,21 +220,38 @@ def rescore_count(n_candidates: int, *, top_k: int, montage_patches: int, rescor
     return min(int(n_candidates), wanted)
 
 
+#: Cost of an fp32 proposal encoding relative to an exact one (the same tower).
+FP32_RELATIVE_COST = 1.0
+
 #: Cost of a bf16 encoding relative to an fp32 one on a CPU with AMX (measured: 19 vs ~5-8 images/s
 #: for ViT-B/32 on the shared 2-core machine; 0.4 keeps a margin).
 BF16_RELATIVE_COST = 0.4
 
 
 def proposals_pay_off(n_candidates: int, rescore: int, grid_tokens: int, full_grid_tokens: int,
-                      relative_cost: float = BF16_RELATIVE_COST) -> bool:
+                      relative_cost: float = BF16_RELATIVE_COST, n_proposals: Optional[int] = None) -> bool:
     """Whether proposal pass + re-scoring costs less than encoding every candidate exactly.
 
     Cost is counted in tokens (the transformer's work is about linear in them at these sizes):
-    each proposal costs (1 + n^2) tokens times the bf16 relative cost, each exact encoding (1 + g^2).
+    each of the ``n_proposals`` proposal encodings (default: every candidate) costs (1 + n^2) tokens
+    times the relative cost of its precision, each exact encoding (1 + g^2).
     """
-    proposal = n_candidates * (1 + grid_tokens ** 2) * relative_cost
+    n_proposals = n_candidates if n_proposals is None else int(n_proposals)
+    proposal = n_proposals * (1 + grid_tokens ** 2) * relative_cost
     exact = (n_candidates - rescore) * (1 + full_grid_tokens ** 2)
     return proposal < exact
+
+
+def expected_proposals(first_pass_count: int, n_candidates: int, rescore: int, step: int,
+                       search_depth: Optional[int] = None) -> int:
+    """Proposal encodings to expect: the first pass plus, in bf16, the refinement's at most 2 (step - 1)
+    slice neighbours of each of the ``REFINE_PER_RESCORED x rescore`` best boxes, or, in fp32, the
+    best-first search's ``search_depth``."""
+    if search_depth is not None:
+        refine = int(search_depth) if step > 1 else 0
+    else:
+        refine = REFINE_PER_RESCORED * int(rescore) * 2 * (int(step) - 1) if step > 1 else 0
+    return min(int(n_candidates), int(first_pass_count) + refine)
 
 
 def full_grid_tokens(model: LoadedModel) -> int:
@@ -228,6 +288,31 @@ def rank_exact_first(probabilities: np.ndarray, exact: np.ndarray, k: int) -> np
 #: 1 mm phantoms (every third slice encoded first) the exact top-16 were all re-scored from 1x up
 #: (bench/RESULTS.md); 2x is the margin.
 REFINE_PER_RESCORED = 2
+
+
+#: Without native bf16 the proposal pass is the fp32 model itself (its encodings are exact), so it
+#: saves work only by encoding fewer candidates: every slice within this distance of an encoded one is
+#: skipped at first (every ninth 1 mm slice), then the search below fills in where the best are.
+FP32_SKIP_WITHIN_MM = 4.0
+#: fp32 pass: candidates are encoded best-first, ``FP32_SEARCH_BATCH`` at a time, until the best
+#: ``FP32_SEARCH_DEPTH_PER_TOP x max(top_k, montage patches)`` by score (exact where encoded,
+#: interpolated in z elsewhere) are all encoded. Measured on the reference phantom with random ViT-B/32
+#: (bench/RESULTS.md, issue 13): a depth of 384 for the top-16 kept 16/16 for both prompts tried at 24 %
+#: of the candidates encoded; 256 kept 15/16 and 14/16.
+FP32_SEARCH_DEPTH_PER_TOP = 24
+FP32_SEARCH_BATCH = 64
+
+
+def fp32_search_depth(n_candidates: int, top_k: int, montage_patches: int) -> int:
+    return min(int(n_candidates), FP32_SEARCH_DEPTH_PER_TOP * max(int(top_k), int(montage_patches)))
+
+
+def next_to_encode(scores: np.ndarray, encoded: np.ndarray, depth: int, batch: int) -> np.ndarray:
+    """Up to ``batch`` not-yet-encoded candidates among the best ``depth`` by score (ties by index);
+    empty when those are all encoded, which ends the fp32 pass's best-first search."""
+    p = np.asarray(scores, dtype=np.float64)
+    head = np.lexsort((np.arange(p.size), -p))[:int(depth)]
+    return head[~encoded[head]][:int(batch)]
 
 
 def proposal_slice_step(candidate_slice_mm: float, skip_within_mm: float) -> int:

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="each side is timed this often, alternating; best kept")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also time a whole analyze() of the phantom in memory (no file read or write), by stage")
+    ap.add_argument("--gpu-memory", action="store_true",
+                    help="on CUDA, also report the peak GPU memory (allocator peak and reserved) of the whole run")
     ap.add_argument("--out", help="append the result as Markdown to this file")
     args = ap.parse_args()
 
@@ -128,6 +130,10 @@ def main() -> None:
         result = full.analyze(scan)
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s.items())
         lines += [f"- analyze() in memory, engine defaults ({len(result.patches)} candidates): {stages} s", ""]
+    if args.gpu_memory and device.type == "cuda":
+        gib = 1024 ** 3
+        lines += [f"- peak GPU memory over the run: {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB allocated, "
+                  f"{torch.cuda.max_memory_reserved(device) / gib:.2f} GiB reserved by torch", ""]
     emit("\n".join(lines), args.out)
 
 

@@ -10,8 +10,15 @@ time; the same for extra (shorter, thin-slice) ILD phantoms and for each real CT
 ../shared/data/real/ct. Fast mode skips slices in its proposal pass only where slices are thin, so
 the extra phantoms are thin-sliced too: they test that step on other anatomy.
 
+Each input runs in one or more CPU configurations (``--configs``): ``native`` (the CPU as it is;
+bf16 proposal tower where the CPU has AMX / AVX512-BF16) and ``nobf16`` (``ONEDNN_MAX_CPU_ISA=AVX2``
+and ``ZEROSHOT_ILD_CPU_BF16=0``: what a laptop without AVX-512 gets, fp32 proposal pass).
+``--reprompt-check`` also times ``reprompt(..., exact=True)`` with a new prompt in each fast worker
+against a fresh fast analysis with that prompt (same process, cold embedding cache).
+
     nice .venv/bin/python bench/bench_speed.py --out bench/RESULTS.md
     nice .venv/bin/python bench/bench_speed.py --shape 120 256 256 --spacing 1.4 1.4 2.5  # quicker look
+    nice .venv/bin/python bench/bench_speed.py --configs nobf16 --no-reference --extra-seeds --real-only osic_ipf_sparse
 """
 from __future__ import annotations
 
@@ -36,6 +43,11 @@ from bench.markdown_report import emit  # noqa: E402
 REAL_CT = REPO.parent / "shared" / "data" / "real" / "ct"
 REAL_INPUTS = ("totalseg/chest_crop_a.nii.gz", "totalseg/chest_crop_b.nii.gz", "osic_ipf_sparse")
 SECOND_PROMPT = "honeycombing"
+#: Environment of each CPU configuration (added to the bench's own; None removes a variable).
+CONFIGS = {
+    "native": {"ONEDNN_MAX_CPU_ISA": None, "ZEROSHOT_ILD_CPU_BF16": None},
+    "nobf16": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ZEROSHOT_ILD_CPU_BF16": "0"},
+}
 
 
 def make_settings(mode: str, args) -> "AnalysisSettings":
@@ -83,6 +95,22 @@ def worker(args) -> None:
     analyzer.reprompt([SECOND_PROMPT])  # text embedding now cached: the montage dominates
     reprompt_warm_s = time.perf_counter() - t
     state = analyzer._state
+    check = {}
+    if args.reprompt_check and args.mode == "fast":
+        from ZeroShotILDLib.embeddings import EmbeddingCache
+
+        t = time.perf_counter()
+        exact_second = analyzer.reprompt([SECOND_PROMPT], exact=True)
+        exact_reprompt_s = time.perf_counter() - t
+        fresh_settings = dataclasses.replace(settings, prompts=[SECOND_PROMPT], negatives=None)
+        t = time.perf_counter()
+        fresh = Analyzer(fresh_settings, model=model, cache=EmbeddingCache()).analyze(read_scan(args.scan))
+        fresh_s = time.perf_counter() - t
+        probs = {**exact_second.finding_probabilities, **exact_second.subtype_probabilities}
+        fresh_probs = {**fresh.finding_probabilities, **fresh.subtype_probabilities}
+        check = {"exact_reprompt_s": exact_reprompt_s, "fresh_s": fresh_s,
+                 "top16_same": len(set(exact_second.ranked[:16].tolist()) & set(fresh.ranked[:16].tolist())) / 16,
+                 "max_dp": max(abs(probs[k] - fresh_probs[k]) for k in fresh_probs)}
     report = {
         "mode": args.mode, "model_load_s": load_s, "read_s": read_s, "outputs_s": outputs_s, "total_s": total_s,
         "timings_s": {k: float(v) for k, v in result.timings_s.items()},
@@ -96,18 +124,27 @@ def worker(args) -> None:
         "second_ranked": [int(i) for i in second.ranked],
         "second_probabilities": {**second.finding_probabilities, **second.subtype_probabilities},
         "fast_note": next((n for n in result.notes if n.startswith("fast mode")), ""),
+        "reprompt_check": check,
     }
     Path(args.report).write_text(json.dumps(report), encoding="utf-8")
 
 
-def run_worker(mode: str, scan: Path, args, tmp: Path) -> dict:
-    report = tmp / f"{mode}-{scan.name}.json"
+def run_worker(mode: str, scan: Path, args, tmp: Path, config: str = "native") -> dict:
+    report = tmp / f"{config}-{mode}-{scan.name}.json"
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--scan", str(scan), "--report", str(report),
-           "--out-dir", str(tmp / f"out-{mode}-{scan.name}"), "--model", args.model, "--device", args.device,
+           "--out-dir", str(tmp / f"out-{config}-{mode}-{scan.name}"), "--model", args.model, "--device", args.device,
            "--threads", str(args.threads), "--lung-working-spacing-mm", str(args.lung_working_spacing_mm or 0)]
+    if args.reprompt_check:
+        cmd.append("--reprompt-check")
+    env = dict(os.environ)
+    for name, value in CONFIGS[config].items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    print(f"  {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    print(f"  {config:6s} {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
     return json.loads(report.read_text(encoding="utf-8"))
 
 
@@ -142,17 +179,22 @@ def lung_mask_check(hu, spacing_mm, working_spacing_mm: float) -> dict:
     return {"full_s": full_s, "coarse_s": coarse_s, "dice": float(dice), "working_spacing_mm": working_spacing_mm}
 
 
-def row(name: str, exact: dict, fast: dict, cmp: dict) -> str:
-    return (f"| {name} | {exact['candidates']} | {fast['encoded_exactly']} | {exact['total_s']:.1f} | "
+def row(name: str, config: str, exact: dict, fast: dict, cmp: dict) -> str:
+    check = fast.get("reprompt_check") or {}
+    reprompt = (f"{check['top16_same']:.3f} / {check['max_dp']:.4f} / {check['exact_reprompt_s']:.1f} s / "
+                f"{check['exact_reprompt_s'] / check['fresh_s']:.3f}" if check else "-")
+    return (f"| {name} | {config} | {exact['candidates']} | {fast['encoded_exactly']} | {exact['total_s']:.1f} | "
             f"{fast['total_s']:.1f} | {cmp['time_ratio']:.3f} | {cmp['top16_in_top16']:.3f} | "
             f"{cmp['top16_in_rescored']:.3f} | {cmp['max_dp']:.4f} | {exact['peak_rss_gb']:.2f} / "
             f"{fast['peak_rss_gb']:.2f} | {fast['reprompt_s']:.3f} / {fast['reprompt_warm_s']:.3f} | "
-            f"{cmp['reprompt_top16_in_top16']:.3f} | {cmp['reprompt_max_dp']:.4f} |")
+            f"{cmp['reprompt_top16_in_top16']:.3f} | {cmp['reprompt_max_dp']:.4f} | {reprompt} |")
 
 
-HEADER = ("| input | candidates | fast: re-scored exactly | exact s | fast s | fast/exact | exact top-16 in fast top-16 "
-          "| exact top-16 in re-scored | max abs dp montage | peak RSS GB exact / fast | re-prompt s fast (cold / warm) "
-          f"| re-prompt '{SECOND_PROMPT}': top-16 kept | re-prompt max abs dp |\n" + "|---" * 13 + "|")
+HEADER = ("| input | CPU config | candidates | fast: encoded exactly | exact s | fast s | fast/exact "
+          "| exact top-16 in fast top-16 | exact top-16 in fast's exact set | max abs dp montage "
+          "| peak RSS GB exact / fast | re-prompt s fast (cold / warm) "
+          f"| preview re-prompt '{SECOND_PROMPT}': top-16 kept | preview max abs dp "
+          "| exact re-prompt vs fresh fast run: top-16 same / max abs dp / s / time ratio |\n" + "|---" * 15 + "|")
 
 
 def main() -> None:
@@ -164,6 +206,13 @@ def main() -> None:
     ap.add_argument("--extra-shape", type=int, nargs=3, default=(100, 512, 512))
     ap.add_argument("--extra-spacing", type=float, nargs=3, default=(0.7, 0.7, 1.0))
     ap.add_argument("--no-real", action="store_true", help="skip the real CTs")
+    ap.add_argument("--real-only", nargs="+", choices=REAL_INPUTS, help="only these real CTs")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference phantom")
+    ap.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["native", "nobf16"],
+                    help="CPU configurations, each for exact and fast (nobf16: oneDNN limited to AVX2, "
+                         "ZEROSHOT_ILD_CPU_BF16=0)")
+    ap.add_argument("--reprompt-check", action="store_true",
+                    help="fast workers also time an exact re-prompt against a fresh analysis with that prompt")
     ap.add_argument("--model", default="vit-b-32-random")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -189,47 +238,55 @@ def main() -> None:
         tmp = Path(tmpdir)
         inputs = []
         print(f"generating reference phantom {tuple(args.shape)} at {tuple(args.spacing)} mm", flush=True)
-        ref = generate_phantom(args.seed, shape_zyx=tuple(args.shape), spacing_mm=tuple(args.spacing), ild=True)
+        ref = None if args.no_reference else generate_phantom(args.seed, shape_zyx=tuple(args.shape), spacing_mm=tuple(args.spacing), ild=True)
         ref_path = tmp / f"phantom{args.seed}.nii.gz"
-        ref.save(ref_path)
-        if args.lung_working_spacing_mm:
-            mc = lung_mask_check(ref.hu, ref.spacing_mm, args.lung_working_spacing_mm)
-            notes.append(f"lung mask on the reference: full resolution {mc['full_s']:.1f} s, "
-                         f"{mc['working_spacing_mm']} mm grid {mc['coarse_s']:.1f} s, Dice {mc['dice']:.4f}")
-            print(notes[-1], flush=True)
-        del ref
-        inputs.append((f"phantom seed {args.seed} {'x'.join(map(str, args.shape))} (reference)", ref_path))
+        if ref is not None:
+            ref.save(ref_path)
+            if args.lung_working_spacing_mm:
+                mc = lung_mask_check(ref.hu, ref.spacing_mm, args.lung_working_spacing_mm)
+                notes.append(f"lung mask on the reference: full resolution {mc['full_s']:.1f} s, "
+                             f"{mc['working_spacing_mm']} mm grid {mc['coarse_s']:.1f} s, Dice {mc['dice']:.4f}")
+                print(notes[-1], flush=True)
+            del ref
+            inputs.append((f"phantom seed {args.seed} {'x'.join(map(str, args.shape))} (reference)", ref_path))
         for seed in args.extra_seeds:
             p = generate_phantom(seed, shape_zyx=tuple(args.extra_shape), spacing_mm=tuple(args.extra_spacing), ild=True)
             path = tmp / f"phantom{seed}.nii.gz"
             p.save(path)
             inputs.append((f"phantom seed {seed} {'x'.join(map(str, args.extra_shape))}", path))
         if not args.no_real and REAL_CT.exists():
-            inputs += [(f"real: {name}", REAL_CT / name) for name in REAL_INPUTS if (REAL_CT / name).exists()]
+            inputs += [(f"real: {name}", REAL_CT / name) for name in (args.real_only or REAL_INPUTS)
+                       if (REAL_CT / name).exists()]
         elif not args.no_real:
             notes.append(f"real CTs skipped: {REAL_CT} is absent")
         for name, path in inputs:
             print(f"{name}", flush=True)
-            try:
-                exact = run_worker("exact", path, args, tmp)
-                fast = run_worker("fast", path, args, tmp)
-            except subprocess.CalledProcessError as exc:
-                notes.append(f"{name}: a worker failed ({exc.returncode}); see the console")
-                continue
-            cmp = compare(exact, fast)
-            rows.append(row(name, exact, fast, cmp))
-            print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
-            if fast["fast_note"]:
-                notes.append(f"{name}, {fast['fast_note']}")
-            if path == ref_path:
-                for mode, rep in (("exact", exact), ("fast", fast)):
-                    stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings_s"].items())
-                    notes.append(f"reference, {mode}: model load {rep['model_load_s']:.1f} s (not in the total); "
-                                 f"read {rep['read_s']:.1f} s; {stages}; outputs {rep['outputs_s']:.1f} s; "
-                                 f"total {rep['total_s']:.1f} s; peak RSS {rep['peak_rss_gb']:.2f} GB")
+            for config in args.configs:
+                try:
+                    exact = run_worker("exact", path, args, tmp, config)
+                    fast = run_worker("fast", path, args, tmp, config)
+                except subprocess.CalledProcessError as exc:
+                    notes.append(f"{name}, {config}: a worker failed ({exc.returncode}); see the console")
+                    continue
+                cmp = compare(exact, fast)
+                rows.append(row(name, config, exact, fast, cmp))
+                print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
+                if fast["fast_note"]:
+                    notes.append(f"{name}, {config}, {fast['fast_note']}")
+                if path == ref_path:
+                    for mode, rep in (("exact", exact), ("fast", fast)):
+                        stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings_s"].items())
+                        notes.append(f"reference, {config}, {mode}: model load {rep['model_load_s']:.1f} s (not in "
+                                     f"the total); read {rep['read_s']:.1f} s; {stages}; outputs "
+                                     f"{rep['outputs_s']:.1f} s; total {rep['total_s']:.1f} s; peak RSS "
+                                     f"{rep['peak_rss_gb']:.2f} GB")
+                check = fast.get("reprompt_check")
+                if check:
+                    notes.append(f"{name}, {config}: exact re-prompt '{SECOND_PROMPT}' {check['exact_reprompt_s']:.1f} s "
+                                 f"vs a fresh fast analysis with it {check['fresh_s']:.1f} s")
     load_after = os.getloadavg()
     text = [
-        f"\n## Speed: exact vs fast scoring mode (issue 5), {started}\n",
+        f"\n## Speed: exact vs fast scoring mode (issues 5, 13), {started}\n",
         f"`OMP_NUM_THREADS=2 .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
         f"({os.cpu_count()} cores, shared; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), "
         f"model {args.model}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
