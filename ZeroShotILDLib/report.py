@@ -249,7 +249,7 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
         for k, (z, uri) in enumerate(_overlays(scan, result, heat, OVERLAY_SLICES)))
     montage = png_data_uri(result.montage)
     # One table, so the columns of findings and subtypes line up.
-    probabilities = f"<table><tr><th>finding (montage)</th><th class=\"num\">p</th><th></th></tr>" + \
+    probabilities = "<table><tr><th>finding (montage)</th><th class=\"num\">p</th><th></th></tr>" + \
         _probability_rows(result.finding_probabilities)
     if result.subtype_probabilities:
         probabilities += "<tr><th>subtype</th><th class=\"num\">p</th><th></th></tr>" + \

@@ -274,7 +274,7 @@ def _write_prompt_outputs(builder: _Builder, result, app_logic) -> ResultNodes:
 
 def _write_lungs(builder: _Builder, lung_mask: np.ndarray):
     """Segmentation "Lungs" whose reference geometry is the input volume."""
-    scene, ref = builder.scene, builder.input
+    ref = builder.input
     seg = builder.node("vtkMRMLSegmentationNode", LUNGS, LUNGS_NAME)
     if seg.GetDisplayNode() is None:
         seg.CreateDefaultDisplayNodes()
