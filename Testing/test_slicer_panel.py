@@ -6,7 +6,6 @@ application-only modules stood in for exactly as in ``test_slicer_logic.py``.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
@@ -24,25 +23,7 @@ if str(REPO / "ZeroShotILD") not in sys.path:
 from ZeroShotILDLib.errors import InputError  # noqa: E402
 from ZeroShotILDMRML import dependencies, mrml_results  # noqa: E402
 from ZeroShotILDMRML.headless import add_ct_volume, make_scene  # noqa: E402
-from test_slicer_logic import APP_ONLY, TINY, _stand_ins  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def module():
-    saved = {name: sys.modules.get(name) for name in (*APP_ONLY, "ZeroShotILD")}
-    sys.modules.update(_stand_ins())
-    try:
-        spec = importlib.util.spec_from_file_location("ZeroShotILD", REPO / "ZeroShotILD" / "ZeroShotILD.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ZeroShotILD"] = mod
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
+from test_slicer_logic import TINY, module  # noqa: E402,F401  (module: the shared ZeroShotILD.py fixture)
 
 
 def test_status_line_is_user_facing_and_notes_go_to_details(module, small_phantom):
