@@ -35,6 +35,15 @@ def read_rows(path: Path) -> list:
         return list(csv.DictReader(handle))
 
 
+def write_rows(path: Path, rows: list) -> Path:
+    """A manifest CSV with the columns of the first row (the test cohorts' split files)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """The phantom manifest with a fixed split: per class 2 train, 1 val, 1 test."""
@@ -47,11 +56,7 @@ def cohort(tmp_path_factory):
     for row in rows:
         row["split"] = ("train", "train", "val", "test")[seen[row["ild"]]]
         seen[row["ild"]] += 1
-    manifest = folder / "split.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_rows(folder / "split.csv", rows)
     return {"folder": folder, "raw": raw, "manifest": manifest}
 
 

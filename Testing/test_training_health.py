@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_training_cli import write_rows
 from training import cli, dapt
 
 ENGINE = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "40", "--slice-step-mm", "12",
@@ -46,11 +47,7 @@ def cohort(tmp_path_factory):
     for row in rows:
         row["split"] = "val" if seen[row["ild"]] < 2 else "train"
         seen[row["ild"]] += 1
-    manifest = folder / "split.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_rows(folder / "split.csv", rows)
     cache = folder / "cache"
     assert cli.main(["preprocess", str(manifest), "--cache", str(cache), "--retrieval", "random", *ENGINE]) == 0
     return {"folder": folder, "manifest": manifest, "cache": cache}
@@ -219,13 +216,12 @@ def test_slurm_auto_requeue_plugin(monkeypatch):
     assert dapt._slurm_requeued()
 
 
-def test_sigterm_mid_run_exits_143_and_resume_finishes_the_same_run(cohort, tmp_path):
-    out = tmp_path / "run"
+def _training_subprocess(cohort, out: Path) -> tuple:
+    """(argv, env, process): a real `python -m training train` run of 200 steps, returned once it is training."""
     argv = [sys.executable, "-m", "training", "train", str(cohort["manifest"]), "--cache", str(cohort["cache"]),
             "--out", str(out), *TRAIN, "--max-steps", "200", "--val-every", "1000", "--lr", "1e-6"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "logs" / "metrics.csv"
     deadline = time.time() + 240
     # Wait until training steps are being taken (the CSV logger flushes its first rows).
     while time.time() < deadline and process.poll() is None:
@@ -234,6 +230,13 @@ def test_sigterm_mid_run_exits_143_and_resume_finishes_the_same_run(cohort, tmp_
             break
         time.sleep(0.2)
     assert process.poll() is None, process.communicate()
+    return argv, env, process
+
+
+def test_sigterm_mid_run_exits_143_and_resume_finishes_the_same_run(cohort, tmp_path):
+    out = tmp_path / "run"
+    argv, env, process = _training_subprocess(cohort, out)
+    metrics = out / "logs" / "metrics.csv"
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 143, stderr
@@ -351,17 +354,7 @@ def test_sweep_ranks_runs_at_chance_or_collapsed_after_healthy_ones(monkeypatch,
 
 def test_sigint_mid_run_exits_130_with_a_resumable_checkpoint(cohort, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "training", "train", str(cohort["manifest"]), "--cache", str(cohort["cache"]),
-            "--out", str(out), *TRAIN, "--max-steps", "200", "--val-every", "1000", "--lr", "1e-6"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (out / "logs").is_dir() and any((out / "logs").iterdir()):
-            time.sleep(2.0)
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, process.communicate()
+    _, _, process = _training_subprocess(cohort, out)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 130, stderr
