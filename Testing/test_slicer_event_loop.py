@@ -73,6 +73,9 @@ def probe_stall_during(sleep) -> float:
             now = time.monotonic()
             gap[0] = max(gap[0], now - last)
             last = now
+        # The probe may have been switched out between reading the clock and storing the gap, i.e. just
+        # before the main thread reset the gap and slept: the stall then ends only here.
+        gap[0] = max(gap[0], time.monotonic() - last)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
