@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import json
 from pathlib import Path
 
+import edt
 import numpy as np
 from scipy import ndimage
 
@@ -118,7 +119,9 @@ def subpleural_rind(lung_mask: np.ndarray, spacing_mm, rind_mm: float = DEFAULT_
         bounds.append(slice(max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, mask.shape[axis])))
     crop = mask[tuple(bounds)]
     if slice_positions_mm is None:
-        depth = ndimage.distance_transform_edt(crop, sampling=(sz, sy, sx))
+        # The ``edt`` package (already used by the lung mask): the same exact transform as scipy's,
+        # in float32 and without scipy's (3, z, y, x) index array, ~0.7 GB less peak on a 1 mm scan.
+        depth = edt.edt(np.ascontiguousarray(crop), anisotropy=(sz, sy, sx), black_border=False, parallel=1)
     else:
         depth = _interval_depth(crop, (sx, sy), np.asarray(slice_positions_mm, dtype=np.float64)[bounds[0]], rind_mm)
     out[tuple(bounds)] = crop & (depth <= rind_mm)

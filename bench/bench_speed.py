@@ -19,6 +19,7 @@ against a fresh fast analysis with that prompt (same process, cold embedding cac
     nice .venv/bin/python bench/bench_speed.py --out bench/RESULTS.md
     nice .venv/bin/python bench/bench_speed.py --shape 120 256 256 --spacing 1.4 1.4 2.5  # quicker look
     nice .venv/bin/python bench/bench_speed.py --configs nobf16 --no-reference --extra-seeds --real-only osic_ipf_sparse
+    nice .venv/bin/python bench/bench_speed.py --models vit-b-32-random phantom-demo --reprompt-check --out bench/RESULTS.md  # issue 13 table
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def worker(args) -> None:
     analyzer.reprompt([SECOND_PROMPT])  # text embedding now cached: the montage dominates
     reprompt_warm_s = time.perf_counter() - t
     state = analyzer._state
+    # The analysis a user runs (read -> outputs, two re-prompts); the check below loads a second scan.
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     check = {}
     if args.reprompt_check and args.mode == "fast":
         from ZeroShotILDLib.embeddings import EmbeddingCache
@@ -115,7 +118,7 @@ def worker(args) -> None:
         "mode": args.mode, "model_load_s": load_s, "read_s": read_s, "outputs_s": outputs_s, "total_s": total_s,
         "timings_s": {k: float(v) for k, v in result.timings_s.items()},
         "reprompt_s": reprompt_s, "reprompt_warm_s": reprompt_warm_s,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+        "peak_rss_gb": peak_rss_gb,
         "candidates": len(result.patches), "encoded_exactly": int(result.encoded_exactly),
         "boxes": np.stack([result.patches.slice_index, result.patches.row0, result.patches.col0], 1).tolist(),
         "ranked": [int(i) for i in result.ranked], "montage": [int(i) for i in result.montage_indices],
@@ -129,10 +132,11 @@ def worker(args) -> None:
     Path(args.report).write_text(json.dumps(report), encoding="utf-8")
 
 
-def run_worker(mode: str, scan: Path, args, tmp: Path, config: str = "native") -> dict:
-    report = tmp / f"{config}-{mode}-{scan.name}.json"
+def run_worker(mode: str, scan: Path, args, tmp: Path, config: str = "native", model: str = "") -> dict:
+    model = model or args.models[0]
+    report = tmp / f"{model}-{config}-{mode}-{scan.name}.json"
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--scan", str(scan), "--report", str(report),
-           "--out-dir", str(tmp / f"out-{config}-{mode}-{scan.name}"), "--model", args.model, "--device", args.device,
+           "--out-dir", str(tmp / f"out-{model}-{config}-{mode}-{scan.name}"), "--model", model, "--device", args.device,
            "--threads", str(args.threads), "--lung-working-spacing-mm", str(args.lung_working_spacing_mm or 0)]
     if args.reprompt_check:
         cmd.append("--reprompt-check")
@@ -144,7 +148,7 @@ def run_worker(mode: str, scan: Path, args, tmp: Path, config: str = "native") -
             env[name] = value
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
-    print(f"  {config:6s} {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
+    print(f"  {model} {config:6s} {mode:5s} {scan.name}: {time.perf_counter() - t:.1f} s wall", flush=True)
     return json.loads(report.read_text(encoding="utf-8"))
 
 
@@ -179,22 +183,22 @@ def lung_mask_check(hu, spacing_mm, working_spacing_mm: float) -> dict:
     return {"full_s": full_s, "coarse_s": coarse_s, "dice": float(dice), "working_spacing_mm": working_spacing_mm}
 
 
-def row(name: str, config: str, exact: dict, fast: dict, cmp: dict) -> str:
+def row(name: str, model: str, config: str, exact: dict, fast: dict, cmp: dict) -> str:
     check = fast.get("reprompt_check") or {}
     reprompt = (f"{check['top16_same']:.3f} / {check['max_dp']:.4f} / {check['exact_reprompt_s']:.1f} s / "
                 f"{check['exact_reprompt_s'] / check['fresh_s']:.3f}" if check else "-")
-    return (f"| {name} | {config} | {exact['candidates']} | {fast['encoded_exactly']} | {exact['total_s']:.1f} | "
+    return (f"| {name} | {model} | {config} | {exact['candidates']} | {fast['encoded_exactly']} | {exact['total_s']:.1f} | "
             f"{fast['total_s']:.1f} | {cmp['time_ratio']:.3f} | {cmp['top16_in_top16']:.3f} | "
             f"{cmp['top16_in_rescored']:.3f} | {cmp['max_dp']:.4f} | {exact['peak_rss_gb']:.2f} / "
             f"{fast['peak_rss_gb']:.2f} | {fast['reprompt_s']:.3f} / {fast['reprompt_warm_s']:.3f} | "
             f"{cmp['reprompt_top16_in_top16']:.3f} | {cmp['reprompt_max_dp']:.4f} | {reprompt} |")
 
 
-HEADER = ("| input | CPU config | candidates | fast: encoded exactly | exact s | fast s | fast/exact "
+HEADER = ("| input | weights | CPU config | candidates | fast: encoded exactly | exact s | fast s | fast/exact "
           "| exact top-16 in fast top-16 | exact top-16 in fast's exact set | max abs dp montage "
-          "| peak RSS GB exact / fast | re-prompt s fast (cold / warm) "
+          "| peak RSS GB exact / fast (before the re-prompt check) | re-prompt s fast (cold / warm) "
           f"| preview re-prompt '{SECOND_PROMPT}': top-16 kept | preview max abs dp "
-          "| exact re-prompt vs fresh fast run: top-16 same / max abs dp / s / time ratio |\n" + "|---" * 15 + "|")
+          "| exact re-prompt vs fresh fast run: top-16 same / max abs dp / s / time ratio |\n" + "|---" * 16 + "|")
 
 
 def main() -> None:
@@ -213,7 +217,9 @@ def main() -> None:
                          "ZEROSHOT_ILD_CPU_BF16=0)")
     ap.add_argument("--reprompt-check", action="store_true",
                     help="fast workers also time an exact re-prompt against a fresh analysis with that prompt")
-    ap.add_argument("--model", default="vit-b-32-random")
+    ap.add_argument("--models", nargs="+", default=["vit-b-32-random"],
+                    help="registry models to run, each on every input and configuration (e.g. vit-b-32-random phantom-demo)")
+    ap.add_argument("--model", help=argparse.SUPPRESS)  # the worker's one model
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lung-working-spacing-mm", type=float, default=0.0,
@@ -261,35 +267,37 @@ def main() -> None:
             notes.append(f"real CTs skipped: {REAL_CT} is absent")
         for name, path in inputs:
             print(f"{name}", flush=True)
-            for config in args.configs:
-                try:
-                    exact = run_worker("exact", path, args, tmp, config)
-                    fast = run_worker("fast", path, args, tmp, config)
-                except subprocess.CalledProcessError as exc:
-                    notes.append(f"{name}, {config}: a worker failed ({exc.returncode}); see the console")
-                    continue
-                cmp = compare(exact, fast)
-                rows.append(row(name, config, exact, fast, cmp))
-                print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
-                if fast["fast_note"]:
-                    notes.append(f"{name}, {config}, {fast['fast_note']}")
-                if path == ref_path:
-                    for mode, rep in (("exact", exact), ("fast", fast)):
-                        stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings_s"].items())
-                        notes.append(f"reference, {config}, {mode}: model load {rep['model_load_s']:.1f} s (not in "
-                                     f"the total); read {rep['read_s']:.1f} s; {stages}; outputs "
-                                     f"{rep['outputs_s']:.1f} s; total {rep['total_s']:.1f} s; peak RSS "
-                                     f"{rep['peak_rss_gb']:.2f} GB")
-                check = fast.get("reprompt_check")
-                if check:
-                    notes.append(f"{name}, {config}: exact re-prompt '{SECOND_PROMPT}' {check['exact_reprompt_s']:.1f} s "
-                                 f"vs a fresh fast analysis with it {check['fresh_s']:.1f} s")
+            for model in args.models:
+                for config in args.configs:
+                    what = f"{name}, {model}, {config}"
+                    try:
+                        exact = run_worker("exact", path, args, tmp, config, model)
+                        fast = run_worker("fast", path, args, tmp, config, model)
+                    except subprocess.CalledProcessError as exc:
+                        notes.append(f"{what}: a worker failed ({exc.returncode}); see the console")
+                        continue
+                    cmp = compare(exact, fast)
+                    rows.append(row(name, model, config, exact, fast, cmp))
+                    print(HEADER.splitlines()[0] + "\n" + rows[-1], flush=True)
+                    if fast["fast_note"]:
+                        notes.append(f"{what}, {fast['fast_note']}")
+                    if path == ref_path:
+                        for mode, rep in (("exact", exact), ("fast", fast)):
+                            stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings_s"].items())
+                            notes.append(f"reference, {model}, {config}, {mode}: model load {rep['model_load_s']:.1f} s "
+                                         f"(not in the total); read {rep['read_s']:.1f} s; {stages}; outputs "
+                                         f"{rep['outputs_s']:.1f} s; total {rep['total_s']:.1f} s; peak RSS "
+                                         f"{rep['peak_rss_gb']:.2f} GB")
+                    check = fast.get("reprompt_check")
+                    if check:
+                        notes.append(f"{what}: exact re-prompt '{SECOND_PROMPT}' {check['exact_reprompt_s']:.1f} s "
+                                     f"vs a fresh fast analysis with it {check['fresh_s']:.1f} s")
     load_after = os.getloadavg()
     text = [
         f"\n## Speed: exact vs fast scoring mode (issues 5, 13), {started}\n",
         f"`OMP_NUM_THREADS=2 .venv/bin/python bench/bench_speed.py {' '.join(sys.argv[1:])}` on {platform.processor() or 'CPU'} "
         f"({os.cpu_count()} cores, shared; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), "
-        f"model {args.model}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
+        f"models {', '.join(args.models)}, device {args.device}, torch threads {args.threads}, montage 4x4, filter 0.5, "
         f"lung mask {'on a %g mm grid' % args.lung_working_spacing_mm if args.lung_working_spacing_mm else 'at full resolution'} in both modes. Each mode is its own subprocess; "
         "times are end to end (read .nii.gz -> outputs written), model load excluded. No GPU was lent.\n",
         HEADER, *rows, "", *[f"- {n}" for n in notes], "",
