@@ -68,6 +68,22 @@ def test_subpleural_rind_depth_uses_true_spacing(rind_mm):
     assert not rind[~m].any()
 
 
+def test_subpleural_rind_matches_scipys_exact_transform():
+    # The rind uses the edt package (float32, less memory); it must draw the voxels scipy's exact
+    # anisotropic transform draws, on an irregular shape with spacing differing on every axis.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    m = ndimage.binary_opening(ndimage.gaussian_filter(rng.random((30, 40, 50)), 2.0) > 0.5, iterations=1)
+    m[:, :, :2] = False  # pleura on one side; the other sides run to the array edge (no rind there)
+    spacing = (0.7, 0.9, 2.5)  # x, y, z mm
+    depth_mm = ndimage.distance_transform_edt(m, sampling=(2.5, 0.9, 0.7))
+    for rind_mm in (2.0, 5.0):
+        want = m & (depth_mm <= rind_mm)
+        got = ex.subpleural_rind(m, spacing, rind_mm)
+        assert want.any() and np.count_nonzero(got != want) == 0
+
+
 def test_scan_edge_is_not_pleura():
     """A lung cut off by the scan's field of view gets no rind along the cut."""
     m = np.zeros((20, 40, 40), bool)

@@ -494,6 +494,9 @@ def test_reprompt_changes_classifies_settings():
     assert reprompt_changes(base, AnalysisSettings()) == {}
     assert reprompt_changes(base, AnalysisSettings(prompts=["emphysema"], batch_size=8)) == {"prompts": ["emphysema"]}
     assert reprompt_changes(base, AnalysisSettings(device="cpu")) is None
+    # Extent and pattern map read the kept embeddings: a re-prompt, not a new analysis.
+    assert reprompt_changes(base, AnalysisSettings(patterns=["honeycombing"], subpleural_mm=5.0)) == {
+        "patterns": ["honeycombing"], "subpleural_mm": 5.0}
     assert reprompt_changes(base, AnalysisSettings(lung=LungMaskSettings(threshold_hu=-500.0))) is None
 
 

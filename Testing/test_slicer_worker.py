@@ -126,6 +126,32 @@ def test_reprompt_needs_a_kept_analysis(client):
         client.reprompt(tiny_settings())
 
 
+
+def test_pattern_and_extent_settings_are_a_reprompt_not_a_new_analysis(client, small_phantom, small_scan, tiny_model):
+    # The panel's pattern prompts, normal prompt, rind depth and extent cut read the kept embeddings:
+    # changing them re-prompts (no lung mask, no encoding), with the same answer as in process.
+    from ZeroShotILDLib.pipeline import Analyzer
+    from ZeroShotILDMRML.session import reprompt_changes
+
+    base = tiny_settings(slice_step_mm=10.0).validate()
+    changes = dict(patterns=["honeycombing", "emphysema"], normal_prompt="healthy lung", subpleural_mm=5.0,
+                   extent_z=2.0)
+    changed = dataclasses.replace(base, **changes).validate()
+    assert reprompt_changes(base, changed) == changes
+    job = _analyse(client, small_phantom)
+    assert job.wait(120) and job.state == worker_client.SUCCEEDED, job.error
+    again = client.reprompt(changed, lung_mask=job.result.lung_mask)
+    assert again.wait(120) and again.state == worker_client.SUCCEEDED, again.error
+    got = again.result
+    assert "lung_mask_s" not in got.timings_s and "reprompt_s" in got.timings_s
+    assert got.patterns.names == changes["patterns"] and got.zones["subpleural_mm"] == 5.0
+
+    local = Analyzer(base, model=tiny_model)
+    local.analyze(small_scan)
+    want = local.reprompt(**changes)
+    np.testing.assert_array_equal(got.patterns.labels, want.patterns.labels)
+    assert got.extent == want.extent and got.zones == want.zones
+
 def test_a_worker_with_another_protocol_is_refused(client, small_phantom, monkeypatch):
     monkeypatch.setattr(worker, "PROTOCOL", worker.PROTOCOL + 1)
     job = _analyse(client, small_phantom)

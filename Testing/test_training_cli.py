@@ -471,6 +471,32 @@ def test_reader_study_exports_2d_rows(capsys, tmp_path):
     assert len(list((tmp_path / "study" / "images").glob("*.png"))) == 2
 
 
+def test_reader_study_leaves_a_broken_scan_out(capsys, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(tmp_path / f"s{k}.png")
+        rows.append({"scan_path": f"s{k}.png", "ild": str(k), "pixel_spacing_mm": "0.5"})
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    rows.append({"scan_path": "broken.nii.gz", "ild": "1", "pixel_spacing_mm": ""})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    study = tmp_path / "study"
+    code, _, err = run(capsys, "reader-study", "export", manifest, "--out", study, *ENGINE,
+                       "--methods", "random", "--readers", "r1")
+    assert code == 1 and "1 scan(s) could not be" in err and "Traceback" not in err
+    assert len(list((study / "images").glob("*.png"))) == 2
+    failed = read_rows(study / "failures.csv")
+    assert [r["scan_id"] for r in failed] == ["broken.nii.gz"] and failed[0]["reason"]
+    assert "broken.nii.gz" not in json.loads((study / "study.json").read_text(encoding="utf-8"))["groups"]
+    # Nothing usable at all: one line, no study written.
+    only_broken = _write_manifest(tmp_path / "b.csv", rows[2:])
+    code, _, err = run(capsys, "reader-study", "export", only_broken, "--out", tmp_path / "none", *ENGINE,
+                       "--methods", "random")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "none").exists()
+
+
 def test_train_leaves_rows_without_text_out(capsys, caplog, cohort, cache, tmp_path):
     rows = [dict(r, scan_id=r["scan_path"]) for r in read_rows(cohort["manifest"])]
     for r in rows:

@@ -72,7 +72,9 @@ def png_data_uri(image) -> str:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    # zlib level 3: on a 512x512 overlay 0.016 s and 206 kB, against 0.28 s and 187 kB with
+    # optimize=True, which made the report ~1 s of a 1 mm scan's analysis.
+    image.save(buffer, format="PNG", compress_level=3)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

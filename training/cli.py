@@ -870,22 +870,34 @@ def _cmd_reader_export(args) -> int:
         raise InputError(f"no rows with split {args.split!r} in the manifest")
     records, _ = _with_pixel_spacing(records, args.pixel_spacing_mm)
     analyzers = {m: Analyzer(methods[m]) for m in chosen if methods[m].retrieval == "clip"}
-    montages = {}
+    montages, failures = {}, []
     for record in _bar(records, desc="montages", quiet=args.quiet):
-        scan = read_any_scan(record.scan_path, base, record.pixel_spacing_mm)
-        for m in chosen:
-            montages[(record.scan_id, m)], _ = montage_for_scan(scan, methods[m], analyzer=analyzers.get(m),
-                                                                whole_image_if_no_lungs=is_image(record.scan_path))
-    with _staged_output(Path(args.out)) as tmp:
+        try:
+            scan = read_any_scan(record.scan_path, base, record.pixel_spacing_mm)
+            # Every method's montage or none: readers must see the same scans under each method.
+            mine = {(record.scan_id, m): montage_for_scan(scan, methods[m], analyzer=analyzers.get(m),
+                                                          whole_image_if_no_lungs=is_image(record.scan_path))[0]
+                    for m in chosen}
+        except InputError as exc:  # a damaged or lung-less scan is left out, not the whole study
+            failures.append((record.scan_id, str(exc)))
+            continue
+        montages.update(mine)
+    if not montages:
+        raise InputError(f"none of the {len(records)} scans gave a montage (first: {failures[0][1]})")
+    kept = {scan_id for scan_id, _ in montages}
+    out = Path(args.out)
+    with _staged_output(out) as tmp:
         written = reader_study.export_reader_study(montages, tmp, grid_n=base.montage_size,
                                                    readers=_csv_list(args.readers, what="--readers"),
                                                    blind=args.blind, seed=args.seed)
-        groups = {r.scan_id: ("Positive" if r.ild == 1 else "Negative") for r in records if r.ild is not None}
+        groups = {r.scan_id: ("Positive" if r.ild == 1 else "Negative") for r in records
+                  if r.ild is not None and r.scan_id in kept}
         _write_json(tmp / "study.json", {"grid_n": base.montage_size, "methods": chosen, "groups": groups,
                                           "settings": base.to_dict()})
+        code = _finish_failures(tmp, failures, records, out)
     print(f"{len(written['images'])} numbered montages and {len(written['sheets'])} count sheet(s) in {args.out}"
           + ("  (keep key.csv away from readers)" if args.blind else ""))
-    return 0
+    return code
 
 
 def _cmd_reader_analyze(args) -> int:

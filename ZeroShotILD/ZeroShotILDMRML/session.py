@@ -22,9 +22,10 @@ from ZeroShotILDLib.settings import AnalysisSettings
 
 from . import mrml_results
 from .volumes import check_ct_volume, scan_from_volume_node
+# The settings a re-prompt may change: the worker protocol's set, so the in-process and worker paths
+# agree. Any other difference needs a new analysis (new patches or model).
+from .worker import REPROMPT_FIELDS
 
-#: Settings a re-prompt may change; any other difference needs a new analysis (new patches/model).
-REPROMPT_FIELDS = ("prompts", "negatives", "subtypes", "top_k", "retrieval", "montage_size", "seed")
 #: Settings that change neither the patches nor the scores.
 IGNORED_FIELDS = ("batch_size",)
 

@@ -33,8 +33,10 @@ Requests (client -> worker):
   (``scan.place_slices``). Keeps the analysis for re-prompts when it succeeds; a
   failed or cancelled analysis leaves the previous one in place.
 - ``{"op": "reprompt", "id": 2, "settings": {"prompts": [...], "negatives": [...] or null,
-  "subtypes": [...], "top_k": 16, "retrieval": "clip", "montage_size": 4, "seed": 0}, "exact": true,
-  "out": "<folder>"}``: new prompts and ranking settings on the kept analysis (the values to use, not a
+  "subtypes": [...], "top_k": 16, "retrieval": "clip", "montage_size": 4, "seed": 0, "patterns": [...],
+  "normal_prompt": "normal lung", "subpleural_mm": 10.0, "extent_z": 3.0}, "exact": true,
+  "out": "<folder>"}``: new prompts, ranking, extent and pattern-map settings on the kept analysis
+  (``REPROMPT_FIELDS``; the values to use, not a
   difference, so both sides always agree on them). With ``exact`` in fast mode, a first ``result``
   with ``"final": false`` (the instant preview) is followed by the exact re-scoring of the new
   prompt's best candidates (``Analyzer.reprompt(exact=True)``) and a final ``result``. A new
@@ -73,8 +75,10 @@ from typing import Optional
 
 PROTOCOL = 1
 
-#: Fields a re-prompt request carries (the same set ``session.REPROMPT_FIELDS`` lets a re-prompt change).
-REPROMPT_FIELDS = ("prompts", "negatives", "subtypes", "top_k", "retrieval", "montage_size", "seed")
+#: Settings a re-prompt request carries and may change (``session.reprompt_changes`` uses the same set):
+#: prompts, ranking, montage, and the extent and pattern map, which read the kept patch embeddings.
+REPROMPT_FIELDS = ("prompts", "negatives", "subtypes", "top_k", "retrieval", "montage_size", "seed",
+                   "patterns", "normal_prompt", "subpleural_mm", "extent_z")
 #: Seconds between checks that the parent process is still the one that started the worker.
 PARENT_CHECK_S = 1.0
 #: Least seconds between two progress events of one stage (the last one of a stage is always sent).
