@@ -26,7 +26,12 @@ is an exact encoding and fast mode saves work only by encoding fewer candidates.
 slices ``FP32_SKIP_WITHIN_MM`` apart (every ninth 1 mm slice), then best-first: the candidates whose
 score (exact, or interpolated in z) is among the best ``fp32_search_depth`` and not yet encoded, 64 at
 a time, until those are all exact. Lower token grids were measured for this path and rejected: 4x4
-tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and 430 (of 1,142).
+tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and 430 (of 1,142); so
+was dynamic int8 (1.28x under oneDNN limited to AVX2). The search trusts scores interpolated across
+4 mm: replayed for six prompts (bench/bench_fp32_search.py) it finds the exact top-16 for the default
+prompt on the reference phantom, but as few as 13/16 for other prompts with random weights and 12/16
+where a model's features change quickly between slices; slices 1 mm apart would find >= 15/16 on
+every input replayed, at ~0.42 of the candidates instead of ~0.24.
 
 On a GPU the exact mode already runs under autocast and is fast, so fast mode encodes exactly there.
 """
