@@ -126,7 +126,6 @@ def test_reprompt_needs_a_kept_analysis(client):
         client.reprompt(tiny_settings())
 
 
-
 def test_pattern_and_extent_settings_are_a_reprompt_not_a_new_analysis(client, small_phantom, small_scan, tiny_model):
     # The panel's pattern prompts, normal prompt, rind depth and extent cut read the kept embeddings:
     # changing them re-prompts (no lung mask, no encoding), with the same answer as in process.
@@ -151,6 +150,7 @@ def test_pattern_and_extent_settings_are_a_reprompt_not_a_new_analysis(client, s
     want = local.reprompt(**changes)
     np.testing.assert_array_equal(got.patterns.labels, want.patterns.labels)
     assert got.extent == want.extent and got.zones == want.zones
+
 
 def test_a_worker_with_another_protocol_is_refused(client, small_phantom, monkeypatch):
     monkeypatch.setattr(worker, "PROTOCOL", worker.PROTOCOL + 1)

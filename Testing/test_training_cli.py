@@ -456,15 +456,20 @@ def test_probe_takes_any_label_and_the_runs_prompt(capsys, cohort, cache, tmp_pa
     assert result["zero_shot_texts"] == ["no pulmonary fibrosis", "pulmonary fibrosis"]
 
 
-def test_reader_study_exports_2d_rows(capsys, tmp_path):
+def _figure_rows(folder, seed: int) -> list:
+    """Two 2-D figure crops (PNG) as manifest rows, one ILD-positive."""
     from PIL import Image
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     rows = []
     for k in range(2):
-        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(tmp_path / f"s{k}.png")
+        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(folder / f"s{k}.png")
         rows.append({"scan_path": f"s{k}.png", "ild": str(k), "pixel_spacing_mm": "0.5"})
-    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    return rows
+
+
+def test_reader_study_exports_2d_rows(capsys, tmp_path):
+    manifest = _write_manifest(tmp_path / "m.csv", _figure_rows(tmp_path, 1))
     code, _, err = run(capsys, "reader-study", "export", manifest, "--out", tmp_path / "study", *ENGINE,
                        "--methods", "random", "--readers", "r1")
     assert code == 0, err
@@ -472,13 +477,7 @@ def test_reader_study_exports_2d_rows(capsys, tmp_path):
 
 
 def test_reader_study_leaves_a_broken_scan_out(capsys, tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(2)
-    rows = []
-    for k in range(2):
-        Image.fromarray(rng.integers(0, 255, (100, 136), dtype=np.uint8)).save(tmp_path / f"s{k}.png")
-        rows.append({"scan_path": f"s{k}.png", "ild": str(k), "pixel_spacing_mm": "0.5"})
+    rows = _figure_rows(tmp_path, 2)
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     rows.append({"scan_path": "broken.nii.gz", "ild": "1", "pixel_spacing_mm": ""})
     manifest = _write_manifest(tmp_path / "m.csv", rows)
