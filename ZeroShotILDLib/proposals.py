@@ -30,7 +30,7 @@ tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and
 was dynamic int8 (1.28x under oneDNN limited to AVX2). The search trusts scores interpolated across
 4 mm: replayed for six prompts (bench/bench_fp32_search.py) it finds the exact top-16 for the default
 prompt on the reference phantom, but as few as 13/16 for other prompts with random weights and 12/16
-where a model's features change quickly between slices; slices 1 mm apart would find >= 15/16 on
+where a model's features change quickly between slices; skipping only within 1 mm would find >= 15/16 on
 every input replayed, at ~0.42 of the candidates instead of ~0.24.
 
 On a GPU the exact mode already runs under autocast and is fast, so fast mode encodes exactly there.

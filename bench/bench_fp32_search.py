@@ -178,9 +178,9 @@ def main() -> None:
                 if name == "phantom11":
                     share.setdefault(model, []).append(encoded / len(F))
                     ref_kept.setdefault(model, []).append(k)
-        label = (f"fp32 search: slices {skip:g} mm, then best-first to the best {depth}"
+        label = (f"fp32 search: skipped slices within {skip:g} mm of an encoded one, then best-first to the best {depth}"
                  + (" **(shipped)**" if (skip, depth) == shipped else "") if kind == "fp32" else
-                 "bf16 path (fp32 features as proposals: an upper bound): slices 1 mm, neighbours, exact re-scoring")
+                 "bf16 path (fp32 features as proposals: an upper bound): skipped slices within 1 mm, neighbours, exact re-scoring")
         cells = []
         for m in args.models:
             cells += [f"{min(kept[m])} / {sum(k < 15 for k in kept[m])} of {len(kept[m])}",
@@ -192,7 +192,7 @@ def main() -> None:
     text = [
         f"\n## Fast mode's candidate search, replayed per prompt (issue 13), {started}\n",
         f"`OMP_NUM_THREADS=2 .venv/bin/python bench/bench_fp32_search.py {' '.join(sys.argv[1:])}`: exact fp32 features "
-        f"of every candidate of {', '.join(names)} (engine exact mode, slices 1 mm apart for candidates), each rule "
+        f"of every candidate of {', '.join(names)} (engine exact mode, candidate slices 1 mm apart or every slice if thicker), each rule "
         f"replayed for {len(PROMPTS)} prompts ({'; '.join(PROMPTS)}). kept = exact top-{TOP} found.\n",
         "| " + " | ".join(header) + " |", "|---" * len(header) + "|", *lines, "",
     ]
