@@ -22,12 +22,13 @@ lost 1 of 16, so slices are skipped only within 1 mm of an encoded one by defaul
 
 Without native bf16 (most laptops and workstations; ``ZEROSHOT_ILD_CPU_BF16=0`` says so) a bf16 tower is
 slower than fp32, so the proposal pass is the fp32 model itself at its own input size: each proposal
-is an exact encoding and fast mode saves work only by encoding fewer candidates. It encodes the
-slices ``FP32_SKIP_WITHIN_MM`` apart (every ninth 1 mm slice), then best-first: the candidates whose
+is an exact encoding and fast mode saves work only by encoding fewer candidates. It first encodes
+the slices that leave each skipped one within ``FP32_SKIP_WITHIN_MM`` of an encoded one (every ninth
+1 mm slice), then best-first: the candidates whose
 score (exact, or interpolated in z) is among the best ``fp32_search_depth`` and not yet encoded, 64 at
 a time, until those are all exact. Lower token grids were measured for this path and rejected: 4x4
 tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and 430 (of 1,142); so
-was dynamic int8 (1.28x under oneDNN limited to AVX2). The search trusts scores interpolated across
+was dynamic int8 (1.28x under oneDNN limited to AVX2). The search trusts scores interpolated over up to
 4 mm: replayed for six prompts (bench/bench_fp32_search.py) it finds the exact top-16 for the default
 prompt on the reference phantom, but as few as 13/16 for other prompts with random weights and 12/16
 where a model's features change quickly between slices; skipping only within 1 mm would find >= 15/16 on
