@@ -117,6 +117,23 @@ def test_fp32_fast_then_exact_reuses_the_exact_rows(monkeypatch, thin_scan, tiny
     assert exact.encoder.images_encoded == len(r_exact.patches) - r_fast.encoded_exactly + 1
 
 
+def test_fp32_skip_distance_is_its_own_setting(monkeypatch, thin_scan, tiny_model):
+    # The fp32 search's first pass follows fp32_skip_within_mm, not the bf16 pass's distance (7 mm
+    # here): a shorter distance encodes more slices first; 0 encodes every slice, i.e. exact mode.
+    monkeypatch.setenv(proposals.CPU_BF16_ENV, "0")
+    runs = {}
+    for skip_mm in (4.0, 2.0, 0.0):
+        settings = tiny_settings(**FAST, fp32_skip_within_mm=skip_mm, proposal_skip_within_mm=7.0)
+        r = Analyzer(settings, model=tiny_model).analyze(thin_scan)
+        runs[skip_mm] = r.encoded_exactly
+        note = next(x for x in r.notes if x.startswith("fast mode"))
+        want = {4.0: "9 candidate slices apart", 2.0: "5 candidate slices apart", 0.0: "too few to skip"}[skip_mm]
+        assert want in note, (skip_mm, note)
+    assert runs[4.0] < runs[2.0] < runs[0.0] == len(r.patches)
+    with pytest.raises(InputError, match="fp32 skip distance"):
+        tiny_settings(fp32_skip_within_mm=-1.0).validate()
+
+
 def test_fp32_fast_mode_on_thick_slices_encodes_exactly(monkeypatch, small_scan, tiny_model):
     # 5 mm slices: nothing to skip, so an fp32 proposal pass would only repeat the exact one.
     monkeypatch.setenv(proposals.CPU_BF16_ENV, "0")

@@ -155,6 +155,7 @@ class ZeroShotILDParameterNode:
     scoringMode: Annotated[str, Choice(SCORING_MODES)] = DEFAULTS["scoringMode"]
     proposalGridTokens: Annotated[int, WithinRange(0, 64)] = DEFAULTS["proposalGridTokens"]
     proposalSkipWithinMm: Annotated[float, WithinRange(0.0, 10.0)] = DEFAULTS["proposalSkipWithinMm"]
+    fp32SkipWithinMm: Annotated[float, WithinRange(0.0, 10.0)] = DEFAULTS["fp32SkipWithinMm"]
     rescoreFraction: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["rescoreFraction"]
     rescoreMin: Annotated[int, WithinRange(0, 100000)] = DEFAULTS["rescoreMin"]
     lungThresholdHu: Annotated[float, WithinRange(-1000.0, 0.0)] = DEFAULTS["lungThresholdHu"]

@@ -97,6 +97,10 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proposal-skip-within-mm", type=float, default=d.proposal_skip_within_mm,
                    help="fast mode: the proposal pass skips slices within this distance of an encoded one, "
                         "then encodes those next to its best boxes (0 = every slice)")
+    g.add_argument("--fp32-skip-within-mm", type=float, default=d.fp32_skip_within_mm,
+                   help="fast mode on a CPU without native bf16: the fp32 search skips slices within this "
+                        "distance of an encoded one (1 = slower but finds the exact top patches more often; "
+                        "0 = every slice)")
     g.add_argument("--rescore-fraction", type=float, default=d.rescore_fraction,
                    help="fast mode: share of candidates re-scored at full resolution")
     g.add_argument("--rescore-min", type=int, default=d.rescore_min,
@@ -125,7 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold, hu_window=tuple(args.hu_window),
         retrieval=args.retrieval, montage_size=args.montage_size, top_k=args.top_k, seed=args.seed,
         scoring_mode=args.scoring_mode, proposal_grid_tokens=args.proposal_grid_tokens,
-        proposal_skip_within_mm=args.proposal_skip_within_mm,
+        proposal_skip_within_mm=args.proposal_skip_within_mm, fp32_skip_within_mm=args.fp32_skip_within_mm,
         rescore_fraction=args.rescore_fraction, rescore_min=args.rescore_min,
         lung=LungMaskSettings(working_spacing_mm=args.lung_working_spacing_mm or None),
         subpleural_mm=args.subpleural_mm, extent_z=args.extent_z, patterns=_patterns_arg(args.patterns),

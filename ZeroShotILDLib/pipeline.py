@@ -167,7 +167,8 @@ class Analyzer:
             changes["subtypes"] = list(subtypes)
         affects_patches = {"patch_mm", "patch_px", "stride_fraction", "slice_step_mm", "filter_threshold",
                            "hu_window", "lung", "model", "checkpoint", "weights_dir", "scoring_mode",
-                           "proposal_grid_tokens", "proposal_skip_within_mm", "rescore_fraction", "rescore_min"}
+                           "proposal_grid_tokens", "proposal_skip_within_mm", "fp32_skip_within_mm",
+                           "rescore_fraction", "rescore_min"}
         if affects_patches & set(changes):
             raise InputError(f"{sorted(affects_patches & set(changes))} change the patches: run analyze() again")
         settings = dataclasses.replace(self.settings, **changes).validate()
@@ -257,9 +258,9 @@ class Analyzer:
                                                 rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
                 stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
                 bf16 = proposals.proposal_precision(fast_model) == "bf16"
-                skip_mm = s.proposal_skip_within_mm
-                if not bf16 and skip_mm > 0:  # 0 still means every slice
-                    skip_mm = max(skip_mm, proposals.FP32_SKIP_WITHIN_MM)
+                # Each path its own distance: the fp32 search encodes exactly what it encodes, so it
+                # skips farther (settings.fp32_skip_within_mm says what that costs in fidelity).
+                skip_mm = s.proposal_skip_within_mm if bf16 else s.fp32_skip_within_mm
                 step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, skip_mm)
                 neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
                 n_first = int(proposals.first_pass(patches.slice_index, neighbours, step, stride).sum())

@@ -23,8 +23,8 @@ lost 1 of 16, so slices are skipped only within 1 mm of an encoded one by defaul
 Without native bf16 (most laptops and workstations; ``ZEROSHOT_ILD_CPU_BF16=0`` says so) a bf16 tower is
 slower than fp32, so the proposal pass is the fp32 model itself at its own input size: each proposal
 is an exact encoding and fast mode saves work only by encoding fewer candidates. It first encodes
-the slices that leave each skipped one within ``FP32_SKIP_WITHIN_MM`` of an encoded one (every ninth
-1 mm slice), then best-first: the candidates whose
+the slices that leave each skipped one within ``settings.fp32_skip_within_mm`` (default 4 mm) of an
+encoded one (every ninth 1 mm slice), then best-first: the candidates whose
 score (exact, or interpolated in z) is among the best ``fp32_search_depth`` and not yet encoded, 64 at
 a time, until those are all exact. Lower token grids were measured for this path and rejected: 4x4
 tokens ran only 1.7x faster than 7x7 and ranked the exact top-16 down to 123 and 430 (of 1,142); so
@@ -297,9 +297,8 @@ REFINE_PER_RESCORED = 2
 
 
 #: Without native bf16 the proposal pass is the fp32 model itself (its encodings are exact), so it
-#: saves work only by encoding fewer candidates: every slice within this distance of an encoded one is
-#: skipped at first (every ninth 1 mm slice), then the search below fills in where the best are.
-FP32_SKIP_WITHIN_MM = 4.0
+#: saves work only by encoding fewer candidates: every slice within ``settings.fp32_skip_within_mm``
+#: of an encoded one is skipped at first, then the search below fills in where the best are.
 #: fp32 pass: candidates are encoded best-first, ``FP32_SEARCH_BATCH`` at a time, until the best
 #: ``FP32_SEARCH_DEPTH_PER_TOP x max(top_k, montage patches)`` by score (exact where encoded,
 #: interpolated in z elsewhere) are all encoded. Measured on the reference phantom with random ViT-B/32

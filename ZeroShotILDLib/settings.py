@@ -106,6 +106,12 @@ class AnalysisSettings:
     #: Measured: within 1 mm kept the exact top-16 on every 1 mm phantom; 1.5 mm (every other slice
     #: of a 1.5 mm CT) lost 1 of 16, so it is not the default (bench/RESULTS.md).
     proposal_skip_within_mm: float = 1.0
+    #: Fast mode without native bf16 (the fp32 search, ``proposals``): its first pass leaves each
+    #: skipped slice within this distance of an encoded one. Replayed for six prompts
+    #: (bench/bench_fp32_search.py): 4 mm finds the exact top-16 for the default prompt on the
+    #: reference at ~0.24 of the candidates but as few as 12-13/16 for other prompts or models;
+    #: 1 mm finds >= 15/16 on every input and prompt replayed, at ~0.42. 0 = every slice (exact).
+    fp32_skip_within_mm: float = 4.0
     #: Fast mode: share of the candidates re-scored exactly in fp32 (never fewer than rescore_min).
     rescore_fraction: float = 0.02
     rescore_min: int = 64
@@ -163,6 +169,8 @@ class AnalysisSettings:
         if not 0.0 <= self.proposal_skip_within_mm <= 10.0:
             raise InputError(f"proposal skip distance {self.proposal_skip_within_mm} mm must be between 0 "
                              "(every slice) and 10")
+        if not 0.0 <= self.fp32_skip_within_mm <= 10.0:
+            raise InputError(f"fp32 skip distance {self.fp32_skip_within_mm} mm must be between 0 (every slice) and 10")
         if not 0.0 <= self.rescore_fraction <= 1.0:
             raise InputError(f"re-score fraction {self.rescore_fraction} must be between 0 and 1")
         if self.rescore_min < 0:

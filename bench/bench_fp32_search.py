@@ -162,7 +162,9 @@ def main() -> None:
     for model in args.models:
         for name, source in inputs():
             data[(model, name)] = load(dump(model, name, source, args.dump_dir))
-    shipped = (P.FP32_SKIP_WITHIN_MM, P.FP32_SEARCH_DEPTH_PER_TOP * TOP)
+    from ZeroShotILDLib.settings import AnalysisSettings
+
+    shipped = (AnalysisSettings().fp32_skip_within_mm, P.FP32_SEARCH_DEPTH_PER_TOP * TOP)
     rules = [("fp32", skip, depth) for skip in (1.0, 2.0, 4.0) for depth in (128, 256, 384)]
     rules.append(("bf16", 1.0, 0))
     lines = []

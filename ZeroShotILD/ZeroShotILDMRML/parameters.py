@@ -70,6 +70,7 @@ def _defaults() -> tuple:
         Parameter("scoringMode", str, s.scoring_mode, ("scoring_mode",)),
         Parameter("proposalGridTokens", int, int(s.proposal_grid_tokens), ("proposal_grid_tokens",)),
         Parameter("proposalSkipWithinMm", float, float(s.proposal_skip_within_mm), ("proposal_skip_within_mm",)),
+        Parameter("fp32SkipWithinMm", float, float(s.fp32_skip_within_mm), ("fp32_skip_within_mm",)),
         Parameter("rescoreFraction", float, float(s.rescore_fraction), ("rescore_fraction",)),
         Parameter("rescoreMin", int, int(s.rescore_min), ("rescore_min",)),
         Parameter("lungThresholdHu", float, float(lung.threshold_hu), ("lung.threshold_hu",)),
@@ -173,6 +174,7 @@ def settings_to_values(settings: AnalysisSettings, model_names: Sequence[str]) -
         "scoringMode": settings.scoring_mode,
         "proposalGridTokens": int(settings.proposal_grid_tokens),
         "proposalSkipWithinMm": float(settings.proposal_skip_within_mm),
+        "fp32SkipWithinMm": float(settings.fp32_skip_within_mm),
         "rescoreFraction": float(settings.rescore_fraction),
         "rescoreMin": int(settings.rescore_min),
         "lungThresholdHu": float(lung.threshold_hu),
@@ -232,6 +234,7 @@ def values_to_settings(values: Mapping, *, validate: bool = True) -> AnalysisSet
         scoring_mode=v["scoringMode"],
         proposal_grid_tokens=int(v["proposalGridTokens"]),
         proposal_skip_within_mm=float(v["proposalSkipWithinMm"]),
+        fp32_skip_within_mm=float(v["fp32SkipWithinMm"]),
         rescore_fraction=float(v["rescoreFraction"]),
         rescore_min=int(v["rescoreMin"]),
         lung=LungMaskSettings(
