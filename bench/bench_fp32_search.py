@@ -96,17 +96,24 @@ def exact_top(features, text) -> set:
     return set(np.lexsort((np.arange(p.size), -p))[:TOP].tolist())
 
 
-def fp32_search(features, si, r0, c0, spacing, text, skip_mm: float, depth: int, batch: int):
-    """The fp32 path of ``Analyzer._embed``: first pass, then best-first until the best ``depth`` are encoded."""
+def first_pass(features, si, r0, c0, spacing, skip_mm: float):
+    """``Analyzer._embed``'s first pass: (slice step, neighbours, encoded rows, their features; zeros elsewhere)."""
     from ZeroShotILDLib import proposals as P
     from ZeroShotILDLib.patches import slice_step_voxels
-    from ZeroShotILDLib.scoring import softmax_probability
 
     stride = slice_step_voxels(spacing, 1.0)
     step = P.proposal_slice_step(spacing[2] * stride, skip_mm)
     nb = P.slice_neighbours(si, r0, c0, step, stride)
     encoded = P.first_pass(si, nb, step, stride).copy()
-    known = np.where(encoded[:, None], features, 0).astype(np.float32)
+    return step, nb, encoded, np.where(encoded[:, None], features, 0).astype(np.float32)
+
+
+def fp32_search(features, si, r0, c0, spacing, text, skip_mm: float, depth: int, batch: int):
+    """The fp32 path of ``Analyzer._embed``: first pass, then best-first until the best ``depth`` are encoded."""
+    from ZeroShotILDLib import proposals as P
+    from ZeroShotILDLib.scoring import softmax_probability
+
+    _, nb, encoded, known = first_pass(features, si, r0, c0, spacing, skip_mm)
     while True:
         scores = softmax_probability(P.interpolate_skipped(known, encoded, si, nb), *text)
         more = P.next_to_encode(scores, encoded, depth, batch)
@@ -122,19 +129,14 @@ def fp32_search(features, si, r0, c0, spacing, text, skip_mm: float, depth: int,
 def bf16_path(features, si, r0, c0, spacing, text, skip_mm: float = 1.0):
     """The bf16 path with fp32 features as proposals: first pass, neighbours of the best, exact re-scoring."""
     from ZeroShotILDLib import proposals as P
-    from ZeroShotILDLib.patches import slice_step_voxels
     from ZeroShotILDLib.scoring import softmax_probability
     from ZeroShotILDLib.settings import AnalysisSettings
 
     d = AnalysisSettings()
     n = len(features)
-    stride = slice_step_voxels(spacing, 1.0)
-    step = P.proposal_slice_step(spacing[2] * stride, skip_mm)
     count = P.rescore_count(n, top_k=TOP, montage_patches=TOP, rescore_fraction=d.rescore_fraction,
                             rescore_min=d.rescore_min)
-    nb = P.slice_neighbours(si, r0, c0, step, stride)
-    encoded = P.first_pass(si, nb, step, stride).copy()
-    known = np.where(encoded[:, None], features, 0).astype(np.float32)
+    step, nb, encoded, known = first_pass(features, si, r0, c0, spacing, skip_mm)
     if step > 1:
         more = P.neighbours_to_refine(softmax_probability(known, *text), encoded, nb, P.REFINE_PER_RESCORED * count)
         known[more] = features[more]

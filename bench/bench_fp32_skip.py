@@ -13,22 +13,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.bench_fp32_search import exact_top, load  # noqa: E402
 from ZeroShotILDLib.models import load_model  # noqa: E402
 from ZeroShotILDLib.outputs import write_outputs  # noqa: E402
 from ZeroShotILDLib.pipeline import Analyzer  # noqa: E402
 from ZeroShotILDLib.scan import read_scan  # noqa: E402
-from ZeroShotILDLib.scoring import softmax_probability  # noqa: E402
 from ZeroShotILDLib.settings import AnalysisSettings  # noqa: E402
 
 torch.set_num_threads(2)
 skip = float(sys.argv[1])
 dump_dir = Path(sys.argv[2])
-d = np.load(dump_dir / "vit-b-32-random-phantom11.npz")
-truth = softmax_probability(d["features"], torch.from_numpy(d["text_0_0"]), torch.from_numpy(d["text_0_1"]))
-want = set(np.lexsort((np.arange(truth.size), -truth))[:16].tolist())
+features, *_, texts = load(dump_dir / "vit-b-32-random-phantom11.npz")
+want = exact_top(features, texts[0])  # the default prompt's exact top-16
 model = load_model("vit-b-32-random")
 s = AnalysisSettings(model="vit-b-32-random", montage_size=4, filter_threshold=0.5, top_k=16, scoring_mode="fast", fp32_skip_within_mm=skip).validate()
 t = time.perf_counter()
