@@ -127,7 +127,7 @@ def test_fp32_skip_distance_is_its_own_setting(monkeypatch, thin_scan, tiny_mode
         r = Analyzer(settings, model=tiny_model).analyze(thin_scan)
         runs[skip_mm] = r.encoded_exactly
         note = next(x for x in r.notes if x.startswith("fast mode"))
-        want = {4.0: "9 candidate slices apart", 2.0: "5 candidate slices apart", 0.0: "too few to skip"}[skip_mm]
+        want = {4.0: "9 candidate slices apart", 2.0: "5 candidate slices apart", 0.0: "skip distance is 0 mm"}[skip_mm]
         assert want in note, (skip_mm, note)
     assert runs[4.0] < runs[2.0] < runs[0.0] == len(r.patches)
     with pytest.raises(InputError, match="fp32 skip distance"):

@@ -205,3 +205,25 @@ def test_per_side_morphology_in_a_box_equals_the_whole_slice(cohort):
     np.testing.assert_allclose(lm._distance_mm(m, (0.7, 0.9)), ndi.distance_transform_edt(m, sampling=(0.7, 0.9)),
                                rtol=1e-5, atol=1e-5)
     assert np.isinf(lm._distance_mm(np.ones((4, 4), bool), (1.0, 1.0))).all()
+
+
+def test_threaded_per_slice_morphology_equals_one_thread(cohort, monkeypatch):
+    # The per-slice steps run on a thread pool; each slice writes only its own plane, so the mask
+    # must not depend on how many threads ran or in which order they finished.
+    from ZeroShotILDLib import lung_mask as lm
+
+    p, threaded = cohort[1]
+    assert lm.worker_threads() >= 1
+    monkeypatch.setattr(lm, "worker_threads", lambda: 1)
+    np.testing.assert_array_equal(segment_lungs(p.hu, p.spacing_mm), threaded)
+    monkeypatch.setattr(lm, "worker_threads", lambda: 3)
+    np.testing.assert_array_equal(segment_lungs(p.hu, p.spacing_mm), threaded)
+
+
+def test_worker_threads_follow_omp_num_threads(monkeypatch):
+    from ZeroShotILDLib.lung_mask import MAX_WORKER_THREADS, worker_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= worker_threads() <= MAX_WORKER_THREADS

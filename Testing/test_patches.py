@@ -39,6 +39,18 @@ def test_candidates_respect_filter_threshold_and_slice_step():
     assert np.all(loose.lung_fraction > 0)
 
 
+@pytest.mark.parametrize("stride_fraction", [1.0, 0.5, 0.3])
+def test_lung_fraction_of_every_box_matches_a_direct_count_on_an_irregular_mask(stride_fraction):
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 90, 77)) < 0.6
+    mask[:, :5] = False  # lung-free rows: the grid is anchored inside the lungs' bounding box
+    ps = candidate_patches(mask, (0.9, 1.1, 1.0), patch_mm=17, stride_fraction=stride_fraction, filter_threshold=0.55)
+    assert len(ps) > 0
+    direct = [mask[z, r:r + ps.size_rows, c:c + ps.size_cols].mean() for z, r, c in zip(ps.slice_index, ps.row0, ps.col0)]
+    np.testing.assert_allclose(ps.lung_fraction, direct, rtol=0, atol=1e-12)
+    assert ps.lung_fraction.min() >= 0.55
+
+
 def test_candidates_stay_inside_the_image_and_centres_are_ras():
     mask = _box_mask(box=(0, 10, 0, 100, 0, 100))
     direction = (1, 0, 0, 0, 1, 0, 0, 0, 1)

@@ -44,6 +44,7 @@ import edt
 import numpy as np
 from scipy import ndimage
 
+from .lung_mask import worker_threads
 from .results import PatchSet
 
 #: Default depth (mm) of the subpleural rind: lung within this distance of the pleural surface.
@@ -124,8 +125,10 @@ def subpleural_rind(lung_mask: np.ndarray, spacing_mm, rind_mm: float = DEFAULT_
     crop = mask[tuple(bounds)]
     if slice_positions_mm is None:
         # The ``edt`` package (already used by the lung mask): the same exact transform as scipy's,
-        # in float32 and without scipy's (3, z, y, x) index array, ~0.7 GB less peak on a 1 mm scan.
-        depth = edt.edt(np.ascontiguousarray(crop), anisotropy=(sz, sy, sx), black_border=False, parallel=1)
+        # in float32 and without scipy's (3, z, y, x) index array, ~0.7 GB less peak on a 1 mm scan;
+        # its own threads on every core this process may use (1.8x on 2 cores).
+        depth = edt.edt(np.ascontiguousarray(crop), anisotropy=(sz, sy, sx), black_border=False,
+                        parallel=worker_threads())
     else:
         depth = _interval_depth(crop, (sx, sy), np.asarray(slice_positions_mm, dtype=np.float64)[bounds[0]], rind_mm)
     out[tuple(bounds)] = crop & (depth <= rind_mm)
@@ -176,18 +179,21 @@ def lung_zones(lung_mask: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), dir
     codes = np.full(mask.shape, LungZones.OUTSIDE, dtype=np.uint8)
     offsets = _slice_offsets_mm(nz, spacing_mm, slice_positions_mm)
     geo = (spacing_mm, origin_mm, direction, offsets)
-    slices = [z for z in range(nz) if mask[z].any()]
-    if not slices:
+    # Each lung slice's voxel positions, found once (int16: ~4 bytes a voxel) for the three passes.
+    voxels = {}
+    for z in range(nz):
+        ys, xs = np.nonzero(mask[z])
+        if ys.size:
+            voxels[z] = (ys.astype(np.int16), xs.astype(np.int16)) if max(mask.shape[1:]) < 2 ** 15 else (ys, xs)
+    if not voxels:
         return LungZones(codes, 0.0, {}, float(rind_mm))
     r_lo, r_hi = np.inf, -np.inf
-    for z in slices:
-        ys, xs = np.nonzero(mask[z])
+    for z, (ys, xs) in voxels.items():
         r = _rs_of(z, ys, xs, *geo)[0]
         r_lo, r_hi = min(r_lo, float(r.min())), max(r_hi, float(r.max()))
     midline = (r_lo + r_hi) / 2.0
     s_lo, s_hi = [np.inf, np.inf], [-np.inf, -np.inf]  # index 0 right lung, 1 left lung
-    for z in slices:
-        ys, xs = np.nonzero(mask[z])
+    for z, (ys, xs) in voxels.items():
         r, s_mm = _rs_of(z, ys, xs, *geo)
         left = r < midline  # RAS: +R is the patient's right
         for side in (0, 1):
@@ -196,8 +202,7 @@ def lung_zones(lung_mask: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), dir
                 s_lo[side] = min(s_lo[side], float(s_mm[sel].min()))
                 s_hi[side] = max(s_hi[side], float(s_mm[sel].max()))
     rind = subpleural_rind(mask, spacing_mm, rind_mm, slice_positions_mm)
-    for z in slices:
-        ys, xs = np.nonzero(mask[z])
+    for z, (ys, xs) in voxels.items():
         r, s_mm = _rs_of(z, ys, xs, *geo)
         left = r < midline
         lo = np.where(left, s_lo[1], s_lo[0])

@@ -45,6 +45,8 @@ back; see ``bench/bench_lung_mask.py`` for its Dice against full resolution and 
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import edt
@@ -56,6 +58,8 @@ from .progress import CancelToken, ProgressCallback, resolve
 from .settings import LungMaskSettings
 
 STAGE = "lung mask"
+#: More threads than this gain little on per-slice work of a few milliseconds each.
+MAX_WORKER_THREADS = 8
 #: A component whose eroded interior is at least this fraction below ``airway_hu`` is gas.
 GAS_CORE_FRACTION = 0.6
 #: Small components with this much dark interior are bowel gas mixed with contents, not lung.
@@ -512,32 +516,54 @@ def _per_slice(mask, hu, spacing, s: LungMaskSettings, progress, cancel, *, done
     # (and a background ring): the same result as on the whole slice, at ~60 % of the pixels.
     side_margin_px = int(np.ceil(max(s.closing_mm, RIM_MM, DENSE_GROW_MM, RIM_WINDOW_MM) / min(samp))) + 3
     final_margin_px = int(np.ceil(max(s.opening_mm, s.erosion_mm) / min(samp))) + 3
-    for z in range(nz):
+
+    def one_slice(z: int) -> None:
         m = mask[z]
-        if m.any():
-            # Each side on its own: done on both lungs together, the closings bridge the narrow
-            # mediastinum at the junction lines and the mediastinum becomes a "hole" to fill.
-            out = np.zeros_like(m)
-            for side, pad in ((slice(0, mid_col), (0, 1)), (slice(mid_col, m.shape[1]), (1, 0))):
-                if not m[:, side].any():
-                    continue
-                # One background column on the cut side: the morphology treats the image edge as
-                # lung (for crops through the lungs), which must not happen at the midline cut.
-                part = np.pad(m[:, side], ((0, 0), pad))
-                hu_part = np.pad(hu[z][:, side], ((0, 0), pad), constant_values=0)
-                airway_part = np.pad(airway[z][:, side], ((0, 0), pad)) if airway is not None else None
-                part = _in_box(part, side_margin_px, lambda p, h, a: _side_morphology(
-                    p, h, a, s, samp, small_hole_px, max_hole_px), hu_part, airway_part)
-                out[:, side] = part[:, pad[0]:part.shape[1] - pad[1]]
-            m = out
-            if s.opening_mm > 0:
-                m = _in_box(m, final_margin_px, lambda p: _open(p, s.opening_mm, samp))
-            if s.erosion_mm > 0:
-                m = _in_box(m, final_margin_px, lambda p: _distance_mm(p, samp) > s.erosion_mm)
-            mask[z] = m
-        if z % 8 == 7 or z == nz - 1:
+        if not m.any():
+            return
+        # Each side on its own: done on both lungs together, the closings bridge the narrow
+        # mediastinum at the junction lines and the mediastinum becomes a "hole" to fill.
+        out = np.zeros_like(m)
+        for side, pad in ((slice(0, mid_col), (0, 1)), (slice(mid_col, m.shape[1]), (1, 0))):
+            if not m[:, side].any():
+                continue
+            # One background column on the cut side: the morphology treats the image edge as
+            # lung (for crops through the lungs), which must not happen at the midline cut.
+            part = np.pad(m[:, side], ((0, 0), pad))
+            hu_part = np.pad(hu[z][:, side], ((0, 0), pad), constant_values=0)
+            airway_part = np.pad(airway[z][:, side], ((0, 0), pad)) if airway is not None else None
+            part = _in_box(part, side_margin_px, lambda p, h, a: _side_morphology(
+                p, h, a, s, samp, small_hole_px, max_hole_px), hu_part, airway_part)
+            out[:, side] = part[:, pad[0]:part.shape[1] - pad[1]]
+        m = out
+        if s.opening_mm > 0:
+            m = _in_box(m, final_margin_px, lambda p: _open(p, s.opening_mm, samp))
+        if s.erosion_mm > 0:
+            m = _in_box(m, final_margin_px, lambda p: _distance_mm(p, samp) > s.erosion_mm)
+        mask[z] = m
+
+    # The slices are independent (each writes only its own mask[z]), so a thread pool runs them side
+    # by side where scipy.ndimage and numpy release the GIL; edt's 2-D transform holds it, which
+    # caps the gain at ~1.1x on 2 cores (the reference phantom's lung mask: 11.0 -> 10.0 s).
+    step = 8
+    with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+        for start in range(0, nz, step):
+            stop = min(start + step, nz)
+            list(pool.map(one_slice, range(start, stop)))
             cancel.raise_if_cancelled()
-            progress(STAGE, done + z + 1, total)
+            progress(STAGE, done + stop, total)
+
+
+def worker_threads() -> int:
+    """Threads for the per-slice work: the CPUs this process may use, or fewer where OMP_NUM_THREADS says so."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        available = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        available = min(available, int(limit))
+    return max(1, min(available, MAX_WORKER_THREADS))
 
 
 def _side_morphology(part, hu_part, airway_part, s: LungMaskSettings, samp, small_hole_px, max_hole_px):
@@ -621,10 +647,13 @@ def _rim(m, hu2, samp):
     candidate &= (mean >= RIM_MEAN_HU[0]) & (mean <= RIM_MEAN_HU[1])
     if not candidate.any():
         return m
-    closed = _close(m, RIM_MM, samp)
+    # One distance from the aerated lung serves both the wide closing's dilation and the growth
+    # limit (the distance transforms are most of the lung mask's time).
+    outside_mm = _distance_mm(~m, samp)
+    closed = _erode(outside_mm <= RIM_MM, RIM_MM, samp) | m
     # Ground glass itself (not solid tissue) is followed, so the growth never runs along the
     # partial-volume edge of chest wall, heart or liver.
-    grow = candidate & (hu2 <= GROUND_GLASS_MAX_HU) & (_distance_mm(~m, samp) <= DENSE_GROW_MM)
+    grow = candidate & (hu2 <= GROUND_GLASS_MAX_HU) & (outside_mm <= DENSE_GROW_MM)
     labels, _ = ndi.label(grow | m)
     reached = np.unique(labels[m])
     connected = grow & np.isin(labels, reached[reached > 0])

@@ -31,12 +31,15 @@ def slice_step_voxels(spacing_mm, slice_step_mm: float) -> int:
 
 
 def _box_sums(mask_slice: np.ndarray, rows: int, cols: int, row0: np.ndarray, col0: np.ndarray) -> np.ndarray:
-    """Sum of ``mask_slice`` over every box of the grid, with one summed-area table per slice."""
-    sat = np.zeros((mask_slice.shape[0] + 1, mask_slice.shape[1] + 1), dtype=np.int64)
-    np.cumsum(np.cumsum(mask_slice, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
-    r0 = row0[:, None]
-    c0 = col0[None, :]
-    return sat[r0 + rows, c0 + cols] - sat[r0, c0 + cols] - sat[r0 + rows, c0] + sat[r0, c0]
+    """Sum of ``mask_slice`` over every box of the grid: column sums of each row band, then a running sum.
+
+    One pass over the band's pixels instead of a whole-slice summed-area table in int64 (two
+    cumulative sums of 512 x 512 per slice were most of this step's time).
+    """
+    bands = np.stack([np.count_nonzero(mask_slice[r:r + rows], axis=0) for r in row0])
+    running = np.zeros((len(row0), mask_slice.shape[1] + 1), dtype=np.int64)
+    np.cumsum(bands, axis=1, out=running[:, 1:])
+    return running[:, col0 + cols] - running[:, col0]
 
 
 def candidate_patches(lung_mask: np.ndarray, spacing_mm, *, patch_mm: float = 32.0, patch_px: Optional[int] = None,

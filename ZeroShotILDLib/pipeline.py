@@ -271,8 +271,10 @@ class Analyzer:
                         n_proposals=proposals.expected_proposals(n_first, n, count, step, depth)):
                     fast_model = None  # a small scan (or no slice to skip in fp32): exact is as cheap
                     if not bf16:
+                        why = ("the fp32 skip distance is 0 mm, so no slice is skipped" if not skip_mm > 0 else
+                               "this scan has too few to skip")
                         notes.append("fast mode: without native bf16, fast mode saves work only by skipping thin "
-                                     "slices, and this scan has too few to skip; every patch was encoded exactly")
+                                     f"slices, and {why}; every patch was encoded exactly")
         use_proposals = fast_model is not None
 
         rescored_for = None

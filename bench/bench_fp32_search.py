@@ -108,17 +108,45 @@ def first_pass(features, si, r0, c0, spacing, skip_mm: float):
     return step, nb, encoded, np.where(encoded[:, None], features, 0).astype(np.float32)
 
 
-def fp32_search(features, si, r0, c0, spacing, text, skip_mm: float, depth: int, batch: int):
-    """The fp32 path of ``Analyzer._embed``: first pass, then best-first until the best ``depth`` are encoded."""
+def _slices_to_encoded(encoded, si, nb) -> np.ndarray:
+    """Distance in scan slices from each candidate to the nearest encoded box of its column (0 if encoded)."""
+    z = si.astype(np.float64)
+    out = np.zeros(encoded.size)
+    skipped = np.flatnonzero(~encoded)
+    nearest = np.full(skipped.size, np.inf)
+    for k in range(nb.shape[1]):
+        j = nb[skipped, k]
+        ok = (j >= 0) & encoded[np.maximum(j, 0)]
+        nearest = np.where(ok, np.minimum(nearest, np.abs(z[np.maximum(j, 0)] - z[skipped])), nearest)
+    out[skipped] = nearest
+    return out
+
+
+def fp32_search(features, si, r0, c0, spacing, text, skip_mm: float, depth: int, batch: int, kappa: float = 0.0):
+    """The fp32 path of ``Analyzer._embed``: first pass, then best-first until the best ``depth`` are encoded.
+
+    ``kappa`` > 0 (not in the engine; tried here) ranks by an upper bound instead: score + kappa x the
+    RMS interpolation error per slice of distance seen so far in this search x the distance to the
+    nearest encoded box, so uncertain boxes are encoded before equally scored certain ones.
+    """
     from ZeroShotILDLib import proposals as P
     from ZeroShotILDLib.scoring import softmax_probability
 
     _, nb, encoded, known = first_pass(features, si, r0, c0, spacing, skip_mm)
+    errors, distances = [], []
     while True:
         scores = softmax_probability(P.interpolate_skipped(known, encoded, si, nb), *text)
-        more = P.next_to_encode(scores, encoded, depth, batch)
+        distance = _slices_to_encoded(encoded, si, nb) if kappa > 0 else None
+        priority = scores
+        if kappa > 0 and errors:
+            per_slice = np.sqrt(np.mean((np.asarray(errors) / np.asarray(distances)) ** 2))
+            priority = scores + kappa * per_slice * distance
+        more = P.next_to_encode(priority, encoded, depth, batch)
         if not more.size:
             break
+        if kappa > 0:
+            errors += list(np.asarray(softmax_probability(features[more], *text)) - np.asarray(scores[more]))
+            distances += list(distance[more])
         known[more] = features[more]
         encoded[more] = True
     scores = softmax_probability(P.interpolate_skipped(known, encoded, si, nb), *text)
@@ -156,6 +184,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dump-dir", type=Path, required=True, help="where the exact features are kept (reused)")
     ap.add_argument("--models", nargs="+", default=["vit-b-32-random", "phantom-demo"])
+    ap.add_argument("--inputs", nargs="+", help="only these inputs (e.g. phantom11 phantom12; default: all)")
+    ap.add_argument("--rules", nargs="+", metavar="SKIP:DEPTH[:BATCH[:KAPPA]]",
+                    help="fp32 rules to replay instead of the default grid (batch default 64, kappa 0)")
     ap.add_argument("--out", help="append the result as Markdown to this file")
     args = ap.parse_args()
     args.dump_dir.mkdir(parents=True, exist_ok=True)
@@ -163,19 +194,27 @@ def main() -> None:
     data = {}
     for model in args.models:
         for name, source in inputs():
-            data[(model, name)] = load(dump(model, name, source, args.dump_dir))
+            if not args.inputs or name in args.inputs:
+                data[(model, name)] = load(dump(model, name, source, args.dump_dir))
     from ZeroShotILDLib.settings import AnalysisSettings
 
     shipped = (AnalysisSettings().fp32_skip_within_mm, P.FP32_SEARCH_DEPTH_PER_TOP * TOP)
-    rules = [("fp32", skip, depth) for skip in (1.0, 2.0, 4.0) for depth in (128, 256, 384)]
-    rules.append(("bf16", 1.0, 0))
+    if args.rules:
+        rules = []
+        for text in args.rules:
+            parts = [float(v) for v in text.split(":")]
+            rules.append(("fp32", parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else P.FP32_SEARCH_BATCH,
+                          parts[3] if len(parts) > 3 else 0.0))
+    else:
+        rules = [("fp32", skip, depth, P.FP32_SEARCH_BATCH, 0.0) for skip in (1.0, 2.0, 4.0) for depth in (128, 256, 384)]
+        rules.append(("bf16", 1.0, 0, 0, 0.0))
     lines = []
-    for kind, skip, depth in rules:
+    for kind, skip, depth, batch, kappa in rules:
         kept, share, ref_kept = {m: [] for m in args.models}, {}, {}
         for (model, name), (F, si, r0, c0, sp, texts) in data.items():
             for text in texts:
                 if kind == "fp32":
-                    k, encoded = fp32_search(F, si, r0, c0, sp, text, skip, depth, P.FP32_SEARCH_BATCH)
+                    k, encoded = fp32_search(F, si, r0, c0, sp, text, skip, depth, batch, kappa)
                 else:
                     k, encoded = bf16_path(F, si, r0, c0, sp, text, skip)
                 kept[model].append(k)
@@ -183,15 +222,18 @@ def main() -> None:
                     share.setdefault(model, []).append(encoded / len(F))
                     ref_kept.setdefault(model, []).append(k)
         label = (f"fp32 search: skipped slices within {skip:g} mm of an encoded one, then best-first to the best {depth}"
-                 + (" **(shipped)**" if (skip, depth) == shipped else "") if kind == "fp32" else
+                 + (f", {batch} at a time" if batch != P.FP32_SEARCH_BATCH else "")
+                 + (f", by score + {kappa:g} x its interpolation error bound" if kappa else "")
+                 + (" **(shipped)**" if (skip, depth, batch, kappa) == (*shipped, P.FP32_SEARCH_BATCH, 0.0) else "")
+                 if kind == "fp32" else
                  "bf16 path (fp32 features as proposals: an upper bound): skipped slices within 1 mm, neighbours, exact re-scoring")
         cells = []
         for m in args.models:
-            cells += [f"{min(kept[m])} / {sum(k < 15 for k in kept[m])} of {len(kept[m])}",
-                      f"{' '.join(map(str, ref_kept[m]))} @ {np.mean(share[m]):.3f}"]
+            cells += [f"{min(kept[m])} / {sum(k < 15 for k in kept[m])} of {len(kept[m])} / {np.mean(kept[m]):.2f}",
+                      f"{' '.join(map(str, ref_kept.get(m, [])))} @ {np.mean(share.get(m, [np.nan])):.3f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    header = ["rule"] + [c for m in args.models for c in (f"{m}: least kept / pairs under 15", f"{m}: reference kept per prompt @ share encoded")]
+    header = ["rule"] + [c for m in args.models for c in (f"{m}: least kept / pairs under 15 / mean kept", f"{m}: reference kept per prompt @ share encoded")]
     names = sorted({name for _, name in data})
     text = [
         f"\n## Fast mode's candidate search, replayed per prompt (issue 13), {started}\n",
