@@ -126,7 +126,7 @@ def subpleural_rind(lung_mask: np.ndarray, spacing_mm, rind_mm: float = DEFAULT_
     if slice_positions_mm is None:
         # The ``edt`` package (already used by the lung mask): the same exact transform as scipy's,
         # in float32 and without scipy's (3, z, y, x) index array, ~0.7 GB less peak on a 1 mm scan;
-        # its own threads on every core this process may use (1.8x on 2 cores).
+        # its own threads on every core this process may use (1.27 s -> ~0.95 s on the reference, 2 cores).
         depth = edt.edt(np.ascontiguousarray(crop), anisotropy=(sz, sy, sx), black_border=False,
                         parallel=worker_threads())
     else:
