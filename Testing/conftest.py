@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,24 @@ def tiny_settings(**overrides):
                 scoring_mode="exact")
     base.update(overrides)
     return AnalysisSettings(**base)
+
+
+@contextmanager
+def self_referenced():
+    """Random weights have no normal-lung reference; inside this block every analysis is calibrated against its
+    own scan's contrasts (median, robust SD), so that a low ``extent_z`` marks some boxes positive."""
+    import numpy as np
+
+    from ZeroShotILDLib.pipeline import Analyzer
+
+    def references(self, prompts):
+        out = {}
+        for prompt, scores in self.contrast_scores(prompts).items():
+            centre = float(np.median(scores))
+            spread = 1.4826 * float(np.median(np.abs(scores - centre))) or 1.0
+            out[prompt] = {"centre": centre, "spread": spread, "scans": 1, "patches": int(scores.size)}
+        return out, ""
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Analyzer, "references", references)
+        yield

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ZeroShotILDLib.errors import InputError
-from training.alignment import (
+from zeroshot_ild_train.alignment import (
     alignment_report,
     owners_from_counts,
     recall_at_k,

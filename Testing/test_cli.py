@@ -4,7 +4,7 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import REPO, shared_data
 from test_outputs_safety import validate_result
 from ZeroShotILDLib.cli import main
 
@@ -207,3 +207,161 @@ def test_analyze_real_ct(name, tmp_path, capsys):
     assert doc["lung_volume_ml"] > 0 and doc["candidates"] > 0
     if name.startswith("totalseg/chest"):
         assert doc["lung_volume_ml"] > 100
+
+
+# ----------------------------------------------------------------------------------------------
+# First contact: answers before the scan is read, progress in logs, help, exit codes, ITK
+# ----------------------------------------------------------------------------------------------
+def _scan_reads(monkeypatch):
+    import ZeroShotILDLib.scan as scan_module
+
+    reads = []
+
+    def counting(path, *a, **k):
+        reads.append(path)
+        raise AssertionError("the scan was read")
+
+    monkeypatch.setattr(scan_module, "read_scan", counting)
+    return reads
+
+
+def test_unknown_model_and_missing_weights_are_refused_before_the_scan_is_read(phantom_file, tmp_path, capsys,
+                                                                                monkeypatch):
+    reads = _scan_reads(monkeypatch)
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "a"), "--model", "gpt-clip"], capsys)
+    assert code == 2 and "unknown model 'gpt-clip'" in err and err.count("\n") == 1
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "b"), "--weights-dir", str(empty),
+                         "--model", "chexzero"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "weights for 'chexzero' not found" in err and "models download chexzero" in err
+    # The default model is openly licensed: the refusal names the one command that gets it.
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "c"), "--weights-dir", str(empty)], capsys)
+    assert code == 2 and "zeroshot-ild models download clip-vit-b-32-laion" in err
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(tmp_path / "d"), "--model",
+                         f"dapt:{tmp_path / 'none.safetensors'}"], capsys)
+    assert code == 2 and "does not exist" in err
+    assert reads == [] and not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_refusals_need_no_torch():
+    """The checks above run in a process that has not imported torch (they answer in well under a second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ZeroShotILDLib.cli import main; rc = main(['analyze', 'x.nii.gz', '-o', 'o', "
+            "'--model', 'gpt-clip']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
+    assert done.returncode == 2 and "unknown model" in done.stderr and "torch imported" not in done.stderr
+
+
+def test_progress_in_a_log_is_one_line_per_stage(capsys):
+    from ZeroShotILDLib.cli import TqdmProgress
+
+    progress = TqdmProgress(tty=False)
+    for stage in ("lung mask", "encoding patches"):
+        for done in range(50):
+            progress(stage, done, 50)
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["zeroshot-ild: lung mask", "zeroshot-ild: encoding patches"]
+    assert "\r" not in err
+    TqdmProgress(enabled=False, tty=False)("stage", 1, 2)
+    assert capsys.readouterr().err == ""
+
+
+def test_help_texts_have_examples_and_no_markup():
+    import argparse
+
+    from ZeroShotILDLib.cli import build_parser
+
+    parser = build_parser()
+    texts = {"zeroshot-ild": parser.format_help()}
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for name, sub in subs.choices.items():
+        texts[name] = sub.format_help()
+    models = subs.choices["models"]
+    actions = [a for a in models._actions if isinstance(a, argparse._SubParsersAction)][0]
+    texts["models download"] = actions.choices["download"].format_help()
+    for name, text in texts.items():
+        assert "``" not in text and "paper 0" not in text.lower(), name
+        examples = text.split("examples:", 1)
+        assert len(examples) == 2, f"{name}: no examples"
+        assert sum("zeroshot-ild" in line for line in examples[1].splitlines()) >= 2, name
+
+
+def test_version_and_verbose(capsys):
+    from ZeroShotILDLib import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and __version__ in capsys.readouterr().out
+    assert main(["-v", "models", "--no-hash"]) == 0
+
+
+def test_mps_is_a_device_choice():
+    from ZeroShotILDLib.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["analyze", "x.nii.gz", "-o", "o", "--device", "mps"])
+    assert settings_from_args(args).device == "mps"
+
+
+def test_mps_where_torch_lacks_it_is_one_line(monkeypatch):
+    import torch
+
+    from ZeroShotILDLib.errors import InputError
+    from ZeroShotILDLib.models import select_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InputError, match="MPS"):
+        select_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device("mps").type == "mps"
+
+
+def test_itk_warnings_stay_off_stderr(tmp_path):
+    """A NIfTI whose sform scales differ from its voxel size makes ITK print 4 lines of warnings."""
+    import struct
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.full((8, 16, 16), -800, np.int16))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    path = tmp_path / "scan.nii"
+    sitk.WriteImage(image, str(path))
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<h", data, 254, 1)  # sform_code
+    for offset, row in ((280, (1.5, 0, 0, 0)), (296, (0, 1, 0, 0)), (312, (0, 0, 2, 0))):
+        struct.pack_into("<4f", data, offset, *row)
+    path.write_bytes(bytes(data))
+    plain = subprocess.run([sys.executable, "-c", f"import SimpleITK as s; s.ReadImage({str(path)!r})"],
+                           capture_output=True, text=True)
+    assert "unexpected scales in sform" in plain.stderr  # what the user used to see
+    done = subprocess.run([sys.executable, "-m", "ZeroShotILDLib.cli", "-q", "analyze", str(path), "-o",
+                           str(tmp_path / "o"), *FAST], capture_output=True, text=True, cwd=str(REPO))
+    assert "WARNING: In" not in done.stderr and "unexpected scales" not in done.stderr, done.stderr
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_nifti_whose_sform_disagrees_with_its_voxel_size_gets_a_note(small_phantom, tmp_path):
+    """What ITK would have printed to stderr ("unexpected scales in sform") becomes a note of the scan."""
+    import struct
+
+    from ZeroShotILDLib.scan import read_scan
+
+    path = tmp_path / "chest.nii"
+    small_phantom.save(path)
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from("<h", data, 254)[0] > 0  # SimpleITK writes an sform
+    for row in range(3):  # stretch the sform's first column (the x axis) by 1.6
+        offset = 280 + 16 * row
+        struct.pack_into("<f", data, offset, 1.6 * struct.unpack_from("<f", data, offset)[0])
+    path.write_bytes(bytes(data))
+    scan = read_scan(path)
+    notes = [n for n in scan.notes if "sform" in n]
+    assert len(notes) == 1 and "voxel size" in notes[0]
+    small_phantom.save(tmp_path / "clean.nii")
+    assert not [n for n in read_scan(tmp_path / "clean.nii").notes if "sform" in n]

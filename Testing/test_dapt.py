@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training import dapt
-from training.data import (EVAL_EPOCH, STRONG, WEAK, GlobalBatchSampler, MontagePairDataset, PairRecord, augment,
+from zeroshot_ild_train import dapt
+from zeroshot_ild_train.data import (EVAL_EPOCH, STRONG, WEAK, GlobalBatchSampler, MontagePairDataset, PairRecord, augment,
                            pairs_from_manifest)
 from ZeroShotILDLib.errors import InputError
 from ZeroShotILDLib.models import load_model, read_checkpoint_metadata
@@ -134,7 +134,7 @@ def test_global_batches_are_independent_of_the_number_of_ranks():
 
 
 def test_pairs_from_manifest_builds_label_vectors(tmp_path):
-    from training.manifest import ManifestRecord
+    from zeroshot_ild_train.manifest import ManifestRecord
 
     records = [
         ManifestRecord(scan_path=tmp_path, scan_id="a", report_text="IMPRESSION: UIP.", ild=1,

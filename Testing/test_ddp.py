@@ -1,7 +1,7 @@
 """Two CPU processes (gloo): the loss over gathered features equals the single-process loss on the
 same global batch, and DDP's averaged gradients equal the single-process gradients.
 
-The first test drives ``training.distributed`` and ``training.losses`` directly with
+The first test drives ``zeroshot_ild_train.distributed`` and ``zeroshot_ild_train.losses`` directly with
 ``torch.multiprocessing``; the second runs ``dapt.fit`` with two Lightning processes
 (``ddp_spawn``) against one process with the same global batch.
 """
@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from training import losses
-from training.distributed import all_gather_no_grad, all_gather_with_grad
+from zeroshot_ild_train import losses
+from zeroshot_ild_train.distributed import all_gather_no_grad, all_gather_with_grad
 
 GLOBAL = 5
 RANK_ROWS = [(0, 3), (3, 5)]  # unequal shares exercise the padded gather
@@ -137,7 +137,7 @@ def test_lightning_ddp_matches_one_process(tmp_path):
     from safetensors.torch import load_file
     from test_dapt import config, make_pairs
 
-    from training import dapt
+    from zeroshot_ild_train import dapt
 
     folder = tmp_path / "montages"
     folder.mkdir()

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from training import demo_model as dm  # noqa: E402
-from training import data as training_data  # noqa: E402
+from zeroshot_ild_train import demo_model as dm  # noqa: E402
+from zeroshot_ild_train import data as training_data  # noqa: E402
 from ZeroShotILDLib.results import PatchSet  # noqa: E402
 
 SMALL = dm.PhantomGeometry((48, 128, 128), (2.5, 2.5, 2.5))
@@ -39,9 +39,32 @@ def test_patch_captions_carry_the_prompt_pair_and_parse_as_reports():
     assert all(("no " in t.lower().split("impression:")[1]) or "normal" in t.lower() for t in well)
 
 
+def test_bare_captions_are_the_engine_prompts_and_their_negatives():
+    from ZeroShotILDLib.settings import AnalysisSettings
+
+    rng = np.random.default_rng(1)
+    sick = {dm.patch_caption(True, ["honeycombing", "reticulation"], None, rng, bare=1.0) for _ in range(200)}
+    well = {dm.patch_caption(False, (), None, rng, bare=1.0) for _ in range(200)}
+    texts = lambda captions: {" ".join(training_data.report_sentences(c, "findings+impression")) for c in captions}
+    assert texts(sick) == {"interstitial lung disease", "honeycombing", "reticulation"}
+    # exactly what the engine scores against: "no <prompt>" for every prompt, and the normal-lung text
+    settings = AnalysisSettings(prompts=["interstitial lung disease", *dm.PATTERN_PROMPTS])
+    assert texts(well) == {settings.negative_for(i) for i in range(4)} | {settings.normal_prompt}
+
+
+def test_box_lung_share_judges_a_box_on_its_lung():
+    lung = np.zeros((1, 8, 8), dtype=bool)
+    lung[0, :, :2] = True                      # the box holds 2 columns of lung, 6 of chest wall
+    disease = np.zeros_like(lung)
+    disease[0, :, 0] = True                    # half of that lung is diseased
+    boxes = PatchSet(np.array([0]), np.array([0]), np.array([0]), 8, 8, np.array([0.25]), np.zeros((1, 3)))
+    assert dm.box_lung_share(disease, lung, boxes).tolist() == [0.5]
+    assert dm.box_disease_fraction(disease, boxes).tolist() == [0.125]
+
+
 def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
     recipe = dm.PairRecipe(n_phantoms=2, cohort_seed=5, geometries=(SMALL,), patches_diseased=4, patches_normal=4,
-                           retrieved_montages=1, image_size=32)
+                           patches_per_pattern=0, retrieved_montages=1, image_size=32, involvement=(0.3, 0.6))
     jsonl = dm.build_pairs(tmp_path / "pairs", recipe, progress=False)
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     by_scan = {}
@@ -93,7 +116,8 @@ def test_committed_weights_are_the_registry_demo_model():
 
 
 def test_demo_weights_beat_chance_and_random_retrieval_on_fresh_phantoms():
-    # Seeds unlike the training cohort's; a small run of the benchmark in training/RESULTS.md.
+    # Seeds unlike the training cohort's; a small run of the benchmark in training/RESULTS.md
+    # (3-100 % of the lung involved, boxes at the pleura included at the patch level).
     result = dm.evaluate(f"dapt:{dm.DEMO_WEIGHTS}", n=4, seed=31337, geometry=SMALL, bootstrap_resamples=0,
                          progress=False)
     scans = result["scans"]
@@ -101,14 +125,19 @@ def test_demo_weights_beat_chance_and_random_retrieval_on_fresh_phantoms():
     negatives = [s["p_clip"] for s in scans if not s["ild"]]
     assert min(positives) > max(negatives)
     assert result["clip"]["overlap_percent_positive"] >= 50.0
-    assert result["clip"]["overlap_percent_positive"] > result["random"]["overlap_percent_positive"]
+    assert result["clip"]["overlap_percent_positive"] >= result["random"]["overlap_percent_positive"]
+    patch = result["patch"]
+    assert patch["interstitial lung disease | all styles"]["auroc"] >= 0.85
+    for name in dm.PATTERN_PROMPTS:
+        r = patch[f"{name} | vs normal"]
+        assert r["n_positive"] == 0 or r["auroc"] >= 0.85, name
 
 
 def test_covid_captions_are_cleaned_and_images_resolved_by_patient():
     from conftest import shared_data
 
-    from training import covid
-    from training.manifest import split_by_patient
+    from zeroshot_ild_train import covid
+    from zeroshot_ild_train.manifest import split_by_patient
 
     assert covid.clean_caption("['Figure 1. CT of  patient 1.', 'b. GGO.']") == "Figure 1. CT of patient 1. b. GGO."
     assert covid.clean_caption("Plain caption\n text") == "Plain caption text"
@@ -125,3 +154,21 @@ def test_covid_captions_are_cleaned_and_images_resolved_by_patient():
     for r in split:
         by_patient.setdefault(r.patient_key, set()).add(r.split)
     assert all(len(s) == 1 for s in by_patient.values())  # never one patient in two splits
+
+
+def test_pair_classes_keep_the_patterns_apart():
+    """A caption naming one pattern puts its pair in that pattern's class, so a honeycomb box is not a positive of
+    a ground-glass box (with (ild, no ild) classes "honeycombing" read every diseased box as honeycombing)."""
+    names = dm.CLASS_NAMES
+
+    def cls(report, ild):
+        return names[dm.pair_class(report, ild).index(1.0)]
+
+    assert cls("IMPRESSION:\nhoneycombing", True) == "honeycombing"
+    assert cls("FINDINGS:\nLUNG PARENCHYMA: Ground-glass opacity.\n\nIMPRESSION:\nFibrotic ILD.", True) == \
+        "ground-glass opacity"
+    assert cls("IMPRESSION:\ninterstitial lung disease", True) == "ild"
+    assert cls("FINDINGS: Reticulation and honeycombing at the bases.", True) == "ild"  # several: generic
+    assert cls("IMPRESSION:\nno honeycombing", False) == "no ild"
+    assert cls("FINDINGS: No reticulation, ground-glass opacity or honeycombing.", False) == "no ild"
+    assert sum(dm.pair_class("IMPRESSION:\nnormal lung", False)) == 1.0

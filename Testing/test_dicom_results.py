@@ -181,10 +181,13 @@ def test_sr_holds_probabilities_and_extent_and_references_the_segs(written):
     assert sr.StudyInstanceUID == STUDY_UID and sr.PatientName == PATIENT
     report = sr.content
     groups = report.get_volumetric_roi_measurement_groups()
+    # Each finding once: a pattern that is also a prompt is carried by the prompt's group (one rule, one number).
+    prompts = set(result.finding_probabilities) | set(EXTENT_ONLY)
     expected = (len(result.finding_probabilities) + len(EXTENT_ONLY) + len(result.subtype_probabilities)
-                + len(result.patterns.extent))
+                + len([n for n in result.patterns.extent if n not in prompts]))
     assert len(groups) == expected
     by_id = {g.tracking_identifier: g for g in groups}
+    assert not [n for n in prompts if f"pattern: {n}" in by_id]
     prompt = result.primary_prompt
     values = _numeric(by_id[f"prompt: {prompt}"])
     assert values["Zero-shot montage probability"][0] == pytest.approx(result.finding_probabilities[prompt], abs=1e-6)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from ZeroShotILDLib import calibration
 from ZeroShotILDLib import extent as ex
 from ZeroShotILDLib.geometry import slab_thickness_mm
 from ZeroShotILDLib.results import PatchSet
@@ -97,7 +98,9 @@ def test_interval_series_rind_and_volumes():
     positions = np.array([0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0])
     m = np.zeros((8, 30, 30), bool)
     m[:, 3:27, 3:27] = True
-    m[0] = False  # the lung starts at slice 1 (position 1 mm) and stops after the last slice
+    m[0] = False  # the lung starts at slice 1 (position 1 mm) and ends in a taper on the last slice
+    m[-1] = False
+    m[-1, 14:16, 14:16] = True
     spacing = (1.0, 1.0, float(np.mean(np.diff(positions))))
     # Slice 2 (10 mm) lies 10 mm along the normal from non-lung slice 0 at 0 mm: inside a 10 mm rind, not a 9 mm one.
     assert ex.subpleural_rind(m, spacing, 10.0, positions)[2, 15, 15]
@@ -139,105 +142,191 @@ def test_extent_by_zone_on_a_known_positive_set():
     right = table[:-1][:, :6].sum()
     assert by_zone["right"] == pytest.approx(table[:-1][positive][:, :6].sum() / right)
     assert by_zone["lower"] > 0.5
-    assert ex.predominance(by_zone).startswith("lower") and "right" in ex.predominance(by_zone)
-
-
-def test_predominance_lines():
-    z = dict(upper=0.02, middle=0.05, lower=0.3, left=0.1, right=0.11, subpleural=0.2, central=0.05)
-    assert ex.predominance(z) == "lower, subpleural"
-    assert ex.predominance(dict(z, lower=0.06, subpleural=0.06)) == "diffuse"
-    assert ex.predominance({k: 0.0 for k in ex.ZONES}) == "none"
-    assert ex.predominance(z, lung_fraction=0.02) == "minimal" and ex.predominance(z, lung_fraction=0.1) != "minimal"
-    assert ex.predominance(dict(z, upper=0.4, lower=0.02, central=0.3, subpleural=0.1)) == "upper, central"
+    assert ex.distribution(by_zone).startswith("lower") and "right" in ex.distribution(by_zone)
 
 
 # ----------------------------------------------------------------------------------------------
-# The positive rule on synthetic probability maps
+# The positive rule on synthetic contrast maps, 0 to 100 % involvement
 # ----------------------------------------------------------------------------------------------
-def sigmoid(x):
-    return 1 / (1 + np.exp(-x))
-
-
-def synthetic_margins(n=2000, diseased=0.0, seed=0):
+def synthetic_contrasts(n=2000, diseased=0.0, seed=0, offset=-0.05, sd=0.02, shift=0.12):
+    """Patch contrasts of one scan: normal boxes ~ N(offset, sd), diseased ones ``shift`` higher (six normal SDs:
+    what a model that tells disease from normal lung gives). The first ``diseased`` share is diseased."""
     rng = np.random.default_rng(seed)
-    m = rng.normal(-0.05, 0.02, n)
+    c = rng.normal(offset, sd, n)
     sick = np.zeros(n, bool)
-    sick[: int(diseased * n)] = True
-    m[sick] += 0.12  # six normal SDs: what a model that ranks well gives
-    return m, sick
+    sick[: int(round(diseased * n))] = True
+    c[sick] += shift
+    return c, sick
+
+
+def normal_reference(seeds=range(5, 9), **kwargs):
+    return calibration.build_reference([synthetic_contrasts(seed=s, **kwargs)[0] for s in seeds])
 
 
 def test_normal_lung_comes_out_low():
+    ref = normal_reference()
     for seed in range(5):
-        m, _ = synthetic_margins(seed=seed)
-        assert ex.positive_patches(sigmoid(m)).mean() < 0.01
+        c, _ = synthetic_contrasts(seed=seed)
+        assert ex.positive_patches(c, reference=ref).mean() < 0.01
 
 
-@pytest.mark.parametrize("share", [0.05, 0.15, 0.25])
-def test_rule_finds_the_diseased_patches(share):
-    m, sick = synthetic_margins(diseased=share, seed=1)
-    pos = ex.positive_patches(sigmoid(m))
-    assert pos[sick].mean() > 0.9  # recall
-    assert (~sick[pos]).mean() < 0.05  # precision: the lower-half spread is not widened by the disease
+@pytest.mark.parametrize("share", [0.05, 0.15, 0.4, 0.6, 0.8, 1.0])
+def test_rule_finds_the_diseased_patches_at_any_involvement(share):
+    """The reference is the normal lungs', not the scan's own: a lung 60-100 % involved reads 60-100 %."""
+    c, sick = synthetic_contrasts(diseased=share, seed=1)
+    pos = ex.positive_patches(c, reference=normal_reference())
+    assert pos[sick].mean() > 0.95  # recall
+    assert pos.mean() == pytest.approx(share, abs=0.03)
 
 
-def test_rule_limit_documented():
-    """A finding over most of the scored lung moves the scan's median into it: underestimated, then not seen."""
-    found = [ex.positive_patches(sigmoid(synthetic_margins(diseased=s, seed=1)[0])).mean() for s in (0.35, 0.6)]
-    assert found[0] < 0.35 and found[1] < 0.05
-
-
-def test_rule_ranks_scans_like_the_truth():
-    shares = [0.0, 0.05, 0.1, 0.2, 0.3]
-    found = [ex.positive_patches(sigmoid(synthetic_margins(diseased=s, seed=3)[0])).mean() for s in shares]
+def test_rule_ranks_scans_like_the_truth_over_the_whole_range():
+    shares = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+    ref = normal_reference()
+    found = [ex.positive_patches(synthetic_contrasts(diseased=s, seed=3)[0], reference=ref).mean() for s in shares]
     assert np.all(np.diff(found) > 0)
 
 
 @pytest.mark.parametrize("scale,offset", [(0.3, 0.0), (4.0, 0.0), (1.0, 0.2), (2.0, -0.3)])
 def test_rule_does_not_depend_on_the_models_offset_or_spread(scale, offset):
-    """Another model (other spread, other text bias) ranking the same way gives the same positives; p > 0.5 does not."""
-    m, _ = synthetic_margins(diseased=0.2, seed=2)
-    base = ex.positive_patches(sigmoid(m))
-    other = sigmoid(scale * m + offset)
-    np.testing.assert_array_equal(ex.positive_patches(other), base)
+    """Another model (other spread, other text bias) ranking the same way, calibrated on its own normals, gives
+    the same positives."""
+    c, _ = synthetic_contrasts(diseased=0.3, seed=2)
+    base = ex.positive_patches(c, reference=normal_reference())
+    other_ref = calibration.build_reference([scale * synthetic_contrasts(seed=s)[0] + offset for s in range(5, 9)])
+    np.testing.assert_array_equal(ex.positive_patches(scale * c + offset, reference=other_ref), base)
 
 
-def test_fixed_cut_would_depend_on_the_offset():
-    m, _ = synthetic_margins(diseased=0.2, seed=2)
-    assert (sigmoid(m + 0.2) > 0.5).mean() > 0.9 and (sigmoid(m) > 0.5).mean() < 0.3
-
-
-def test_normal_reference_removes_a_normal_scans_own_tail(tmp_path):
-    """With a shipped normal-lung reference a patch must also stand out against normal lungs of that model."""
-    import json
-
-    # A normal scan scored lower and tighter than normal lungs usually are, with its own upper tail
-    # (dense boxes, 4 of its SDs out): positive against the scan alone, ordinary against normal lungs.
-    m = np.random.default_rng(4).normal(-0.08, 0.01, 2000)
-    m[:40] += 0.04
-    alone = ex.positive_patches(sigmoid(m))
-    ref = ex.calibrate([sigmoid(synthetic_margins(seed=s)[0]) for s in range(5, 9)])
-    assert ref["scans"] == 4 and ref["spread"] == pytest.approx(0.02, rel=0.1)
-    both = ex.positive_patches(sigmoid(m), reference=ref)
-    assert alone.sum() > 20 and both.sum() < alone.sum() / 4
-    sick, truth = synthetic_margins(diseased=0.2, seed=4)
-    assert ex.positive_patches(sigmoid(sick), reference=ref)[truth].mean() > 0.95  # disease still found
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"models": {"m": {"finding": ref}}}), encoding="utf-8")
-    assert ex.normal_reference("m", "finding", path)["centre"] == ref["centre"]
-    assert ex.normal_reference("m", "other", path) is None and ex.normal_reference("x", "finding", path) is None
-    assert "model's normal-lung reference" in ex.rule_text(reference=ref)
-    assert "model's normal-lung reference" not in ex.rule_text()
-
-
-def test_shipped_reference_for_the_demo_model():
-    ref = ex.normal_reference("phantom-demo", "interstitial lung disease")
-    assert ref is not None and ref["spread"] > 0 and ref["scans"] >= 10
+def test_uncalibrated_rule_is_the_text_contrast_and_never_reads_zero_when_most_is_abnormal():
+    """Without a reference: closer to the finding than to normal lung. A lung mostly scoring abnormal reads high."""
+    c, sick = synthetic_contrasts(diseased=0.8, seed=2, offset=-0.03)
+    pos = ex.positive_patches(c)
+    assert pos.mean() > 0.75 and pos[sick].mean() > 0.99
+    np.testing.assert_array_equal(pos, c > 0)
+    text = ex.rule_text("honeycombing", "normal lung")
+    assert "UNCALIBRATED" in text and "zeroshot-ild calibrate" in text
 
 
 def test_constant_scores_give_nothing_positive():
-    assert not ex.positive_patches(np.full(50, 0.5)).any()
-    assert ex.positive_patches(np.zeros(0)).shape == (0,)
+    ref = normal_reference()
+    assert not ex.positive_patches(np.full(50, ref["centre"]), reference=ref).any()
+    assert ex.positive_patches(np.zeros(0), reference=ref).shape == (0,)
+    with pytest.raises(Exception, match="same"):
+        calibration.build_reference([np.zeros(500)])
+
+
+def test_reference_files_belong_to_their_weights(tmp_path):
+    """Stored beside the weights with their SHA-256 and normal text; other weights or text: ignored, with a note."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    ref = normal_reference()
+    path = calibration.write_references(weights, "a" * 64, "m", "normal lung", {"honeycombing": ref},
+                                        {"patch_mm": 32.0}, made_by="test")
+    assert path == tmp_path / "model.safetensors.extent-reference.json"
+    found, note = calibration.load_references(weights, "a" * 64, ["honeycombing", "other"], "normal lung")
+    assert found["honeycombing"]["centre"] == pytest.approx(ref["centre"]) and found["other"] is None and not note
+    assert found["honeycombing"]["weights_sha256"] == "a" * 64 and found["honeycombing"]["scans"] == 4
+    found, note = calibration.load_references(weights, "b" * 64, ["honeycombing"], "normal lung")
+    assert found["honeycombing"] is None and "other weights" in note
+    found, note = calibration.load_references(weights, "a" * 64, ["honeycombing"], "healthy lung")
+    assert found["honeycombing"] is None and "normal lung" in note
+    # A second calibration adds prompts for the same weights; new weights replace the file.
+    calibration.write_references(weights, "a" * 64, "m", "normal lung", {"reticulation": ref}, {})
+    found, _ = calibration.load_references(weights, "a" * 64, ["honeycombing", "reticulation"], "normal lung")
+    assert all(found.values())
+    calibration.write_references(weights, "c" * 64, "m", "normal lung", {"reticulation": ref}, {})
+    found, _ = calibration.load_references(weights, "c" * 64, ["honeycombing", "reticulation"], "normal lung")
+    assert found["honeycombing"] is None and found["reticulation"] is not None
+    path.write_text("{not json", encoding="utf-8")
+    assert calibration.load_references(weights, "c" * 64, ["x"], "normal lung") == ({"x": None}, "")
+
+
+def test_summary_words_follow_the_zone_figures():
+    """Severity from the whole lung, then the zones named by the stated rule: the headline never contradicts
+    the chart (lower 11.9 % vs upper 0.5 % is 'lower' even when the whole lung is 'minimal')."""
+    z = dict(upper=0.005, middle=0.02, lower=0.119, left=0.04, right=0.05, subpleural=0.06, central=0.03)
+    assert ex.predominance(z, 0.04) == "minimal, lower, subpleural"
+    assert ex.severity(0.0) == "none" and ex.severity(0.1) == "limited" and ex.severity(0.7) == "extensive"
+    z = dict(upper=0.02, middle=0.05, lower=0.3, left=0.1, right=0.11, subpleural=0.2, central=0.05)
+    assert ex.predominance(z, 0.15) == "limited, lower, subpleural"
+    assert ex.predominance(dict(z, lower=0.06, subpleural=0.06), 0.06) == "limited, diffuse"
+    assert ex.predominance({k: 0.0 for k in ex.ZONES}, 0.0) == "none"
+    assert ex.predominance(dict(z, upper=0.4, lower=0.02, central=0.3, subpleural=0.1), 0.25) == "extensive, upper, central"
+    # Zones under 5 % of their lung are not named, however lopsided.
+    assert ex.distribution(dict(upper=0.0, middle=0.0, lower=0.03, left=0.01, right=0.01, subpleural=0.01,
+                                central=0.01)) == "diffuse"
+    # A third that was not imaged takes no part.
+    assert ex.distribution(dict(z, upper=float("nan")), not_imaged=["upper"]) == "lower, subpleural"
+
+
+def test_whole_lung_denominator_and_scored_share():
+    """Lung in no scored box counts in the denominator (and as not positive); the scored share says how much."""
+    spacing = (1.0, 1.0, 2.0)
+    mask = two_lungs()
+    zones = ex.lung_zones(mask, spacing, (0, 0, 0), IDENTITY, rind_mm=2.0)
+    patches = grid_patches(mask)
+    patches = patches.subset(np.arange(len(patches)) % 5 != 0)  # a fifth of the lung in no scored box
+    table = ex.zone_volume_table(zones.codes, patches, spacing)
+    everything = np.ones(len(patches), bool)
+    share, by_zone = ex.scored_share(table)
+    fraction = ex.zone_fractions(table, everything)[0]
+    assert fraction == pytest.approx(share) and share < 1.0
+    record = ex.extent_summary(table, everything, "rule")
+    assert record["scored_share"] == pytest.approx(share) and record["lung_fraction"] == pytest.approx(share)
+    assert record["positive_ml"]["left"] + record["positive_ml"]["right"] == pytest.approx(table[:-1].sum(), abs=0.02)
+
+
+def test_extents_for_marks_calibration_and_provenance():
+    spacing = (1.0, 1.0, 2.0)
+    mask = two_lungs()
+    zones = ex.lung_zones(mask, spacing, (0, 0, 0), IDENTITY, rind_mm=2.0)
+    patches = grid_patches(mask)
+    table = ex.zone_volume_table(zones.codes, patches, spacing)
+    c, _ = synthetic_contrasts(len(patches), diseased=0.5, seed=3)
+    ref = dict(normal_reference(), weights_sha256="d" * 64)
+    out = ex.extents_for(table, {"a": c, "b": c}, ["a", "b"], "normal lung", references={"a": ref, "b": None})
+    assert out["a"]["calibrated"] and out["a"]["reference"]["weights_sha256"] == "d" * 64
+    assert "robust standard deviations" in out["a"]["rule"] and "normal scans" in out["a"]["rule"]
+    assert not out["b"]["calibrated"] and "UNCALIBRATED" in out["b"]["rule"] and "reference" not in out["b"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Lungs imaged in part
+# ----------------------------------------------------------------------------------------------
+def test_lung_bases_only_are_not_called_upper():
+    """A scan of the bases (lungs cut off by the top slice) has no upper zone; it is reported as not imaged."""
+    m = np.zeros((20, 30, 40), bool)
+    for z in range(20):  # the lungs widen upwards and end in the top slice at full width
+        half = z // 2
+        m[z, 5:25, 10 - min(half, 9):10 + min(half, 9)] = True
+        m[z, 5:25, 30 - min(half, 9):30 + min(half, 9)] = True
+    spacing = (1.5, 1.5, 3.0)
+    zones = ex.lung_zones(m, spacing, (0, 0, 0), IDENTITY, rind_mm=3.0)
+    assert zones.coverage["cut"] == ["superior"] and not zones.coverage["complete"]
+    assert "upper" in zones.coverage["not_imaged"] and "lower" not in zones.coverage["not_imaged"]
+    assert "incompletely imaged" in zones.coverage["note"]
+    table = ex.zone_volume_table(zones.codes, grid_patches(m), spacing)
+    record = ex.extent_summary(table, np.ones(len(grid_patches(m)), bool), "rule", coverage=zones.coverage)
+    assert "upper" in record["not_imaged"] and record["by_zone"]["upper"] is None  # no figure, never 0 %
+    assert "upper" not in record["predominance"]
+    # Feet-first storage of the same scan: the superior end is found from the geometry, not the array order.
+    d = np.diag([1.0, 1.0, -1.0]).ravel()
+    flipped = ex.imaging_coverage(m[::-1], spacing, (0, 0, 57.0), tuple(d))
+    assert flipped["cut"] == ["superior"]
+    # Lungs cut at both ends: no third can be placed.
+    both = np.zeros((10, 30, 40), bool)
+    both[:, 5:25, 2:18] = True
+    both[:, 5:25, 22:38] = True
+    z2 = ex.lung_zones(both, spacing, (0, 0, 0), IDENTITY, rind_mm=3.0)
+    assert z2.coverage["cut"] == ["superior", "inferior"] and z2.coverage["thirds_anatomical"] is False
+
+
+def test_whole_lungs_are_complete():
+    m = np.zeros((20, 30, 40), bool)
+    for z in range(2, 18):
+        half = min(z - 1, 18 - z, 6)
+        m[z, 5:25, 10 - half:10 + half] = True
+        m[z, 5:25, 30 - half:30 + half] = True
+    assert ex.imaging_coverage(m, (1.0, 1.0, 2.0))["complete"]
 
 
 def test_truth_extent_matches_the_mask():
@@ -275,7 +364,7 @@ def test_phantom_normal_lung_low_and_ipf_basal_subpleural(demo_extents):
     assert ipf["lung_fraction"] > 2 * normal["lung_fraction"]
     assert ipf["by_zone"]["lower"] > ipf["by_zone"]["upper"]
     assert ipf["by_zone"]["subpleural"] > ipf["by_zone"]["central"]
-    assert "robust SD" in ipf["rule"]
+    assert ipf["calibrated"] and normal["calibrated"] and "robust standard deviations" in ipf["rule"]
 
 
 def test_interval_series_zone_volumes_match_the_full_scan(tiny_model):
@@ -317,9 +406,35 @@ def test_feet_first_scan_gets_the_same_extent(small_phantom, tiny_model):
     feet_first = Scan(np.ascontiguousarray(ph.hu[::-1]), ph.spacing_mm, tuple(origin), tuple(d.ravel()),
                       source="phantom")
     settings = tiny_settings(slice_step_mm=ph.spacing_mm[2], patterns=[], subtypes=[], extent_z=1.0)
-    a = Analyzer(settings, model=tiny_model).analyze(head_first, lung_mask=ph.lung_mask)
-    b = Analyzer(settings, model=tiny_model).analyze(feet_first, lung_mask=np.ascontiguousarray(ph.lung_mask[::-1]))
+    a, b = Analyzer(settings, model=tiny_model), Analyzer(settings, model=tiny_model)
+    # Random weights have no normal-lung reference: one from the head-first scan's own contrasts serves both.
+    a.analyze(head_first, lung_mask=ph.lung_mask)
+    ref = calibration.build_reference([a.contrast_scores(settings.prompts)[settings.prompts[0]]])
+    for analyzer in (a, b):
+        analyzer.references = lambda prompts: ({p: ref for p in prompts}, "")
+    a = a.reprompt()
+    b = b.analyze(feet_first, lung_mask=np.ascontiguousarray(ph.lung_mask[::-1]))
     assert a.zones["scored_lung_ml"] == pytest.approx(b.zones["scored_lung_ml"], rel=1e-6)
     ea, eb = a.extent["interstitial lung disease"], b.extent["interstitial lung disease"]
     assert ea["positive_patches"] > 0 and ea["by_zone"]["upper"] != pytest.approx(ea["by_zone"]["lower"], abs=0.01)
     assert eb["by_zone"] == pytest.approx(ea["by_zone"], abs=1e-6) and eb["predominance"] == ea["predominance"]
+
+
+def test_a_finding_is_a_region_isolated_boxes_do_not_count():
+    """Box neighbours on the shared grid (any stride), and the region rule: a positive box needs positive
+    neighbours; a block of disease keeps its inner boxes, scattered single boxes are dropped."""
+    zs, rs, cs = np.meshgrid(np.arange(0, 10, 2), np.arange(0, 40, 8), np.arange(0, 40, 8), indexing="ij")
+    zs, rs, cs = zs.ravel(), rs.ravel(), cs.ravel()
+    nb = ex.box_neighbours(zs, rs, cs)
+    i = int(np.flatnonzero((zs == 4) & (rs == 16) & (cs == 16))[0])
+    expect = {(2, 16, 16), (6, 16, 16), (4, 8, 16), (4, 24, 16), (4, 16, 8), (4, 16, 24)}
+    assert {(int(zs[j]), int(rs[j]), int(cs[j])) for j in nb[i]} == expect
+    corner = int(np.flatnonzero((zs == 0) & (rs == 0) & (cs == 0))[0])
+    assert (nb[corner] == -1).sum() == 3
+    block = (zs <= 4) & (rs <= 16) & (cs <= 16)  # a 3 x 3 x 3 region of disease
+    stray = (zs == 8) & (rs == 32) & (cs == 32)  # one box far from it
+    kept = ex.supported(block | stray, nb, 2)
+    assert kept[block].all() and not kept[stray].any()
+    assert ex.supported(block | stray, nb, 0).sum() == (block | stray).sum()
+    assert ex.supported(block | stray, None, 2).sum() == (block | stray).sum()
+    assert ex.box_neighbours(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)).shape == (0, 6)

@@ -5,7 +5,7 @@ import pytest
 sk = pytest.importorskip("sklearn.metrics")
 
 from ZeroShotILDLib.errors import InputError
-from training.linear_probe import (
+from zeroshot_ild_train.linear_probe import (
     base_new_report,
     classification_metrics,
     fit_linear_probe,

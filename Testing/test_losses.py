@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import losses
+from zeroshot_ild_train import losses
 
 
 def _unit(rows) -> torch.Tensor:

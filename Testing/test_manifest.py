@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ZeroShotILDLib.errors import InputError
-from training.manifest import (
+from zeroshot_ild_train.manifest import (
     ManifestRecord,
     check_patient_splits,
     parse_binary,
@@ -219,7 +219,7 @@ def test_messages_never_echo_report_text_or_names(tree, body):
 
 
 def test_report_text_in_the_ild_column_stays_off_stderr(tree, capsys):
-    from training import cli
+    from zeroshot_ild_train import cli
 
     m = _write(tree / "m.csv", f'scan_path,report_text,ild\nscans/a.nii.gz,x,"{REPORT}"\n')
     assert cli.main(["split", str(m), "--out", str(tree / "out.csv")]) == 2
@@ -231,7 +231,7 @@ def test_report_text_in_the_ild_column_stays_off_stderr(tree, capsys):
 def test_pixel_spacing_of_2d_rows_is_a_column(tmp_path):
     from PIL import Image
 
-    from training.preprocess import read_any_scan
+    from zeroshot_ild_train.preprocess import read_any_scan
     from ZeroShotILDLib.settings import AnalysisSettings
 
     Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "a.png")
@@ -248,7 +248,7 @@ def test_pixel_spacing_of_2d_rows_is_a_column(tmp_path):
 
 
 def test_stratified_split_keeps_the_class_balance():
-    from training.manifest import ManifestRecord, split_by_patient
+    from zeroshot_ild_train.manifest import ManifestRecord, split_by_patient
 
     records = [ManifestRecord(scan_path=Path(f"{i}.nii"), scan_id=str(i), ild=int(i < 20), patient_id=f"P{i}")
                for i in range(100)]

@@ -5,7 +5,7 @@ import pytest
 sk = pytest.importorskip("sklearn.metrics")
 
 from ZeroShotILDLib.errors import InputError
-from training import metrics as M
+from zeroshot_ild_train import metrics as M
 
 
 def _data(seed, n=200, ties=False, prevalence=0.4):
@@ -189,7 +189,7 @@ def test_a_threshold_that_calls_every_scan_positive_is_flagged():
 
 
 def test_degenerate_rows_are_marked_in_the_tables():
-    from training import plots
+    from zeroshot_ild_train import plots
 
     yt = np.array([1] * 9 + [0] * 7)
     flagged = M.evaluate_binary(yt, np.linspace(0.6, 0.9, 16), y_val=np.array([1, 0]), s_val=np.array([0.5, 0.1]),

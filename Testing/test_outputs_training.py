@@ -16,7 +16,7 @@ def _strict(path):
 def test_training_cli_json_has_no_nan(tmp_path):
     import numpy as np
 
-    from training.cli import _write_json
+    from zeroshot_ild_train.cli import _write_json
 
     doc = _strict(_write_json(tmp_path / "metrics.json", {"auroc": float("nan"), "ci": [np.float32("inf"), 0.5],
                                                           "n": np.int64(4)}))
@@ -25,14 +25,14 @@ def test_training_cli_json_has_no_nan(tmp_path):
 
 
 def test_dapt_json_has_no_nan(tmp_path):
-    from training.dapt import _write_json
+    from zeroshot_ild_train.dapt import _write_json
 
     doc = _strict(_write_json(tmp_path / "sweep.json", {"best_val_loss": float("nan"), "runs": []}))
     assert doc == {"best_val_loss": None, "runs": []}
 
 
 def test_staged_output_keeps_other_files_cleans_dead_leftovers_and_follows_umask(tmp_path):
-    from training.cli import _staged_output, _write_rows
+    from zeroshot_ild_train.cli import _staged_output, _write_rows
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -62,7 +62,7 @@ def test_staged_output_keeps_other_files_cleans_dead_leftovers_and_follows_umask
 def test_label_head_is_written_atomically_and_reads_back(tmp_path):
     import torch
 
-    from training.dapt import LabelHead, load_label_head, save_label_head
+    from zeroshot_ild_train.dapt import LabelHead, load_label_head, save_label_head
 
     head = LabelHead(8, ["ild", "normal"])
     path = save_label_head(tmp_path / "x.labelhead.safetensors", head)

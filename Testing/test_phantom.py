@@ -20,8 +20,8 @@ from ZeroShotILDLib.phantom import (
     write_cohort,
 )
 from ZeroShotILDLib.scan import read_scan
-from training.manifest import read_manifest
-from training.reports import keyword_labels, parse_report, split_sentences
+from zeroshot_ild_train.manifest import read_manifest
+from zeroshot_ild_train.reports import keyword_labels, parse_report, split_sentences
 
 SHAPE = (32, 96, 96)
 SPACING_MM = (3.5, 3.5, 8.0)
@@ -194,7 +194,14 @@ def test_padding_value_is_honoured_outside_the_field_of_view():
     # every slice has the same circular field of view
     assert (pad == pad[0]).all()
     assert (r_mm[pad[0]] > radius - 1e-6).all()
-    assert pad[0][r_mm > radius + max(sx, sy)].all()
+    # outside the circle all is padding, but for the generator's signature (row ROW, centre
+    # columns), which a 48-column array cannot hold inside its circle
+    from ZeroShotILDLib.phantom_signature import CODE, ROW, carries_signature
+
+    outside = r_mm > radius + max(sx, sy)
+    code = np.zeros_like(outside)
+    code[ROW, nx // 2 - CODE.size // 2: nx // 2 - CODE.size // 2 + CODE.size] = True
+    assert pad[0][outside & ~code].all() and carries_signature(ph.hu)
     assert not (ph.lung_mask & pad).any()
     plain = generate_phantom(6, **TINY, ild=False)
     assert plain.hu.min() > -1200
@@ -430,3 +437,175 @@ def test_add_full_width_table_to_a_scan():
         add_full_width_table(ph.hu, ph.spacing_mm, body, side="left")
     with pytest.raises(InputError, match="empty"):
         add_full_width_table(ph.hu, ph.spacing_mm, np.zeros_like(body))
+
+
+# ---------------------------------------------------------------------------------------------
+# Involvement from 0 to 100 %, pattern regions and the signature (issue 20)
+# ---------------------------------------------------------------------------------------------
+#: Fingerprints (SHA-256 of the voxels without the signature row, the disease mask and the
+#: report) of seed 9 as the generator drew it before ``involvement`` existed: the default draw
+#: must stay the same phantom for every seed.
+OLD_DEFAULTS = {
+    (IPF, (12, 48, 48)): "a9ac617b72b759fc", (IPF, (32, 96, 96)): "98f97f694d576acd",
+    (SSC, (12, 48, 48)): "00e23191a440480f", (SSC, (32, 96, 96)): "3af9967607209ca1",
+    (HP, (12, 48, 48)): "008bc72a177da266", (HP, (32, 96, 96)): "7708f3c8fd41bb9c",
+    (None, (12, 48, 48)): "156747f92318585f", (None, (32, 96, 96)): "37fb99637d6dc443",
+}
+INVOLVEMENTS = (0.0, 0.05, 0.4, 0.7, 1.0)
+
+
+def _fingerprint(ph):
+    import hashlib
+
+    from ZeroShotILDLib.phantom_signature import ROW
+
+    voxels = np.delete(ph.hu, ROW, axis=1)
+    return hashlib.sha256(voxels.tobytes() + ph.disease_mask.tobytes() + ph.report.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("subtype,shape", sorted(OLD_DEFAULTS, key=str))
+def test_default_draw_is_the_phantom_it_always_was(subtype, shape):
+    geometry = TINY if shape == TINY["shape_zyx"] else dict(shape_zyx=SHAPE, spacing_mm=SPACING_MM)
+    kwargs = dict(subtype=subtype) if subtype else dict(ild=False)
+    ph = generate_phantom(9, **geometry, **kwargs)
+    assert _fingerprint(ph) == OLD_DEFAULTS[(subtype, shape)]
+    assert ph.labels["involvement"] is None
+    if subtype:
+        assert 0.12 <= ph.labels["disease_fraction"] <= 0.32
+    # involvement=None is the default
+    np.testing.assert_array_equal(ph.hu, generate_phantom(9, **geometry, **kwargs, involvement=None).hu)
+
+
+@pytest.fixture(scope="module")
+def involved():
+    """Each style at each involvement, plus the density of its patterns, on the test grid."""
+    out = {}
+    for sub in SUBTYPES:
+        for v in INVOLVEMENTS:
+            out[sub, v] = generate_phantom(2, shape_zyx=SHAPE, spacing_mm=SPACING_MM, subtype=sub, involvement=v)
+    return out
+
+
+@pytest.mark.parametrize("subtype", SUBTYPES)
+def test_involvement_sets_the_disease_fraction(involved, subtype):
+    for v in INVOLVEMENTS:
+        ph = involved[subtype, v]
+        got = ph.labels["disease_fraction"]
+        assert got == pytest.approx(float(ph.disease_mask.sum()) / ph.lung_mask.sum(), abs=1e-4)
+        assert abs(got - v) <= 0.03, (subtype, v, got)
+        assert ph.labels["involvement"] == v
+        if v == 0:
+            assert ph.labels["ild"] is False and ph.labels["subtype"] is None and not ph.disease_mask.any()
+            assert ph.pattern_masks == {} and ph.labels["patterns"] == []
+        else:
+            assert ph.labels["ild"] is True and ph.labels["subtype"] == subtype
+    assert involved[subtype, 1.0].disease_mask.sum() == involved[subtype, 1.0].lung_mask.sum()
+    # the same chest at every extent
+    np.testing.assert_array_equal(involved[subtype, 0.0].lung_mask, involved[subtype, 1.0].lung_mask)
+
+
+@pytest.mark.parametrize("subtype", SUBTYPES)
+def test_pattern_masks_are_subsets_of_the_disease_named_in_the_labels(involved, subtype):
+    for v in INVOLVEMENTS[1:]:
+        ph = involved[subtype, v]
+        assert set(ph.pattern_masks) == set(ph.labels["patterns"])
+        for name, mask in ph.pattern_masks.items():
+            assert mask.dtype == bool and mask.shape == ph.disease_mask.shape
+            assert mask.any() and not (mask & ~ph.disease_mask).any(), name
+        absent = next(n for n in PATTERNS if n not in ph.pattern_masks) if len(ph.pattern_masks) < len(PATTERNS) else None
+        if absent:
+            assert not ph.pattern_mask(absent).any()
+
+
+def test_every_style_draws_its_main_patterns_with_masks(phantoms):
+    # default draws too: each positive carries the regions of what its report names
+    for sub in SUBTYPES:
+        ph = phantoms[sub]
+        assert set(ph.pattern_masks) == set(ph.labels["patterns"])
+    assert "ground-glass opacity" in phantoms[HP].pattern_masks
+    assert not phantoms["normal"].pattern_masks
+
+
+def _density(subtype, name, v, seeds=(2, 3, 4)):
+    """Voxels of pattern ``name`` per involved voxel, pooled over a few seeds (None: never drawn)."""
+    num = den = 0
+    for seed in seeds:
+        ph = generate_phantom(seed, shape_zyx=SHAPE, spacing_mm=SPACING_MM, subtype=subtype, involvement=v)
+        if name in ph.pattern_masks:
+            num += int(ph.pattern_masks[name].sum())
+            den += int(ph.disease_mask.sum())
+    return num / den if den else None
+
+
+@pytest.mark.parametrize("subtype,name", [(IPF, "honeycombing"), (IPF, "reticulation"), (SSC, "reticulation")])
+def test_patterns_stay_dense_when_the_disease_is_widespread(subtype, name):
+    focal = _density(subtype, name, 0.15)
+    assert focal and focal > 0.1
+    for v in (0.7, 1.0):
+        wide = _density(subtype, name, v)
+        assert wide is not None and wide >= 0.75 * focal, (subtype, name, v, wide, focal)
+
+
+@pytest.mark.parametrize("subtype", SUBTYPES)
+def test_widespread_disease_keeps_its_style_distribution(involved, subtype):
+    ph = involved[subtype, 0.4]
+    z = np.arange(ph.lung_mask.shape[0])[:, None, None]
+    lung_z = ph.lung_mask * z
+    mid = np.median(lung_z[ph.lung_mask])   # half the lung volume below, half above
+    lower = (ph.disease_mask & (lung_z <= mid)).sum() / max((ph.lung_mask & (lung_z <= mid)).sum(), 1)
+    upper = (ph.disease_mask & (lung_z > mid)).sum() / max((ph.lung_mask & (lung_z > mid)).sum(), 1)
+    if subtype == HP:
+        assert upper > lower        # upper and mid zones first
+    else:
+        assert lower > upper        # basal first
+    if subtype == IPF:
+        # subpleural first: the rind 0-2 voxels from the pleura is more involved than the core
+        depth = ndimage.distance_transform_edt(ph.lung_mask)
+        rind, core = ph.lung_mask & (depth <= 2), ph.lung_mask & (depth > 4)
+        assert ph.disease_mask[rind].mean() > ph.disease_mask[core].mean()
+
+
+def test_cohort_draws_involvement_over_a_range():
+    cohort = list(generate_cohort(6, seed=3, involvement=(0.4, 0.9), **MINI))
+    labels = [ph.labels for ph in cohort]
+    # same seeds, order and subtypes as without the option
+    assert [lb["seed"] for lb in labels] == [ph.labels["seed"] for ph in generate_cohort(6, seed=3, **MINI)]
+    for lb in labels:
+        if lb["ild"]:
+            assert 0.4 <= lb["involvement"] <= 0.9
+            assert abs(lb["disease_fraction"] - lb["involvement"]) <= 0.05
+        else:
+            assert lb["involvement"] == 0.0 and lb["disease_fraction"] == 0.0
+    assert len({lb["involvement"] for lb in labels if lb["ild"]}) == 3
+    fixed = list(generate_cohort(2, seed=3, positive_fraction=1.0, involvement=0.5, noise_hu=(5, 30), **MINI))
+    assert all(ph.labels["involvement"] == 0.5 for ph in fixed)
+    with pytest.raises(InputError, match="involvement"):
+        list(generate_cohort(2, seed=3, involvement=(0.9, 0.4), **MINI))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(involvement=1.5), "involvement"),
+    (dict(involvement=-0.1), "involvement"),
+    (dict(involvement="most"), "involvement"),
+    (dict(involvement=0.5, ild=False), "involvement"),
+])
+def test_bad_involvement_is_refused(kwargs, words):
+    with pytest.raises(InputError, match=words):
+        generate_phantom(0, **TINY, **kwargs)
+
+
+def test_saved_phantom_carries_the_signature_and_an_edited_one_does_not(tmp_path):
+    from ZeroShotILDLib.phantom_signature import carries_signature
+
+    ph = generate_phantom(5, **TINY, subtype=IPF, padding_value=-2048)
+    assert carries_signature(ph.hu)
+    path = tmp_path / "renamed_real_ct.nii.gz"
+    ph.save(path)
+    assert carries_signature(read_scan(path).hu)
+    # the same voxels with the code overwritten (e.g. a real CT, or a resampled phantom) do not
+    edited = ph.hu.copy()
+    edited[:, :4, :] = -1000
+    assert not carries_signature(edited)
+    ph.hu = edited
+    ph.save(tmp_path / "phantom_0001.nii.gz")
+    assert not carries_signature(read_scan(tmp_path / "phantom_0001.nii.gz").hu)

@@ -22,7 +22,10 @@ def test_result_is_complete(analyzed, small_scan):
     assert r.lung_volume_ml > 100
     p = r.patch_probabilities["interstitial lung disease"]
     assert p.shape == (n,) and np.all((p > 0) & (p < 1))
-    assert len(r.ranked) == 10 and p[r.ranked[0]] == p.max()
+    # Top patches come from the boxes passing the lung-fraction filter; the rest are scored for the extent.
+    eligible = r.patches.lung_fraction >= r.settings.filter_threshold
+    assert 0 < eligible.sum() < n and r.zones["scored_share"] >= 0.98
+    assert len(r.ranked) == 10 and p[r.ranked[0]] == p[eligible].max() and eligible[r.ranked].all()
     assert np.all(np.diff(p[r.ranked]) <= 0)
     assert r.montage.shape == (64, 64) and r.montage.dtype == np.uint8 and r.montage.max() > 0
     assert len(r.montage_indices) == 16

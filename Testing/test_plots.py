@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from training import metrics as M
-from training import plots
+from zeroshot_ild_train import metrics as M
+from zeroshot_ild_train import plots
 
 
 def _curves():

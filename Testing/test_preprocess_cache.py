@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import cli, preprocess
-from training.manifest import read_manifest
+from zeroshot_ild_train import cli, preprocess
+from zeroshot_ild_train.manifest import read_manifest
 from ZeroShotILDLib import file_hashes
 from ZeroShotILDLib.settings import AnalysisSettings
 
@@ -71,13 +71,13 @@ def test_a_decompression_bomb_is_one_failed_item(tmp_path, capsys):
     bomb(folder / "huge.png")
     man = manifest(folder, [("good", "good.png"), ("huge", "huge.png")])
     code, out, err = run(capsys, "preprocess", man, "--cache", tmp_path / "cache", *ARGS)
-    assert code == 1 and "1 montages written, 0 already finished, 1 failed" in out
+    assert code == 3 and "1 montages written, 0 already finished, 1 failed" in out
     assert "Traceback" not in err and err.count("\n") == 1
     assert "huge.png declares more pixels" in err
     # Just above our own limit but below PIL's: refused by the header's size as well.
     bomb(folder / "huge.png", side=8000)
     code, out, err = run(capsys, "preprocess", man, "--cache", tmp_path / "cache", *ARGS)
-    assert code == 1 and "8000 x 8000 pixels" in err and err.count("\n") == 1
+    assert code == 3 and "8000 x 8000 pixels" in err and err.count("\n") == 1
 
 
 def test_two_cohorts_sharing_a_cache_never_swap_montages(tmp_path, capsys):

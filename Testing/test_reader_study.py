@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ZeroShotILDLib.errors import InputError
-from training.reader_study import (
+from zeroshot_ild_train.reader_study import (
     ReaderCount,
     count_table,
     export_reader_study,

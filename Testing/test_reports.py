@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ZeroShotILDLib.errors import InputError
-from training import reports
-from training.reports import (
+from zeroshot_ild_train import reports
+from zeroshot_ild_train.reports import (
     keyword_labels,
     labels_from_mesh,
     mesh_terms,
@@ -299,7 +299,7 @@ def test_real_reports_keyword_labels_agree_with_mesh(iu_rows):
 
 
 def test_findings_after_a_report_label_keep_their_text():
-    from training.reports import parse_report, select_text
+    from zeroshot_ild_train.reports import parse_report, select_text
 
     parsed = parse_report("Report: Findings - Subpleural reticulation in both lower lobes. Impression: UIP pattern.")
     assert parsed.findings == "Subpleural reticulation in both lower lobes."
@@ -314,7 +314,7 @@ def test_text_yield_warns_on_the_real_iu_reports():
     import csv as _csv
 
     from conftest import shared_data
-    from training.reports import text_yield, yield_warning
+    from zeroshot_ild_train.reports import text_yield, yield_warning
 
     path = shared_data("real", "reports", "iu_xray_reports.csv")
     with open(path, newline="", encoding="utf-8") as handle:

@@ -37,7 +37,7 @@ def _imports(folder):
                 names |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"ZeroShotILDLib", "training", "__future__"}
+    return names - set(sys.stdlib_module_names) - {"ZeroShotILDLib", "zeroshot_ild_train", "training", "__future__"}
 
 
 def _distributions(import_names):
@@ -109,5 +109,8 @@ def test_constraints_pin_every_dependency_within_its_range():
 def test_setup_installs_with_the_constraints_and_stamps_them():
     script = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
     assert re.search(r"pip install .*-c \"\$constraints\"", script)
-    assert re.search(r"stamp=.*pyproject\.toml.*\$constraints", script)
+    assert re.search(r"key=.*pyproject\.toml.*\$constraints", script) and re.search(r"stamp=.*\$key", script)
+    # One variable picks PyTorch's CPU-only wheels; the demo profile installs no test or training extras.
+    assert "ZEROSHOT_ILD_TORCH" in script and "download.pytorch.org/whl/cpu" in script
+    assert re.search(r'demo\) extras=""', script) and "[train,test,dicom]" in script
     assert "constraints=requirements/constraints.txt" in script

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_settings
+from conftest import REPO, self_referenced, tiny_settings
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 if not hasattr(slicer, "vtkMRMLScene"):
@@ -56,7 +56,8 @@ def analysed(small_phantom):
                            OBLIQUE_DIRECTION, "Phantom CT")
     volume.SetAndObserveTransformNodeID(_parent_transform(headless.scene).GetID())
     session = AnalysisSession(volume, tiny_settings(**SETTINGS))
-    session.compute()
+    with self_referenced():
+        session.compute()
     nodes = session.apply(app_logic=headless.app_logic)
     return headless, volume, session, nodes
 
@@ -126,6 +127,16 @@ def test_pattern_segmentation_sits_on_the_ct(analysed):
                                atol=1e-6)
 
 
+def test_patterns_are_outlines_over_the_heatmap(analysed):
+    """Honest default view (issue 23): a filled pattern map over the heatmap hid the heatmap's colours."""
+    _, _, session, nodes = analysed
+    display = nodes.patterns.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility2DOutline() and display.GetOpacity2DOutline() == 1.0
+    assert not display.GetVisibility2DFill() and display.GetOpacity2DFill() == 0.0
+    # Painted without torch in Slicer's process, the same labels as the engine's label_volume.
+    np.testing.assert_array_equal(mrml_results.pattern_labels(session.result), label_volume(session.result))
+
+
 def _acquisition_like_transform(scene, volume):
     """A grid transform that shifts each slice along S by a smooth, uneven amount, as Slicer's
     "acquisition transform" does for an interval or irregular DICOM series."""
@@ -182,9 +193,12 @@ def test_extent_table_holds_result_extent_in_percent(analysed):
     result = session.result
     columns = _table_columns(nodes.extent_table)
     assert columns["Zone"] == list(ROWS)
-    expected_names = ["Index", "Zone", *result.extent, *(f"pattern: {n}" for n in result.patterns.names)]
+    # A pattern that is also a prompt appears once, as the prompt (the same rule gives the same number).
+    patterns_only = [n for n in result.patterns.names if n not in result.extent]
+    assert len(patterns_only) < len(result.patterns.names)
+    expected_names = ["Index", "Zone", *result.extent, *(f"pattern: {n}" for n in patterns_only)]
     assert list(columns) == expected_names
-    records = {**result.extent, **{f"pattern: {n}": result.patterns.extent[n] for n in result.patterns.names}}
+    records = {**result.extent, **{f"pattern: {n}": result.patterns.extent[n] for n in patterns_only}}
     for name, record in records.items():
         expected = [record["lung_fraction"]] + [record["by_zone"][z] for z in mrml_results.EXTENT_ZONES]
         np.testing.assert_allclose(columns[name], 100.0 * np.array(expected, dtype=float), rtol=1e-12, equal_nan=True)

@@ -302,3 +302,21 @@ def test_dependencies_are_asked_for_and_installed_under_constraints(module, monk
     monkeypatch.setattr(slicer.util, "pip_install", recorder.pip_install)
     with pytest.raises(InputError, match="did not install"):
         logic.setupPythonRequirements(askConfirmation=False)
+
+
+def test_apply_offers_the_default_models_weights_when_they_are_missing(module, tmp_path):
+    """The first Apply with the defaults: the model is openly licensed, so the panel offers its download."""
+    logic = module.ZeroShotILDLogic()
+    defaults = AnalysisSettings(weights_dir=str(tmp_path))
+    assert defaults.model == "clip-vit-b-32-laion"
+    assert logic.missingDownloadableModel(defaults) == "clip-vit-b-32-laion"
+    question = logic.downloadQuestion("clip-vit-b-32-laion", defaults)
+    assert "MIT" in question and str(tmp_path / "clip-vit-b-32-laion") in question
+    # Weights in place, a user checkpoint, a model with nothing to download, CheXzero: nothing offered.
+    (tmp_path / "clip-vit-b-32-laion").mkdir()
+    (tmp_path / "clip-vit-b-32-laion" / "open_clip_model.safetensors").write_bytes(b"x")
+    assert logic.missingDownloadableModel(defaults) == ""
+    for settings in (dataclasses.replace(defaults, model="openai-vit-b-32", checkpoint=str(tmp_path / "mine.pt")),
+                     dataclasses.replace(defaults, model="tiny-random"),
+                     dataclasses.replace(defaults, model="chexzero")):
+        assert logic.missingDownloadableModel(settings) == ""

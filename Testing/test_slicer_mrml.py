@@ -164,12 +164,15 @@ def test_heatmap_has_the_input_geometry_and_the_cli_values(analysed, cli_outputs
     # The CLI file's geometry, converted to RAS, is the node's geometry too.
     cli_matrix = ijk_to_ras_from_lps(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     np.testing.assert_allclose(cli_matrix, _ijk_to_ras(heat), atol=1e-6)
-    # Every candidate's box holds at least its own probability (overlaps keep the maximum).
+    # Every candidate's box holds at least its own probability on its lung voxels (overlaps keep
+    # the maximum) and nothing outside the lung, as the command line's heatmap.
     probs = session.result.patch_probabilities["honeycombing"]
     p = session.result.patches
+    lung = session.result.lung_mask.astype(bool)
     for i in range(len(p)):
         z, r, c = int(p.slice_index[i]), int(p.row0[i]), int(p.col0[i])
-        assert values[z, r:r + p.size_rows, c:c + p.size_cols].min() >= np.float32(probs[i]) - 1e-7
+        box, inside = values[z, r:r + p.size_rows, c:c + p.size_cols], lung[z, r:r + p.size_rows, c:c + p.size_cols]
+        assert box[inside].min() >= np.float32(probs[i]) - 1e-7 and not box[~inside].any()
     assert float(values.max()) == pytest.approx(float(probs.max()), abs=1e-7)
 
 
@@ -187,6 +190,15 @@ def test_heatmap_display_is_a_coloured_thresholded_overlay_with_a_legend(analyse
                if nodes.heatmap.GetNthDisplayNode(i).IsA("vtkMRMLColorLegendDisplayNode")]
     assert len(legends) == 1 and legends[0].GetTitleText() == "P(honeycombing), own range"
     legend = legends[0]
+    # Honest default view (issue 23): the legend is shown, and the heatmap covers only the lung
+    # (0 elsewhere, below the display threshold, so transparent), like the command line's overlay.png.
+    assert legend.GetVisibility() and legend.GetPrimaryDisplayNode() is display
+    values = slicer.util.arrayFromVolume(nodes.heatmap)
+    lung = session.result.lung_mask.astype(bool)
+    assert values.shape == lung.shape and values[lung].max() > 0
+    assert not values[~lung].any() and mrml_results.OUTSIDE_THRESHOLD > 0
+    lungs = nodes.lungs.GetDisplayNode()
+    assert lungs.GetOpacity2DFill() == 0.0 and lungs.GetOpacity2DOutline() > 0
     # The legend's labels are all different (Slicer writes NumberOfLabels values from lo to hi).
     labels = [legend.GetLabelFormat() % v for v in np.linspace(lo, hi, legend.GetNumberOfLabels())]
     assert len(set(labels)) == len(labels) == mrml_results.LEGEND_LABELS, labels
@@ -396,37 +408,47 @@ def test_rendered_figure_shows_the_ct_heatmap_and_outlines(analysed, tmp_path):
     assert warm_pixels(np.asarray(Image.open(path).convert("RGB")).astype(int)) < warm / 20
 
 
-def test_phantom_source_and_model_warning_rules():
-    from ZeroShotILDLib.results import is_phantom_source, model_warning
+def test_phantom_evidence_and_model_warning_rules(small_phantom):
+    """Whether a volume is a phantom is read from its voxels (the generator's signature), never from its name."""
+    from ZeroShotILDLib.results import model_warning
 
-    for source in ("phantom(seed=3)", "Phantom CT", "/data/phantoms/scans/phantom_0001.nii.gz", "phantom_0001"):
-        assert is_phantom_source(source), source
-    for source in ("", "CTChest", "/data/real/ct/totalseg/chest_crop_b.nii.gz", "chest_crop_b", "lung phantom?"):
-        assert not is_phantom_source(source), source
-    assert "random weights" in model_warning("tiny-random", random_weights=True, trained_on="", source="phantom")
-    assert "phantoms only" in model_warning("phantom-demo", random_weights=False, trained_on="phantoms", source="CTChest")
-    assert model_warning("phantom-demo", random_weights=False, trained_on="phantoms", source="phantom(seed=1)") == ""
-    assert model_warning("chexzero", random_weights=False, trained_on="", source="CTChest") == ""
-    # The panel's warning before Apply follows the same rule, from the model list.
-    assert "phantoms only" in catalog.input_warning("phantom-demo", "chest_crop_b")
-    assert catalog.input_warning("phantom-demo", "Phantom CT") == ""
-    assert "random weights" in catalog.input_warning("tiny-random", "Phantom CT")
-    assert catalog.input_warning("chexzero", "chest_crop_b") == ""
+    assert "random weights" in model_warning("tiny-random", random_weights=True, trained_on="", is_phantom=True)
+    assert "phantoms only" in model_warning("phantom-demo", random_weights=False, trained_on="phantoms",
+                                            is_phantom=False)
+    assert model_warning("phantom-demo", random_weights=False, trained_on="phantoms", is_phantom=True) == ""
+    assert model_warning("chexzero", random_weights=False, trained_on="", is_phantom=False) == ""
+    # The panel's warning before Apply follows the same rule, from the model list and the volume's voxels.
+    real = _without_signature(small_phantom.hu)
+    assert "phantoms only" in catalog.input_warning("phantom-demo", real)
+    assert "phantoms only" in catalog.input_warning("phantom-demo")  # no voxels: counted as a real scan
+    assert catalog.input_warning("phantom-demo", small_phantom.hu) == ""
+    assert "random weights" in catalog.input_warning("tiny-random", small_phantom.hu)
+    assert catalog.input_warning("chexzero", real) == ""
     assert "phantoms only" in catalog.describe_model("phantom-demo")
+
+
+def _without_signature(hu):
+    """The phantom's voxels with the generator's signature overwritten: content that is not a phantom's."""
+    from ZeroShotILDLib.phantom_signature import ROW
+
+    out = np.array(hu, copy=True)
+    out[:, ROW, :] = -1000
+    return out
 
 
 def test_phantom_model_on_a_real_scan_is_flagged_in_panel_tables_and_notes(small_phantom):
     headless = make_scene()
     settings = tiny_settings(model="phantom-demo", top_k=3, slice_step_mm=20.0)
     seen = {}
-    for name in ("chest_crop_b", "Phantom CT"):
-        volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+    # Names chosen to mislead: the real-looking name holds the phantom, the phantom-looking one the other content.
+    for name, hu in (("Phantom CT", _without_signature(small_phantom.hu)), ("chest_crop_b", small_phantom.hu)):
+        volume = add_ct_volume(headless.scene, hu, small_phantom.spacing_mm, small_phantom.origin_mm,
                                small_phantom.direction, name)
         session = AnalysisSession(volume, settings)
         session.compute()
         nodes = session.apply(app_logic=headless.app_logic)
         seen[name] = (session.result, nodes)
-    result, nodes = seen["chest_crop_b"]
+    result, nodes = seen["Phantom CT"]
     assert not result.model_meaningful and "trained on synthetic phantoms only" in result.model_warning
     assert result.notes[-1] == result.model_warning
     flag = "NOT MEANINGFUL: phantom-trained model on a real scan"
@@ -436,7 +458,7 @@ def test_phantom_model_on_a_real_scan_is_flagged_in_panel_tables_and_notes(small
     # Saved with the scene: the table's notes start with the warning, and the warning has its own attribute.
     assert nodes.probabilities.GetAttribute(mrml_results.NOTES_ATTRIBUTE).splitlines()[0] == result.model_warning
     assert nodes.probabilities.GetAttribute(mrml_results.WARNING_ATTRIBUTE) == result.model_warning
-    result, nodes = seen["Phantom CT"]
+    result, nodes = seen["chest_crop_b"]
     assert result.model_meaningful and result.model_warning == ""
     assert "NOT MEANINGFUL" not in nodes.chart.GetTitle() + nodes.probabilities.GetName() + nodes.patch_table.GetName()
     assert nodes.probabilities.GetAttribute(mrml_results.WARNING_ATTRIBUTE) == ""
@@ -704,7 +726,7 @@ def test_requirements_and_constraints():
     # constraints pin the scipy Slicer ships, so pip keeps that one.
     assert set(names) & protected == {"scipy"}
     installed = {"open-clip-torch": "2.20.0", "scipy": "1.13.1", "edt": "3.1.2", "safetensors": "0.4.5",
-                 "tqdm": "4.67.1", "pillow": "10.4.0"}
+                 "tqdm": "4.67.1", "pillow": "10.4.0", "huggingface-hub": "0.26.2"}
     missing = dependencies.missing_requirements(
         reqs, version_of=lambda name: installed.get(dependencies.canonical_name(name)))
     assert missing == [r for r in reqs if r.lower().startswith(("open_clip_torch", "open-clip-torch"))]

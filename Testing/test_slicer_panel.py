@@ -150,3 +150,35 @@ def test_an_ensemble_chosen_in_the_panel_runs_and_survives_the_parameter_node(mo
     logic.settingsToParameterNode(logic.session.settings)
     assert node.GetParameter("model") == module.catalog.ENSEMBLE_MODEL
     assert logic.settingsFromParameterNode().model == f"ensemble:{ensemble}"
+
+
+def test_input_selector_lists_only_ct_volumes(module, small_phantom, tmp_path, monkeypatch):
+    """The module's heatmap and montage are scalar volumes too: hidden from the input selector, refused as input."""
+    import os
+
+    if os.name != "posix":
+        pytest.skip("the hosted widget holds the GIL with libc usleep (POSIX)")
+    from test_slicer_event_loop import Host
+
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                           small_phantom.direction, "Chest CT")
+    other = add_ct_volume(headless.scene, small_phantom.hu, small_phantom.spacing_mm, small_phantom.origin_mm,
+                          small_phantom.direction, "Second CT")
+    host = Host(module, headless, volume, tmp_path, monkeypatch)
+    proxy = types.SimpleNamespace(hiddenNodeIDs=[])  # qMRMLSortFilterProxyModel's property
+    host.widget.ui.inputVolumeSelector = types.SimpleNamespace(sortFilterProxyModel=lambda: proxy)
+    try:
+        host.set(patch_mm=30.0, slice_step_mm=10.0, top_k=4)
+        host.press_apply()
+        host.run(timeout_s=300.0)
+        nodes = host.logic.resultNodes()
+        assert nodes is not None and not host.errors, host.status
+        assert sorted(proxy.hiddenNodeIDs) == sorted([nodes.heatmap.GetID(), nodes.montage.GetID()])
+        assert volume.GetID() not in proxy.hiddenNodeIDs and other.GetID() not in proxy.hiddenNodeIDs
+        # Chosen anyway (console, an old parameter node): one line, before anything is sent to the worker.
+        with pytest.raises(InputError, match="ZeroShotILD's heatmap output, not a CT") as error:
+            host.logic.startProcess(nodes.heatmap, prompts=["honeycombing"], **TINY)
+        assert "\n" not in str(error.value)
+    finally:
+        host.widget.cleanup()

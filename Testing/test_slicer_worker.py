@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -253,7 +254,7 @@ def test_a_worker_that_never_answers_is_reported(client, small_phantom, monkeypa
     assert isinstance(job.error, WorkerError) and "did not answer" in str(job.error) and not client.alive
 
 
-def test_worker_python_skips_the_launcher_whose_stdin_may_not_reach_python(tmp_path):
+def test_worker_python_prefers_python_real_beside_the_launcher(tmp_path):
     from ZeroShotILDMRML.worker_client import worker_python
 
     launcher = tmp_path / "bin" / "PythonSlicer"
@@ -266,3 +267,47 @@ def test_worker_python_skips_the_launcher_whose_stdin_may_not_reach_python(tmp_p
     real.write_text("#!/bin/sh\n", encoding="utf-8")
     real.chmod(0o755)
     assert worker_python(str(launcher)) == str(real.resolve())
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process (Linux: /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the worker go")
+def test_the_launcher_fallback_ends_the_whole_process_tree(tmp_path):
+    """Through a launcher (PythonSlicer in a build tree) the worker is the launcher's child.
+
+    The stand-in launcher behaves as CTKAppLauncher 0.1.31 does: it runs the interpreter as a child
+    with its own stdin forwarded, and waits for it. The worker answers through it (stdin reaches
+    it); when it must be stopped, the launcher and the worker go. The worker is frozen (SIGSTOP)
+    first, so it cannot leave by itself (end of input, parent watch): only the client can end it.
+    """
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n', encoding="utf-8")
+    launcher.chmod(0o755)
+    client = WorkerClient(python=str(launcher), temp_dir=str(tmp_path))
+    client.start()
+    worker_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while client._hello is None and client.alive and time.monotonic() < deadline:
+            client.pump(wait_s=0.1)
+        assert client._hello is not None, "no answer through the launcher"
+        worker_pid = int(client._hello["pid"])
+        assert worker_pid != client.pid and _running(worker_pid) and _running(client.pid)
+        os.kill(worker_pid, signal.SIGSTOP)
+        launcher_pid = client.pid
+        client.shutdown(timeout_s=0.2)  # no answer: the client has to kill
+        deadline = time.monotonic() + 10
+        while (_running(worker_pid) or _running(launcher_pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(launcher_pid)
+        assert not _running(worker_pid), "the worker outlived its launcher"
+    finally:
+        if worker_pid is not None and _running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)

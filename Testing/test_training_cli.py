@@ -1,7 +1,7 @@
 """``zeroshot-ild-train`` end to end on a tiny phantom cohort with the tiny random model.
 
 One module-scoped cohort (8 small phantoms, 4 with ILD) is split, preprocessed and trained on
-once; each sub-command is then run on it through ``training.cli.main`` exactly as a user would,
+once; each sub-command is then run on it through ``zeroshot_ild_train.cli.main`` exactly as a user would,
 and its outputs are checked. Scores of the random model are meaningless: the tests check the
 plumbing (files, shapes, agreement with the library functions), never a score's size.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import cli
+from zeroshot_ild_train import cli
 from ZeroShotILDLib.models import load_model, read_checkpoint_metadata
 
 # Small scans and large patches keep each engine analysis well under a second.
@@ -179,7 +179,7 @@ def test_evaluate_models_and_ensemble(capsys, cohort, trained, tmp_path):
     # The ensemble column is the mean of its members' probabilities, scored by the engine.
     from ZeroShotILDLib.pipeline import Analyzer
     from ZeroShotILDLib.settings import AnalysisSettings
-    from training.manifest import read_manifest
+    from zeroshot_ild_train.manifest import read_manifest
 
     record = [r for r in read_manifest(cohort["manifest"]) if r.split == "test"][0]
     probabilities = []
@@ -348,13 +348,13 @@ def mixed_cohort(cohort, tmp_path):
 
 
 def test_evaluate_lists_failed_scans_reads_2d_rows_and_resumes(capsys, caplog, mixed_cohort, tmp_path, monkeypatch):
-    from training import preprocess
+    from zeroshot_ild_train import preprocess
 
     out = tmp_path / "eval"
     argv = ["evaluate", mixed_cohort, "--out", out, *ENGINE, "--retrieval", "clip", "--resamples", "20",
             "--prompt", "COVID-19 pneumonia"]
     code, stdout, err = run(capsys, *argv)
-    assert code == 1, err  # one scan failed: the rest are evaluated, the exit code says so
+    assert code == 3, err  # one scan failed: the rest are evaluated, the exit code says so
     failures = read_rows(out / "failures.csv")
     assert [f["scan_id"] for f in failures] == [str(tmp_path / "abdomen.nii.gz")]
     assert "no lungs" in failures[0]["reason"] and failures[0]["split"] == "test"
@@ -374,12 +374,12 @@ def test_evaluate_lists_failed_scans_reads_2d_rows_and_resumes(capsys, caplog, m
     original = preprocess.read_any_scan
     monkeypatch.setattr(preprocess, "read_any_scan", lambda path, *a, **k: read.append(Path(path).name) or original(path, *a, **k))
     code, _, _ = run(capsys, *argv)
-    assert code == 1 and read == ["abdomen.nii.gz"]
+    assert code == 3 and read == ["abdomen.nii.gz"]
     assert read_rows(out / "scores.csv") == scores
     # grid shares the scoring: the same scan is listed, the rest tabled.
     code, _, _ = run(capsys, "grid", mixed_cohort, "--out", tmp_path / "grid", *ENGINE, "--retrievals", "random",
                      "--resamples", "0")
-    assert code == 1 and [f["scan_id"] for f in read_rows(tmp_path / "grid" / "failures.csv")] == [failures[0]["scan_id"]]
+    assert code == 3 and [f["scan_id"] for f in read_rows(tmp_path / "grid" / "failures.csv")] == [failures[0]["scan_id"]]
     assert "abdomen.nii.gz" in (tmp_path / "grid" / "grid.md").read_text(encoding="utf-8")
 
 
@@ -393,7 +393,7 @@ def test_evaluate_threshold_split_label_and_pixel_size(capsys, cohort, tmp_path)
                             "--resamples", "0", "--label", "label_fibrosis", "--threshold-split", "none")
     assert code == 0, err
     rows_out = read_rows(out / "results.csv")
-    from training import metrics
+    from zeroshot_ild_train import metrics
 
     assert rows_out[0]["threshold_source"] == metrics.OPTIMISTIC
     assert "optimistic" in (out / "results.md").read_text(encoding="utf-8")
@@ -484,7 +484,7 @@ def test_reader_study_leaves_a_broken_scan_out(capsys, tmp_path):
     study = tmp_path / "study"
     code, _, err = run(capsys, "reader-study", "export", manifest, "--out", study, *ENGINE,
                        "--methods", "random", "--readers", "r1")
-    assert code == 1 and "1 scan(s) could not be" in err and "Traceback" not in err
+    assert code == 3 and "1 scan(s) could not be" in err and "Traceback" not in err
     assert len(list((study / "images").glob("*.png"))) == 2
     failed = read_rows(study / "failures.csv")
     assert [r["scan_id"] for r in failed] == ["broken.nii.gz"] and failed[0]["reason"]
@@ -509,8 +509,8 @@ def test_train_leaves_rows_without_text_out(capsys, caplog, cohort, cache, tmp_p
 
 def test_covid_folder_becomes_a_manifest(tmp_path, capsys):
     from conftest import shared_data
-    from training import covid
-    from training.manifest import read_manifest
+    from zeroshot_ild_train import covid
+    from zeroshot_ild_train.manifest import read_manifest
 
     folder = shared_data("real", "pairs", "covid_ct")
     out = tmp_path / "sub" / "cohort.csv"
@@ -535,7 +535,50 @@ def test_a_real_scan_without_lungs_is_listed_not_fatal(capsys, cohort, tmp_path)
     manifest = _write_manifest(tmp_path / "m.csv", rows)
     code, stdout, err = run(capsys, "evaluate", manifest, "--out", tmp_path / "eval", *ENGINE, "--retrieval", "random",
                             "--resamples", "0")
-    assert code == 1, err
+    assert code == 3, err
     (failure,) = read_rows(tmp_path / "eval" / "failures.csv")
     assert failure["scan_id"] == "abdomen" and "no lungs" in failure["reason"]
     assert len(read_rows(tmp_path / "eval" / "scores.csv")) == 2 and "AUROC" in stdout
+
+
+def test_help_answers_without_torch_or_lightning():
+    """--help reads its defaults from the torch-free settings module (it used to import Lightning: 12-16 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from zeroshot_ild_train.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "for sub in ('train', 'sweep', 'evaluate'):\n"
+            "    try:\n        main([sub, '--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'lightning', 'open_clip') if m in sys.modules]\n"
+            "sys.exit(f'imported {heavy}' if heavy else rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert "examples:" in done.stdout and "``" not in done.stdout and "paper 0" not in done.stdout
+
+
+def test_version_and_settings_names_match_the_trainer(capsys):
+    from zeroshot_ild_train import dapt, dapt_config, losses
+    from ZeroShotILDLib import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and __version__ in capsys.readouterr().out
+    assert dapt.DaptConfig is dapt_config.DaptConfig
+    assert (dapt_config.RELAX_THRESHOLD, dapt_config.RELAX_SLOPE) == (losses.RELAX_THRESHOLD, losses.RELAX_SLOPE)
+
+
+def test_every_command_has_two_examples():
+    import argparse
+
+    parser = cli.build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    parsers = dict(subs.choices)
+    study = [a for a in parsers["reader-study"]._actions if isinstance(a, argparse._SubParsersAction)][0]
+    parsers.update({f"reader-study {k}": v for k, v in study.choices.items()})
+    for name, sub in parsers.items():
+        text = sub.format_help()
+        examples = text.split("examples:", 1)
+        assert len(examples) == 2 and examples[1].count("zeroshot-ild-train") >= 2, name
+        assert "``" not in text and "paper 0" not in text, name

@@ -3,7 +3,7 @@
 A phantom cohort (12 scans, 6 with ILD; 4 validation scans, two per class) is preprocessed once.
 The phantom demo model was trained on exactly such montages and reports, so a run at a tiny
 learning rate stays healthy (validation loss below chance, embeddings spread), while the same
-run at learning rate 1.0 collapses; both go through ``python -m training train`` as a user's would.
+run at learning rate 1.0 collapses; both go through ``python -m zeroshot_ild_train train`` as a user's would.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from test_training_cli import write_rows
-from training import cli, dapt
+from zeroshot_ild_train import cli, dapt
 
 ENGINE = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "40", "--slice-step-mm", "12",
           "--filter-threshold", "0.5", "--montage-size", "4", "-q"]
@@ -80,6 +80,14 @@ def test_healthy_and_collapsed_runs_are_told_apart(capsys, caplog, cohort, tmp_p
     assert health["last"]["val_mean_cosine"] > health["initial"]["val_mean_cosine"]
     warnings = [r.getMessage() for r in caplog.records if "not learning" in r.getMessage()]
     assert len(warnings) == 1 and "collapsed" in warnings[0] and "\n" not in warnings[0]
+    # The verdict travels in the exported weights, where the engine reads it (issue 20: "meaningful" from evidence).
+    from ZeroShotILDLib.models import read_checkpoint_metadata
+
+    for run_name, collapsed in (("collapsed", True), ("healthy", False)):
+        last = sorted((tmp_path / run_name).rglob("last*.safetensors"))
+        assert last, run_name
+        recorded = read_checkpoint_metadata(last[-1])["training"]["health"]
+        assert recorded["collapsed"] is collapsed and recorded["validations"] >= 1
 
 
 def test_max_steps_is_not_cut_by_the_default_epoch_limit():
@@ -95,7 +103,7 @@ def test_default_recipe_is_paper_000_and_augmentation_keeps_density(cohort):
     import numpy as np
     import torch
 
-    from training.data import INTENSITY_RANGE, WEAK, STRONG, augment, view_augmentation
+    from zeroshot_ild_train.data import INTENSITY_RANGE, WEAK, STRONG, augment, view_augmentation
 
     config = dapt.DaptConfig(output_dir="x")
     assert (config.recipe, config.text_choice, config.sentences_per_sample) == ("paper000", "impression", 0)
@@ -117,7 +125,7 @@ def test_validation_is_deterministic_whole_text_no_augmentation(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from training.data import MontagePairDataset, PairRecord, load_montage
+    from zeroshot_ild_train.data import MontagePairDataset, PairRecord, load_montage
 
     image = tmp_path / "m.png"
     Image.fromarray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)).save(image)
@@ -217,8 +225,8 @@ def test_slurm_auto_requeue_plugin(monkeypatch):
 
 
 def _training_subprocess(cohort, out: Path) -> tuple:
-    """(argv, env, process): a real `python -m training train` run of 200 steps, returned once it is training."""
-    argv = [sys.executable, "-m", "training", "train", str(cohort["manifest"]), "--cache", str(cohort["cache"]),
+    """(argv, env, process): a real `python -m zeroshot_ild_train train` run of 200 steps, returned once it is training."""
+    argv = [sys.executable, "-m", "zeroshot_ild_train", "train", str(cohort["manifest"]), "--cache", str(cohort["cache"]),
             "--out", str(out), *TRAIN, "--max-steps", "200", "--val-every", "1000", "--lr", "1e-6"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -329,7 +337,7 @@ def test_print_config_for_nested_commands(capsys):
 
 
 def test_sweep_ranks_runs_at_chance_or_collapsed_after_healthy_ones(monkeypatch, tmp_path):
-    from training.data import PairRecord
+    from zeroshot_ild_train.data import PairRecord
 
     verdicts = {1e-3: (2.770, {"at_chance": True, "collapsed": False}),
                 1e-4: (2.771, {"at_chance": True, "collapsed": False}),

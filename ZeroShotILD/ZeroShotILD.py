@@ -121,9 +121,10 @@ class ZeroShotILDParameterNode:
     prompts - findings separated by ";" (the first is ranked and painted); negatives likewise.
     subtypes - one ILD subtype per line.
     patterns - pattern-map prompts, one per line (empty: no pattern map); normalPrompt - the
-        normal-lung prompt they are contrasted with.
+        normal-lung text every finding's extent is contrasted with.
     subpleuralMm - depth of the subpleural rind (extent by zone); extentZ - the extent rule's
-        threshold in robust SDs above the scan's own lung.
+        threshold in robust SDs above what normal lungs score (the model's calibrated reference);
+        extentMinNeighbours - positive grid neighbours (of 6) a positive box needs.
     heatmapOpacity - foreground opacity of the heatmap in the slice views (display only).
     heatmapRange - colour range of the heatmap: the probabilities' own range or the fixed 0-1 (display only).
     """
@@ -141,11 +142,13 @@ class ZeroShotILDParameterNode:
     normalPrompt: str = DEFAULTS["normalPrompt"]
     subpleuralMm: Annotated[float, WithinRange(0.5, 50.0)] = DEFAULTS["subpleuralMm"]
     extentZ: Annotated[float, WithinRange(0.0, 20.0)] = DEFAULTS["extentZ"]
+    extentMinNeighbours: Annotated[int, WithinRange(0, 6)] = DEFAULTS["extentMinNeighbours"]
     patchMm: Annotated[float, WithinRange(2.0, 200.0)] = DEFAULTS["patchMm"]
     patchPx: Annotated[int, WithinRange(0, 1024)] = DEFAULTS["patchPx"]
     strideFraction: Annotated[float, WithinRange(0.1, 4.0)] = DEFAULTS["strideFraction"]
     sliceStepMm: Annotated[float, WithinRange(0.1, 100.0)] = DEFAULTS["sliceStepMm"]
     filterThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["filterThreshold"]
+    scoredMinLungFraction: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["scoredMinLungFraction"]
     windowLowHu: Annotated[float, WithinRange(-3000.0, 3000.0)] = DEFAULTS["windowLowHu"]
     windowHighHu: Annotated[float, WithinRange(-3000.0, 3000.0)] = DEFAULTS["windowHighHu"]
     retrieval: Annotated[str, Choice(RETRIEVAL_METHODS)] = DEFAULTS["retrieval"]
@@ -190,12 +193,15 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        #: (input volume, settings) to analyse once a weights download started by Apply has finished.
+        self._afterDownload = None
         self._progress = None
         self._pollTimer = None
         # Display settings last pushed to the views: the views are touched only when these change,
         # so a parameter change elsewhere never overrides what the user set in a slice view.
         self._shownOpacity = None
         self._shownRange = None
+        self._inputFilterPending = False  # an update of the input selector's hidden nodes is queued
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -225,6 +231,11 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # The input selector lists CT volumes only, not this module's own heatmap and montage volumes
+        # (scalar volumes too); a loaded scene brings them with their role attribute already set.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._scheduleInputFilterUpdate)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._scheduleInputFilterUpdate)
+        self._updateInputFilter()
 
         # Paths are plain strings in the parameter node (an empty string means "default"), which the
         # wrapper cannot bind to path widgets, so these two are connected by hand.
@@ -244,6 +255,20 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
+
+    def _scheduleInputFilterUpdate(self, caller=None, event=None) -> None:
+        # Once per batch of added nodes (a result or a scene import adds many), after the batch.
+        if not self._inputFilterPending:
+            self._inputFilterPending = True
+            qt.QTimer.singleShot(0, self._updateInputFilter)
+
+    def _updateInputFilter(self) -> None:
+        """Hide the module's own output volumes (heatmaps, montages) from the input selector."""
+        from ZeroShotILDMRML import mrml_results
+
+        self._inputFilterPending = False
+        proxy = self.ui.inputVolumeSelector.sortFilterProxyModel()
+        proxy.hiddenNodeIDs = mrml_results.output_volume_ids(slicer.mrmlScene)
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -347,7 +372,7 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic.hasSessionFor(pn.inputVolume):
                 warning = self.logic.modelWarning()
             else:
-                warning = catalog.input_warning(pn.model, pn.inputVolume.GetName())
+                warning = catalog.input_warning(pn.model, slicer.util.arrayFromVolume(pn.inputVolume))
         self.ui.modelWarningLabel.text = warning
         self.ui.modelWarningLabel.visible = bool(warning)
 
@@ -385,6 +410,15 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             settings = self.logic.settingsFromParameterNode(self._parameterNode)
             if self.logic.canReprompt(inputVolume, settings):
                 self._reprompt(settings)
+                return
+            missing = self.logic.missingDownloadableModel(settings)
+            if missing:
+                # The first Apply with an openly licensed model: offer its weights instead of an error.
+                if not slicer.util.confirmYesNoDisplay(self.logic.downloadQuestion(missing, settings)):
+                    self.ui.statusLabel.text = _("The model's weights were not downloaded; nothing was done.")
+                    return
+                self._afterDownload = (inputVolume, settings)
+                self._startJob(self.logic.startDownload(missing, settings.weights_dir), _("downloading weights"))
                 return
             self._startJob(self.logic.startProcess(inputVolume, settings), _("starting"))
 
@@ -427,6 +461,9 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             from ZeroShotILDMRML import worker_client
 
+            if getattr(job, "kind", "") == "download":
+                self._finishDownload(job)
+                return
             if job.state == worker_client.SUCCEEDED:
                 with slicer.util.tryWithErrorDisplay(_("Failed to add the results to the scene."), waitCursor=True):
                     self.logic.finishProcess(job, opacity=self._parameterNode.heatmapOpacity if self._parameterNode else 0.5)
@@ -441,6 +478,21 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._reportError(job.error)
         finally:
             self._onParameterNodeModified()
+
+    def _finishDownload(self, job) -> None:
+        """After a weights download: report it and, when Apply started it, run the analysis."""
+        from ZeroShotILDMRML import worker_client
+
+        pending, self._afterDownload = self._afterDownload, None
+        if job.state == worker_client.SUCCEEDED:
+            self.ui.statusLabel.text = _("Weights downloaded to {folder}.").format(folder=job.result)
+            if pending is not None:
+                with slicer.util.tryWithErrorDisplay(_("ZeroShotILD could not start."), waitCursor=True):
+                    self._startJob(self.logic.startProcess(*pending), _("starting"))
+        elif job.state == worker_client.CANCELLED:
+            self.ui.statusLabel.text = _("Download stopped; the next one continues where it stopped.")
+        else:
+            self._reportError(job.error)
 
     def _reportError(self, error) -> None:
         from ZeroShotILDMRML.worker_client import WorkerError
@@ -481,6 +533,7 @@ class ZeroShotILDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         nodes = self.logic.resultNodes()
         if nodes is None:
             return
+        self._updateInputFilter()  # the new heatmap and montage are not inputs
         self.ui.probabilityTableView.setMRMLTableNode(nodes.probabilities)
         self.ui.patchTableView.setMRMLTableNode(nodes.patch_table)
         self.ui.extentTableView.setMRMLTableNode(nodes.extent_table)
@@ -703,6 +756,35 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
 
     # -- analysis in the worker process (the panel) ----------------------------------------------
 
+    def missingDownloadableModel(self, settings) -> str:
+        """The registry model of ``settings`` whose openly licensed weights are missing ("" when none).
+
+        Read without torch (``ZeroShotILDLib.model_registry``): the panel asks before any work starts.
+        """
+        from ZeroShotILDLib import model_registry
+
+        if settings.checkpoint or settings.model not in model_registry.model_names():
+            return ""
+        spec = model_registry.get_spec(settings.model)
+        if not spec.download:
+            return ""
+        state = model_registry.weights_status(spec, model_registry.weights_root(settings.weights_dir), hash_files=False)
+        return spec.name if state["state"] == "missing" else ""
+
+    def downloadQuestion(self, model: str, settings) -> str:
+        from ZeroShotILDLib import model_registry
+
+        spec = model_registry.get_spec(model)
+        folder = model_registry.weights_root(settings.weights_dir) / spec.name
+        return _("The weights of '{model}' ({licence} licence, about 0.6 GB) are not in {folder}.\n\n"
+                 "Download them now from Hugging Face (pinned version, checked)? This needs internet once; "
+                 "the analysis starts when they are in place.").format(model=spec.name, licence=spec.licence,
+                                                                       folder=folder)
+
+    def startDownload(self, model: str, weightsDir=None):
+        """Download a model's weights in the worker process; returns its job (progress in MB)."""
+        return self.workerClient().download(model, weightsDir or None)
+
     def startProcess(self, inputVolume, settings=None, **overrides):
         """Start the analysis in the worker process; returns a ``WorkerJob`` at once (never blocks on it).
 
@@ -905,8 +987,13 @@ class ZeroShotILDLogic(ScriptedLoadableModuleLogic):
         if not record or record.get("lung_fraction") is None:
             return ""
         where = record.get("predominance") or ""
-        return _("Extent of {prompt}: {pct:.1f} % of the lung{where} (table: % of each zone's lung).").format(
+        line = _("Extent of {prompt}: {pct:.1f} % of the lung{where} (table: % of each zone's lung).").format(
             prompt=r.primary_prompt, pct=100.0 * float(record["lung_fraction"]), where=f", {where}" if where else "")
+        if record.get("calibrated") is False:
+            line += " " + _("UNCALIBRATED: no normal-lung reference for this model and prompt (zeroshot-ild calibrate).")
+        if record.get("not_imaged"):
+            line += " " + _("Not imaged: {zones}.").format(zones=", ".join(record["not_imaged"]))
+        return line
 
     def modelWarning(self) -> str:
         """Why the last result's scores are not meaningful ("" when they are, or with no result)."""
@@ -1098,6 +1185,9 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
         return ""
 
     def test_ZeroShotILD_static(self):
+        import numpy as np
+
+        from ZeroShotILDLib import phantom_signature
         from ZeroShotILDLib.settings import AnalysisSettings
 
         from ZeroShotILDMRML import mrml_results
@@ -1113,8 +1203,9 @@ class ZeroShotILDTest(ScriptedLoadableModuleTest):
             self.assertEqual(logic.settingsFromParameterNode(), settings)
         logic.settingsToParameterNode(AnalysisSettings())
         self.assertEqual(mrml_results.legend_label_format(0.497, 0.512), "%.4f")
-        self.assertIn("phantom", catalog.input_warning("phantom-demo", "CTChest"))
-        self.assertEqual(catalog.input_warning("phantom-demo", "phantom_0001"), "")
+        real = np.full((4, 8, 32), -1000, dtype=np.int16)
+        self.assertIn("phantom", catalog.input_warning("phantom-demo", real))
+        self.assertEqual(catalog.input_warning("phantom-demo", phantom_signature.stamp(real.copy())), "")
 
     def test_ZeroShotILD_CTChest(self):
         import numpy as np

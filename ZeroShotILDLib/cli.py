@@ -1,11 +1,14 @@
-"""``zeroshot-ild``: the command line over the pipeline.
+"""zeroshot-ild: zero-shot ILD classification of chest CT scans with CLIP-style models.
 
     zeroshot-ild analyze SCAN [SCAN ...] -o DIR [options]   one scan (file or DICOM folder), or several
     zeroshot-ild demo -o DIR                                everything offline on a generated phantom
-    zeroshot-ild models                                     the registry and where weights are looked for
+    zeroshot-ild models [--json]                            the models, their weights: found, missing, checksum
+    zeroshot-ild models download NAME                       fetch an openly licensed model's weights
 
-Bad input ends with one line on stderr and exit code 2; nothing partial is left in --out, and only
-files the tool wrote itself are ever replaced there (see ``outputs``).
+Exit codes (the same for zeroshot-ild-train): 0 done; 2 bad input, one line on stderr, nothing
+written; 3 a batch finished but some of its items failed (each named on stderr, the others written);
+130 cancelled. Nothing partial is left in --out, and only files the tool wrote itself are ever
+replaced there (see the outputs module).
 """
 from __future__ import annotations
 
@@ -17,30 +20,66 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import Cancelled, InputError
-from .settings import COMMON_FINDINGS, DEFAULT_PATTERNS, DEFAULT_SUBTYPES, AnalysisSettings, LungMaskSettings
+from .settings import COMMON_FINDINGS, DEFAULT_PATTERNS, DEFAULT_SUBTYPES, DEVICES, AnalysisSettings, LungMaskSettings
 
 EXIT_INPUT = 2
+#: A batch ran to the end but some of its scans (or manifest rows) failed; the others' results are written.
+EXIT_PARTIAL = 3
 EXIT_CANCELLED = 130
+
+EPILOG = """exit codes: 0 done, 2 bad input (nothing written), 3 a batch partly failed, 130 cancelled.
+examples:
+  zeroshot-ild demo -o demo_out
+  zeroshot-ild models download clip-vit-b-32-laion && zeroshot-ild analyze chest.nii.gz -o out --model clip-vit-b-32-laion
+"""
+ANALYZE_EPILOG = """examples:
+  zeroshot-ild analyze chest.nii.gz -o out --model clip-vit-b-32-laion
+  zeroshot-ild analyze scans/*.nii.gz dicom/patient7/ -o cohort --prompt honeycombing --prompt "ground-glass opacity"
+"""
+DEMO_EPILOG = """examples:
+  zeroshot-ild demo -o demo_out
+  zeroshot-ild demo -o demo_out --overwrite --montage-size 8 --prompt honeycombing
+"""
+MODELS_EPILOG = """examples:
+  zeroshot-ild models
+  zeroshot-ild models --json --weights-dir /data/weights
+"""
+DOWNLOAD_EPILOG = """examples:
+  zeroshot-ild models download clip-vit-b-32-laion
+  HF_ENDPOINT=https://mirror.example.org zeroshot-ild models download openai-vit-b-32 --weights-dir /data/weights
+"""
+_STAGE_BAR = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
 
 
 class TqdmProgress:
-    """One tqdm bar per stage on stderr."""
+    """One tqdm bar per stage on a terminal; on a log file or pipe (stderr not a TTY) one line per stage.
 
-    def __init__(self, enabled: bool = True):
+    The bars count units of work (slices, batches of patches) whose size varies, so they show done/total
+    and times, never a rate in made-up units.
+    """
+
+    def __init__(self, enabled: bool = True, tty: Optional[bool] = None, prog: str = "zeroshot-ild"):
         self.enabled = enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.prog = prog
         self._bar = None
         self._stage = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
+        if not self.tty:
+            if stage != self._stage:
+                self._stage = stage
+                print(f"{self.prog}: {stage}", file=sys.stderr, flush=True)
+            return
         from tqdm import tqdm
 
         if stage != self._stage:
             self.close()
             self._stage = stage
-            self._bar = tqdm(total=total or None, desc=stage, unit="", leave=False, file=sys.stderr,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total or None, desc=stage, leave=False, file=sys.stderr, dynamic_ncols=True,
+                             bar_format=_STAGE_BAR if total else "{desc}: {n_fmt} [{elapsed}]")
         if self._bar is not None:
             if total and self._bar.total != total:
                 self._bar.total = total
@@ -56,7 +95,10 @@ class TqdmProgress:
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     d = AnalysisSettings()
     # -q is accepted before or after the sub-command; SUPPRESS keeps the top-level value otherwise.
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress (bars on a terminal, one line per stage in a log)")
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="more log messages (-vv: debug)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model,
                    help="registry name (see `zeroshot-ild models`), dapt:<checkpoint>, ensemble:<ensemble.json> "
@@ -64,7 +106,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="weights file for a registry model (e.g. a manually downloaded CheXzero .pt)")
     g.add_argument("--weights-dir", help="folder where weights are looked for (default: $ZEROSHOT_ILD_WEIGHTS or "
                    "~/.cache/zeroshot-ild/weights)")
-    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default=d.device, choices=list(DEVICES),
+                   help="auto: CUDA GPU when present, else CPU; mps: Apple GPU (when torch has it)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass; halves itself on "
                    "out-of-memory")
     g = p.add_argument_group("prompts")
@@ -81,7 +124,10 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                    help="grid stride as a fraction of the patch side (1 = non-overlapping)")
     g.add_argument("--slice-step-mm", type=float, default=d.slice_step_mm, help="distance between scored slices")
     g.add_argument("--filter-threshold", type=float, default=d.filter_threshold,
-                   help="minimum lung fraction of a patch (paper: 0.2, 0.5, 0.8)")
+                   help="minimum lung fraction of a montage / top patch (the method was studied at 0.2, 0.5 and 0.8)")
+    g.add_argument("--scored-min-lung-fraction", type=float, default=d.scored_min_lung_fraction,
+                   help="every box with at least this lung fraction is scored for the extent and heatmap, so the "
+                        "pleura is covered (default %(default)s)")
     g.add_argument("--hu-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=d.hu_window,
                    help="HU window mapped to the model's input (default: lung window -1350 150)")
     g.add_argument("--montage-size", type=int, default=d.montage_size, choices=[4, 8, 16])
@@ -90,7 +136,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=d.top_k, help="ranked patches listed in result.json")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--mode", dest="scoring_mode", default=d.scoring_mode, choices=["exact", "fast"],
-                   help="exact: encode every candidate; fast: two-stage search (see bench/RESULTS.md)")
+                   help="exact: encode every candidate; fast: a cheaper search, then the best re-scored exactly")
     g.add_argument("--cache-dir", help="keep patch embeddings here so re-running a scan skips encoding")
     g.add_argument("--proposal-grid", dest="proposal_grid_tokens", type=int, default=d.proposal_grid_tokens,
                    help="fast mode: ViT tokens per side in the proposal pass (1 = 32 px for ViT-B/32)")
@@ -111,12 +157,15 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subpleural-mm", type=float, default=d.subpleural_mm,
                    help="depth of the subpleural zone from the pleural surface (mm)")
     g.add_argument("--extent-z", type=float, default=d.extent_z,
-                   help="a patch counts as positive when its score stands this many robust SDs above the scan's "
-                        "own median (see extent.py)")
+                   help="a box counts as the finding when its contrast with the normal-lung text stands this many "
+                        "robust SDs above what normal lungs score (the model's reference; see 'calibrate')")
+    g.add_argument("--extent-min-neighbours", type=int, default=d.extent_min_neighbours, choices=range(7),
+                   metavar="N", help="... and at least N of its 6 grid neighbours count too (0-6, default "
+                                     "%(default)s; 0 = off)")
     g.add_argument("--patterns", help="comma-separated pattern prompts labelled into patterns.nii.gz, or 'off' "
                    "(default: " + ", ".join(DEFAULT_PATTERNS) + ")")
     g.add_argument("--normal-prompt", default=d.normal_prompt,
-                   help="the normal-lung prompt each pattern is scored against")
+                   help="the normal-lung text every finding's extent is scored against")
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
@@ -126,13 +175,15 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         model=args.model, checkpoint=args.checkpoint, weights_dir=args.weights_dir, device=args.device,
         batch_size=args.batch_size, prompts=args.prompts or list(d.prompts), negatives=args.negatives,
         subtypes=subtypes, patch_mm=args.patch_mm, patch_px=args.patch_px, stride_fraction=args.stride_fraction,
-        slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold, hu_window=tuple(args.hu_window),
+        slice_step_mm=args.slice_step_mm, filter_threshold=args.filter_threshold,
+        scored_min_lung_fraction=args.scored_min_lung_fraction, hu_window=tuple(args.hu_window),
         retrieval=args.retrieval, montage_size=args.montage_size, top_k=args.top_k, seed=args.seed,
         scoring_mode=args.scoring_mode, proposal_grid_tokens=args.proposal_grid_tokens,
         proposal_skip_within_mm=args.proposal_skip_within_mm, fp32_skip_within_mm=args.fp32_skip_within_mm,
         rescore_fraction=args.rescore_fraction, rescore_min=args.rescore_min,
         lung=LungMaskSettings(working_spacing_mm=args.lung_working_spacing_mm or None),
-        subpleural_mm=args.subpleural_mm, extent_z=args.extent_z, patterns=_patterns_arg(args.patterns),
+        subpleural_mm=args.subpleural_mm, extent_z=args.extent_z, extent_min_neighbours=args.extent_min_neighbours,
+        patterns=_patterns_arg(args.patterns),
         normal_prompt=args.normal_prompt,
     ).validate()
 
@@ -148,11 +199,15 @@ def _patterns_arg(value: Optional[str]) -> list:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress (bars on a terminal, one line per stage in a log)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="analyse one or more scans")
+    p = sub.add_parser("analyze", help="analyse one or more scans", epilog=ANALYZE_EPILOG, formatter_class=raw)
     p.add_argument("inputs", nargs="+", metavar="SCAN", help="NIfTI/NRRD/MHA file or DICOM folder")
     _add_out_args(p, "output folder (one sub-folder per scan when several are given)")
     p.add_argument("--lung-mask", action="append", dest="lung_masks", metavar="FILE",
@@ -164,14 +219,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "extent) as a DICOM SR referencing it (default: on when highdicom is installed, "
                         "pip install 'zeroshot-ild[dicom]')")
     _add_settings_args(p)
-    p = sub.add_parser("demo", help="run everything offline on a generated phantom")
+    p = sub.add_parser("calibrate", help="build a model's normal-lung reference for the extent from normal scans",
+                       description="Analyse normal scans with a model and store, beside its weights, what normal "
+                                   "lung scores for each prompt and pattern: the reference the extent is measured "
+                                   "against. Without one, extent is marked uncalibrated.",
+                       epilog=CALIBRATE_EPILOG, formatter_class=raw)
+    p.add_argument("inputs", nargs="+", metavar="NORMAL_SCAN", help="scans of normal lungs (NIfTI/NRRD/MHA or DICOM folder)")
+    _add_settings_args(p)
+    p = sub.add_parser("demo", help="run everything offline on a generated phantom", epilog=DEMO_EPILOG,
+                       formatter_class=raw)
     _add_out_args(p, "output folder")
     p.add_argument("--phantom-seed", type=int, default=7)
     p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(120, 256, 256))
     _add_settings_args(p)
     p.set_defaults(model=None)
-    sub.add_parser("models", help="list supported models and where their weights are looked for")
+    p = sub.add_parser("models", help="list the models: weights found, missing or damaged; download them",
+                       description="List the models and the state of their weights, or download a model's weights.",
+                       epilog=MODELS_EPILOG, formatter_class=raw)
+    _add_models_args(p)
+    actions = p.add_subparsers(dest="action", metavar="{download}")
+    q = actions.add_parser("download", help="fetch an openly licensed model's weights (pinned revision, SHA-256 "
+                           "checked, resumable); for chexzero, print the steps", epilog=DOWNLOAD_EPILOG,
+                           formatter_class=raw)
+    q.add_argument("names", nargs="+", metavar="NAME", help="model name(s), see `zeroshot-ild models`")
+    _add_models_args(q)
     return parser
+
+
+def _add_models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights-dir", default=argparse.SUPPRESS,
+                   help="weights folder (default: $ZEROSHOT_ILD_WEIGHTS or ~/.cache/zeroshot-ild/weights)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    p.add_argument("--no-hash", action="store_true", default=argparse.SUPPRESS,
+                   help="do not hash found files (the first check of a 600 MB file takes a few seconds)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress")
 
 
 def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -181,16 +262,36 @@ def _add_out_args(p: argparse.ArgumentParser, what: str) -> None:
                         "(result.json, patches.csv, ...) are written there, nothing else is touched")
 
 
+def log_level(verbose: int) -> int:
+    return logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+
+
+def quiet_itk() -> None:
+    """Keep ITK's own warnings (e.g. "unexpected scales in sform") off stderr.
+
+    They print several lines each next to the tool's one-line messages; what matters in them (a
+    header the reader had to repair) is checked by the scan reader itself and reported in the notes.
+    """
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - a core dependency
+        return
+    sitk.ProcessObject.GlobalWarningDisplayOff()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="zeroshot-ild: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=log_level(getattr(args, "verbose", 0) or 0), format="zeroshot-ild: %(message)s")
     progress = TqdmProgress(enabled=not args.quiet)
     try:
         if args.command == "models":
-            return _cmd_models()
+            return _cmd_models(args)
+        quiet_itk()
         if args.command == "demo":
             return _cmd_demo(args, progress)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args, progress)
         return _cmd_analyze(args, progress)
     except InputError as exc:
         progress.close()
@@ -204,14 +305,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress.close()
 
 
-def _cmd_models() -> int:
-    from .models import default_weights_dir, list_models
+def _cmd_models(args) -> int:
+    """The registry with the state of each model's weights (no torch: answers at once)."""
+    import json
 
-    root = default_weights_dir()
-    print(f"weights folder: {root}  (set $ZEROSHOT_ILD_WEIGHTS or --weights-dir to change)")
+    from .model_registry import list_models, weights_root, weights_status
+
+    root = weights_root(getattr(args, "weights_dir", None))
+    as_json = getattr(args, "json", False)
+    if getattr(args, "action", None) == "download":
+        return _cmd_download(args, root, as_json)
+    hash_files = not getattr(args, "no_hash", False)
+    rows = []
     for spec in list_models():
-        print(f"\n{spec.name}  [{spec.architecture}]\n  {spec.description}\n  licence: {spec.licence}")
-        print("  weights: " + spec.how_to_obtain.format(weights_dir=root))
+        row = weights_status(spec, root, hash_files=hash_files)
+        row.update(description=spec.description,
+                   how_to_obtain=spec.how_to_obtain.format(weights_dir=root) if spec.needs_weights else "",
+                   download_command=f"zeroshot-ild models download {spec.name}" if spec.download else None)
+        rows.append(row)
+    if as_json:
+        print(json.dumps({"weights_dir": str(root), "models": rows}, indent=2))
+        return 0
+    print(f"weights folder: {root}  (set $ZEROSHOT_ILD_WEIGHTS or --weights-dir to change)")
+    for spec, row in zip(list_models(), rows):
+        state = row["state"] if row["state"] != "found" else f"found, checksum {row['checksum']}"
+        print(f"\n{spec.name}  [{spec.architecture}]  weights: {state}\n  {spec.description}\n"
+              f"  licence: {spec.licence}")
+        if row["path"]:
+            print(f"  file: {row['path']}")
+        if row["state"] == "missing" or row["checksum"] == "MISMATCH":
+            if spec.download:
+                print(f"  get it: zeroshot-ild models download {spec.name}")
+            elif spec.name == "chexzero":
+                print("  get it: by hand under its licence; `zeroshot-ild models download chexzero` prints the steps")
+            else:
+                print("  get it: " + spec.how_to_obtain.format(weights_dir=root))
+    return 0
+
+
+def _cmd_download(args, root: Path, as_json: bool) -> int:
+    import json
+
+    from .model_registry import get_spec
+    from .weights_download import CHEXZERO_STEPS, download_model
+
+    for name in args.names:
+        get_spec(name)  # every name checked before the first download
+    done = {}
+    log = (lambda line: print(line, file=sys.stderr)) if as_json else print
+    for name in args.names:
+        if name == "chexzero":
+            print(CHEXZERO_STEPS.format(folder=root / "chexzero"))
+            done[name] = None
+            continue
+        done[name] = str(download_model(name, root, log=log, progress_bars=sys.stderr.isatty() and not args.quiet))
+    if as_json:
+        print(json.dumps({"weights_dir": str(root), "downloaded": done}, indent=2))
     return 0
 
 
@@ -273,13 +422,13 @@ def read_lung_mask(path, scan):
 
 def _summary(result, out_dir: Path) -> str:
     lines = [f"{result.source or 'scan'} -> {out_dir}",
-             f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} candidate patches"]
+             f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} scored boxes"]
     for k, v in result.finding_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
         ext = result.extent.get(k)
         if ext and ext["lung_fraction"] == ext["lung_fraction"]:
-            lines.append(f"  extent({k}) = {100 * ext['lung_fraction']:.1f} % of the scored lung "
-                         f"({ext['predominance']})")
+            lines.append(f"  extent({k}) = {100 * ext['lung_fraction']:.1f} % of the lung "
+                         f"({ext['predominance']}{'' if ext.get('calibrated') else '; UNCALIBRATED'})")
     for k, v in result.subtype_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
     lines += [f"  note: {n}" for n in result.notes]
@@ -287,9 +436,14 @@ def _summary(result, out_dir: Path) -> str:
 
 
 def _cmd_analyze(args, progress) -> int:
-    from .outputs import SUMMARY_HEAD, SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
+    from .model_registry import check_model_available
 
     settings = settings_from_args(args)
+    # Model name and weights first, without torch: an unknown model or missing weights is answered at
+    # once, not after the scan and its lung mask have been processed.
+    check_model_available(settings.model, settings.checkpoint, settings.weights_dir)
+    from .outputs import SUMMARY_HEAD, SUMMARY_NAME, check_summary_path, prepare_out_dir, summary_row, write_summary
+
     out = Path(args.out)
     many = len(args.inputs) > 1
     masks = args.lung_masks or []
@@ -346,7 +500,7 @@ def _cmd_analyze(args, progress) -> int:
         print(f"cohort summary: {summary}")
     if failed:
         print(f"zeroshot-ild: error: {failed} of {len(args.inputs)} scans failed (listed in {summary})", file=sys.stderr)
-        return EXIT_INPUT
+        return EXIT_PARTIAL
     return 0
 
 
@@ -401,8 +555,38 @@ def output_names(inputs: Sequence[str]) -> list:
     return final
 
 
+CALIBRATE_EPILOG = """examples:
+  zeroshot-ild calibrate normal1.nii.gz normal2.nii.gz normal3/ --model biomedclip
+  zeroshot-ild calibrate normals/*.nii.gz --model dapt:run/best.safetensors --prompt honeycombing
+"""
+
+
+def _cmd_calibrate(args, progress) -> int:
+    """Normal scans -> the reference file beside the model's weights (``calibration``)."""
+    import dataclasses
+
+    from . import calibration
+    from .file_hashes import sha256_file
+
+    # Every box encoded exactly: the reference is what every later analysis compares with.
+    settings = dataclasses.replace(settings_from_args(args), scoring_mode="exact").validate()
+    references, model = calibration.calibrate(args.inputs, settings, progress=progress)
+    if model.checkpoint is None:
+        raise InputError(f"model '{model.spec.name}' has no weights file (random weights): there is nothing to "
+                         "calibrate; choose a model with weights")
+    path = calibration.write_references(model.checkpoint, sha256_file(model.checkpoint), model.spec.name,
+                                        settings.normal_prompt, references, settings.patch_key(),
+                                        made_by=f"zeroshot-ild calibrate ({len(args.inputs)} normal scans)")
+    progress.close()
+    for prompt, ref in references.items():
+        print(f"{prompt}: normal median {ref['centre']:+.4f}, robust SD {ref['spread']:.4f} "
+              f"({ref['patches']} boxes from {ref['scans']} scans)")
+    print(f"reference written to {path}")
+    return 0
+
+
 def _cmd_demo(args, progress) -> int:
-    from .models import get_spec, list_models
+    from .model_registry import check_model_available, get_spec, list_models
     from .outputs import prepare_out_dir
     from .phantom import generate_phantom
     from .scan import scan_from_array
@@ -410,6 +594,7 @@ def _cmd_demo(args, progress) -> int:
     if args.model is None:
         args.model = _demo_model()
     settings = settings_from_args(args)
+    check_model_available(settings.model, settings.checkpoint, settings.weights_dir)
     if settings.model in {s.name for s in list_models()} and not get_spec(settings.model).meaningful:
         print(f"zeroshot-ild demo: model '{settings.model}' has random weights, so its scores are meaningless; "
               "this demo shows the pipeline and its outputs, not a diagnosis.", file=sys.stderr)
@@ -425,7 +610,7 @@ def _cmd_demo(args, progress) -> int:
 
 def _demo_model() -> str:
     """The phantom-trained model when it ships with the package, else the tiny random one."""
-    from .models import _PACKAGE_WEIGHTS, get_spec
+    from .model_registry import _PACKAGE_WEIGHTS, get_spec
 
     spec = get_spec("phantom-demo")
     if any((_PACKAGE_WEIGHTS / f).is_file() for f in spec.files):

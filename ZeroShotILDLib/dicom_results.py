@@ -248,6 +248,12 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
         value=codes.SCT.Yes if result.model_meaningful else codes.SCT.No)
     source_series = hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)
 
+    def calibrated(entry):
+        """Whether a normal-lung reference decided the extent (no: uncalibrated, the text contrast alone)."""
+        return hd.sr.QualitativeEvaluation(
+            name=_private("CALIBRATED", "Extent calibrated against normal lungs"),
+            value=codes.SCT.Yes if entry.get("calibrated") else codes.SCT.No)
+
     def segment(seg, number):
         return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
                                        segment_number=number, source_series=source_series)
@@ -279,7 +285,7 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"prompt: {prompt}"),
             referenced_segment=segment(lung_seg, 1), finding_type=_private(f"PROMPT{k}", prompt),
             finding_sites=lung_site, algorithm_id=algorithm, measurements=measurements,
-            qualitative_evaluations=[meaningful]))
+            qualitative_evaluations=[meaningful] + ([calibrated(entry)] if whole is not None else [])))
     for k, (subtype, value) in enumerate(result.subtype_probabilities.items(), start=1):
         if _fraction(value) is None:
             continue
@@ -290,7 +296,11 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
             qualitative_evaluations=[meaningful]))
     if patterns_seg is not None and pattern_extent:
         for number, description in enumerate(patterns_seg.SegmentSequence, start=1):
-            share = _fraction(pattern_extent.get(str(description.SegmentLabel)))
+            label = str(description.SegmentLabel)
+            if label in prompts:
+                continue  # the prompt's group above carries this finding's extent (one rule, one number)
+            value = pattern_extent.get(label)
+            share = _fraction(value)
             if share is None:
                 continue
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -299,7 +309,7 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
                 referenced_segment=segment(patterns_seg, number),
                 finding_type=_private(f"PATTERN{number}", str(description.SegmentLabel)), finding_sites=lung_site,
                 algorithm_id=algorithm, measurements=[percent("EXTENTLUNG", "Extent, share of lung volume", share)],
-                qualitative_evaluations=[meaningful]))
+                qualitative_evaluations=[meaningful] + ([calibrated(value)] if isinstance(value, Mapping) else [])))
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -15,6 +15,15 @@ import numpy as np
 MAX_OUTPUT_PLANES = 4096
 
 
+def slice_step_voxels(spacing_mm, slice_step_mm: float) -> int:
+    """Scan slices between two candidate slices for a ``slice_step_mm`` step (at least 1).
+
+    Here rather than in ``patches`` (which needs torch) because Slicer's process paints heatmaps and
+    pattern maps with it and must never import torch.
+    """
+    return max(1, int(round(slice_step_mm / float(spacing_mm[2]))))
+
+
 def index_to_ras(zyx: np.ndarray, spacing_mm, origin_mm, direction, slice_positions_mm=None) -> np.ndarray:
     """Continuous voxel indices ``[z, y, x]`` (N,3) -> RAS millimetres (N,3).
 

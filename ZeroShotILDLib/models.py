@@ -15,13 +15,11 @@ published weights are checked against the SHA-256 in ``model_list.json``.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,43 +29,19 @@ import torch
 from .atomic_files import atomic_path
 from .errors import InputError
 from .file_hashes import sha256_file
+# The registry itself is torch-free (the command line checks names and weights before importing
+# torch); these names stay importable from here for every existing caller.
+from .model_registry import (  # noqa: F401
+    WEIGHTS_ENV, ModelSpec, _registry, default_weights_dir, find_weights, get_spec, list_models, model_names,
+)
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_ENV = "ZEROSHOT_ILD_WEIGHTS"
 CHECKPOINT_FORMAT = "zeroshot-ild-checkpoint/1"
 METADATA_KEY = "zeroshot_ild"
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_MODEL_LIST = _PACKAGE_DIR / "model_list.json"
 _CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 _PACKAGE_WEIGHTS = _PACKAGE_DIR / "weights"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One entry of the registry: what to build, where its weights come from, how to preprocess."""
-
-    name: str
-    architecture: str
-    quick_gelu: bool
-    source: str  # "file" | "local-dir" | "package" | "random" | "checkpoint"
-    files: tuple[str, ...] = ()
-    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    interpolation: str = "bicubic"
-    description: str = ""
-    licence: str = ""
-    #: Published SHA-256 per weights file name (the registry's ``sha256`` object); empty when unknown.
-    sha256: dict = field(default_factory=dict, compare=False, hash=False)
-    how_to_obtain: str = ""
-    #: "phantoms" for models that never saw a real CT: their scores on a real scan are meaningless.
-    trained_on: str = ""
-    model_cfg: Optional[dict] = field(default=None, compare=False, hash=False)
-
-    @property
-    def meaningful(self) -> bool:
-        """False for random-weight models whose scores say nothing about the scan."""
-        return self.source != "random"
 
 
 @lru_cache(maxsize=None)
@@ -78,51 +52,22 @@ def _register_configs() -> None:
         open_clip.add_model_config(path)
 
 
-@lru_cache(maxsize=1)
-def _registry() -> dict[str, ModelSpec]:
-    data = json.loads(_MODEL_LIST.read_text(encoding="utf-8"))
-    specs = {}
-    for entry in data["models"]:
-        entry = dict(entry)
-        for key in ("files", "image_mean", "image_std"):
-            entry[key] = tuple(entry.get(key) or ())
-        entry["sha256"] = dict(entry.get("sha256") or {})
-        specs[entry["name"]] = ModelSpec(**entry)
-    return specs
-
-
-def list_models() -> list[ModelSpec]:
-    return list(_registry().values())
-
-
-def model_names() -> list[str]:
-    return list(_registry())
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return _registry()[name]
-    except KeyError:
-        raise InputError(
-            f"unknown model '{name}': use one of {', '.join(model_names())}, dapt:<checkpoint> or a checkpoint path"
-        ) from None
-
-
-def default_weights_dir() -> Path:
-    """The user cache folder for weights: $ZEROSHOT_ILD_WEIGHTS, else $XDG_CACHE_HOME/zeroshot-ild/weights."""
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "zeroshot-ild" / "weights"
-
-
 def select_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU. ``mps`` (Apple GPUs) only when asked for: it is not tested in
+    CI (no Mac there), so it is never picked on its own. An explicit device that is absent is refused in one line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu or auto")
+    if device == "mps" and not _mps_available():
+        raise InputError("device 'mps' was asked for but this torch has no Apple Metal (MPS) support or no Apple GPU: "
+                         "use --device cpu or auto")
     return torch.device(device)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,16 +381,7 @@ def check_parameters_against_file(spec: ModelSpec, ckpt: Path) -> None:
 
 
 def _find_weights(spec: ModelSpec, weights_dir: Path) -> Path:
-    roots = [_PACKAGE_WEIGHTS] if spec.source == "package" else [weights_dir]
-    for pattern in spec.files:
-        for root in roots:
-            hits = sorted(glob.glob(str(root / pattern)))
-            if hits:
-                return Path(hits[0])
-    where = roots[0] / (spec.files[0] if spec.files else spec.name)
-    raise InputError(
-        f"weights for '{spec.name}' not found at {where}: " + spec.how_to_obtain.format(weights_dir=weights_dir)
-    )
+    return find_weights(spec, weights_dir, _PACKAGE_WEIGHTS)
 
 
 def _first_line(exc: BaseException) -> str:

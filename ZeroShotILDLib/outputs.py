@@ -307,10 +307,13 @@ def _probe_writable(folder: Path, out_dir: Path) -> None:
 # Writing
 # ----------------------------------------------------------------------------------------------
 def write_patches_csv(result: AnalysisResult, path: Path) -> None:
-    """Every candidate, ranked by the first prompt (rank 1 = most probable)."""
+    """Every scored box, ranked by the first prompt (rank 1 = most probable): first the boxes that pass the
+    lung-fraction filter (the top-patch and montage candidates, so rank k is the k-th top patch), then the
+    boxes at the pleura scored for the extent only (lung fraction under the filter)."""
     p = result.patches
     prompts = list(result.patch_probabilities)
-    order = np.lexsort((np.arange(len(p)), -result.patch_probabilities[prompts[0]]))
+    below = p.lung_fraction < result.settings.filter_threshold
+    order = np.lexsort((np.arange(len(p)), -result.patch_probabilities[prompts[0]], below))
     with open(path, "w", newline="", encoding="utf-8") as handle:
         w = csv.writer(handle)
         w.writerow(["rank", "candidate", "slice_index", "x0", "y0", "x1", "y1", "center_r_mm", "center_a_mm",
@@ -352,8 +355,9 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     write_patches_csv(result, folder / "patches.csv")
     Image.fromarray(result.montage).save(folder / "montage.png")
     slab = slice_step_voxels(scan.spacing_mm, result.settings.slice_step_mm)
+    # Limited to the lung: boxes at the pleura are scored, and their chest-wall part must not look hot.
     heat = paint_heatmap(result.patches, result.patch_probabilities[result.primary_prompt], scan.hu.shape,
-                         slab_voxels=slab)
+                         slab_voxels=slab, lung_mask=result.lung_mask)
     # to_output_sitk: an interval series is written on a regular grid that overlays its slices.
     sitk.WriteImage(scan.to_output_sitk(heat), str(folder / "heatmap.nii.gz"), useCompression=True)
     overlay_figure(scan, result, heat).save(folder / "overlay.png")
@@ -477,6 +481,7 @@ def summary_row(result: AnalysisResult, scan_input: str, folder: str) -> dict:
         for zone in ZONES:
             row[f"{prefix}.{zone}"] = _fmt(record["by_zone"].get(zone))
         row[f"{prefix}.predominance"] = record["predominance"]
+        row[f"{prefix}.calibrated"] = "yes" if record.get("calibrated") else "no"
 
     for k, record in result.extent.items():
         extent_columns(f"extent[{k}]", record)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .geometry import index_to_ras
+# slice_step_voxels lives in the torch-free geometry module; re-exported for existing imports.
+from .geometry import index_to_ras, slice_step_voxels  # noqa: F401
 from .results import PatchSet
 from .settings import AnalysisSettings
 
@@ -24,10 +25,6 @@ def patch_side_px(spacing_mm, patch_mm: float = 32.0, patch_px: Optional[int] = 
         return int(patch_px), int(patch_px)
     sx, sy = float(spacing_mm[0]), float(spacing_mm[1])
     return max(2, int(round(patch_mm / sy))), max(2, int(round(patch_mm / sx)))
-
-
-def slice_step_voxels(spacing_mm, slice_step_mm: float) -> int:
-    return max(1, int(round(slice_step_mm / float(spacing_mm[2]))))
 
 
 def _box_sums(mask_slice: np.ndarray, rows: int, cols: int, row0: np.ndarray, col0: np.ndarray) -> np.ndarray:
@@ -116,6 +113,22 @@ def candidates_for(lung_mask: np.ndarray, spacing_mm, settings: AnalysisSettings
     )
 
 
+def scored_patches(lung_mask: np.ndarray, spacing_mm, settings: AnalysisSettings, origin_mm=(0, 0, 0),
+                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), slice_positions_mm=None) -> PatchSet:
+    """Every grid box the analysis scores: those with at least ``scored_min_lung_fraction`` of lung.
+
+    The same grid as ``candidates_for`` (the montage's candidates are the boxes of this set whose
+    lung fraction passes ``filter_threshold``), extended to the boxes that straddle the pleura: the
+    filter would drop ~20 % of the lung and half of the subpleural rind, exactly where UIP lies.
+    """
+    return candidate_patches(
+        lung_mask, spacing_mm, patch_mm=settings.patch_mm, patch_px=settings.patch_px,
+        stride_fraction=settings.stride_fraction, slice_step_mm=settings.slice_step_mm,
+        filter_threshold=min(settings.scored_min_lung_fraction, settings.filter_threshold), origin_mm=origin_mm,
+        direction=direction, slice_positions_mm=slice_positions_mm,
+    )
+
+
 def window_hu(values: torch.Tensor, hu_window=(-1350.0, 150.0)) -> torch.Tensor:
     """HU -> [0, 1] through a window (low, high); values outside are clipped."""
     lo, hi = float(hu_window[0]), float(hu_window[1])
@@ -177,8 +190,9 @@ def iter_patch_batches(hu, patches: PatchSet, indices: np.ndarray, *, batch_size
         yield chunk, patch_pixels(hu, patches, chunk, image_size=image_size, hu_window=hu_window, device=device)
 
 
-def require_candidates(patches: PatchSet, source: str, filter_threshold: float) -> None:
-    if len(patches) == 0:
+def require_candidates(patches: PatchSet, source: str, filter_threshold: float, eligible: Optional[int] = None) -> None:
+    """Refuse a scan with no montage candidate (``eligible``: how many pass the filter; default all)."""
+    if len(patches) == 0 or eligible == 0:
         raise InputError(
             f"no lung patches in {source} pass the filter threshold {filter_threshold}: "
             "lower --filter-threshold or --patch-mm, or check that the scan covers the lungs"

@@ -1,16 +1,13 @@
-"""Pattern map: several finding prompts at once -> one label per patch (the winning pattern, or none).
+"""Pattern map: several finding prompts at once -> one label per patch (the strongest pattern, or none).
 
 Step beside scoring: the kept patch embeddings are compared with the text of every pattern prompt
-and of a normal-lung prompt (text encoding only: re-running it costs one text pass). Each pattern
-is scored by its contrast with the normal-lung prompt, ``cos(patch, pattern) - cos(patch, normal
-lung)``, as a finding is scored against its negative: a raw similarity mostly follows what every
-lung text shares (on a phantom-demo IPF phantom the diseased boxes' median sits 1.3 robust SDs
-above the scan's median on raw "honeycombing" similarity, 3.5 on the contrast; labelling on raw
-similarities found nothing on 15 ILD phantoms, the contrast labels boxes 90-96 % of which lie on
-disease: bench/RESULTS.md). The contrasts of different prompts still have their own
-offsets and spreads, so each is standardised against the scan's own lung (``extent.reference_z``:
-median, robust SD below it). A patch takes the pattern with the highest standardised contrast when
-it exceeds the extent rule's threshold; otherwise it is labelled none (0).
+and of the normal-lung prompt (text encoding only: re-running it costs one text pass). Whether a
+patch shows a pattern is decided by exactly the rule that decides a typed prompt's extent
+(``extent.positive_patches``: its contrast ``cos(patch, pattern) - cos(patch, normal lung)``
+against the model's normal-lung reference for that text), so the pattern "honeycombing" and the
+prompt "honeycombing" always report the same extent: one word, one number. A patch positive for
+several patterns is *painted* with the one that stands highest above its normal reference; each
+pattern's extent counts all its positive patches (patterns may overlap, as they do in the lung).
 
 The labels are painted into a uint8 volume (``patterns.nii.gz``: 0 none, 1..P the patterns in
 settings order) with a Slicer colour table (``patterns.ctbl``).
@@ -22,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .extent import DEFAULT_Z, reference_z
+from .extent import DEFAULT_Z, positive_patches, standardised
 from .results import PatchSet
 from .settings import DEFAULT_PATTERNS  # noqa: F401  (the default set, importable from here too)
 
@@ -39,10 +36,6 @@ _FALLBACK = ((60, 180, 75), (0, 130, 200), (240, 50, 230), (210, 245, 60), (250,
              (170, 110, 40), (128, 0, 0), (128, 128, 0), (0, 0, 128))
 COLOUR_TABLE_NAME = "patterns.ctbl"
 LABELMAP_NAME = "patterns.nii.gz"
-RULE = ("each pattern scored by cos(patch, pattern) - cos(patch, '{normal}'), standardised against the scan's own "
-        "lung (median, robust SD of the scores below it); a patch takes the pattern with the highest score when it "
-        "exceeds {k:g}, else none; extent = lung volume in its boxes / scored lung volume of the zone")
-
 
 @dataclass
 class PatternMap:
@@ -51,7 +44,7 @@ class PatternMap:
     names: list  # pattern prompts, label k = names[k - 1]
     normal_prompt: str
     labels: np.ndarray  # (N,) uint8
-    scores: np.ndarray  # (N, P) standardised contrast of each pattern with the normal-lung prompt
+    scores: np.ndarray  # (N, P) each pattern's contrast with the normal-lung prompt, in normal-reference SDs
     colours: list  # (r, g, b) per name
     extent: dict = field(default_factory=dict)  # name -> extent record (extent.extent_summary)
     rule: str = ""
@@ -67,35 +60,27 @@ def colours_for(names: Sequence[str]) -> list:
     return out
 
 
-def similarities(features: np.ndarray, text_embeddings: Sequence) -> np.ndarray:
-    """(N, P) raw cosine similarity of unit image features with unit text embeddings."""
-    feats = np.asarray(features, dtype=np.float32)
-    texts = np.stack([np.asarray(t, dtype=np.float32) for t in text_embeddings], axis=1)
-    return (feats @ texts).astype(np.float64)
+def label_patches(standardised: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """(N,) uint8 labels from (N, P) standardised scores and (N, P) positives: the positive pattern that
+    stands highest above its reference, else 0."""
+    standardised = np.asarray(standardised, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    if standardised.shape[0] == 0:
+        return np.zeros(0, np.uint8)
+    masked = np.where(positive, standardised, -np.inf)
+    best = np.argmax(masked, axis=1)
+    return np.where(positive.any(axis=1), best + 1, 0).astype(np.uint8)
 
 
-def label_patches(sims: np.ndarray, z: float = DEFAULT_Z) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (N,) uint8 and standardised contrasts (N, P) from similarities whose last column is normal lung."""
-    sims = np.asarray(sims, dtype=np.float64)
-    n, cols = sims.shape
-    contrast = sims[:, :-1] - sims[:, -1:]
-    if n == 0:
-        return np.zeros(0, np.uint8), np.zeros((0, cols - 1))
-    scores = np.stack([reference_z(contrast[:, j]) for j in range(cols - 1)], axis=1)
-    best = np.argmax(scores, axis=1)
-    top = scores[np.arange(n), best]
-    labels = np.where(top > z, best + 1, 0).astype(np.uint8)
-    return labels, scores
-
-
-def pattern_map(features: np.ndarray, text, names: Sequence[str], normal_prompt: str = NORMAL_PROMPT,
-                z: float = DEFAULT_Z) -> PatternMap:
-    """``PatternMap`` of the patches whose unit ``features`` are given; ``text`` is a ``scoring.TextEncoder``."""
+def pattern_map_from_scores(names: Sequence[str], normal_prompt: str, scores: dict, references: dict,
+                            z: float = DEFAULT_Z, rule: str = "", lung_fraction: Optional[np.ndarray] = None,
+                            neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0) -> PatternMap:
+    """``PatternMap`` from each pattern's contrast ``scores[name]`` (N,) and normal ``references[name]``."""
     names = list(names)
-    embeddings = text.embed_many([*names, normal_prompt])  # one text pass
-    labels, scores = label_patches(similarities(features, [e.numpy() for e in embeddings]), z)
-    return PatternMap(names, normal_prompt, labels, scores, colours_for(names),
-                      rule=RULE.format(k=z, normal=normal_prompt))
+    std = np.stack([standardised(scores[n], references.get(n), lung_fraction) for n in names], axis=1)
+    pos = np.stack([positive_patches(scores[n], z, references.get(n), lung_fraction, neighbours, min_neighbours)
+                    for n in names], axis=1)
+    return PatternMap(names, normal_prompt, label_patches(std, pos), std, colours_for(names), rule=rule)
 
 
 def paint_labels(patches: PatchSet, labels: np.ndarray, shape_zyx, *, slab_voxels: int = 1,
@@ -120,7 +105,7 @@ def paint_labels(patches: PatchSet, labels: np.ndarray, shape_zyx, *, slab_voxel
 def label_volume(result) -> np.ndarray:
     """The pattern map of an ``AnalysisResult`` as a uint8 [z,y,x] volume on the scan's grid (what
     patterns.nii.gz holds; for the Slicer segmentation and DICOM SEG writers too)."""
-    from .patches import slice_step_voxels
+    from .geometry import slice_step_voxels  # torch-free: label_volume runs in Slicer's process too
 
     if result.patterns is None:
         raise ValueError("the result has no pattern map (AnalysisSettings.patterns is empty)")

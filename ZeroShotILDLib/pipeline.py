@@ -30,12 +30,16 @@ from . import proposals
 from .classification import classify_montage, montage_features, subtype_pairs
 from .embeddings import EmbeddingCache, ImageEncoder, cache_key, scan_fingerprint
 from .errors import InputError
-from .models import LoadedModel, load_model
+from .file_hashes import sha256_file
+from .models import LoadedModel, load_model, read_checkpoint_metadata
 from .montage import build_montage
-from .patches import candidates_for, iter_patch_batches, patch_pixels, require_candidates, slice_step_voxels
+from . import calibration
+from .patches import (candidates_for, iter_patch_batches, patch_pixels, require_candidates, scored_patches,
+                      slice_step_voxels)
 from .progress import CancelToken, ProgressCallback, resolve
 from .ranking import rank_patches
 from .results import AnalysisResult, PatchSet, model_warning
+from .phantom_signature import carries_signature
 from .scan import Scan, read_scan
 from .scoring import TextEncoder, prompt_probabilities, softmax_probability
 from .settings import AnalysisSettings
@@ -62,6 +66,8 @@ class _ScanState:
     #: (N + 1, 12) lung mL per candidate and zone code (extent.zone_volume_table), and the zone geometry.
     zone_table: Optional[np.ndarray] = None
     zones: Optional[dict] = None
+    #: (N, 6) grid neighbours of each box (extent.box_neighbours), for the extent's region rule.
+    neighbours: Optional[np.ndarray] = None
 
     @property
     def encoded_exactly(self) -> int:
@@ -130,8 +136,11 @@ class Analyzer:
         self.cancel.raise_if_cancelled()
 
         t = time.perf_counter()
-        patches = candidates_for(mask, scan.spacing_mm, s, scan.origin_mm, scan.direction, scan.slice_positions_mm)
-        require_candidates(patches, scan.source or "the scan", s.filter_threshold)
+        # Every box holding lung is scored (the extent and the heatmap reach the pleura); the montage
+        # and the top patches choose among those that pass the lung-fraction filter (``eligible``).
+        patches = scored_patches(mask, scan.spacing_mm, s, scan.origin_mm, scan.direction, scan.slice_positions_mm)
+        require_candidates(patches, scan.source or "the scan", s.filter_threshold,
+                           eligible=int(np.count_nonzero(patches.lung_fraction >= s.filter_threshold)))
         timings["patches_s"] = time.perf_counter() - t
 
         notes = list(scan.notes)
@@ -221,155 +230,134 @@ class Analyzer:
         key = cache_key(scan_fingerprint(scan.hu, scan.spacing_mm), self.model.identity, s.patch_key(),
                         "patch-embeddings/3")
         entry = self.cache.get(key)
-        if entry is None:
-            entry = prior
-        if entry is not None and not (entry.get("features") is not None and entry["features"].shape[0] == n
-                                      and entry.get("exact") is not None and entry["exact"].shape == (n,)):
-            entry = None
-        exact_feats, exact = None, np.zeros(n, bool)
-        # Proposal features as encoded (zero rows where a slice was skipped) and which rows they are.
-        proposal, proposal_encoded, proposal_grid, proposal_step = None, np.zeros(n, bool), 0, 0
-        proposal_precision = ""
-        if entry is not None:
-            exact_feats, exact = entry["features"].copy(), entry["exact"].astype(bool)
-            if entry.get("proposal") is not None and entry.get("proposal_encoded") is not None:
-                proposal, proposal_encoded = entry["proposal"].copy(), entry["proposal_encoded"].astype(bool)
-                proposal_grid, proposal_step = int(entry["proposal_grid"]), int(entry["proposal_step"])
-                # Entries written before the fp32 pass existed hold bf16 proposals.
-                proposal_precision = str(entry.get("proposal_precision", "bf16"))
-        changed = False
+        rec = _EmbeddingRecord.from_entry(entry if entry is not None else prior, n)
         volume = self._device_volume(scan.hu)
+        plan = self._fast_plan(scan, patches, rec, notes) if s.scoring_mode == "fast" and not rec.exact.all() else None
 
-        fast_model, grid, count = None, 0, n
-        stride = step = 1
-        neighbours = None
-        if s.scoring_mode == "fast" and not exact.all():
-            fast_model = self._proposal_model()
-            grid = s.proposal_grid_tokens or proposals.full_grid_tokens(self.model)
-            if fast_model is None:
-                notes.append("fast mode: no cheaper proposal pass on this device (a GPU runs exact under autocast); "
-                             "every patch was encoded exactly")
-            elif s.proposal_grid_tokens and not proposals.supports_low_resolution(self.model):
-                notes.append(f"fast mode: '{self.model.spec.name}' cannot run at another resolution; "
-                             "every patch was encoded exactly")
-                fast_model = None
-            else:
-                count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
-                                                rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
-                stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
-                bf16 = proposals.proposal_precision(fast_model) == "bf16"
-                # Each path its own distance: the fp32 search encodes exactly what it encodes, so it
-                # skips farther (settings.fp32_skip_within_mm says what that costs in fidelity).
-                skip_mm = s.proposal_skip_within_mm if bf16 else s.fp32_skip_within_mm
-                step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, skip_mm)
-                neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
-                n_first = int(proposals.first_pass(patches.slice_index, neighbours, step, stride).sum())
-                depth = None if bf16 else proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
-                if not proposals.proposals_pay_off(
-                        n, count, grid, proposals.full_grid_tokens(self.model),
-                        proposals.BF16_RELATIVE_COST if bf16 else proposals.FP32_RELATIVE_COST,
-                        n_proposals=proposals.expected_proposals(n_first, n, count, step, depth)):
-                    fast_model = None  # a small scan (or no slice to skip in fp32): exact is as cheap
-                    if not bf16:
-                        why = ("the fp32 skip distance is 0 mm, so no slice is skipped" if not skip_mm > 0 else
-                               "this scan has too few to skip")
-                        notes.append("fast mode: without native bf16, fast mode saves work only by skipping thin "
-                                     f"slices, and {why}; every patch was encoded exactly")
-        use_proposals = fast_model is not None
-
-        rescored_for = None
+        rescored_for, ranking_features = None, None
         t = time.perf_counter()
-        if use_proposals:
-            precision = proposals.proposal_precision(fast_model)
-            # fp32 at the model's own size: each proposal encoding is an exact one, kept as such.
-            proposals_exact = proposals.proposals_are_exact(fast_model, self.model, grid)
-            if (proposal is None or proposal.shape[0] != n or proposal_grid != grid or proposal_step != step
-                    or proposal_precision != precision):
-                proposal, proposal_encoded = None, np.zeros(n, bool)
-            pair = (s.prompts[0], s.negative_for(0))
-            text_pair = self.text.pair(*pair)
-
-            def encode_proposals(indices, stage):
-                nonlocal proposal, exact_feats, changed
-                feats = self._encode_proposals(fast_model, volume, patches, grid, indices, stage)
-                if proposal is None:
-                    proposal = np.zeros((n, feats.shape[1]), np.float32)
-                proposal[indices] = feats
-                proposal_encoded[indices] = True
-                if proposals_exact:
-                    if exact_feats is None:
-                        exact_feats = np.zeros((n, feats.shape[1]), np.float32)
-                    exact_feats[indices] = feats
-                    exact[indices] = True
-                changed = True
-
-            if proposal is None:
-                first = np.flatnonzero(proposals.first_pass(patches.slice_index, neighbours, step, stride))
-                if proposals_exact and exact_feats is not None:
-                    # Rows already exact (from an earlier run) are their own proposals.
-                    proposal, proposal_encoded = exact_feats.copy(), exact.copy()
-                    first = first[~exact[first]]
-                if first.size:
-                    encode_proposals(first, "proposal pass")
-                proposal_grid, proposal_step, proposal_precision, changed = grid, step, precision, True
-            if step > 1 and proposals_exact:
-                # Best-first: encode the best-scoring candidates not yet encoded (interpolated scores)
-                # until the best ``depth`` are all exact; each batch sharpens the interpolation near it.
-                depth = proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
-                while True:
-                    scores = softmax_probability(
-                        proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index, neighbours),
-                        *text_pair)
-                    more = proposals.next_to_encode(scores, proposal_encoded, depth, proposals.FP32_SEARCH_BATCH)
-                    if not more.size:
-                        break
-                    encode_proposals(np.sort(more), "proposal pass: best first")
-            elif step > 1:
-                # The slices skipped next to this prompt's best boxes: where its top patches may be.
-                more = proposals.neighbours_to_refine(softmax_probability(proposal, *text_pair), proposal_encoded,
-                                                      neighbours, proposals.REFINE_PER_RESCORED * count)
-                if more.size:
-                    encode_proposals(more, "proposal pass: neighbours")
+        if plan is not None:
+            ranking_features, todo = self._proposal_search(plan, rec, volume, patches)
             timings["proposals_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            ranking_features = proposals.interpolate_skipped(proposal, proposal_encoded, patches.slice_index,
-                                                             neighbours)
-            todo = proposals.select_for_rescoring(softmax_probability(ranking_features, *text_pair), count, exact)
-            rescored_for = pair
+            rescored_for = plan.pair
         else:
-            todo = np.flatnonzero(~exact)
+            todo = np.flatnonzero(~rec.exact)
         if todo.size:
-            feats = self._encode_exact(volume, patches, todo)
-            if exact_feats is None:
-                exact_feats = np.zeros((n, feats.shape[1]), np.float32)
-            exact_feats[todo] = feats
-            exact[todo] = True
-            changed = True
+            rec.put_exact(todo, self._encode_exact(volume, patches, todo))
         timings["encode_s"] = time.perf_counter() - t
-        if entry is not None and not changed:
+        if rec.loaded and not rec.changed:
             notes.append("patch embeddings reused from the cache")
-        if changed:
-            entry = {"features": exact_feats, "exact": exact}
-            if proposal is not None:
-                entry.update(proposal=proposal, proposal_encoded=proposal_encoded,
-                             proposal_grid=np.int64(proposal_grid), proposal_step=np.int64(proposal_step),
-                             proposal_precision=np.str_(proposal_precision))
-            self.cache.put(key, entry)
+        if rec.changed:
+            self.cache.put(key, rec.to_entry())
+        entry = rec.to_entry() if rec.changed else (entry if entry is not None else prior)
 
-        features = exact_feats.copy()
-        if not exact.all():
-            features[~exact] = ranking_features[~exact]
-            skipped = n - int(proposal_encoded.sum())
-            how = (f", {skipped} on skipped slices interpolated from the boxes {proposal_step} candidate slices apart"
-                   if skipped else "")
-            notes.append(f"fast mode: {n} candidates ranked by a{'n' if proposal_precision == 'fp32' else ''} "
-                         f"{proposal_precision} proposal pass ({proposal_grid}x{proposal_grid} "
-                         f"tokens{how}), {int(exact.sum())} scored exactly in fp32 (the best of them re-scored); "
+        features = rec.exact_feats.copy()
+        if not rec.exact.all():
+            features[~rec.exact] = ranking_features[~rec.exact]
+            skipped = n - int(rec.proposal_encoded.sum())
+            how = (f", {skipped} on skipped slices interpolated from the boxes {rec.proposal_step} candidate slices "
+                   "apart" if skipped else "")
+            notes.append(f"fast mode: {n} candidates ranked by a{'n' if rec.proposal_precision == 'fp32' else ''} "
+                         f"{rec.proposal_precision} proposal pass ({rec.proposal_grid}x{rec.proposal_grid} "
+                         f"tokens{how}), {int(rec.exact.sum())} scored exactly in fp32 (the best of them re-scored); "
                          "top patches and montage come from the exact ones, the heatmap elsewhere shows proposal "
                          "scores")
         else:
             rescored_for = None
-        return features, exact, rescored_for, entry
+        return features, rec.exact, rescored_for, entry
+
+    def _fast_plan(self, scan: Scan, patches: PatchSet, rec: "_EmbeddingRecord", notes: list) -> Optional["_FastPlan"]:
+        """How fast mode proposes candidates on this scan, or None (with a note) when exact is as cheap."""
+        s = self.settings
+        n = len(patches)
+        fast_model = self._proposal_model()
+        grid = s.proposal_grid_tokens or proposals.full_grid_tokens(self.model)
+        if fast_model is None:
+            notes.append("fast mode: no cheaper proposal pass on this device (a GPU runs exact under autocast); "
+                         "every patch was encoded exactly")
+            return None
+        if s.proposal_grid_tokens and not proposals.supports_low_resolution(self.model):
+            notes.append(f"fast mode: '{self.model.spec.name}' cannot run at another resolution; "
+                         "every patch was encoded exactly")
+            return None
+        count = proposals.rescore_count(n, top_k=s.top_k, montage_patches=s.montage_patches,
+                                        rescore_fraction=s.rescore_fraction, rescore_min=s.rescore_min)
+        stride = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)  # scan slices between candidate slices
+        bf16 = proposals.proposal_precision(fast_model) == "bf16"
+        # Each path its own distance: the fp32 search encodes exactly what it encodes, so it
+        # skips farther (settings.fp32_skip_within_mm says what that costs in fidelity).
+        skip_mm = s.proposal_skip_within_mm if bf16 else s.fp32_skip_within_mm
+        step = proposals.proposal_slice_step(scan.spacing_mm[2] * stride, skip_mm)
+        neighbours = proposals.slice_neighbours(patches.slice_index, patches.row0, patches.col0, step, stride)
+        n_first = int(proposals.first_pass(patches.slice_index, neighbours, step, stride).sum())
+        depth = None if bf16 else proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
+        if not proposals.proposals_pay_off(
+                n, count, grid, proposals.full_grid_tokens(self.model),
+                proposals.BF16_RELATIVE_COST if bf16 else proposals.FP32_RELATIVE_COST,
+                n_proposals=proposals.expected_proposals(n_first, n, count, step, depth)):
+            if not bf16:  # a small scan (or no slice to skip in fp32): exact is as cheap
+                why = ("the fp32 skip distance is 0 mm, so no slice is skipped" if not skip_mm > 0 else
+                       "this scan has too few to skip")
+                notes.append("fast mode: without native bf16, fast mode saves work only by skipping thin "
+                             f"slices, and {why}; every patch was encoded exactly")
+            return None
+        pair = (s.prompts[0], s.negative_for(0))
+        return _FastPlan(fast_model, grid, count, stride, step, neighbours, pair,
+                         proposals.proposals_are_exact(fast_model, self.model, grid))
+
+    def _proposal_search(self, plan: "_FastPlan", rec: "_EmbeddingRecord", volume, patches: PatchSet):
+        """Fast mode's proposal pass for ``plan.pair``: (ranking features, candidates to encode exactly).
+
+        First the proposal slices; then, in fp32 (whose encodings are exact), best-first until the best
+        ``depth`` by interpolated score are encoded, or, in bf16, the skipped neighbours of the best
+        boxes. Only boxes passing the lung-fraction filter compete (the others are never top patches).
+        """
+        s = self.settings
+        n = len(patches)
+        precision = proposals.proposal_precision(plan.fast_model)
+        text_pair = self.text.pair(*plan.pair)
+        rec.reset_proposals_unless(plan.grid, plan.step, precision)
+
+        def encode(indices, stage):
+            feats = self._encode_proposals(plan.fast_model, volume, patches, plan.grid, indices, stage)
+            rec.put_proposals(indices, feats, also_exact=plan.proposals_exact)
+
+        def scores(features):
+            return eligible_only(softmax_probability(features, *text_pair), patches, s)
+
+        def interpolated():
+            return proposals.interpolate_skipped(rec.proposal, rec.proposal_encoded, patches.slice_index,
+                                                 plan.neighbours)
+
+        if rec.proposal is None:
+            first = np.flatnonzero(proposals.first_pass(patches.slice_index, plan.neighbours, plan.step, plan.stride))
+            if plan.proposals_exact and rec.exact_feats is not None:
+                # Rows already exact (from an earlier run) are their own proposals.
+                rec.proposal, rec.proposal_encoded = rec.exact_feats.copy(), rec.exact.copy()
+                first = first[~rec.exact[first]]
+            if first.size:
+                encode(first, "proposal pass")
+            rec.proposal_grid, rec.proposal_step, rec.proposal_precision = plan.grid, plan.step, precision
+            rec.changed = True
+        if plan.step > 1 and plan.proposals_exact:
+            # Best-first: encode the best-scoring candidates not yet encoded (interpolated scores)
+            # until the best ``depth`` are all exact; each batch sharpens the interpolation near it.
+            depth = proposals.fp32_search_depth(n, s.top_k, s.montage_patches)
+            while True:
+                more = proposals.next_to_encode(scores(interpolated()), rec.proposal_encoded, depth,
+                                                proposals.FP32_SEARCH_BATCH)
+                if not more.size:
+                    break
+                encode(np.sort(more), "proposal pass: best first")
+        elif plan.step > 1:
+            # The slices skipped next to this prompt's best boxes: where its top patches may be.
+            more = proposals.neighbours_to_refine(scores(rec.proposal), rec.proposal_encoded, plan.neighbours,
+                                                  proposals.REFINE_PER_RESCORED * plan.count)
+            if more.size:
+                encode(more, "proposal pass: neighbours")
+        ranking_features = interpolated()
+        return ranking_features, proposals.select_for_rescoring(scores(ranking_features), plan.count, rec.exact)
 
     def _device_volume(self, hu: np.ndarray):
         """The scan where patches are cut: the numpy array on CPU, a GPU copy (via pinned memory) on CUDA.
@@ -420,21 +408,26 @@ class Analyzer:
         negatives = [s.negative_for(i) for i in range(len(s.prompts))]
         probs = prompt_probabilities(st.features, self.text, s.prompts, negatives)
         primary = probs[s.prompts[0]]
+        # Boxes under the lung-fraction filter are scored for the extent but never shown as top patches.
+        ranking_scores = eligible_only(primary, st.patches, s)
         notes = list(st.notes)
         if st.rescored_for is not None and st.rescored_for == (s.prompts[0], negatives[0]):
             # The re-scored set holds this prompt's best proposals: rank within its exact scores,
             # so a proposal score never outranks an exact one.
-            ranked = proposals.rank_exact_first(primary, st.exact, s.top_k)
-            montage_idx = (proposals.rank_exact_first(primary, st.exact, s.montage_patches)
-                           if s.retrieval == "clip" else rank_patches(primary, s.montage_patches, s.retrieval, s.seed))
+            ranked = proposals.rank_exact_first(ranking_scores, st.exact, s.top_k)
+            montage_idx = (proposals.rank_exact_first(ranking_scores, st.exact, s.montage_patches)
+                           if s.retrieval == "clip" else _random_eligible(st.patches, s))
         else:
-            ranked = rank_patches(primary, s.top_k, "clip")
-            montage_idx = rank_patches(primary, s.montage_patches, s.retrieval, s.seed)
+            ranked = rank_patches(ranking_scores, s.top_k, "clip")
+            montage_idx = (rank_patches(ranking_scores, s.montage_patches, "clip") if s.retrieval == "clip"
+                           else _random_eligible(st.patches, s))
             if st.rescored_for is not None:
                 approx = int(np.count_nonzero(~st.exact[ranked]))
                 notes.append(f"fast mode: the patches were re-scored for '{st.rescored_for[0]}'; {approx} of the top "
                              f"{len(ranked)} for '{s.prompts[0]}' carry proposal-pass scores (a preview: re-prompt with exact "
                              "re-scoring, or analyse again, for the exact ranking)")
+        eligible = st.patches.lung_fraction >= s.filter_threshold
+        ranked, montage_idx = ranked[eligible[ranked]], montage_idx[eligible[montage_idx]]
         if len(montage_idx) < s.montage_patches:
             notes.append(f"only {len(montage_idx)} candidate patches for a {s.montage_size}x{s.montage_size} montage; "
                          "the remaining cells are black")
@@ -448,18 +441,16 @@ class Analyzer:
         findings = dict(zip(s.prompts, values[:len(s.prompts)]))
         subtypes = dict(zip(s.subtypes, values[len(s.prompts):]))
         table = self._zone_table(s)
-        # A shipped normal-lung reference belongs to the registry's weights, not to a user's checkpoint.
-        references = ({p: extent_mod.normal_reference(self.model.spec.name, p) for p in s.prompts}
-                      if s.checkpoint is None else {})
-        extent = extent_mod.extents_for(table, probs, s.prompts, s.extent_z, s.subpleural_mm, references)
-        pattern_map = None
-        if s.patterns:
-            pattern_map = patterns_mod.pattern_map(st.features, self.text, s.patterns, s.normal_prompt, s.extent_z)
-            for k, name in enumerate(pattern_map.names, start=1):
-                pattern_map.extent[name] = extent_mod.extent_summary(table, pattern_map.labels == k, pattern_map.rule)
+        extent, pattern_map, reference_note = self._extent(s, table)
+        if reference_note:
+            notes.append(reference_note)
+        coverage_note = ((st.zones or {}).get("coverage") or {}).get("note")
+        if coverage_note:
+            notes.append(coverage_note)
         spec = self.model.spec
-        warning = model_warning(spec.name, random_weights=not spec.meaningful, trained_on=spec.trained_on,
-                                source=st.scan.source)
+        trained_on, health = _provenance(self.model)
+        warning = model_warning(spec.name, random_weights=not spec.meaningful, trained_on=trained_on,
+                                is_phantom=carries_signature(st.scan.hu), training_health=health)
         if warning:
             notes.append(warning)
         self.progress("done", 1, 1)
@@ -472,6 +463,49 @@ class Analyzer:
             encoded_exactly=st.encoded_exactly, extent=extent, patterns=pattern_map, zones=dict(st.zones or {}),
         )
 
+    def contrast_scores(self, prompts: Sequence[str]) -> dict:
+        """{prompt: (N,) cos(patch, prompt) - cos(patch, normal prompt)} on the kept embeddings (text only)."""
+        st = self._state
+        if st is None:
+            raise InputError("no scan analysed yet: run analyze() before contrast_scores()")
+        normal = self.settings.normal_prompt
+        embeddings = self.text.embed_many([*prompts, normal])
+        normal_emb = embeddings[-1].numpy()
+        return {p: extent_mod.contrasts(st.features, e.numpy(), normal_emb) for p, e in zip(prompts, embeddings)}
+
+    def references(self, prompts: Sequence[str]) -> tuple[dict, str]:
+        """The normal-lung references stored beside the loaded weights for ``prompts`` (see ``calibration``)."""
+        weights = self.model.checkpoint
+        sha = sha256_file(weights) if weights is not None else None
+        return calibration.load_references(weights, sha, prompts, self.settings.normal_prompt)
+
+    def _extent(self, s: AnalysisSettings, table: np.ndarray):
+        """Extent per prompt and the pattern map, by one rule (``extent.positive_patches``) for both."""
+        st = self._state
+        names = list(dict.fromkeys([*s.prompts, *s.patterns]))
+        scores = self.contrast_scores(names)
+        references, note = self.references(names)
+        coverage = (st.zones or {}).get("coverage")
+        if st.neighbours is None:
+            st.neighbours = extent_mod.box_neighbours(st.patches.slice_index, st.patches.row0, st.patches.col0)
+        records = extent_mod.extents_for(table, scores, names, s.normal_prompt, s.extent_z, s.subpleural_mm,
+                                         references, coverage, st.patches.lung_fraction, st.neighbours,
+                                         s.extent_min_neighbours)
+        extent = {p: records[p] for p in s.prompts}
+        pattern_map = None
+        if s.patterns:
+            pattern_map = patterns_mod.pattern_map_from_scores(
+                s.patterns, s.normal_prompt, scores, references, s.extent_z,
+                rule=records[s.patterns[0]]["rule"], lung_fraction=st.patches.lung_fraction,
+                neighbours=st.neighbours, min_neighbours=s.extent_min_neighbours)
+            pattern_map.extent = {name: records[name] for name in s.patterns}
+        uncalibrated = [p for p in names if references.get(p) is None]
+        if uncalibrated and not note:
+            note = (f"extent uncalibrated for {', '.join(repr(p) for p in uncalibrated[:4])}"
+                    f"{' and others' if len(uncalibrated) > 4 else ''}: no normal-lung reference for these weights; "
+                    "run 'zeroshot-ild calibrate' on a few normal scans")
+        return extent, pattern_map, note
+
     def _zone_table(self, s: AnalysisSettings) -> np.ndarray:
         """The scan's lung volume per candidate and zone (computed once per scan and rind depth)."""
         st = self._state
@@ -482,8 +516,13 @@ class Analyzer:
                                           scan.slice_positions_mm, s.subpleural_mm)
             slab = slice_step_voxels(scan.spacing_mm, s.slice_step_mm)
             st.zone_table = extent_mod.zone_volume_table(zones.codes, st.patches, scan.spacing_mm, slab, scan.slab_mm)
-            scored = extent_mod.zone_fractions(st.zone_table, np.zeros(len(st.patches), bool))[2]
+            scored = extent_mod.zone_volumes_ml(st.zone_table[:-1])
+            share, share_by_zone = extent_mod.scored_share(st.zone_table)
             st.zones = {"subpleural_mm": float(s.subpleural_mm), "midline_r_mm": round(zones.midline_r_mm, 2),
+                        "coverage": dict(zones.coverage or {}),
+                        "scored_share": round(share, 5),
+                        "scored_share_by_zone": {k: (round(v, 5) if np.isfinite(v) else None)
+                                                 for k, v in share_by_zone.items()},
                         "s_range_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in zones.s_range_mm.items()},
                         "scored_lung_ml": {k: round(v, 2) for k, v in scored.items()},
                         "unscored_lung_ml": round(float(st.zone_table[-1].sum()), 2)}
@@ -492,6 +531,117 @@ class Analyzer:
     @property
     def scan(self) -> Optional[Scan]:
         return self._state.scan if self._state else None
+
+
+@dataclass
+class _FastPlan:
+    """Fast mode on one scan: the proposal tower, its grid, how many to re-score, slice skipping, prompt pair."""
+
+    fast_model: LoadedModel
+    grid: int
+    count: int
+    stride: int
+    step: int
+    neighbours: np.ndarray
+    pair: tuple
+    #: fp32 at the model's own size: each proposal encoding is an exact one, kept as such.
+    proposals_exact: bool
+
+
+@dataclass
+class _EmbeddingRecord:
+    """The cached embedding entry while it is filled: exact rows, proposal rows, which are encoded."""
+
+    n: int
+    exact_feats: Optional[np.ndarray] = None
+    exact: np.ndarray = None
+    #: Proposal features as encoded (zero rows where a slice was skipped) and which rows they are.
+    proposal: Optional[np.ndarray] = None
+    proposal_encoded: np.ndarray = None
+    proposal_grid: int = 0
+    proposal_step: int = 0
+    proposal_precision: str = ""
+    loaded: bool = False
+    changed: bool = False
+
+    @classmethod
+    def from_entry(cls, entry: Optional[dict], n: int) -> "_EmbeddingRecord":
+        rec = cls(n, exact=np.zeros(n, bool), proposal_encoded=np.zeros(n, bool))
+        if entry is None or not (entry.get("features") is not None and entry["features"].shape[0] == n
+                                 and entry.get("exact") is not None and entry["exact"].shape == (n,)):
+            return rec
+        rec.loaded = True
+        rec.exact_feats, rec.exact = entry["features"].copy(), entry["exact"].astype(bool)
+        if entry.get("proposal") is not None and entry.get("proposal_encoded") is not None:
+            rec.proposal, rec.proposal_encoded = entry["proposal"].copy(), entry["proposal_encoded"].astype(bool)
+            rec.proposal_grid, rec.proposal_step = int(entry["proposal_grid"]), int(entry["proposal_step"])
+            # Entries written before the fp32 pass existed hold bf16 proposals.
+            rec.proposal_precision = str(entry.get("proposal_precision", "bf16"))
+        return rec
+
+    def reset_proposals_unless(self, grid: int, step: int, precision: str) -> None:
+        """Drop kept proposals made with another grid, slice step or precision."""
+        if (self.proposal is None or self.proposal.shape[0] != self.n or self.proposal_grid != grid
+                or self.proposal_step != step or self.proposal_precision != precision):
+            self.proposal, self.proposal_encoded = None, np.zeros(self.n, bool)
+
+    def put_proposals(self, indices: np.ndarray, feats: np.ndarray, also_exact: bool) -> None:
+        if self.proposal is None:
+            self.proposal = np.zeros((self.n, feats.shape[1]), np.float32)
+        self.proposal[indices] = feats
+        self.proposal_encoded[indices] = True
+        if also_exact:
+            self.put_exact(indices, feats)
+        self.changed = True
+
+    def put_exact(self, indices: np.ndarray, feats: np.ndarray) -> None:
+        if self.exact_feats is None:
+            self.exact_feats = np.zeros((self.n, feats.shape[1]), np.float32)
+        self.exact_feats[indices] = feats
+        self.exact[indices] = True
+        self.changed = True
+
+    def to_entry(self) -> dict:
+        entry = {"features": self.exact_feats, "exact": self.exact}
+        if self.proposal is not None:
+            entry.update(proposal=self.proposal, proposal_encoded=self.proposal_encoded,
+                         proposal_grid=np.int64(self.proposal_grid), proposal_step=np.int64(self.proposal_step),
+                         proposal_precision=np.str_(self.proposal_precision))
+        return entry
+
+
+def _provenance(model: LoadedModel) -> tuple[str, Optional[dict]]:
+    """(training domain, health verdict) of the loaded weights: the model list's ``trained_on`` for a
+    registry model; for a DAPT checkpoint what its run recorded in the metadata (``training.domain``,
+    ``training.health``), read as untrusted input (only booleans and a short name are taken)."""
+    trained_on = model.spec.trained_on
+    if model.checkpoint is None or model.spec.source != "checkpoint":
+        return trained_on, None
+    try:
+        meta = read_checkpoint_metadata(model.checkpoint) or {}
+    except InputError:
+        return trained_on, None
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, dict):
+        return trained_on, None
+    domain = training.get("domain")
+    if isinstance(domain, str) and domain in ("phantoms", "ct", "images"):
+        trained_on = "phantoms" if domain == "phantoms" else trained_on
+    health = training.get("health")
+    if not isinstance(health, dict):
+        return trained_on, None
+    return trained_on, {k: health.get(k) is True for k in ("collapsed", "at_chance")}
+
+
+def eligible_only(scores: np.ndarray, patches: PatchSet, settings: AnalysisSettings) -> np.ndarray:
+    """``scores`` with the boxes under the lung-fraction filter put last (they are not montage candidates)."""
+    return np.where(patches.lung_fraction >= settings.filter_threshold, np.asarray(scores, dtype=np.float64), -np.inf)
+
+
+def _random_eligible(patches: PatchSet, settings: AnalysisSettings) -> np.ndarray:
+    """Random retrieval among the boxes that pass the lung-fraction filter (seeded)."""
+    pool = np.flatnonzero(patches.lung_fraction >= settings.filter_threshold)
+    return pool[rank_patches(np.zeros(pool.size), settings.montage_patches, "random", settings.seed)]
 
 
 def _in_requested_order(encoded_indices: np.ndarray, feats: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -175,8 +175,16 @@ def _extent_section(extent: Mapping[str, Mapping]) -> str:
         by_zone = entry.get("by_zone") or {}
         lead = f"<b>{escape(str(prompt))}</b>: {_pct(entry.get('lung_fraction'))} of the lung"
         if entry.get("predominance"):
-            lead += f"; predominance: <b>{escape(str(entry['predominance']))}</b>"
+            lead += f"; <b>{escape(str(entry['predominance']))}</b>"
+        if entry.get("calibrated") is False:
+            lead += ' <span class="warn">UNCALIBRATED: no normal-lung reference for this model and prompt</span>'
         parts.append(f"<p>{lead}</p>")
+        if entry.get("not_imaged"):
+            parts.append(f'<p class="warn">Not imaged: {escape(", ".join(entry["not_imaged"]))} zone(s) '
+                         "(the lungs are cut off by the scan)</p>")
+        elif entry.get("thirds_not_anatomical"):
+            parts.append('<p class="warn">The lungs are cut off at both ends: upper/middle/lower split the '
+                         "imaged part only</p>")
         if by_zone:
             parts.append(extent_chart_svg(by_zone, title=f"{prompt}: % of each zone's lung volume"))
         if entry.get("rule"):

@@ -71,26 +71,24 @@ class AnalysisResult:
         return self.settings.prompts[0]
 
 
-#: How a scan made by ``ZeroShotILDLib.phantom`` names itself (``Scan.source``, a volume node's name, the
-#: ``phantom_0001.nii.gz`` files of a phantom data set): everything else counts as a real scan.
-PHANTOM_SOURCE_PREFIX = "phantom"
+def model_warning(model_name: str, *, random_weights: bool, trained_on: str, is_phantom: bool,
+                  training_health: Optional[dict] = None) -> str:
+    """Why ``model_name``'s scores say nothing about this scan, or "" when they can.
 
-
-def is_phantom_source(source: str) -> bool:
-    """True when ``source`` (a scan's source string or file path) names a synthetic phantom."""
-    name = str(source or "").replace("\\", "/").rsplit("/", 1)[-1]
-    return name.strip().lower().startswith(PHANTOM_SOURCE_PREFIX)
-
-
-def model_warning(model_name: str, *, random_weights: bool, trained_on: str, source: str) -> str:
-    """Why ``model_name``'s scores say nothing about the scan ``source``, or "" when they can.
-
-    ``trained_on`` is the model list's field of that name: "phantoms" for models that never saw a
-    real CT (the demo model), "" otherwise.
+    Decided from evidence, never from names: ``trained_on`` is the model's provenance ("phantoms"
+    for the demo model, from the model list; a DAPT checkpoint's recorded training domain),
+    ``is_phantom`` whether the scan's *voxels* carry the phantom generator's signature
+    (``phantom_signature.carries_signature``; a real CT renamed ``phantom_*.nii.gz`` does not), and
+    ``training_health`` the verdict a DAPT run recorded in its checkpoint ({"collapsed", "at_chance"}).
     """
     if random_weights:
         return f"model '{model_name}' has random weights: its scores are meaningless"
-    if trained_on == "phantoms" and not is_phantom_source(source):
+    health = training_health or {}
+    if health.get("collapsed") or health.get("at_chance"):
+        why = "its image embeddings collapsed" if health.get("collapsed") else "its validation loss stayed at chance"
+        return (f"model '{model_name}' comes from a training run that did not learn ({why}, as recorded in the "
+                "checkpoint): its scores are meaningless; use a healthy checkpoint")
+    if trained_on == "phantoms" and not is_phantom:
         return (f"model '{model_name}' was trained on synthetic phantoms only: its scores on a real scan are "
                 "meaningless (choose a CT or chest X-ray model)")
     return ""

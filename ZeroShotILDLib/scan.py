@@ -406,8 +406,9 @@ def scan_from_array(hu: np.ndarray, spacing_mm, origin_mm=(0.0, 0.0, 0.0), direc
 def _read_volume_file(p: Path, source: str) -> Scan:
     import SimpleITK as sitk
     name = p.name.lower()
+    info = None
     if name.endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(p, source)
+        info = _check_nifti_complete(p, source)
     else:
         _check_declared_size(p, source)
     reader = sitk.ImageFileReader()
@@ -425,10 +426,30 @@ def _read_volume_file(p: Path, source: str) -> Scan:
         raise InputError(f"{source} could not be read ({reason}): the file is truncated or corrupt; "
                          f"export it again") from None
     scan = scan_from_sitk(image, source)
+    note = _sform_note(info, image.GetSpacing()) if info else None
+    if note:
+        scan.notes.append(note)
     return scan
 
 
-def _check_nifti_complete(p: Path, source: str) -> None:
+def _sform_note(info: dict, spacing_mm) -> Optional[str]:
+    """A note when a NIfTI-1 sform scales the axes otherwise than the header's voxel size.
+
+    ITK prints "unexpected scales in sform" to stderr for such a file (the command line keeps ITK's
+    warnings off stderr) and takes the voxel size; the note says so, since one of the two is wrong.
+    """
+    scales = info.get("sform_scales")
+    if not scales:
+        return None
+    pixdim = [abs(float(v)) for v in info["pixdim"][:len(scales)]]
+    if all(abs(a - b) <= 1e-3 * max(b, 1e-6) for a, b in zip(scales, pixdim)):
+        return None
+    fmt = lambda values: " x ".join(f"{v:g}" for v in values)  # noqa: E731
+    return (f"the NIfTI header's sform scales the axes by {fmt(scales)} mm but declares a voxel size of "
+            f"{fmt(pixdim)} mm; the voxel size was used ({fmt(spacing_mm)} mm): check the scan's spacing")
+
+
+def _check_nifti_complete(p: Path, source: str) -> dict:
     """What ITK's NIfTI reader lets through silently, refused here from the header and the bytes.
 
     ITK fills a truncated file with zeros, turns a voxel size of 0 or NaN into 1 mm, and reads
@@ -478,6 +499,7 @@ def _check_nifti_complete(p: Path, source: str) -> None:
                 raise InputError(f"{source} is truncated ({total} of {expected} bytes): copy or export it again")
     if info["float_dtype"] is not None:
         _check_nifti_finite(p, gz, info, source)
+    return info
 
 
 def _check_nifti_finite(p: Path, gz: bool, info: dict, source: str) -> None:
@@ -515,6 +537,8 @@ def _nifti_header(head: bytes) -> Optional[dict]:
             bitpix = struct.unpack(endian + "h", head[72:74])[0]
             pixdim = struct.unpack(endian + "8f", head[76:108])
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            sform_code = struct.unpack(endian + "h", head[254:256])[0]
+            srow = struct.unpack(endian + "12f", head[280:328])
             break
         if size == 540 and len(head) >= 540:
             datatype = struct.unpack(endian + "h", head[12:14])[0]
@@ -522,6 +546,7 @@ def _nifti_header(head: bytes) -> Optional[dict]:
             dims = struct.unpack(endian + "8q", head[16:80])
             pixdim = struct.unpack(endian + "8d", head[104:168])
             offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            sform_code, srow = 0, ()  # NIfTI-2: not checked
             break
     else:
         return None
@@ -532,8 +557,12 @@ def _nifti_header(head: bytes) -> Optional[dict]:
     for d in dims[1:ndim + 1]:
         n *= max(int(d), 1)
     offset = max(offset, 348)
+    scales = None
+    if sform_code > 0 and ndim >= 3 and all(math.isfinite(v) for v in srow):
+        # Column norms of the sform's 3x3 part: the voxel size the sform implies along i, j, k.
+        scales = [math.sqrt(srow[c] ** 2 + srow[4 + c] ** 2 + srow[8 + c] ** 2) for c in range(3)]
     return {"expected": offset + n * bitpix // 8, "offset": offset, "ndim": ndim, "pixdim": pixdim[1:4],
-            "endian": endian, "float_dtype": {16: "f4", 64: "f8"}.get(int(datatype))}
+            "endian": endian, "float_dtype": {16: "f4", 64: "f8"}.get(int(datatype)), "sform_scales": scales}
 
 
 def _nifti_expected_bytes(head: bytes) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""``python -m training`` = ``zeroshot-ild-train``."""
+"""``python -m zeroshot_ild_train`` = ``zeroshot-ild-train``."""
 import sys
 
 from .cli import main

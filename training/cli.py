@@ -1,4 +1,4 @@
-"""``zeroshot-ild-train``: the researcher's command line over ``training/`` and the engine.
+"""zeroshot-ild-train: split, preprocess, train (DAPT), evaluate and study ZeroShotILD models on a cohort.
 
     zeroshot-ild-train split        MANIFEST --out SPLIT.csv          patient-level train/val/test
     zeroshot-ild-train preprocess   MANIFEST --cache DIR              cached montages (--shard i/N)
@@ -6,17 +6,18 @@
     zeroshot-ild-train sweep        MANIFEST --cache DIR --out DIR    learning-rate sweep
     zeroshot-ild-train export       RUN/checkpoints/last.ckpt --out MODEL.safetensors
     zeroshot-ild-train evaluate     MANIFEST --out DIR --model M ...  AUROC/AUPRC/F1 with 95 % CIs
-    zeroshot-ild-train grid         MANIFEST --out DIR ...            paper 000's tables
+    zeroshot-ild-train grid         MANIFEST --out DIR ...            the tables of Van Uden et al. 2023
     zeroshot-ild-train reader-study export|analyze ...                numbered montages, ICC(3,1)
     zeroshot-ild-train probe        MANIFEST --cache DIR --out DIR    K-shot linear probing
     zeroshot-ild-train alignment    MANIFEST --cache DIR --out DIR    image-text alignment
     zeroshot-ild-train preview-text MANIFEST --text lung -n 3         what --text picks (stdout only)
 
 Every command is a thin adapter: montages, models and scores come from the engine
-(``ZeroShotILDLib``), training from ``training.dapt``, metrics and tables from
-``training.metrics`` / ``training.plots``. Bad input ends with one line on stderr and exit
-code 2; result folders are written to a temporary folder and moved into place at the end, so
-an interrupted command leaves no half-written results.
+(``ZeroShotILDLib``), training from ``zeroshot_ild_train.dapt``, metrics and tables from
+``zeroshot_ild_train.metrics`` / ``zeroshot_ild_train.plots``. Bad input ends with one line on stderr and exit
+code 2; a command that finished but could not use some scans exits 3 (the same codes as
+``zeroshot-ild``); result folders are written to a temporary folder and moved into place at the
+end, so an interrupted command leaves no half-written results.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ZeroShotILDLib.cli import EXIT_CANCELLED, EXIT_INPUT, TqdmProgress, _add_settings_args, settings_from_args
+from ZeroShotILDLib.cli import (EXIT_CANCELLED, EXIT_INPUT, EXIT_PARTIAL, TqdmProgress, _add_settings_args, log_level,
+                                quiet_itk, settings_from_args)
 from ZeroShotILDLib.errors import Cancelled, InputError
 from ZeroShotILDLib.settings import AnalysisSettings
 
@@ -55,6 +57,10 @@ log = logging.getLogger(PROG)
 def _bar(iterable, *, total: Optional[int] = None, desc: str, quiet: bool):
     from tqdm import tqdm
 
+    if not quiet and not sys.stderr.isatty():
+        # A log file gets one line per stage, not a carriage-return bar.
+        print(f"{PROG}: {desc}", file=sys.stderr, flush=True)
+        quiet = True
     return tqdm(iterable, total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
@@ -210,14 +216,15 @@ def _cmd_preprocess(args, progress) -> int:
     print(f"shard {shard[0]}/{shard[1]}: {summary.line()} -> {cache}")
     for scan_id, reason in summary.failed:
         print(f"  failed {scan_id}: {reason}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return EXIT_PARTIAL if summary.failed else 0
 
 
 # ----------------------------------------------------------------------------------------------
 # train / sweep / export
 # ----------------------------------------------------------------------------------------------
 def _add_training_args(p: argparse.ArgumentParser) -> None:
-    from . import dapt, reports
+    from . import dapt_config as dapt  # torch-free: --help must not import torch and Lightning
+    from . import reports
 
     d = dapt.DaptConfig(output_dir="")
     p.add_argument("manifest", help="CSV/JSONL manifest (see README: scan_path, report_text|report_path, labels, split, patient_id)")
@@ -230,14 +237,16 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-dir", help="folder where registry weights are looked for")
     g = p.add_argument_group("loss and text")
     g.add_argument("--loss", default=d.loss, choices=dapt.LOSSES,
-                   help="clip | relaxed (paper 001 eq. 3) | slip | uniclip | unicl, dlilp (need labels)")
-    g.add_argument("--relaxed-positives", action="store_true", help="also relax the positives of slip/uniclip (paper 001 'w/ ours')")
+                   help="clip | relaxed (relaxed positives, Jang et al. 2022, eq. 3) | slip | uniclip | unicl, dlilp "
+                        "(need labels)")
+    g.add_argument("--relaxed-positives", action="store_true", help="also relax the positives of slip/uniclip (Jang et al.'s 'w/ ours')")
     g.add_argument("--relax-threshold", type=float, default=d.relax_threshold, help="t of eq. 3 (0.5)")
     g.add_argument("--relax-slope", type=float, default=d.relax_slope, help="alpha of eq. 3 (10)")
     g.add_argument("--dlilp-text-weight", type=float, default=d.dlilp_text_weight, help="lambda of DLILP (0.1)")
     g.add_argument("--classes", help="comma-separated label classes for unicl/dlilp (default: ild, no ild, subtypes, label_* columns)")
     g.add_argument("--recipe", default=dapt.DEFAULT_RECIPE, choices=tuple(dapt.RECIPES),
-                   help="paper000 (default): impression, whole text; paper001: findings+impression, 3 sampled sentences")
+                   help="paper000 (default, Van Uden et al. 2023): impression, whole text; paper001 (Jang et al. 2022): "
+                        "findings+impression, 3 sampled sentences")
     g.add_argument("--text", dest="text_choice", default=None, choices=reports.TEXT_CHOICES,
                    help="report part to train on (default: the recipe's; full = whole text, e.g. captions)")
     g.add_argument("--sentences", type=int, default=None,
@@ -245,7 +254,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-augment", action="store_true", help="no weak (geometric) augmentation of the CLIP/UniCL/DLILP image")
     g.add_argument("--intensity-augment", action="store_true",
                    help="add brightness/contrast 0.5-2 to augmented views (changes HU-window density; off by default)")
-    g = p.add_argument_group("optimisation (defaults: paper 000 / 001)")
+    g = p.add_argument_group("optimisation (defaults: Van Uden et al. 2023 / Jang et al. 2022)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per device and step")
     g.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     g.add_argument("--optimizer", default=d.optimizer, choices=dapt.OPTIMIZERS)
@@ -260,7 +269,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=d.patience_steps, help="early-stopping patience in steps")
     g.add_argument("--top-k", type=int, default=d.top_k, help="checkpoints kept (and ensembled) by the monitor")
     g.add_argument("--monitor", default=d.monitor, choices=tuple(dapt.MONITORS),
-                   help="checkpoint, early-stopping and sweep criterion: val_loss (paper 000) or val_auroc "
+                   help="checkpoint, early-stopping and sweep criterion: val_loss (Van Uden et al. 2023) or val_auroc "
                    "(zero-shot AUROC on the validation labels)")
     g.add_argument("--logger", default=d.logger, choices=dapt.LOGGERS,
                    help="metrics.csv is always written; tensorboard / mlflow add their logs (if installed)")
@@ -287,7 +296,7 @@ def _devices(text: str):
 
 def _apply_recipe(args) -> None:
     """Fill --text / --sentences left unset from --recipe (train and sweep)."""
-    from . import dapt
+    from . import dapt_config as dapt
 
     if getattr(args, "recipe", None) is None:
         return
@@ -313,7 +322,7 @@ def _config_from_args(args, out: str, class_names: tuple, montage_settings: Anal
         gradient_clip_norm=args.grad_clip or None, val_fraction=args.val_fraction, val_every_steps=args.val_every,
         patience_steps=args.patience, top_k=args.top_k, accelerator=args.accelerator, devices=_devices(args.devices),
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, num_workers=args.workers,
-        seed=args.seed, progress_bar=not args.quiet, montage_settings=montage_settings.to_dict(),
+        seed=args.seed, progress_bar=not args.quiet and sys.stderr.isatty(), montage_settings=montage_settings.to_dict(),
     )
 
 
@@ -705,7 +714,7 @@ def _finish_failures(out: Path, failures, records, final: Path) -> int:
     if failures:
         print(f"{len(failures)} scan(s) could not be scored (listed in {final / 'failures.csv'}); "
               f"the results cover the others", file=sys.stderr)
-        return 1
+        return EXIT_PARTIAL
     return 0
 
 
@@ -1081,39 +1090,89 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
+#: Two examples per command, shown under its --help.
+EPILOGS = {
+    "": "exit codes: 0 done, 2 bad input (nothing written), 3 finished but some scans failed (listed), 130 cancelled.\n"
+        "examples:\n  zeroshot-ild-train split cohort.csv --out split.csv --stratify ild\n"
+        "  zeroshot-ild-train evaluate split.csv --out eval --models clip-vit-b-32-laion --models biomedclip",
+    "split": "zeroshot-ild-train split cohort.csv --out split.csv\n"
+             "zeroshot-ild-train split cohort.jsonl --out split.jsonl --val-fraction 0.1 --test-fraction 0.2 --stratify subtype",
+    "preprocess": "zeroshot-ild-train preprocess split.csv --cache montages --workers 2\n"
+                  "zeroshot-ild-train preprocess split.csv --cache montages --shard $SLURM_ARRAY_TASK_ID/16",
+    "train": "zeroshot-ild-train train split.csv --cache montages --out run1 --model clip-vit-b-32-laion\n"
+             "zeroshot-ild-train train split.csv --cache montages --out run1 --resume",
+    "sweep": "zeroshot-ild-train sweep split.csv --cache montages --out sweep\n"
+             "zeroshot-ild-train sweep split.csv --cache montages --out sweep --lrs 1e-5,1e-4 --max-steps 2000",
+    "export": "zeroshot-ild-train export run1/checkpoints/last.ckpt --out run1.safetensors\n"
+              "zeroshot-ild-train export elsewhere/last.ckpt --out m.safetensors --model clip-vit-b-32-laion --loss clip",
+    "evaluate": "zeroshot-ild-train evaluate split.csv --out eval --models clip-vit-b-32-laion\n"
+                "zeroshot-ild-train evaluate split.csv --out eval --models dapt:run1.safetensors --ensemble run1/ensemble.json",
+    "grid": "zeroshot-ild-train grid split.csv --out grid --models clip-vit-b-32-laion,biomedclip\n"
+            "zeroshot-ild-train grid split.csv --out grid --retrievals clip,random --montage-sizes 4,8 --filter-thresholds 0.2,0.5",
+    "reader-study": "zeroshot-ild-train reader-study export split.csv --out study --readers r1,r2 --blind\n"
+                    "zeroshot-ild-train reader-study analyze study r1.csv r2.csv --out study_results",
+    "export-study": "zeroshot-ild-train reader-study export split.csv --out study --readers r1,r2\n"
+                    "zeroshot-ild-train reader-study export split.csv --out study --methods random,clip --blind",
+    "analyze-study": "zeroshot-ild-train reader-study analyze study r1.csv r2.csv --out study_results\n"
+                     "zeroshot-ild-train reader-study analyze study sheets/*.csv --out study_results -q",
+    "probe": "zeroshot-ild-train probe split.csv --cache montages --out probe --model clip-vit-b-32-laion\n"
+             "zeroshot-ild-train probe split.csv --cache montages --out probe --label ild --k 8 --repeats 10",
+    "alignment": "zeroshot-ild-train alignment split.csv --cache montages --out align --model clip-vit-b-32-laion\n"
+                 "zeroshot-ild-train alignment split.csv --cache montages --out align --model dapt:run1.safetensors",
+    "preview-text": "zeroshot-ild-train preview-text cohort.csv --text impression\n"
+                    "zeroshot-ild-train preview-text cohort.csv --text findings+impression -n 5",
+}
+
+
+def _epilog(name: str) -> str:
+    text = EPILOGS[name]
+    if name == "":
+        return text
+    return "examples:\n" + "\n".join("  " + line for line in text.splitlines())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ZeroShotILDLib import __version__
+
     from . import reports
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=_epilog(""),
+                                     formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress (bars on a terminal, one line per stage in a log)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("split", help="assign train/val/test by patient (never by scan)")
+    def add_command(name, **kwargs):
+        return sub.add_parser(name, epilog=_epilog(name), formatter_class=raw, **kwargs)
+
+    p = add_command("split", help="assign train/val/test by patient (never by scan)")
     p.add_argument("manifest")
     p.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients for validation (paper 000: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients for validation (Van Uden et al. 2023: 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--stratify", metavar="LABEL",
                    help="keep each value of this label (ild, subtype or a label_<name> column) in the same "
-                        "proportion in every split, patients kept whole (paper 000 balanced its test set)")
+                        "proportion in every split, patients kept whole (Van Uden et al. 2023 balanced its test set)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("preprocess", help="cache one montage per scan (resumable, --shard i/N for job arrays)")
+    p = add_command("preprocess", help="cache one montage per scan (resumable, --shard i/N for job arrays)")
     p.add_argument("manifest")
     p.add_argument("--cache", required=True, help="output folder of the montages (one folder per montage setting)")
     p.add_argument("--shard", default="0/1", help="this job's part i/N of the scans (e.g. $SLURM_ARRAY_TASK_ID/16)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     _add_settings_args(p)
 
-    p = sub.add_parser("train", help="domain-adaptive pre-training (DAPT) on cached montages and reports")
+    p = add_command("train", help="domain-adaptive pre-training (DAPT) on cached montages and reports")
     _add_training_args(p)
 
-    p = sub.add_parser("sweep", help="one training run per learning rate, best by validation loss")
+    p = add_command("sweep", help="one training run per learning rate, best by validation loss")
     _add_training_args(p)
     p.add_argument("--lrs", help="comma-separated learning rates (default: 5 log-spaced in [1e-5, 1e-3])")
 
-    p = sub.add_parser("export", help="Lightning .ckpt -> engine checkpoint (safetensors)")
+    p = add_command("export", help="Lightning .ckpt -> engine checkpoint (safetensors)")
     p.add_argument("checkpoint", help="a run's checkpoints/last.ckpt")
     p.add_argument("--out", required=True, help="engine checkpoint to write (.safetensors)")
     g = p.add_argument_group("the run's settings (read from the run folder; give them for a .ckpt kept elsewhere)")
@@ -1124,8 +1183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", help="comma-separated label classes of a unicl/dlilp run")
 
     for name, helptext in (("evaluate", "AUROC/AUPRC/F1 with bootstrap CIs, per subtype, ensembles, ROC/PR curves"),
-                           ("grid", "retrieval x model x montage size x filter threshold (paper 000 tables)")):
-        p = sub.add_parser(name, help=helptext)
+                           ("grid", "retrieval x model x montage size x filter threshold (the tables of Van Uden et al. 2023)")):
+        p = add_command(name, help=helptext)
         p.add_argument("manifest", help="labelled manifest (ild column; split column to pick test/val rows)")
         p.add_argument("--out", required=True)
         p.add_argument("--split", default="test", help="rows to evaluate (default test)")
@@ -1139,7 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--models", action="append", metavar="MODEL",
                            help="model to evaluate, repeatable (default --model); dapt:<ckpt> uses the DAPT model "
-                           "to pick the patches and to classify (paper 000's best configuration)")
+                           "to pick the patches and to classify (the best configuration of Van Uden et al. 2023)")
             p.add_argument("--ensemble", action="append", metavar="ENSEMBLE_JSON",
                            help="a run's ensemble.json: average the probabilities of its top-k checkpoints")
         else:
@@ -1148,9 +1207,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--montage-sizes", help="comma list of 4,8,16")
             p.add_argument("--filter-thresholds", help="comma list, e.g. 0.2,0.5,0.8")
 
-    p = sub.add_parser("reader-study", help="numbered montages for readers and ICC(3,1) of their counts")
+    p = add_command("reader-study", help="numbered montages for readers and ICC(3,1) of their counts")
     rs = p.add_subparsers(dest="action", required=True)
-    q = rs.add_parser("export", help="write numbered montages and blank count sheets")
+    q = rs.add_parser("export", help="write numbered montages and blank count sheets", epilog=_epilog("export-study"),
+                      formatter_class=raw)
     q.add_argument("manifest")
     q.add_argument("--out", required=True)
     q.add_argument("--methods", help="comma list of random,clip,dapt-clip (default: all available)")
@@ -1160,19 +1220,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="test", help="rows to export when the manifest has splits")
     _add_pixel_spacing_arg(q)
     _add_settings_args(q)
-    q = rs.add_parser("analyze", help="read filled sheets, write paper 000 Table 6")
+    q = rs.add_parser("analyze", help="read filled sheets, write the reader-study table (Van Uden et al. 2023, Table 6)",
+                      epilog=_epilog("analyze-study"), formatter_class=raw)
     q.add_argument("study", help="folder written by `reader-study export`")
     q.add_argument("sheets", nargs="+", help="filled count sheets (CSV)")
     q.add_argument("--out", required=True)
     q.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
-    p = sub.add_parser("probe", help="paper 002: K-shot linear probing on frozen montage features, zero-shot, base/new")
+    p = add_command("probe", help="K-shot linear probing on frozen montage features, zero-shot, base/new "
+                       "(Silva-Rodriguez et al. 2025)")
     p.add_argument("manifest")
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--label", default="subtype",
                    help="classes: subtype (no ild + subtypes), ild (yes/no) or any label_<name> column (yes/no)")
-    p.add_argument("--k", type=int, default=16, help="cases per class (paper 002: 16)")
+    p.add_argument("--k", type=int, default=16, help="cases per class (Silva-Rodriguez et al. 2025: 16)")
     p.add_argument("--repeats", type=int, default=5, help="K-shot draws (seeds)")
     p.add_argument("--base", help="comma list of base classes (seen in pre-training) for the base/new report")
     p.add_argument("--split", default="test", help="evaluation rows (train rows are probed on)")
@@ -1181,7 +1243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="zero-shot text of the negative class (default: 'no ' + the prompt)")
     _add_model_args(p)
 
-    p = sub.add_parser("alignment", help="paper 001: report- and sentence-level image-text cosine similarity")
+    p = add_command("alignment", help="report- and sentence-level image-text cosine similarity (Jang et al. 2022)")
     p.add_argument("manifest")
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
@@ -1189,7 +1251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="rows to use when the manifest has splits")
     _add_model_args(p)
 
-    p = sub.add_parser("preview-text", help="show what --text picks from the first reports of a manifest (stdout only)")
+    p = add_command("preview-text", help="show what --text picks from the first reports of a manifest (stdout only)")
     p.add_argument("manifest")
     p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
     p.add_argument("-n", "--rows", type=int, default=3, help="reports shown (default 3; counts cover every row)")
@@ -1198,7 +1260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Options every command takes from the top-level parser; never settings of a run.
-_CONFIG_EXCLUDED = {"command", "action", "config", "print_config", "help"}
+_CONFIG_EXCLUDED = {"command", "action", "config", "print_config", "help", "verbose", "version"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -1302,7 +1364,11 @@ def _print_config(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = sum(a.count("v") for a in argv if a.startswith("-") and not a.startswith("--") and set(a[1:]) == {"v"})
+    verbose += argv.count("--verbose")
+    logging.basicConfig(level=log_level(verbose), format=f"{PROG}: %(message)s")
+    quiet_itk()
     try:
         parser = build_parser()
     except InputError as exc:  # e.g. the optional training dependencies are missing
@@ -1315,7 +1381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INPUT
     if getattr(args, "print_config", False):
         return _print_config(args)
-    progress = TqdmProgress(enabled=not args.quiet)
+    progress = TqdmProgress(enabled=not args.quiet, prog=PROG)
     try:
         if args.command == "split":
             return _cmd_split(args)

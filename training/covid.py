@@ -16,7 +16,7 @@ The COVID-CT set (UCSD-AI4H) has 2-D CT slices cut from papers: ``CT_COVID`` (ca
 
 Only aggregate numbers are printed or written; captions and per-image outputs never are.
 
-    python -m training.covid --data ../shared/data/real/pairs/covid_ct --out /tmp/covid_run
+    python -m zeroshot_ild_train.covid --data ../shared/data/real/pairs/covid_ct --out /tmp/covid_run
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def _write_manifest_only(data, out: Path, fov_mm: float = 0.0) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.covid", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zeroshot_ild_train.covid", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the covid_ct folder")
     p.add_argument("--out", help="work folder (montages, DAPT run, results.json); keep it out of git")
     p.add_argument("--write-manifest", metavar="CSV",

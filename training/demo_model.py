@@ -3,7 +3,10 @@
 The engine's ``demo`` needs a model whose scores mean something offline, where no pretrained
 weights exist. This module trains a small CLIP (``model_configs/zsild-phantom.json``) from random
 weights on synthetic phantoms (``ZeroShotILDLib.phantom``) with the DAPT trainer
-(``training.dapt.fit``), and measures it with the engine's own pipeline on phantoms it never saw.
+(``zeroshot_ild_train.dapt.fit``), and measures it with the engine's own pipeline on phantoms it never saw.
+
+The phantoms are the wide generator: 3-100 % of the lung involved (UIP-, NSIP- and HP-like),
+three resolutions, image noise 8-40 HU and lung density -880..-815 HU drawn per phantom.
 
 Why the pairs look the way they do: at test time the engine scores *single* lung patches
 (upscaled to the model's input size) against "interstitial lung disease" / "no interstitial lung
@@ -11,33 +14,39 @@ disease", puts the most probable 16 into a 4 x 4 montage and classifies the *mon
 same prompt pair. A model trained on montages alone never sees a single upscaled patch, so the
 retrieval step would be guesswork. Each training phantom therefore gives
 
-- ``patch`` pairs: patch crops inside the ground-truth disease mask paired with a short report
-  that describes disease, and crops with no disease (from normal and from diseased lungs) paired
-  with one that describes normal lung. Normal crops are partly the densest lung boxes (vessels,
-  hila, dependent atelectasis): the normal patches a retrieval step would otherwise pick;
+- ``patch`` pairs: patch crops whose lung is at least half inside the ground-truth disease mask
+  (half of them among the faintest such boxes, plus boxes on each pattern's own region) paired
+  with a short report naming the patterns in the box, and crops with no disease (from normal and
+  from diseased lungs) paired with one that describes normal lung. Half of the captions are the
+  bare prompts the engine scores ("interstitial lung disease", "honeycombing", "reticulation",
+  "ground-glass opacity" / "no ...", "normal lung"). Boxes go down to 10 % lung, and about a
+  third are taken at the pleura (the engine scores every box that holds lung). Normal crops are
+  partly the densest lung boxes (vessels, hila, dependent atelectasis): the normal patches a
+  retrieval step would otherwise pick;
 - ``report`` pairs: the scan's montage (random retrieval, built by
   ``ZeroShotILDLib.pipeline.montage_for_scan`` exactly as the DAPT preprocessing builds it) with
   the phantom's full report (FINDINGS + IMPRESSION, three sentences sampled per step);
 - ``retrieved`` pairs: a montage of the patches a good retrieval would pick (diseased boxes of a
   diseased lung, the densest boxes of a normal one) with the same report, i.e. what the montage
   classifier is shown at test time;
-- stage 2, ``model-retrieved`` pairs: montages that the stage-1 model itself retrieves through
-  the engine's ``Analyzer`` (paper 000's best configuration, where the DAPT model both picks the
-  patches and classifies the montage). After stage 1 the retrieval is right but what the model
-  picks from a *normal* lung is its own hardest negative, and the montage classifier must learn
-  to reject exactly that.
+- optionally (``build --retrieval-model M``), ``model-retrieved`` pairs: montages that a trained
+  model itself retrieves through the engine's ``Analyzer`` (paper 000's best configuration), its
+  hardest negatives. The previous recipe used them as a second stage; on the wide generator they
+  lowered the scan AUROC on fresh phantoms (0.995 -> 0.935, training/RESULTS.md), so the recipe
+  now adds HP-like phantoms instead (``build --subtype``).
 
 All pixels come from the engine (``candidates_for``, ``patch_pixels``, ``build_montage``); nothing
 here re-implements patch extraction or montage building. Captions are built from the phantom's
 ground-truth labels; they use the engine's default prompt wording, so the zero-shot prompt pair is
 in the vocabulary the text tower was trained on.
 
-Commands (``python -m training.demo_model ...``; ``scripts/train_demo_model.sh`` runs the recipe)::
+Commands (``python -m zeroshot_ild_train.demo_model ...``; ``scripts/train_demo_model.sh`` runs the recipe)::
 
-    build     --out DIR [--retrieval-model M]      phantoms -> cached pair PNGs + pairs.jsonl
+    build     --out DIR [--subtype S] [--retrieval-model M]  phantoms -> cached pair PNGs + pairs.jsonl
     train     --pairs DIR... --out DIR [--init C]  DAPT (training.dapt.fit) -> weights (safetensors, fp16)
-    evaluate  --model M --out FILE                 fresh phantoms: zero-shot AUROC (95 % CI) and montage
-                                                   overlap with the disease mask, CLIP vs random retrieval
+    evaluate  --model M --out FILE                 fresh phantoms (training/demo_eval.py): patch AUROC per
+                                                   style and per pattern prompt, scan AUROC (95 % CIs),
+                                                   montage overlap with the disease mask, CLIP vs random
 
 The pair cache contains report text: keep it out of version control (it is written wherever
 ``--out`` points, never in the package).
@@ -55,16 +64,17 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from ZeroShotILDLib.errors import InputError
+from ZeroShotILDLib.phantom import PATTERNS
 from ZeroShotILDLib.settings import DEFAULT_PROMPT, AnalysisSettings
 from ZeroShotILDLib.outputs import json_text
-from training.files import atomic_path, atomic_write_text
+from zeroshot_ild_train.files import atomic_path, atomic_write_text
 
 #: The architecture of the demo model (``ZeroShotILDLib/model_configs/zsild-phantom.json``).
 ARCHITECTURE = "zsild-phantom"
 #: Where the committed weights live (the registry's ``phantom-demo`` entry points here).
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "ZeroShotILDLib" / "weights" / "phantom_demo.safetensors"
 #: Label classes of every pair (UniCL targets: pairs sharing a class are positives of each other).
-CLASS_NAMES = ("ild", "no ild")
+CLASS_NAMES = ("ild", "no ild", "honeycombing", "reticulation", "ground-glass opacity")
 #: Pixel statistics the model is normalised with (as the registry's phantom-demo entry says).
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -81,26 +91,51 @@ class PhantomGeometry:
     spacing_mm: tuple
 
 
-#: Training resolutions: coarse (cheap, most of the data) and near the demo's 1.4 mm, so the
-#: 32 mm patches are seen at both 13 and ~20 native pixels before upscaling.
+#: Training resolutions: coarse (cheap, most of the data), near the demo's 1.4 mm, and thick
+#: slices, so the 32 mm patches are seen at 13 to 23 native pixels before upscaling.
 DEFAULT_GEOMETRIES = (
     PhantomGeometry((48, 128, 128), (2.5, 2.5, 2.5)),
     PhantomGeometry((56, 176, 176), (1.8, 1.8, 3.0)),
+    PhantomGeometry((40, 144, 144), (2.2, 2.2, 5.0)),
 )
+#: Patterns with their own prompt: each gets patches (and "no <pattern>" captions) of its own.
+PATTERN_PROMPTS = ("honeycombing", "reticulation", "ground-glass opacity")
 
 
 @dataclass(frozen=True)
 class PairRecipe:
     """What :func:`build_pairs` draws from each phantom."""
 
-    n_phantoms: int = 120
+    n_phantoms: int = 240
     cohort_seed: int = 20240
     geometries: tuple = DEFAULT_GEOMETRIES
-    #: Diseased boxes per positive phantom (disease fraction of the box >= ``disease_min_fraction``).
+    #: Share of phantoms with ILD.
+    positive_fraction: float = 0.6
+    #: One style for every positive (e.g. more of the faintest, HP-like); None: the three balanced.
+    subtype: Optional[str] = None
+    #: Per positive phantom, the share of the lung diseased is drawn uniformly from this range
+    #: (``generate_cohort(involvement=...)``); None keeps the generator's 12-30 %.
+    involvement: Optional[tuple] = (0.03, 1.0)
+    #: Image noise (HU) and lung density drawn per phantom (scanner and inspiration variety).
+    noise_hu: Optional[tuple] = (8.0, 40.0)
+    lung_hu: Optional[tuple] = (-880.0, -815.0)
+    #: Diseased boxes per positive phantom (disease over >= ``disease_min_fraction`` of the box's lung):
+    #: half at random, half among the faintest third (lowest mean HU: hard positives, e.g. faint
+    #: ground glass and the dark lobules of mosaic attenuation).
     patches_diseased: int = 14
-    #: Disease-free boxes per phantom: half random, half the densest (hard negatives).
-    patches_normal: int = 10
-    disease_min_fraction: float = 0.2
+    #: Extra boxes per pattern present (pattern over >= ``pattern_min_fraction`` of the box's lung),
+    #: for every pattern the generator draws: the faint ones (mosaic attenuation: dark lobules, not
+    #: dense lung) are the easiest to miss.
+    patches_per_pattern: int = 6
+    extra_patterns: tuple = PATTERNS
+    #: Disease-free boxes per phantom: random, the densest (hard negatives) and pleural ones.
+    patches_normal: int = 12
+    disease_min_fraction: float = 0.5
+    pattern_min_fraction: float = 0.3
+    #: Candidate boxes need this share of lung: the engine scores boxes that straddle the pleura.
+    min_lung_fraction: float = 0.1
+    #: Share of the chosen boxes taken among those with less than half lung (chest wall in view).
+    pleural_share: float = 0.3
     #: Extra ``retrieved`` montages per phantom (each a new draw of 16 boxes).
     retrieved_montages: int = 2
     image_size: int = 64
@@ -118,12 +153,14 @@ _ILD_IMPRESSIONS = (
 )
 _NORMAL_IMPRESSIONS = (
     f"no {DEFAULT_PROMPT}", "No interstitial lung disease.", "No evidence of interstitial lung disease.",
-    "Normal lung.",
+    "Normal lung.", "normal lung",
 )
 _NORMAL_FINDINGS = (
     "Normal lung parenchyma.", "The lungs are clear.", "No reticulation, ground-glass opacity or honeycombing.",
-    "No interstitial abnormality.",
+    "No interstitial abnormality.", "No honeycombing.", "No reticulation.", "No ground-glass opacity.",
 )
+#: Bare prompts, exactly as the engine words them ("<finding>" / "no <finding>", "normal lung").
+_BARE_NORMAL = (f"no {DEFAULT_PROMPT}", "normal lung", *(f"no {p}" for p in PATTERN_PROMPTS))
 _PATTERN_FINDINGS = {
     "reticulation": ("Reticulation.", "Subpleural reticulation."),
     "honeycombing": ("Honeycombing.", "Subpleural honeycombing."),
@@ -134,14 +171,23 @@ _PATTERN_FINDINGS = {
 }
 
 
-def patch_caption(diseased: bool, patterns: Sequence[str], subtype: Optional[str], rng: np.random.Generator) -> str:
+def patch_caption(diseased: bool, patterns: Sequence[str], subtype: Optional[str], rng: np.random.Generator,
+                  bare: float = 0.0) -> str:
     """A short report for one patch crop, built from the phantom's ground truth.
 
-    Diseased: one of the phantom's patterns as FINDINGS and an ILD impression (sometimes naming
-    the subtype, so the subtype prompts mean something too). Normal: a normal-lung finding and a
-    negated impression. Both follow the FINDINGS/IMPRESSION layout of the phantom reports, so one
-    ``text_choice`` serves every pair.
+    Diseased: one of ``patterns`` (those inside the box) as FINDINGS and an ILD impression
+    (sometimes naming the subtype, so the subtype prompts mean something too). Normal: a
+    normal-lung finding and a negated impression. Both follow the FINDINGS/IMPRESSION layout of
+    the phantom reports, so one ``text_choice`` serves every pair. With probability ``bare`` the
+    caption is instead a bare prompt exactly as the engine scores it: "interstitial lung disease"
+    or a pattern of the box; "no interstitial lung disease", "normal lung" or "no <pattern>".
     """
+    if rng.random() < bare:
+        if diseased:
+            options = [DEFAULT_PROMPT, *(p for p in patterns if p in PATTERN_PROMPTS)]
+        else:
+            options = list(_BARE_NORMAL)
+        return f"IMPRESSION:\n{options[int(rng.integers(len(options)))]}"
     if diseased:
         options = [s for p in patterns for s in _PATTERN_FINDINGS.get(p, ())] or ["Interstitial abnormality."]
         finding = options[int(rng.integers(len(options)))]
@@ -161,6 +207,18 @@ def box_disease_fraction(disease_mask: np.ndarray, patches) -> np.ndarray:
     for i in range(len(patches)):
         z, r, c = int(patches.slice_index[i]), int(patches.row0[i]), int(patches.col0[i])
         out[i] = disease_mask[z, r:r + rows, c:c + cols].mean()
+    return out
+
+
+def box_lung_share(mask: np.ndarray, lung_mask: np.ndarray, patches) -> np.ndarray:
+    """Share of each box's *lung* inside ``mask`` (a box at the pleura is judged on its lung only)."""
+    rows, cols = patches.size_rows, patches.size_cols
+    out = np.zeros(len(patches), dtype=np.float64)
+    for i in range(len(patches)):
+        z, r, c = int(patches.slice_index[i]), int(patches.row0[i]), int(patches.col0[i])
+        lung = lung_mask[z, r:r + rows, c:c + cols]
+        n = int(lung.sum())
+        out[i] = (mask[z, r:r + rows, c:c + cols] & lung).sum() / n if n else 0.0
     return out
 
 
@@ -184,6 +242,8 @@ class PhantomPairs:
 
 def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Generator) -> PhantomPairs:
     """All training pairs of one phantom (see the module docstring for the three kinds)."""
+    from dataclasses import replace
+
     from ZeroShotILDLib.montage import build_montage
     from ZeroShotILDLib.patches import candidates_for, patch_pixels
     from ZeroShotILDLib.pipeline import montage_for_scan
@@ -194,43 +254,73 @@ def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Gene
     labels = phantom.labels
     ild = bool(labels["ild"])
     out = PhantomPairs(scan_id)
-    # Candidates on the true lung mask: the boxes the engine would offer, labelled by the truth.
-    patches = candidates_for(phantom.lung_mask, phantom.spacing_mm, settings)
-    if len(patches) < 16:
-        raise InputError(f"phantom {scan_id} has only {len(patches)} candidate patches: use a larger shape")
-    disease = box_disease_fraction(phantom.disease_mask, patches)
+    # Candidates on the true lung mask, down to boxes that are mostly chest wall (the engine scores
+    # every box holding lung), labelled by the truth.
+    boxes = replace(settings, filter_threshold=recipe.min_lung_fraction)
+    patches = candidates_for(phantom.lung_mask, phantom.spacing_mm, boxes)
+    if np.count_nonzero(patches.lung_fraction >= settings.filter_threshold) < 16:
+        raise InputError(f"phantom {scan_id} has too few candidate patches: use a larger shape")
+    disease = box_lung_share(phantom.disease_mask, phantom.lung_mask, patches)
+    touched = box_disease_fraction(phantom.disease_mask, patches) > 0
+    pleural = patches.lung_fraction < 0.5
     density = box_mean_hu(phantom.hu, patches)
-    clean = np.flatnonzero(disease == 0)
+    clean = np.flatnonzero(~touched)
     dense_clean = clean[np.argsort(-density[clean], kind="stable")][: max(16, 3 * recipe.patches_normal)]
 
     def pick(pool: np.ndarray, k: int) -> np.ndarray:
-        return rng.choice(pool, size=min(k, pool.size), replace=False) if pool.size else pool
+        k = int(min(k, pool.size))
+        return rng.choice(pool, size=k, replace=False) if k else np.zeros(0, np.int64)
+
+    def pick_mixed(pool: np.ndarray, k: int) -> np.ndarray:
+        """``k`` boxes of ``pool``, ``pleural_share`` of them among its boxes at the pleura."""
+        edge = pool[pleural[pool]]
+        first = pick(edge, int(round(k * recipe.pleural_share)))
+        rest = np.setdiff1d(pool, first)
+        return np.concatenate([first, pick(rest, k - first.size)]).astype(np.int64)
 
     def crops(indices: np.ndarray) -> np.ndarray:
         pixels = patch_pixels(phantom.hu, patches, indices, image_size=size, hu_window=settings.hu_window)
         return (pixels[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
 
-    # Single patches.
-    diseased_pool = np.flatnonzero(disease >= recipe.disease_min_fraction) if ild else np.zeros(0, int)
-    chosen_d = pick(diseased_pool, recipe.patches_diseased)
-    half = recipe.patches_normal // 2
-    chosen_n = np.unique(np.concatenate([pick(clean, recipe.patches_normal - half), pick(dense_clean, half)]))
-    for image in crops(chosen_d):
-        out.items.append(("patch", image, patch_caption(True, labels["patterns"], labels["subtype"], rng), True))
+    # Single patches: diseased boxes (any pattern), then more of each prompted pattern present.
+    if ild:
+        shares = {name: box_lung_share(mask, phantom.lung_mask, patches) for name, mask in phantom.pattern_masks.items()}
+        diseased_pool = np.flatnonzero(disease >= recipe.disease_min_fraction)
+        faint = diseased_pool[np.argsort(density[diseased_pool], kind="stable")][: max(1, diseased_pool.size // 3)]
+        first = pick(faint, recipe.patches_diseased // 2)
+        chosen = [first, pick_mixed(np.setdiff1d(diseased_pool, first), recipe.patches_diseased - first.size)]
+        for name in recipe.extra_patterns:
+            if name in shares:
+                pool = np.setdiff1d(np.flatnonzero((shares[name] >= recipe.pattern_min_fraction)
+                                                   & (disease >= recipe.disease_min_fraction)), np.concatenate(chosen))
+                chosen.append(pick_mixed(pool, recipe.patches_per_pattern))
+        chosen_d = np.concatenate(chosen)
+        for i, image in zip(chosen_d, crops(chosen_d)):
+            present = [name for name in PATTERNS if shares.get(name) is not None
+                       and shares[name][i] >= recipe.pattern_min_fraction] or labels["patterns"]
+            out.items.append(("patch", image, patch_caption(True, present, labels["subtype"], rng, bare=0.5), True))
+    third = recipe.patches_normal // 3
+    chosen_n = np.unique(np.concatenate([
+        pick(np.setdiff1d(clean, np.flatnonzero(pleural)), recipe.patches_normal - 2 * third),
+        pick(dense_clean, third), pick(clean[pleural[clean]], third)]).astype(np.int64))
     for image in crops(chosen_n):
-        out.items.append(("patch", image, patch_caption(False, (), None, rng), False))
+        out.items.append(("patch", image, patch_caption(False, (), None, rng, bare=0.5), False))
 
     # The scan's montage as DAPT preprocessing builds it (random retrieval), with the report.
     scan = scan_from_array(phantom.hu, phantom.spacing_mm, phantom.origin_mm, phantom.direction, source=scan_id)
     montage, _ = montage_for_scan(scan, settings, image_size=size)
     out.items.append(("report", montage, phantom.report, ild))
 
-    # Montages of what a good retrieval picks: diseased boxes, or the densest normal boxes.
+    # Montages of what a good retrieval picks among the montage's own candidates (>= half lung):
+    # diseased boxes, or the densest normal boxes.
+    eligible = patches.lung_fraction >= settings.filter_threshold
     if ild:
-        touched = np.flatnonzero(disease > 0)
-        pool = diseased_pool if diseased_pool.size >= 16 else touched[np.argsort(-disease[touched], kind="stable")][:16]
+        ranked = np.flatnonzero(eligible)[np.argsort(-disease[eligible], kind="stable")]
+        pool = ranked[disease[ranked] >= recipe.disease_min_fraction]
+        pool = pool if pool.size >= 16 else ranked[:16]
     else:
-        pool = dense_clean
+        pool = dense_clean[eligible[dense_clean]]
+        pool = pool if pool.size >= 16 else np.flatnonzero(eligible)
     for _ in range(recipe.retrieved_montages):
         chosen = pick(pool, 16)
         pixels = patch_pixels(phantom.hu, patches, chosen, image_size=size, hu_window=settings.hu_window)
@@ -266,15 +356,27 @@ def model_retrieved_pairs(phantom, scan_id: str, analyzer, image_size: int, rng:
     return out
 
 
-def iter_phantoms(n: int, seed: int, geometries: Sequence[PhantomGeometry]) -> Iterator[tuple]:
-    """(scan_id, phantom) for a balanced cohort, cycling through ``geometries``."""
+def cohort_options(recipe: "PairRecipe") -> dict:
+    """``generate_cohort`` keywords of a recipe (ranges drawn per phantom; None keeps the default)."""
+    out = {"positive_fraction": recipe.positive_fraction}
+    if recipe.subtype:
+        out["subtype"] = recipe.subtype
+    for key in ("involvement", "noise_hu", "lung_hu"):
+        value = getattr(recipe, key)
+        if value is not None:
+            out[key] = tuple(value)
+    return out
+
+
+def iter_phantoms(n: int, seed: int, geometries: Sequence[PhantomGeometry], **cohort) -> Iterator[tuple]:
+    """(scan_id, phantom) for a cohort (``generate_cohort`` keywords in ``cohort``), cycling through ``geometries``."""
     from ZeroShotILDLib.phantom import generate_cohort
 
     per = [n // len(geometries) + (1 if i < n % len(geometries) else 0) for i in range(len(geometries))]
     for g_index, (geometry, count) in enumerate(zip(geometries, per)):
-        cohort = generate_cohort(count, seed=seed + 7919 * g_index, shape_zyx=geometry.shape_zyx,
-                                 spacing_mm=geometry.spacing_mm)
-        for i, phantom in enumerate(cohort):
+        cohort_i = generate_cohort(count, seed=seed + 7919 * g_index, shape_zyx=geometry.shape_zyx,
+                                   spacing_mm=geometry.spacing_mm, **cohort)
+        for i, phantom in enumerate(cohort_i):
             yield f"g{g_index}_{i:04d}_s{phantom.labels['seed']}", phantom
 
 
@@ -304,7 +406,8 @@ def build_pairs(out_dir, recipe: PairRecipe = PairRecipe(), *, retrieval_model: 
         analyzer = Analyzer(AnalysisSettings(model=retrieval_model, device="cpu"))
     rows = []
     bar = tqdm(total=recipe.n_phantoms, desc="phantom pairs", disable=not progress, file=sys.stderr)
-    for scan_id, phantom in iter_phantoms(recipe.n_phantoms, recipe.cohort_seed, recipe.geometries):
+    for scan_id, phantom in iter_phantoms(recipe.n_phantoms, recipe.cohort_seed, recipe.geometries,
+                                          **cohort_options(recipe)):
         rng = np.random.default_rng([recipe.cohort_seed, int(phantom.labels["seed"])])
         if analyzer is None:
             pairs = phantom_pairs(phantom, scan_id, recipe, rng)
@@ -333,19 +436,34 @@ def _model_identity(model: Optional[str]) -> Optional[str]:
 
 
 def read_pairs(jsonl) -> list:
-    """``pairs.jsonl`` -> ``training.data.PairRecord`` with (ild, no ild) labels, patient = phantom."""
+    """``pairs.jsonl`` -> ``zeroshot_ild_train.data.PairRecord`` with one-hot ``CLASS_NAMES`` labels (``pair_class``),
+    patient = phantom."""
     from .data import PairRecord
 
     path = Path(jsonl)
     if not path.is_file():
-        raise InputError(f"{path} does not exist: run `python -m training.demo_model build` first")
+        raise InputError(f"{path} does not exist: run `python -m zeroshot_ild_train.demo_model build` first")
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         out.append(PairRecord(image_path=row["image_path"], report=row["report"],
-                              labels=(float(row["ild"]), float(1 - row["ild"])), scan_id=row["scan_id"],
+                              labels=pair_class(row["report"], bool(row["ild"])), scan_id=row["scan_id"],
                               patient_id=row["patient_id"], source=row["scan_id"]))
     return out
+
+
+def pair_class(report: str, ild: bool) -> tuple:
+    """One-hot UniCL class of a pair over ``CLASS_NAMES``: the one pattern its caption names, else ild / no ild.
+
+    Why exclusive classes: with (ild, no ild) every diseased box is a positive of every other, so the
+    model learns that a honeycomb box and a ground-glass box are the same thing, and the prompt
+    "honeycombing" then reads all disease as honeycombing. A caption naming one pattern puts its pair
+    in that pattern's class; reports naming several, and the generic ILD captions, stay "ild".
+    """
+    text = report.lower()
+    named = [p for p in PATTERN_PROMPTS if p in text and f"no {p}" not in text]
+    name = named[0] if ild and len(named) == 1 else ("ild" if ild else "no ild")
+    return tuple(float(c == name) for c in CLASS_NAMES)
 
 
 
@@ -385,8 +503,8 @@ def dapt_config(out_dir, init_checkpoint, *, max_steps: int, batch_size: int, le
 
     ``augment=False``: the weak augmentation's brightness/contrast jitter (x0.5-2) would erase
     the density differences that *are* ground-glass opacity and fibrosis on a fixed lung window.
-    UniCL with (ild, no ild) labels: many pairs share a caption, which plain CLIP would treat as
-    negatives of each other.
+    UniCL with one class per pair (``pair_class``: a named pattern, else ild / no ild): many pairs share
+    a caption, which plain CLIP would treat as negatives of each other.
     """
     from .dapt import DaptConfig
 
@@ -439,104 +557,35 @@ def train(pairs_jsonl, out_dir, *, output=DEMO_WEIGHTS, init: Optional[str] = No
                if (Path(p).parent / "recipe.json").is_file()]
     training = {"dapt": config.to_json(), "recipes": recipes,
                 "best_val_loss": result.best_val_loss, "global_step": result.global_step,
-                "train_pairs": result.train_samples, "val_pairs": result.val_samples}
+                "train_pairs": result.train_samples, "val_pairs": result.val_samples,
+                # Read by the engine: scores of phantom-trained weights mean nothing on a real scan.
+                "domain": "phantoms",
+                "health": {"collapsed": bool(result.health.get("collapsed")),
+                           "at_chance": bool(result.health.get("at_chance"))}}
     training["dapt"]["model"] = "random init" if init == out_dir / "init.safetensors" else Path(str(init)).name
     training["dapt"]["output_dir"] = ""
     return export_demo_weights(best, output, training=training)
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation (training/demo_eval.py; re-exported here, where the recipe and its tests look for it)
 # ----------------------------------------------------------------------------------------------
-def patches_touch_disease(disease_mask: np.ndarray, patches, indices) -> list:
-    """For each chosen box: does it contain any ground-truth disease voxel (reader-study analogue)."""
-    rows, cols = patches.size_rows, patches.size_cols
-    return [bool(disease_mask[int(patches.slice_index[i]), int(patches.row0[i]):int(patches.row0[i]) + rows,
-                              int(patches.col0[i]):int(patches.col0[i]) + cols].any()) for i in indices]
-
-
-@dataclass
-class ScanScore:
-    scan_id: str
-    ild: int
-    subtype: str
-    p_clip: float
-    p_random: float
-    touch_clip: list
-    touch_random: list
-    candidates: int
-
-
-def evaluate(model: str = "phantom-demo", *, n: int = 40, seed: int = 777, geometry: PhantomGeometry = DEFAULT_GEOMETRIES[0],
-             prompt: str = DEFAULT_PROMPT, bootstrap_resamples: int = 1000, progress: bool = True) -> dict:
-    """Zero-shot benchmark on ``n`` fresh phantoms (half with ILD) with the engine's default pipeline.
-
-    Per scan, one ``Analyzer.analyze`` (lung segmentation, every candidate patch encoded, CLIP
-    retrieval of 16 patches, 4 x 4 montage classified with ``prompt`` vs ``no {prompt}``) and one
-    ``reprompt(retrieval="random")`` (the same patch embeddings, a seeded random montage): the
-    random-retrieval baseline of the same run. Returns AUROC with bootstrap 95 % CIs for both
-    retrievals and the mean percentage of montage patches touching the true disease mask on
-    positive scans.
-    """
-    from tqdm import tqdm
-
-    from ZeroShotILDLib.phantom import generate_cohort
-    from ZeroShotILDLib.pipeline import Analyzer
-    from ZeroShotILDLib.scan import scan_from_array
-
-    from .metrics import bootstrap_ci, roc_auc
-    from .reader_study import patch_overlap_percent
-
-    settings = AnalysisSettings(model=model, device="cpu", prompts=[prompt]).validate()
-    analyzer = Analyzer(settings)
-    scores = []
-    cohort = generate_cohort(n, seed=seed, shape_zyx=geometry.shape_zyx, spacing_mm=geometry.spacing_mm)
-    for i, phantom in enumerate(tqdm(cohort, total=n, desc="evaluating", disable=not progress, file=sys.stderr)):
-        scan = scan_from_array(phantom.hu, phantom.spacing_mm, phantom.origin_mm, phantom.direction, source=f"eval{i}")
-        result = analyzer.analyze(scan)
-        random_result = analyzer.reprompt(retrieval="random", seed=i)
-        scores.append(ScanScore(
-            scan_id=f"seed{phantom.labels['seed']}", ild=int(phantom.labels["ild"]), subtype=phantom.labels["subtype"] or "",
-            p_clip=float(result.finding_probabilities[prompt]), p_random=float(random_result.finding_probabilities[prompt]),
-            touch_clip=patches_touch_disease(phantom.disease_mask, result.patches, result.montage_indices),
-            touch_random=patches_touch_disease(phantom.disease_mask, result.patches, random_result.montage_indices),
-            candidates=len(result.patches)))
-        analyzer.settings = settings  # reprompt changed the retrieval; the next scan uses CLIP again
-    y = np.array([s.ild for s in scores])
-    out = {"model": model, "prompt": prompt, "n_scans": len(scores), "n_positive": int(y.sum()), "cohort_seed": seed,
-           "geometry": asdict(geometry), "settings": settings.to_dict()}
-    for method in ("clip", "random"):
-        p = np.array([getattr(s, f"p_{method}") for s in scores])
-        est = bootstrap_ci(roc_auc, y, p, n_resamples=bootstrap_resamples, seed=0)
-        touches = [getattr(s, f"touch_{method}") for s in scores if s.ild]
-        out[method] = {"auroc": est.value, "auroc_ci95": [est.ci_low, est.ci_high],
-                       "overlap_percent_positive": patch_overlap_percent(touches),
-                       "patches_touching_per_positive": [int(sum(t)) for t in touches]}
-    out["scans"] = [asdict(s) for s in scores]
-    return out
-
-
-def markdown_summary(result: dict) -> str:
-    lines = ["| retrieval | AUROC (95 % CI) | % of montage patches on disease (positives) |",
-             "|---|---|---|"]
-    for method in ("clip", "random"):
-        r = result[method]
-        lines.append(f"| {method} | {r['auroc']:.3f} [{r['auroc_ci95'][0]:.3f}, {r['auroc_ci95'][1]:.3f}] "
-                     f"| {r['overlap_percent_positive']:.1f} |")
-    return "\n".join(lines)
+from .demo_eval import ScanScore, evaluate, markdown_summary, patches_touch_disease  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.demo_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m zeroshot_ild_train.demo_model", description=__doc__.split("\n\n")[0])
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="phantoms -> cached training pairs")
     b.add_argument("--out", required=True)
     b.add_argument("--phantoms", type=int, default=PairRecipe.n_phantoms)
     b.add_argument("--seed", type=int, default=PairRecipe.cohort_seed)
+    b.add_argument("--subtype", help="one ILD style for every positive phantom (default: the three, balanced)")
     b.add_argument("--retrieval-model", help="stage 2: montages retrieved by this (stage-1) model instead of "
                    "patch and ground-truth montage pairs")
     t = sub.add_parser("train", help="DAPT from scratch on the pairs -> demo weights")
@@ -556,15 +605,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shape", type=int, nargs=3, default=DEFAULT_GEOMETRIES[0].shape_zyx)
     e.add_argument("--spacing-mm", type=float, nargs=3, default=DEFAULT_GEOMETRIES[0].spacing_mm)
     e.add_argument("--prompt", default=DEFAULT_PROMPT)
+    e.add_argument("--default-generator", action="store_true",
+                   help="the generator's default 12-30 %% involvement instead of 3-100 %% (and fixed noise/lung density)")
+    e.add_argument("--min-lung-fraction", type=float, default=0.1, help="patch level: boxes with at least this share of lung")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     e.add_argument("--out", help="JSON file for the full result (per-scan scores; no report text)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     try:
         if args.command == "build":
-            recipe = PairRecipe(n_phantoms=args.phantoms, cohort_seed=args.seed)
+            recipe = PairRecipe(n_phantoms=args.phantoms, cohort_seed=args.seed, subtype=args.subtype)
             path = build_pairs(args.out, recipe, retrieval_model=args.retrieval_model, progress=not args.quiet)
             print(f"{sum(1 for _ in open(path, encoding='utf-8'))} pairs in {path}")
         elif args.command == "train":
@@ -576,7 +632,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             geometry = PhantomGeometry(tuple(args.shape), tuple(args.spacing_mm))
             result = evaluate(args.model, n=args.phantoms, seed=args.seed, geometry=geometry, prompt=args.prompt,
-                              progress=not args.quiet)
+                              cohort={} if args.default_generator else None, min_lung_fraction=args.min_lung_fraction,
+                              bootstrap_resamples=args.bootstrap, progress=not args.quiet)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(Path(args.out), json_text(result))

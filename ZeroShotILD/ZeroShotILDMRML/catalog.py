@@ -95,24 +95,31 @@ def describe_model(name: str, weights_dir: Optional[str] = None) -> str:
         lines.append("Random weights: for testing only, its scores are meaningless.")
     elif record.get("trained_on") == "phantoms":
         lines.append("Trained on synthetic phantoms only: its scores on a real scan are meaningless.")
+    elif record.get("download"):
+        lines.append("Weights: Apply offers to download them when they are missing (openly licensed, checked). "
+                     "Offline: " + record.get("how_to_obtain", "").format(weights_dir=folder))
     elif record.get("how_to_obtain"):
         lines.append("Weights: " + record["how_to_obtain"].format(weights_dir=folder))
     return "\n".join(line for line in lines if line)
 
 
-def input_warning(name: str, volume_name: str) -> str:
-    """The engine's one-line warning for ``name`` on the volume called ``volume_name`` ("" if none).
+def input_warning(name: str, volume_array=None) -> str:
+    """The engine's one-line warning for ``name`` on a volume whose voxels are ``volume_array`` ("" if none).
 
     Shown in the panel before Apply; the same rule (``ZeroShotILDLib.results.model_warning``) marks
-    the result, its tables and its saved notes after the run.
+    the result, its tables and its saved notes after the run. Whether the volume is a phantom is
+    read from its voxels (the generator's signature), never from its name; without the array it
+    counts as a real scan.
     """
+    from ZeroShotILDLib.phantom_signature import carries_signature
     from ZeroShotILDLib.results import model_warning
 
     record = model_record(name)
     if record is None:
         return ""
+    is_phantom = volume_array is not None and carries_signature(volume_array)
     return model_warning(name, random_weights=record.get("source") == "random",
-                         trained_on=record.get("trained_on", ""), source=volume_name)
+                         trained_on=record.get("trained_on", ""), is_phantom=is_phantom)
 
 
 def requirements(path: Optional[os.PathLike] = None) -> list[str]:

@@ -129,6 +129,22 @@ class ResultNodes:
         return [n for n in single if n is not None] + list(self.patch_rois)
 
 
+def output_volume_ids(scene) -> list:
+    """IDs of this module's own scalar volumes (heatmaps, montages) in ``scene``: not CTs to analyse.
+
+    The panel hides them from its input selector (``qMRMLSortFilterProxyModel.hiddenNodeIDs``); they
+    keep showing everywhere else (slice view layers, Data module).
+    """
+    if scene is None:
+        return []
+    ids = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE):
+            ids.append(node.GetID())
+    return ids
+
+
 # ----------------------------------------------------------------------------------------------
 # Subject hierarchy
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +355,6 @@ def _write_patterns(builder: _Builder, result):
             if node.GetAttribute(ROLE_ATTRIBUTE) == PATTERNS:
                 remove_node(node)
         return None
-    from ZeroShotILDLib.patterns import label_volume
-
     seg = builder.node("vtkMRMLSegmentationNode", PATTERNS, PATTERNS_NAME)
     if seg.GetDisplayNode() is None:
         seg.CreateDefaultDisplayNodes()
@@ -352,11 +366,17 @@ def _write_patterns(builder: _Builder, result):
     for k, (name, colour) in enumerate(zip(pm.names, pm.colours), start=1):
         segment_id = segmentation.AddEmptySegment(pattern_segment_id(k), name, tuple(c / 255.0 for c in colour))
         ids.InsertNextValue(segment_id)
-    labels = label_volume(result)
+    labels = pattern_labels(result)
     if labels.any():
         _import_labels(builder, seg, labels, PATTERNS_NAME, ids)
     seg.SetAttribute(PROMPT_ATTRIBUTE, result.primary_prompt)
-    seg.GetDisplayNode().SetOpacity2DFill(0.4)
+    display = seg.GetDisplayNode()
+    # Outlines only in slice views: a fill over the heatmap mixes the two colour schemes and hid
+    # the heatmap colour of the best patches (issue 23). The patterns stay readable as contours.
+    display.SetVisibility2DFill(False)
+    display.SetOpacity2DFill(0.0)
+    display.SetVisibility2DOutline(True)
+    display.SetOpacity2DOutline(1.0)
     return seg
 
 
@@ -374,8 +394,10 @@ def extent_columns(result) -> list:
         out.append((prompt, column(record)))
     pm = getattr(result, "patterns", None)
     if pm is not None:
+        prompts = set(getattr(result, "extent", None) or {})
         for name in pm.names:
-            if name in pm.extent:
+            # A pattern that is also a prompt has one extent (one rule): its prompt column shows it.
+            if name in pm.extent and name not in prompts:
                 out.append((PATTERN_COLUMN_PREFIX + name, column(pm.extent[name])))
     return out
 
@@ -408,14 +430,31 @@ def _write_extent_chart(builder: _Builder, result, table):
     return chart, series
 
 
+def pattern_labels(result) -> np.ndarray:
+    """``patterns.label_volume(result)`` (what patterns.nii.gz holds), without importing torch.
+
+    ``label_volume`` takes its slice step from ``ZeroShotILDLib.patches``, which imports torch (~1 GB,
+    seconds) into Slicer's process; the same step comes from the torch-free ``geometry`` here.
+    """
+    from ZeroShotILDLib.geometry import slice_step_voxels
+    from ZeroShotILDLib.patterns import paint_labels
+
+    slab = slice_step_voxels(result.spacing_mm, result.settings.slice_step_mm)
+    return paint_labels(result.patches, result.patterns.labels, result.lung_mask.shape, slab_voxels=slab,
+                        lung_mask=result.lung_mask)
+
+
 def heatmap_array(result) -> np.ndarray:
     """The first prompt's probabilities painted into the scan grid, as the command line's heatmap.nii.gz."""
+    # geometry, not patches: Slicer's process must not import torch (patches does).
+    from ZeroShotILDLib.geometry import slice_step_voxels
     from ZeroShotILDLib.heatmap import paint_heatmap
-    from ZeroShotILDLib.patches import slice_step_voxels
 
     slab = slice_step_voxels(result.spacing_mm, result.settings.slice_step_mm)
     probs = result.patch_probabilities[result.primary_prompt]
-    return paint_heatmap(result.patches, probs, tuple(result.shape_zyx), slab_voxels=slab)
+    # Limited to the lung, as the command line's: pleural boxes are scored, their chest-wall part is not lung.
+    lung = result.lung_mask if result.lung_mask is not None and result.lung_mask.shape == tuple(result.shape_zyx) else None
+    return paint_heatmap(result.patches, probs, tuple(result.shape_zyx), slab_voxels=slab, lung_mask=lung)
 
 
 def probability_range(probabilities: np.ndarray) -> tuple[float, float]:
@@ -814,6 +853,12 @@ def show_result(nodes: ResultNodes, input_volume, *, app_logic=None, opacity: fl
         composite.SetForegroundVolumeID(heatmap_id)
         if not already:
             composite.SetForegroundOpacity(float(opacity))
+    legend = _legend_node(nodes.heatmap) if nodes.heatmap is not None else None
+    if legend is not None:
+        # Slice views decide whether to draw a volume's legend when the legend node changes, and the
+        # layers were set after it was made: without this the legend stays hidden (seen rendering
+        # the scene with Slicer's displayable managers).
+        legend.Modified()
     if switch_layout:
         layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layout is not None:

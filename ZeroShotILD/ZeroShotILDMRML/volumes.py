@@ -101,6 +101,12 @@ def check_ct_volume(volume_node) -> None:
         raise InputError("no input volume: select a chest CT volume")
     if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"'{volume_node.GetName()}' is a labelmap: select the CT volume itself")
+    from .mrml_results import ROLE_ATTRIBUTE
+
+    role = volume_node.GetAttribute(ROLE_ATTRIBUTE)
+    if role:
+        raise InputError(f"'{volume_node.GetName()}' is ZeroShotILD's {role} output, not a CT: "
+                         "select the CT volume itself")
     image = volume_node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"volume '{volume_node.GetName()}' has no voxels: load the CT again")

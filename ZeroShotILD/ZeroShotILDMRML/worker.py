@@ -41,6 +41,11 @@ Requests (client -> worker):
   with ``"final": false`` (the instant preview) is followed by the exact re-scoring of the new
   prompt's best candidates (``Analyzer.reprompt(exact=True)``) and a final ``result``. A new
   analyse/reprompt request arriving during that re-scoring cancels it (``cancelled`` event).
+- ``{"op": "download", "id": 3, "model": "<registry name>", "weights_dir": "<folder>" or null}``: fetch
+  the model's openly licensed weights (``ZeroShotILDLib.weights_download``: pinned revision, SHA-256
+  checked, resumable), with ``progress`` events in MB; the final ``result`` carries ``"weights": "<folder>"``
+  instead of a result folder. Added in protocol 1 without a version change: an older worker answers it
+  with an ``error`` (unknown request), which the panel shows.
 - ``{"op": "cancel", "id": 1}``: stop request 1 (read by a thread, so it lands while the engine
   runs: the engine stops at its next check, between batches). A client that sees no ``cancelled``
   within a second stops the worker instead.
@@ -78,7 +83,7 @@ PROTOCOL = 1
 #: Settings a re-prompt request carries and may change (``session.reprompt_changes`` uses the same set):
 #: prompts, ranking, montage, and the extent and pattern map, which read the kept patch embeddings.
 REPROMPT_FIELDS = ("prompts", "negatives", "subtypes", "top_k", "retrieval", "montage_size", "seed",
-                   "patterns", "normal_prompt", "subpleural_mm", "extent_z")
+                   "patterns", "normal_prompt", "subpleural_mm", "extent_z", "extent_min_neighbours")
 #: Seconds between checks that the parent process is still the one that started the worker.
 PARENT_CHECK_S = 1.0
 #: Least seconds between two progress events of one stage (the last one of a stage is always sent).
@@ -298,7 +303,7 @@ class Worker:
             if op == "hello":
                 self.send("hello", protocol=PROTOCOL, pid=os.getpid(), python=platform.python_version(), answer=True)
                 continue
-            if op not in ("analyse", "reprompt"):
+            if op not in ("analyse", "reprompt", "download"):
                 self.send("error", id=request.get("id"), kind="internal", message=f"unknown request '{op}'")
                 continue
             if not self._run_job(request):
@@ -319,6 +324,8 @@ class Worker:
             job.token.raise_if_cancelled()
             if request["op"] == "analyse":
                 self._analyse(job)
+            elif request["op"] == "download":
+                self._download(job)
             else:
                 self._reprompt(job)
         except Cancelled:
@@ -370,6 +377,19 @@ class Worker:
         if not is_ensemble(settings.model):
             self._model, self._model_key = analyzer.model, key
         self.send("result", id=job.id, path=str(write_result(result, r["out"])), final=True)
+
+    def _download(self, job: _Job) -> None:
+        from ZeroShotILDLib.weights_download import download_model
+
+        r = job.request
+
+        def progress(stage: str, done: int, total: int) -> None:
+            self.send("progress", id=job.id, stage=stage, done=int(done), total=int(total))
+
+        folder = download_model(str(r["model"]), r.get("weights_dir") or None,
+                                log=lambda line: print(f"ZeroShotILD worker: {line}", file=sys.stderr, flush=True),
+                                progress_bars=False, progress=progress)
+        self.send("result", id=job.id, weights=str(folder), final=True)
 
     def _reprompt(self, job: _Job) -> None:
         from ZeroShotILDLib.errors import InputError

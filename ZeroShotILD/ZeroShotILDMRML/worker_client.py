@@ -122,6 +122,12 @@ class WorkerJob:
         kind = event.get("event")
         if kind == "progress":
             self._events.append((str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0))))
+        elif kind == "result" and self.kind == "download":
+            # The weights stay where they were written; only a cancel that came too late is honoured.
+            if self._cancel_sent_at is not None:
+                self._finish(CANCELLED, error=Cancelled("cancelled by the user"))
+            else:
+                self._finish(SUCCEEDED, str(event.get("weights", "")))
         elif kind == "result":
             if self._cancel_sent_at is not None:
                 # Finished before the cancel landed: the user asked for the scene as it was.
@@ -251,6 +257,22 @@ class WorkerClient:
                     "placed_by": placed_by})
         return job
 
+    def download(self, model: str, weights_dir: Optional[str] = None) -> WorkerJob:
+        """Fetch an openly licensed model's weights in the worker (progress in MB); ``job.result`` is the folder.
+
+        A cancel that the worker cannot answer at once stops it (the transfer is one blocking read);
+        the bytes received stay in a ``.part`` file that the next download continues.
+        """
+        if not self.alive:
+            self.start()
+        job_id = next(self._ids)
+        folder = self._folder / f"job-{job_id}"
+        folder.mkdir()
+        job = WorkerJob(self, job_id, "download", folder)
+        self._jobs[job_id] = job
+        self._send({"op": "download", "id": job_id, "model": str(model), "weights_dir": weights_dir or None})
+        return job
+
     def reprompt(self, settings, *, exact: bool = True, lung_mask=None) -> WorkerJob:
         """Re-rank the kept analysis for ``settings``' prompts and ranking fields (see the protocol)."""
         if not self.alive or self.analysis_id is None:
@@ -337,8 +359,13 @@ class WorkerClient:
         try:
             code = process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:  # stdout closed but the process lingers: stop it
-            process.kill()
+            _kill_tree(process)
             code = process.wait()
+        else:
+            if os.name != "nt":
+                # The process we started is gone; with the PythonSlicer launcher (build trees) the
+                # worker is its child and may still run: end what is left of its process group.
+                _kill_tree(process)
         # Events still in the pipe (e.g. the error line an internal error sends before exiting).
         for line in self._stdout.lines():
             try:
@@ -371,11 +398,15 @@ def worker_python(launcher: Optional[str]) -> str:
     """The interpreter to start the worker with, given Slicer's ``PythonSlicer`` launcher (or None).
 
     ``PythonSlicer`` is a CTK application launcher: it sets up the environment, then runs
-    ``python-real`` beside it as a QProcess. CTK launchers have started that child with QProcess's
-    default *managed* stdin, which the launcher never writes to, so requests sent to the launcher's
-    stdin would not reach the worker. Slicer itself was started through the same launcher settings,
-    so its environment (which the worker inherits) already is the one ``PythonSlicer`` would build:
-    ``python-real`` can be run directly. The launcher is the fallback, and ``sys.executable`` outside Slicer.
+    ``python-real`` beside it as a child QProcess. CTKAppLauncher 0.1.31 (what Slicer 5.6 and 5.8
+    ship) forwards its stdin to that child (``setInputChannelMode(ForwardedInputChannel)``, since
+    2018), so the worker's protocol works through it; it was checked with a launcher built from
+    that source. ``python-real`` is still preferred: Slicer itself was started through the same
+    launcher settings, so its environment (which the worker inherits) already is the one
+    ``PythonSlicer`` would build, and without the launcher in between the pid we start is the
+    worker itself (one process less; killing the launcher does not kill its child, which is why
+    ``_kill_tree`` ends the whole process group). The launcher is the fallback (build trees name
+    the interpreter ``python``), and ``sys.executable`` outside Slicer.
     """
     if not launcher:
         return sys.executable
@@ -416,13 +447,34 @@ def _close_and_stop(process, folder) -> None:
     _stop_process(process, folder)
 
 
+def _kill_tree(process) -> None:
+    """Kill the process we started and every process it started (the whole worker), at once.
+
+    With the ``PythonSlicer`` launcher as fallback (``worker_python``) the process we start is the
+    CTK launcher and the worker is its child: killing only the launcher's pid leaves the worker
+    running until it notices that its parent changed. On POSIX the worker was started in a session
+    of its own (``start_new_session``), so its process group is exactly the launcher, the worker and
+    their children; on Windows ``taskkill /T`` ends the tree.
+    """
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    else:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is already empty
+            pass
+    if process.poll() is None:
+        process.kill()
+
+
 def _stop_process(process, folder, timeout_s: float = 2.0) -> None:
     """Wait a little for the worker to leave, then kill it; remove its temporary folder."""
     if process is not None and process.poll() is None:
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _kill_tree(process)
             process.wait()
     if process is not None:
         for stream in (process.stdin, process.stdout, process.stderr):

@@ -1,0 +1,288 @@
+"""The module's scene drawn by Slicer's own display pipeline, offscreen, and checked pixel by pixel (issue 23).
+
+A slice view the way Slicer's ``qMRMLSliceWidget`` builds one, without Qt: a ``vtkMRMLSliceLogic``
+(reslicing and blending the CT, the heatmap layer and its threshold), the slice displayable
+managers (segmentations, markups, colour legend, ...) on a renderer, and an offscreen render
+window (EGL or OSMesa, whichever the VTK wheel brings; no X server, no GPU needed). It renders
+what ``mrml_results.show_result`` sets up, so a wrong layer, a hidden legend or a misplaced ROI
+shows in the pixels, not only in node properties.
+
+    .venv/bin/python Testing/slicer_render.py [--png OUT.png]   # prints one JSON line of measurements
+
+Run it in its own process (``test_slicer_render.py`` does): an OpenGL context made before torch's
+triton is imported makes that import crash the process (both bring LLVM), and a crash must not
+take the test session with it. Here the engine is imported first.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO / "ZeroShotILD", REPO / "Testing", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+SLICE_MANAGERS = ("vtkMRMLVolumeGlyphSliceDisplayableManager", "vtkMRMLModelSliceDisplayableManager",
+                  "vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLMarkupsDisplayableManager",
+                  "vtkMRMLColorLegendDisplayableManager")
+
+
+class SliceView:
+    """One offscreen slice view ("Red", axial) of ``headless.scene``, ``size`` pixels square."""
+
+    def __init__(self, headless, name: str = "Red", size: int = 400):
+        import slicer
+        import vtk
+
+        self.size = size
+        self.renderer = vtk.vtkRenderer()
+        self.renderer.GetActiveCamera().ParallelProjectionOn()
+        self.window = vtk.vtkRenderWindow()
+        self.window.SetOffScreenRendering(1)
+        self.window.SetMultiSamples(0)
+        self.window.AddRenderer(self.renderer)
+        self.window.SetSize(size, size)
+        self.interactor = vtk.vtkRenderWindowInteractor()  # markups widgets need one
+        self.interactor.SetRenderWindow(self.window)
+        self.interactor.Initialize()
+        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(headless.app_logic)
+        for manager in SLICE_MANAGERS:
+            if not factory.IsDisplayableManagerRegistered(manager):
+                factory.RegisterDisplayableManager(manager)
+        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
+        self.managers.SetRenderer(self.renderer)
+        self.managers.Initialize(factory, self.renderer)
+        self.logic = slicer.vtkMRMLSliceLogic()
+        self.logic.SetMRMLApplicationLogic(headless.app_logic)
+        headless.app_logic.GetSliceLogics().AddItem(self.logic)
+        self.logic.SetMRMLScene(headless.scene)
+        self.node = self.logic.AddSliceNode(name)
+        self.managers.SetMRMLDisplayableNode(self.node)
+        # The legend manager finds its slice composite node on a scene update only.
+        headless.scene.StartState(headless.scene.BatchProcessState)
+        headless.scene.EndState(headless.scene.BatchProcessState)
+        self.logic.ResizeSliceNode(size, size)
+        # The resliced, blended layers: what ctkVTKSliceView's image actor shows in Slicer.
+        self.mapper = vtk.vtkImageMapper()
+        self.mapper.SetColorWindow(255)
+        self.mapper.SetColorLevel(127.5)
+        self.image_actor = vtk.vtkActor2D()
+        self.image_actor.SetMapper(self.mapper)
+        self.image_actor.GetProperty().SetDisplayLocationToBackground()
+        self.renderer.AddViewProp(self.image_actor)
+
+    def render(self):
+        """The view as an RGB uint8 array, row 0 at the top."""
+        import numpy as np
+        import vtk
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        self.logic.ResizeSliceNode(self.size, self.size)
+        self.mapper.SetInputConnection(self.logic.GetImageDataConnection())
+        self.window.Render()
+        grab = vtk.vtkWindowToImageFilter()
+        grab.SetInput(self.window)
+        grab.SetInputBufferTypeToRGB()
+        grab.ReadFrontBufferOff()
+        grab.Update()
+        image = grab.GetOutput()
+        w, h, _ = image.GetDimensions()
+        return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
+
+    def ras_to_pixel(self, ras):
+        """(row, col) of the view pixel showing RAS point ``ras`` (on the current slice)."""
+        import numpy as np
+        import slicer
+
+        ras_to_xy = np.linalg.inv(slicer.util.arrayFromVTKMatrix(self.node.GetXYToRAS()))
+        xy = ras_to_xy @ np.r_[np.asarray(ras, float), 1.0]
+        return int(round(self.size - 1 - xy[1])), int(round(xy[0]))
+
+    def pixel_to_ras(self, row: int, col: int):
+        import numpy as np
+        import slicer
+
+        xy_to_ras = slicer.util.arrayFromVTKMatrix(self.node.GetXYToRAS())
+        return (xy_to_ras @ np.array([col, self.size - 1 - row, 0.0, 1.0]))[:3]
+
+
+def _visible(nodes, *, lungs=True, patterns=True, rois=True, heatmap=True, legend=True):
+    from ZeroShotILDMRML import mrml_results
+
+    nodes.lungs.GetDisplayNode().SetVisibility(lungs)
+    if nodes.patterns is not None:
+        nodes.patterns.GetDisplayNode().SetVisibility(patterns)
+    for roi in nodes.patch_rois:
+        roi.GetDisplayNode().SetVisibility(rois)
+    scene = nodes.heatmap.GetScene()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetForegroundOpacity(0.5 if heatmap else 0.0)
+    mrml_results._legend_node(nodes.heatmap).SetVisibility(legend)
+
+
+def measure(png=None) -> dict:
+    """Analyse a phantom, show the result as the module does, render and measure; see the test."""
+    import ZeroShotILDLib.pipeline  # noqa: F401  torch (and triton, through open_clip) before any GL context
+    import open_clip  # noqa: F401
+    import torchvision.ops  # noqa: F401
+    import numpy as np
+    import slicer
+    from scipy import ndimage
+
+    from ZeroShotILDLib.phantom import generate_phantom
+    from ZeroShotILDLib.settings import AnalysisSettings
+    from ZeroShotILDMRML import mrml_results
+    from ZeroShotILDMRML.headless import add_ct_volume, make_scene
+    from ZeroShotILDMRML.session import AnalysisSession
+
+    p = generate_phantom(3, shape_zyx=(48, 128, 128), spacing_mm=(2.5, 2.5, 5.0),
+                         subtype="idiopathic pulmonary fibrosis")
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, p.hu, p.spacing_mm, p.origin_mm, p.direction, "Chest CT")
+    view = SliceView(headless)
+    settings = AnalysisSettings(model="tiny-random", device="cpu", patch_mm=30.0, slice_step_mm=10.0, top_k=4,
+                                scoring_mode="exact", prompts=["honeycombing"])
+    session = AnalysisSession(volume, settings)
+    session.compute()
+    nodes = session.apply(app_logic=headless.app_logic)
+    mrml_results.show_result(nodes, volume, app_logic=headless.app_logic, switch_layout=False, jump=False)
+    view.logic.FitSliceToAll()
+    result, out = session.result, {"ranks": []}
+
+    # The default view on the best patch, and the same without the legend: the legend is drawn.
+    mrml_results.jump_to_patch(nodes.patch_rois[0])
+    default = view.render()
+    if png:
+        from PIL import Image
+
+        Image.fromarray(default).save(png)
+    _visible(nodes, legend=False)
+    out["legend_pixels"] = int((np.abs(default.astype(int) - view.render().astype(int)).sum(axis=2) > 30).sum())
+
+    heat = slicer.util.arrayFromVolume(nodes.heatmap)
+    ras_to_ijk = np.linalg.inv(slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volume)))
+    display = nodes.heatmap.GetDisplayNode()
+    lo, hi = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    table = display.GetColorNode()
+    for rank, roi in enumerate(nodes.patch_rois, start=1):
+        mrml_results.jump_to_patch(roi)
+        centre = [0.0, 0.0, 0.0]
+        roi.GetCenterWorld(centre)
+        row, col = view.ras_to_pixel(centre)
+        # 1. The heatmap's colour at the ROI centre: CT and heatmap blended at the view's 50 %.
+        _visible(nodes, lungs=False, patterns=False, rois=False, legend=False)
+        blended = view.render()[row, col].astype(float)
+        _visible(nodes, lungs=False, patterns=False, rois=False, heatmap=False, legend=False)
+        background = view.render()[row, col].astype(float)
+        i, j, k = (ras_to_ijk @ np.r_[centre, 1.0])[:3]
+        value = float(heat[int(round(k)), int(round(j)), int(round(i))])
+        if value > mrml_results.OUTSIDE_THRESHOLD:
+            index = int(np.clip(round((value - lo) / (hi - lo) * 255), 0, 255))
+            rgba = [0.0] * 4
+            table.GetColor(index, rgba)
+            expected = 0.5 * background + 0.5 * 255 * np.array(rgba[:3])
+        else:
+            expected = background  # outside the lung: transparent
+        # 2. The ROI box where top_patches says: the drawn outline runs along the box's four edges.
+        _visible(nodes, lungs=False, patterns=False, rois=False, heatmap=False, legend=False)
+        without = view.render().astype(int)
+        for other in nodes.patch_rois:
+            other.GetDisplayNode().SetVisibility(other is roi)
+        drawn = np.abs(view.render().astype(int) - without).sum(axis=2) > 30
+        drawn = ndimage.binary_dilation(drawn, iterations=2)  # line width and rounding
+        index_centre = result.ranked[rank - 1]
+        pz, pr, pc = (int(result.patches.slice_index[index_centre]), int(result.patches.row0[index_centre]),
+                      int(result.patches.col0[index_centre]))
+        rows, cols = result.patches.size_rows, result.patches.size_cols
+        corners = [(pz, pr - 0.5, pc - 0.5), (pz, pr - 0.5, pc + cols - 0.5), (pz, pr + rows - 0.5, pc + cols - 0.5),
+                   (pz, pr + rows - 0.5, pc - 0.5)]
+        pixels = [view.ras_to_pixel(mrml_results.index_to_ras(volume, list(c))[0]) for c in corners]
+        # Control: the same box moved by half its width is not what was drawn.
+        shifted = [view.ras_to_pixel(mrml_results.index_to_ras(volume, [z, r, c + cols / 2])[0]) for z, r, c in corners]
+        out["ranks"].append({"rank": rank, "value": value, "rendered": blended.tolist(), "expected": expected.tolist(),
+                             "background": background.tolist(), "box_edge_hits": _edge_hits(drawn, pixels),
+                             "shifted_box_edge_hits": _edge_hits(drawn, shifted)})
+
+    # 3. The lung outline: what the Lungs segmentation adds lies on the lung's edge in that slice.
+    mrml_results.jump_to_patch(nodes.patch_rois[0])
+    _visible(nodes, lungs=False, patterns=False, rois=False, heatmap=False, legend=False)
+    without = view.render().astype(int)
+    _visible(nodes, lungs=True, patterns=False, rois=False, heatmap=False, legend=False)
+    added = np.argwhere(np.abs(view.render().astype(int) - without).sum(axis=2) > 30)
+    lung = result.lung_mask.astype(bool)
+    edge = lung ^ ndimage.binary_erosion(lung, iterations=1)
+    distance = ndimage.distance_transform_edt(~edge)
+    on_edge = []
+    for row, col in added:
+        i, j, k = (ras_to_ijk @ np.r_[view.pixel_to_ras(row, col), 1.0])[:3]
+        k, j, i = int(round(k)), int(round(j)), int(round(i))
+        if 0 <= k < lung.shape[0] and 0 <= j < lung.shape[1] and 0 <= i < lung.shape[2]:
+            on_edge.append(distance[k, j, i] <= 1.5)
+    out["lung_outline_pixels"] = int(len(added))
+    out["lung_outline_on_edge"] = float(np.mean(on_edge)) if on_edge else 0.0
+    return out
+
+
+def _edge_hits(drawn, pixels) -> float:
+    """Share of points along the closed polygon ``pixels`` ((row, col) corners) where ``drawn`` is set."""
+    import numpy as np
+
+    hits = total = 0
+    for a, b in zip(pixels, pixels[1:] + pixels[:1]):
+        for t in np.linspace(0.1, 0.9, 17):
+            r, c = int(round(a[0] + t * (b[0] - a[0]))), int(round(a[1] + t * (b[1] - a[1])))
+            total += 1
+            hits += bool(0 <= r < drawn.shape[0] and 0 <= c < drawn.shape[1] and drawn[r, c])
+    return hits / total
+
+
+def can_render() -> str:
+    """"" when an offscreen OpenGL window renders here, else why not (one line)."""
+    import numpy as np
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    renderer = vtk.vtkRenderer()
+    renderer.SetBackground(1.0, 0.0, 0.0)
+    window.AddRenderer(renderer)
+    window.SetSize(8, 8)
+    window.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.Update()
+    pixels = vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars())
+    if pixels is None or not np.all(pixels[:, 0] == 255):
+        return f"offscreen rendering with {window.GetClassName()} gave no image"
+    return ""
+
+
+def _ijk_to_ras(volume):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--png", help="also save the default view here")
+    parser.add_argument("--can-render", action="store_true", help="only check that offscreen rendering works")
+    args = parser.parse_args(argv)
+    if args.can_render:
+        reason = can_render()
+        print(json.dumps({"reason": reason}))
+        return 0
+    print(json.dumps(measure(args.png)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The wheel carries every data file the package reads (the full check, building and installing the
+wheel and running the demo from it, is scripts/check_wheel.sh, which scripts/test.sh runs)."""
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+
+from conftest import REPO
+
+
+def test_every_data_file_of_the_engine_is_package_data():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = project["tool"]["setuptools"]["package-data"]["ZeroShotILDLib"]
+    package = REPO / "ZeroShotILDLib"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert "model_list.json" in data
+    missing = [f for f in data if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def test_python_range_is_what_the_constraints_resolve_for():
+    """numpy 2.4.6, scipy 1.17.1 and pillow 13 of the constraints need Python 3.11 or newer."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["requires-python"] == ">=3.11"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "3.11" in readme and "3.10–3.13" not in readme
+
+
+def test_ci_runs_the_wheel_check_through_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    test = (REPO / "scripts" / "test.sh").read_text(encoding="utf-8")
+    assert "scripts/test.sh" in ci and "scripts/check_wheel.sh" in test
+    check = (REPO / "scripts" / "check_wheel.sh").read_text(encoding="utf-8")
+    for command in ("zeroshot-ild\" -q demo", "zeroshot-ild\" models", "zeroshot-ild-train\" --help"):
+        assert command in check, command
