@@ -438,3 +438,29 @@ def test_a_finding_is_a_region_isolated_boxes_do_not_count():
     assert ex.supported(block | stray, nb, 0).sum() == (block | stray).sum()
     assert ex.supported(block | stray, None, 2).sum() == (block | stray).sum()
     assert ex.box_neighbours(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)).shape == (0, 6)
+
+
+def test_patterns_scored_together_count_only_where_they_are_the_nearest():
+    """Disease boxes look unlike normal lung for every pattern prompt; each pattern keeps only the boxes nearest
+    its own text, so a ground-glass region is not also read as honeycombing."""
+    mask = two_lungs()
+    spacing = (1.0, 1.0, 2.0)
+    zones = ex.lung_zones(mask, spacing, (0, 0, 0), IDENTITY, rind_mm=2.0)
+    patches = grid_patches(mask)
+    table = ex.zone_volume_table(zones.codes, patches, spacing)
+    n = len(patches)
+    honey, ggo = np.zeros(n, bool), np.zeros(n, bool)
+    honey[: n // 4], ggo[n // 4: n // 2] = True, True
+    rng = np.random.default_rng(0)
+    base = rng.normal(-0.05, 0.01, n)
+    scores = {"honeycombing": base + 0.10 * (honey | ggo) + 0.05 * honey,   # both diseases unlike normal lung
+              "ground-glass opacity": base + 0.10 * (honey | ggo) + 0.05 * ggo}
+    ref = normal_reference(offset=-0.05, sd=0.01)
+    refs = {k: ref for k in scores}
+    alone = ex.extents_for(table, scores, list(scores), "normal lung", z=3.0, references=refs)
+    together = ex.extents_for(table, scores, list(scores), "normal lung", z=3.0, references=refs,
+                              competitors=list(scores))
+    assert alone["honeycombing"]["positive_patches"] == pytest.approx(n // 2, abs=2)  # reads all disease
+    assert together["honeycombing"]["positive_patches"] == pytest.approx(n // 4, abs=2)
+    assert together["ground-glass opacity"]["positive_patches"] == pytest.approx(n // 4, abs=2)
+    assert "nearest" in together["honeycombing"]["rule"] and "nearest" not in alone["honeycombing"]["rule"]

@@ -524,11 +524,28 @@ def truth_extent(codes: np.ndarray, disease_mask: np.ndarray, spacing_mm, slice_
     return float(pos.sum() / total.sum()) if total.sum() > 0 else float("nan"), by_zone
 
 
+def nearest_pattern(scores: Mapping, prompt: str, rivals: Sequence[str]) -> np.ndarray:
+    """(N,) bool: boxes whose embedding is nearer ``prompt``'s text than every rival pattern's.
+
+    Why: the contrast with normal lung says "diseased", not "which pattern": on phantom-demo every
+    pattern prompt read all disease as itself (honeycombing extent: mean error 32 points). The
+    contrasts share the normal-lung term, so their difference is the plain similarity difference.
+    Asking the pattern to beat each rival brought honeycombing's error to ~3 points (bench/RESULTS.md).
+    """
+    own = np.asarray(scores[prompt], dtype=np.float64)
+    best_rival = np.max(np.stack([np.asarray(scores[r], dtype=np.float64) for r in rivals]), axis=0)
+    return own > best_rival
+
+
 def rule_text(prompt: str, normal_prompt: str, z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM,
-              reference: Optional[Mapping] = None, scored: float = 1.0, min_neighbours: int = 0) -> str:
+              reference: Optional[Mapping] = None, scored: float = 1.0, min_neighbours: int = 0,
+              rivals: Sequence[str] = ()) -> str:
     scored = scored if np.isfinite(scored) else 0.0
     region = (f" A box counts only when at least {min_neighbours} of its 6 grid neighbours (beside it, above and "
               "below) count too: a finding is a region, a stray box is noise." if min_neighbours > 0 else "")
+    if rivals:
+        region += (" Among the pattern prompts scored together, a box counts only for the pattern whose text it is "
+                   f"nearest ({', '.join(repr(r) for r in rivals)} are the others).")
     if reference is None:
         return RULE_UNCALIBRATED.format(prompt=prompt, normal=normal_prompt, rind=rind_mm, scored=scored) + region
     made = (f"reference from {reference.get('scans', '?')} normal scans, {reference.get('patches', '?')} boxes, "
@@ -539,14 +556,28 @@ def rule_text(prompt: str, normal_prompt: str, z: float = DEFAULT_Z, rind_mm: fl
 def extents_for(table: np.ndarray, scores: Mapping, prompts: Sequence[str], normal_prompt: str,
                 z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM, references: Optional[Mapping] = None,
                 coverage: Optional[Mapping] = None, lung_fraction: Optional[np.ndarray] = None,
-                neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0) -> dict:
+                neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0,
+                competitors: Sequence[str] = (), positives_out: Optional[dict] = None) -> dict:
     """{prompt: extent record} from each prompt's contrast ``scores`` (N,) (``references``: prompt -> normal
-    reference or None). Typed prompts and pattern prompts both come through here: one word, one number."""
+    reference or None). Typed prompts and pattern prompts both come through here: one word, one number.
+
+    ``competitors``: the pattern prompts scored together (the pattern map's set). A prompt among them
+    counts only where its text is nearer than every other pattern's (``nearest_pattern``).
+    ``positives_out`` (a dict) receives each prompt's positive boxes, for painting the pattern map.
+    """
     out = {}
     share = scored_share(table)[0]
+    competitors = [c for c in dict.fromkeys(competitors) if c in scores]
     for p in prompts:
         ref = (references or {}).get(p)
-        positive = positive_patches(scores[p], z, ref, lung_fraction, neighbours, min_neighbours)
-        out[p] = extent_summary(table, positive, rule_text(p, normal_prompt, z, rind_mm, ref, share, min_neighbours),
+        positive = standardised(scores[p], ref, lung_fraction) > (z if ref is not None else 0.0)
+        rivals = [c for c in competitors if c != p] if p in competitors else []
+        if rivals:
+            positive &= nearest_pattern(scores, p, rivals)
+        positive = supported(positive, neighbours, min_neighbours)
+        text = rule_text(p, normal_prompt, z, rind_mm, ref, share, min_neighbours, rivals)
+        out[p] = extent_summary(table, positive, text,
                                 calibrated=ref is not None, reference=ref, coverage=coverage)
+        if positives_out is not None:
+            positives_out[p] = positive
     return out

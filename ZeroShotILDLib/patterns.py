@@ -72,6 +72,17 @@ def label_patches(standardised: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.where(positive.any(axis=1), best + 1, 0).astype(np.uint8)
 
 
+def pattern_map_from_positives(names: Sequence[str], normal_prompt: str, scores: dict, references: dict,
+                               positives: dict, rule: str = "", lung_fraction: Optional[np.ndarray] = None
+                               ) -> PatternMap:
+    """``PatternMap`` painted from each pattern's positive boxes as its extent decided them (one rule): a box
+    positive for several takes the one standing highest above its normal reference."""
+    names = list(names)
+    std = np.stack([standardised(scores[n], references.get(n), lung_fraction) for n in names], axis=1)
+    pos = np.stack([np.asarray(positives[n], dtype=bool) for n in names], axis=1)
+    return PatternMap(names, normal_prompt, label_patches(std, pos), std, colours_for(names), rule=rule)
+
+
 def pattern_map_from_scores(names: Sequence[str], normal_prompt: str, scores: dict, references: dict,
                             z: float = DEFAULT_Z, rule: str = "", lung_fraction: Optional[np.ndarray] = None,
                             neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0) -> PatternMap:

@@ -486,18 +486,19 @@ class Analyzer:
         scores = self.contrast_scores(names)
         references, note = self.references(names)
         coverage = (st.zones or {}).get("coverage")
+        positives: dict = {}
         if st.neighbours is None:
             st.neighbours = extent_mod.box_neighbours(st.patches.slice_index, st.patches.row0, st.patches.col0)
         records = extent_mod.extents_for(table, scores, names, s.normal_prompt, s.extent_z, s.subpleural_mm,
                                          references, coverage, st.patches.lung_fraction, st.neighbours,
-                                         s.extent_min_neighbours)
+                                         s.extent_min_neighbours, competitors=s.patterns, positives_out=positives)
         extent = {p: records[p] for p in s.prompts}
         pattern_map = None
         if s.patterns:
-            pattern_map = patterns_mod.pattern_map_from_scores(
-                s.patterns, s.normal_prompt, scores, references, s.extent_z,
-                rule=records[s.patterns[0]]["rule"], lung_fraction=st.patches.lung_fraction,
-                neighbours=st.neighbours, min_neighbours=s.extent_min_neighbours)
+            # Painted from the same positives as each pattern's extent: the map and the numbers agree.
+            pattern_map = patterns_mod.pattern_map_from_positives(
+                s.patterns, s.normal_prompt, scores, references, {n: positives[n] for n in s.patterns},
+                rule=records[s.patterns[0]]["rule"], lung_fraction=st.patches.lung_fraction)
             pattern_map.extent = {name: records[name] for name in s.patterns}
         uncalibrated = [p for p in names if references.get(p) is None]
         if uncalibrated and not note:

@@ -123,8 +123,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     calibration_out = calibrate_demo(args) if args.calibrate else ""
-    settings = AnalysisSettings(model=args.model, scoring_mode="exact", subtypes=[], prompts=list(PROMPTS),
-                                patterns=[]).validate()
+    # The default pattern set is on, as for a user: pattern prompts are judged against each other too.
+    settings = AnalysisSettings(model=args.model, scoring_mode="exact", subtypes=[], prompts=list(PROMPTS)).validate()
     if args.extent_z is not None:
         settings.extent_z = args.extent_z
     analyzer = Analyzer(settings)
@@ -168,7 +168,8 @@ def main() -> None:
              f">= 40 % true extent), at {', '.join(f'{g[1]:g} mm' for g in GEOMETRIES)}; exact "
              f"mode ({args.model}), the engine's own lung mask, every box with >= {settings.scored_min_lung_fraction:g} lung scored. "
              f"Truth: share of the true lung in `disease_mask` (ILD) or the pattern's region "
-             f"(`pattern_masks`), by the same zones ({settings.subpleural_mm:g} mm rind). Normal-lung reference: "
+             f"(`pattern_masks`), by the same zones ({settings.subpleural_mm:g} mm rind); pattern set "
+             f"{', '.join(settings.patterns)}. Normal-lung reference: "
              + (f"{ref.get('scans')} normal phantoms, {ref.get('patches')} boxes (seed {args.calibration_seed}), "
                 f"z > {settings.extent_z:g}." if ref else "none (uncalibrated).")
              + f" {elapsed:.0f} s on {platform.processor() or platform.machine()} (2 shared cores).\n"]
