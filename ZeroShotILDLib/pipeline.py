@@ -88,6 +88,7 @@ class Analyzer:
         self.cache = cache if cache is not None else EmbeddingCache()
         self._state: Optional[_ScanState] = None
         self._fast_model = None  # the bf16 proposal tower, built on first use (False: none on this device)
+        self._weights_sha256: Optional[str] = None  # of the loaded weights, for the extent references
 
     # ------------------------------------------------------------------
     @property
@@ -476,8 +477,11 @@ class Analyzer:
     def references(self, prompts: Sequence[str]) -> tuple[dict, str]:
         """The normal-lung references stored beside the loaded weights for ``prompts`` (see ``calibration``)."""
         weights = self.model.checkpoint
-        sha = sha256_file(weights) if weights is not None else None
-        return calibration.load_references(weights, sha, prompts, self.settings.normal_prompt)
+        # Hashed once per analyzer (the model never changes under it): a 600 MB CheXzero file takes
+        # seconds, and a re-prompt must stay instant.
+        if self._weights_sha256 is None and weights is not None:
+            self._weights_sha256 = sha256_file(weights)
+        return calibration.load_references(weights, self._weights_sha256, prompts, self.settings.normal_prompt)
 
     def _extent(self, s: AnalysisSettings, table: np.ndarray):
         """Extent per prompt and the pattern map, by one rule (``extent.positive_patches``) for both."""
