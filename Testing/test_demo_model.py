@@ -89,7 +89,11 @@ def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
         assert im.size == (32, 32) and im.mode == "L"
     records = dm.read_pairs(jsonl)
     assert len(records) == len(rows)
-    assert all(r.labels in ((1.0, 0.0), (0.0, 1.0)) for r in records)
+    # One-hot over the classes: a named pattern, else ild / no ild, as the row's truth says.
+    assert all(sum(r.labels) == 1.0 and len(r.labels) == len(dm.CLASS_NAMES) for r in records)
+    for r, row in zip(records, rows):
+        name = dm.CLASS_NAMES[r.labels.index(1.0)]
+        assert (name != "no ild") == bool(row["ild"])
     # A second build with the same recipe reuses the finished folder.
     mtime = jsonl.stat().st_mtime_ns
     assert dm.build_pairs(tmp_path / "pairs", recipe, progress=False).stat().st_mtime_ns == mtime

@@ -188,7 +188,12 @@ def test_analysis_of_an_interval_series_writes_outputs_on_the_true_positions(tmp
                 np.testing.assert_array_equal(array[plane], result.lung_mask[n])
         if name == "heatmap.nii.gz":
             top = int(result.ranked[0])
-            r, c = int(result.patches.row0[top]), int(result.patches.col0[top])
+            # A lung voxel of the top box (the heatmap is limited to the lung; the box's corner may not be lung).
+            z0 = int(result.patches.slice_index[top])
+            box = result.lung_mask[z0, result.patches.row0[top]:result.patches.row0[top] + result.patches.size_rows,
+                                   result.patches.col0[top]:result.patches.col0[top] + result.patches.size_cols]
+            dr, dc = (int(v[0]) for v in np.nonzero(box))
+            r, c = int(result.patches.row0[top]) + dr, int(result.patches.col0[top]) + dc
             lps = np.asarray(full.origin_mm) + np.asarray(full.direction).reshape(3, 3) @ np.array(
                 [c * full.spacing_mm[0], r * full.spacing_mm[1], keep[result.patches.slice_index[top]] * 1.5])
             x, y, z = image.TransformPhysicalPointToIndex(tuple(float(v) for v in lps))
