@@ -27,7 +27,10 @@ def test_labels_compare_patterns_in_their_own_normal_reference():
     scores["b"][6] += 0.16   # 8 of b's SDs, though its raw contrast stays below a's background
     scores["a"][7] += 0.05   # 5 SDs for a ...
     scores["b"][7] += 0.16   # ... and 8 for b: b wins
-    pmap = pm.pattern_map_from_scores(["a", "b"], "normal lung", scores, refs, z=3.0)
+    from ZeroShotILDLib.extent import positive_patches
+
+    positives = {k: positive_patches(scores[k], 3.0, refs[k]) for k in scores}
+    pmap = pm.pattern_map_from_positives(["a", "b"], "normal lung", scores, refs, positives)
     assert pmap.labels[5] == 1 and pmap.labels[6] == 2 and pmap.labels[7] == 2
     assert scores["b"][6] < scores["a"][6]  # raw contrast would have called it a
     assert np.mean(pmap.labels != 0) < 0.03  # the background stays unlabelled

@@ -49,18 +49,12 @@ from ZeroShotILDLib.scan import read_scan  # noqa: E402
 from ZeroShotILDLib.settings import AnalysisSettings  # noqa: E402
 from ZeroShotILDMRML.headless import add_ct_volume, make_scene  # noqa: E402
 
-LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
-POLL_US = 100_000  # the widget's POLL_INTERVAL_MS
+from slicer_host import _QtStandIn, _Timer, hold_gil_sleep  # noqa: E402 - one GIL-holding host for both tests
 #: The settings of the issue's measurement (tiny-random, exact, 6 mm slice step).
 SETTINGS = dict(model="tiny-random", device="cpu", scoring_mode="exact", slice_step_mm=6.0, prompts=["honeycombing"])
 #: A run that lasts long enough to be cancelled or killed half-way (every slice, overlapping boxes,
 #: small batches so that the engine checks for a cancel often).
 LONG = dict(slice_step_mm=1.5, stride_fraction=0.25, batch_size=2, prompts=["consolidation"])
-
-
-def hold_gil_sleep(us: int = POLL_US) -> None:
-    """Sleep as Slicer's event loop waits: without releasing the GIL."""
-    LIBC.usleep(us)
 
 
 def probe_stall_during(sleep) -> float:
@@ -96,31 +90,6 @@ def test_pydll_usleep_holds_the_gil():
 # ----------------------------------------------------------------------------------------------
 # The widget, hosted like Slicer does
 # ----------------------------------------------------------------------------------------------
-class _QtStandIn:
-    """Any Qt widget: attributes spring into existence, calls do nothing, set values are kept."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        child = _QtStandIn()
-        object.__setattr__(self, name, child)
-        return child
-
-    def __call__(self, *args, **kwargs):
-        return _QtStandIn()
-
-
-class _Timer:
-    def __init__(self):
-        self.active = False
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-
 class Host:
     """A widget with a real logic on a real scene; ``run()`` is Slicer's event loop for its timer."""
 

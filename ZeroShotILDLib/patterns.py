@@ -3,11 +3,11 @@
 Step beside scoring: the kept patch embeddings are compared with the text of every pattern prompt
 and of the normal-lung prompt (text encoding only: re-running it costs one text pass). Whether a
 patch shows a pattern is decided by exactly the rule that decides a typed prompt's extent
-(``extent.positive_patches``: its contrast ``cos(patch, pattern) - cos(patch, normal lung)``
-against the model's normal-lung reference for that text), so the pattern "honeycombing" and the
-prompt "honeycombing" always report the same extent: one word, one number. A patch positive for
-several patterns is *painted* with the one that stands highest above its normal reference; each
-pattern's extent counts all its positive patches (patterns may overlap, as they do in the lung).
+(``extent.extents_for``: its contrast ``cos(patch, pattern) - cos(patch, normal lung)`` against the
+model's normal-lung reference for that text, and, among the patterns scored together, being the
+nearest pattern text), so the pattern "honeycombing" and the prompt "honeycombing" always report
+the same extent: one word, one number. The map is painted from those positives; a patch positive
+for several (possible on ties) takes the one that stands highest above its normal reference.
 
 The labels are painted into a uint8 volume (``patterns.nii.gz``: 0 none, 1..P the patterns in
 settings order) with a Slicer colour table (``patterns.ctbl``).
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .extent import DEFAULT_Z, positive_patches, standardised
+from .extent import standardised
 from .results import PatchSet
 from .settings import DEFAULT_PATTERNS  # noqa: F401  (the default set, importable from here too)
 
@@ -80,17 +80,6 @@ def pattern_map_from_positives(names: Sequence[str], normal_prompt: str, scores:
     names = list(names)
     std = np.stack([standardised(scores[n], references.get(n), lung_fraction) for n in names], axis=1)
     pos = np.stack([np.asarray(positives[n], dtype=bool) for n in names], axis=1)
-    return PatternMap(names, normal_prompt, label_patches(std, pos), std, colours_for(names), rule=rule)
-
-
-def pattern_map_from_scores(names: Sequence[str], normal_prompt: str, scores: dict, references: dict,
-                            z: float = DEFAULT_Z, rule: str = "", lung_fraction: Optional[np.ndarray] = None,
-                            neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0) -> PatternMap:
-    """``PatternMap`` from each pattern's contrast ``scores[name]`` (N,) and normal ``references[name]``."""
-    names = list(names)
-    std = np.stack([standardised(scores[n], references.get(n), lung_fraction) for n in names], axis=1)
-    pos = np.stack([positive_patches(scores[n], z, references.get(n), lung_fraction, neighbours, min_neighbours)
-                    for n in names], axis=1)
     return PatternMap(names, normal_prompt, label_patches(std, pos), std, colours_for(names), rule=rule)
 
 
