@@ -236,6 +236,15 @@ def test_reference_files_belong_to_their_weights(tmp_path):
     calibration.write_references(weights, "c" * 64, "m", "normal lung", {"reticulation": ref}, {})
     found, _ = calibration.load_references(weights, "c" * 64, ["honeycombing", "reticulation"], "normal lung")
     assert found["honeycombing"] is None and found["reticulation"] is not None
+    # Made with other patch settings (a 24 mm box scores otherwise than a 32 mm one): ignored, with a note.
+    calibration.write_references(weights, "c" * 64, "m", "normal lung", {"reticulation": ref},
+                                 {"patch_mm": 32.0, "hu_window": [-1350.0, 150.0]})
+    found, note = calibration.load_references(weights, "c" * 64, ["reticulation"], "normal lung",
+                                              {"patch_mm": 24.0, "hu_window": (-1350.0, 150.0)})
+    assert found["reticulation"] is None and "other patch settings" in note
+    found, note = calibration.load_references(weights, "c" * 64, ["reticulation"], "normal lung",
+                                              {"patch_mm": 32.0, "hu_window": (-1350, 150)})
+    assert found["reticulation"] is not None and not note
     path.write_text("{not json", encoding="utf-8")
     assert calibration.load_references(weights, "c" * 64, ["x"], "normal lung") == ({"x": None}, "")
 

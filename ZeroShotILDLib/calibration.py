@@ -139,10 +139,15 @@ def _valid(ref) -> bool:
         return False
 
 
+#: Patch settings that change what a box's score means: a reference made with others does not apply.
+REFERENCE_SETTINGS = ("patch_mm", "patch_px", "hu_window", "scored_min_lung_fraction")
+
+
 def load_references(weights: Optional[Path], weights_sha256: Optional[str], prompts: Iterable[str],
-                    normal_prompt: str) -> tuple[dict, str]:
+                    normal_prompt: str, patch_settings: Optional[Mapping] = None) -> tuple[dict, str]:
     """({prompt: reference or None}, note): the references stored beside ``weights`` that belong to
-    exactly these weights (SHA-256) and this normal-lung text; the note says why none applied."""
+    exactly these weights (SHA-256), this normal-lung text and these patch settings (``patch_settings``,
+    e.g. ``AnalysisSettings.patch_key()``); the note says why one did not apply."""
     prompts = list(prompts)
     empty = {p: None for p in prompts}
     if weights is None or not weights_sha256:
@@ -156,11 +161,34 @@ def load_references(weights: Optional[Path], weights_sha256: Optional[str], prom
     if doc.get("normal_prompt") != normal_prompt:
         return empty, (f"the normal-lung reference was made against '{doc.get('normal_prompt')}', not "
                        f"'{normal_prompt}'; it was ignored")
-    out = {}
+    out, other_settings = {}, []
     for p in prompts:
         ref = doc["prompts"].get(p)
-        out[p] = (dict(ref, weights_sha256=weights_sha256, normal_prompt=normal_prompt) if _valid(ref) else None)
-    return out, ""
+        if not _valid(ref):
+            out[p] = None
+            continue
+        made_with = ref.get("settings") if isinstance(ref.get("settings"), dict) else {}
+        if patch_settings is not None and any(
+                k in made_with and k in patch_settings and not _same(made_with[k], patch_settings[k])
+                for k in REFERENCE_SETTINGS):
+            out[p] = None
+            other_settings.append(p)
+            continue
+        out[p] = dict(ref, weights_sha256=weights_sha256, normal_prompt=normal_prompt)
+    note = (f"the normal-lung reference for {', '.join(repr(p) for p in other_settings)} was made with other patch "
+            "settings (patch size, HU window or scored lung fraction); it was ignored (calibrate with these "
+            "settings)" if other_settings else "")
+    return out, note
+
+
+def _same(a, b) -> bool:
+    """Whether two stored setting values agree (lists vs tuples, ints vs floats compared as numbers)."""
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
+    except (TypeError, ValueError):
+        return a == b
 
 
 def calibrate(scans: Sequence, settings, *, progress=None, cancel=None, model=None) -> tuple[dict, object]:

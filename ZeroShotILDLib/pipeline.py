@@ -481,7 +481,8 @@ class Analyzer:
         # seconds, and a re-prompt must stay instant.
         if self._weights_sha256 is None and weights is not None:
             self._weights_sha256 = sha256_file(weights)
-        return calibration.load_references(weights, self._weights_sha256, prompts, self.settings.normal_prompt)
+        return calibration.load_references(weights, self._weights_sha256, prompts, self.settings.normal_prompt,
+                                           self.settings.patch_key())
 
     def _extent(self, s: AnalysisSettings, table: np.ndarray):
         """Extent per prompt and the pattern map, by one rule (``extent.positive_patches``) for both."""
