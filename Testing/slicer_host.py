@@ -73,6 +73,17 @@ class _QtStandIn:
         return _QtStandIn()
 
 
+def panel_widget(module, volume):
+    """The module's widget with stand-ins for its Qt parts, a real logic and ``volume`` as its input."""
+    widget = module.ZeroShotILDWidget()
+    widget.ui = _QtStandIn()
+    widget.logic = module.ZeroShotILDLogic()
+    widget._pollTimer = _Timer()
+    widget._parameterNode = widget.logic.getParameterNode()
+    widget._parameterNode.inputVolume = volume
+    return widget
+
+
 class _Timer:
     def __init__(self):
         self.active = False
@@ -100,12 +111,7 @@ class Host:
             restoreOverrideCursor=lambda: None, applicationLogic=lambda: headless.app_logic)
         sys.modules["qt"] = _QtStandIn()  # slicer.util's wait cursor imports qt
         slicer.util.errorDisplay = lambda text, *a, **k: self.errors.append(text)
-        widget = module.ZeroShotILDWidget()
-        widget.ui = _QtStandIn()
-        widget.logic = module.ZeroShotILDLogic()
-        widget._pollTimer = _Timer()
-        widget._parameterNode = widget.logic.getParameterNode()
-        widget._parameterNode.inputVolume = volume
+        widget = panel_widget(module, volume)
         self.widget, self.logic, self.scene, self.volume = widget, widget.logic, headless.scene, volume
         self.poll_s = []
 

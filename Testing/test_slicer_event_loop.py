@@ -49,7 +49,7 @@ from ZeroShotILDLib.scan import read_scan  # noqa: E402
 from ZeroShotILDLib.settings import AnalysisSettings  # noqa: E402
 from ZeroShotILDMRML.headless import add_ct_volume, make_scene  # noqa: E402
 
-from slicer_host import _QtStandIn, _Timer, hold_gil_sleep  # noqa: E402 - one GIL-holding host for both tests
+from slicer_host import _QtStandIn, hold_gil_sleep, panel_widget  # noqa: E402 - one GIL-holding host for both tests
 #: The settings of the issue's measurement (tiny-random, exact, 6 mm slice step).
 SETTINGS = dict(model="tiny-random", device="cpu", scoring_mode="exact", slice_step_mm=6.0, prompts=["honeycombing"])
 #: A run that lasts long enough to be cancelled or killed half-way (every slice, overlapping boxes,
@@ -100,12 +100,7 @@ class Host:
             restoreOverrideCursor=lambda: None, applicationLogic=lambda: headless.app_logic), raising=False)
         monkeypatch.setitem(sys.modules, "qt", _QtStandIn())  # slicer.util's wait cursor imports qt
         monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: self.errors.append(text), raising=False)
-        widget = module.ZeroShotILDWidget()
-        widget.ui = _QtStandIn()
-        widget.logic = module.ZeroShotILDLogic()
-        widget._pollTimer = _Timer()
-        widget._parameterNode = widget.logic.getParameterNode()
-        widget._parameterNode.inputVolume = volume
+        widget = panel_widget(module, volume)
         self.widget, self.logic, self.scene, self.volume = widget, widget.logic, headless.scene, volume
 
     def set(self, **fields) -> None:

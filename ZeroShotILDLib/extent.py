@@ -37,6 +37,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .calibration import reference_arrays
 from .results import PatchSet
 
 #: Default depth (mm) of the subpleural rind: lung within this distance of the pleural surface.
@@ -332,8 +333,6 @@ def standardised(scores: np.ndarray, reference: Optional[Mapping], lung_fraction
     """Scores in normal-lung robust SDs above the normal median (``reference``; per lung-fraction bin
     when it has bins and ``lung_fraction`` is given), or the raw contrast (whose 0 is "as close to the
     finding as to normal lung") without one."""
-    from .calibration import reference_arrays
-
     s = np.asarray(scores, dtype=np.float64)
     if reference is None:
         return s.copy()
@@ -570,8 +569,9 @@ def extents_for(table: np.ndarray, scores: Mapping, prompts: Sequence[str], norm
     competitors = [c for c in dict.fromkeys(competitors) if c in scores]
     for p in prompts:
         ref = (references or {}).get(p)
-        positive = standardised(scores[p], ref, lung_fraction) > (z if ref is not None else 0.0)
         rivals = [c for c in competitors if c != p] if p in competitors else []
+        # The region rule comes last: a box that loses to a rival pattern lends no support to its neighbours.
+        positive = positive_patches(scores[p], z, ref, lung_fraction)
         if rivals:
             positive &= nearest_pattern(scores, p, rivals)
         positive = supported(positive, neighbours, min_neighbours)

@@ -312,7 +312,7 @@ def write_patches_csv(result: AnalysisResult, path: Path) -> None:
     boxes at the pleura scored for the extent only (lung fraction under the filter)."""
     p = result.patches
     prompts = list(result.patch_probabilities)
-    below = p.lung_fraction < result.settings.filter_threshold
+    below = ~p.montage_candidates(result.settings.filter_threshold)
     order = np.lexsort((np.arange(len(p)), -result.patch_probabilities[prompts[0]], below))
     with open(path, "w", newline="", encoding="utf-8") as handle:
         w = csv.writer(handle)

@@ -68,6 +68,8 @@ class _ScanState:
     zones: Optional[dict] = None
     #: (N, 6) grid neighbours of each box (extent.box_neighbours), for the extent's region rule.
     neighbours: Optional[np.ndarray] = None
+    #: Whether the voxels carry the phantom generator's signature (read once per scan).
+    is_phantom: bool = False
 
     @property
     def encoded_exactly(self) -> int:
@@ -89,6 +91,7 @@ class Analyzer:
         self._state: Optional[_ScanState] = None
         self._fast_model = None  # the bf16 proposal tower, built on first use (False: none on this device)
         self._weights_sha256: Optional[str] = None  # of the loaded weights, for the extent references
+        self._weights_provenance: Optional[tuple] = None  # (training domain, health verdict) of the loaded weights
 
     # ------------------------------------------------------------------
     @property
@@ -141,14 +144,14 @@ class Analyzer:
         # and the top patches choose among those that pass the lung-fraction filter (``eligible``).
         patches = scored_patches(mask, scan.spacing_mm, s, scan.origin_mm, scan.direction, scan.slice_positions_mm)
         require_candidates(patches, scan.source or "the scan", s.filter_threshold,
-                           eligible=int(np.count_nonzero(patches.lung_fraction >= s.filter_threshold)))
+                           eligible=int(np.count_nonzero(patches.montage_candidates(s.filter_threshold))))
         timings["patches_s"] = time.perf_counter() - t
 
         notes = list(scan.notes)
         features, exact, rescored_for, record = self._embed(scan, patches, notes, timings)
 
         self._state = _ScanState(scan, mask, volume_ml, patches, features, exact, rescored_for, notes, timings,
-                                 record=record)
+                                 record=record, is_phantom=carries_signature(scan.hu))
         t = time.perf_counter()
         self._zone_table(s)
         timings["zones_s"] = time.perf_counter() - t
@@ -427,7 +430,7 @@ class Analyzer:
                 notes.append(f"fast mode: the patches were re-scored for '{st.rescored_for[0]}'; {approx} of the top "
                              f"{len(ranked)} for '{s.prompts[0]}' carry proposal-pass scores (a preview: re-prompt with exact "
                              "re-scoring, or analyse again, for the exact ranking)")
-        eligible = st.patches.lung_fraction >= s.filter_threshold
+        eligible = st.patches.montage_candidates(s.filter_threshold)
         ranked, montage_idx = ranked[eligible[ranked]], montage_idx[eligible[montage_idx]]
         if len(montage_idx) < s.montage_patches:
             notes.append(f"only {len(montage_idx)} candidate patches for a {s.montage_size}x{s.montage_size} montage; "
@@ -449,9 +452,11 @@ class Analyzer:
         if coverage_note:
             notes.append(coverage_note)
         spec = self.model.spec
-        trained_on, health = _provenance(self.model)
+        if self._weights_provenance is None:  # the model never changes under an analyzer: its metadata is read once
+            self._weights_provenance = _provenance(self.model)
+        trained_on, health = self._weights_provenance
         warning = model_warning(spec.name, random_weights=not spec.meaningful, trained_on=trained_on,
-                                is_phantom=carries_signature(st.scan.hu), training_health=health)
+                                is_phantom=st.is_phantom, training_health=health)
         if warning:
             notes.append(warning)
         self.progress("done", 1, 1)
@@ -641,12 +646,12 @@ def _provenance(model: LoadedModel) -> tuple[str, Optional[dict]]:
 
 def eligible_only(scores: np.ndarray, patches: PatchSet, settings: AnalysisSettings) -> np.ndarray:
     """``scores`` with the boxes under the lung-fraction filter put last (they are not montage candidates)."""
-    return np.where(patches.lung_fraction >= settings.filter_threshold, np.asarray(scores, dtype=np.float64), -np.inf)
+    return np.where(patches.montage_candidates(settings.filter_threshold), np.asarray(scores, dtype=np.float64), -np.inf)
 
 
 def _random_eligible(patches: PatchSet, settings: AnalysisSettings) -> np.ndarray:
     """Random retrieval among the boxes that pass the lung-fraction filter (seeded)."""
-    pool = np.flatnonzero(patches.lung_fraction >= settings.filter_threshold)
+    pool = np.flatnonzero(patches.montage_candidates(settings.filter_threshold))
     return pool[rank_patches(np.zeros(pool.size), settings.montage_patches, "random", settings.seed)]
 
 

@@ -27,6 +27,11 @@ class PatchSet:
     def __len__(self) -> int:
         return int(self.slice_index.shape[0])
 
+    def montage_candidates(self, filter_threshold: float) -> np.ndarray:
+        """(N,) bool: boxes with at least ``filter_threshold`` lung, the ones the montage and top patches
+        choose from (every box is scored for the extent and heatmap; see ``patches.scored_patches``)."""
+        return self.lung_fraction >= filter_threshold
+
     def subset(self, indices: np.ndarray) -> "PatchSet":
         return PatchSet(
             self.slice_index[indices], self.row0[indices], self.col0[indices], self.size_rows, self.size_cols,

@@ -87,7 +87,7 @@ def calibrate_demo(args) -> str:
         return done.stdout.strip()
 
 
-def coverage(scan, settings, analyzer) -> tuple:
+def coverage(settings, analyzer) -> tuple:
     """(share of the lung, share of the rind) inside a scored box, on the analyser's last scan."""
     from ZeroShotILDLib import extent as ex
 
@@ -134,7 +134,7 @@ def main() -> None:
         ph = generate_phantom(seed, shape_zyx=shape, spacing_mm=(spacing,) * 3, **kwargs)
         scan = scan_from_array(ph.hu, ph.spacing_mm, ph.origin_mm, ph.direction, source="phantom")
         result = analyzer.analyze(scan)
-        cover.append(coverage(scan, settings, analyzer))
+        cover.append(coverage(settings, analyzer))
         zones = ex.lung_zones(ph.lung_mask, ph.spacing_mm, ph.origin_mm, ph.direction, rind_mm=settings.subpleural_mm)
         empty = np.zeros(ph.lung_mask.shape, bool)
         truth = {PROMPTS[0]: ex.truth_extent(zones.codes, ph.disease_mask, ph.spacing_mm)}
@@ -148,7 +148,7 @@ def main() -> None:
     if IPF_SERIES.is_dir():
         a = Analyzer(settings)
         a.analyze(read_scan(str(IPF_SERIES)))
-        real_cover = coverage(None, settings, a)
+        real_cover = coverage(settings, a)
     elapsed = time.perf_counter() - t0
 
     sick = [r for r in rows if r["style"] != "normal"]

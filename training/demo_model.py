@@ -258,7 +258,7 @@ def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Gene
     # every box holding lung), labelled by the truth.
     boxes = replace(settings, filter_threshold=recipe.min_lung_fraction)
     patches = candidates_for(phantom.lung_mask, phantom.spacing_mm, boxes)
-    if np.count_nonzero(patches.lung_fraction >= settings.filter_threshold) < 16:
+    if np.count_nonzero(patches.montage_candidates(settings.filter_threshold)) < 16:
         raise InputError(f"phantom {scan_id} has too few candidate patches: use a larger shape")
     disease = box_lung_share(phantom.disease_mask, phantom.lung_mask, patches)
     touched = box_disease_fraction(phantom.disease_mask, patches) > 0
@@ -313,7 +313,7 @@ def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Gene
 
     # Montages of what a good retrieval picks among the montage's own candidates (>= half lung):
     # diseased boxes, or the densest normal boxes.
-    eligible = patches.lung_fraction >= settings.filter_threshold
+    eligible = patches.montage_candidates(settings.filter_threshold)
     if ild:
         ranked = np.flatnonzero(eligible)[np.argsort(-disease[eligible], kind="stable")]
         pool = ranked[disease[ranked] >= recipe.disease_min_fraction]

@@ -79,6 +79,14 @@ class _Disease:
         q = np.clip(1.0 - drawn_fraction * more_severe / fraction, 0.0, 1.0)
         return np.interp(q * (vals.size - 1), np.arange(vals.size), vals).astype(np.float32)
 
+    def _zone(self, sev, drawn_fraction, zone_fraction):
+        """(severity, threshold, top) of one style: its severity spread to ``zone_fraction`` of the lung
+        (``_spread``), thresholded as the style's own draw would be, then on the image grid."""
+        sev = self._spread(sev, drawn_fraction, zone_fraction)
+        t, top = self._threshold(sev, drawn_fraction)
+        t, top = self._fine_threshold(sev, zone_fraction, t, top)
+        return sev, t, top
+
     def _fine_threshold(self, sev, fraction, t, top):
         """``(t, top)``: the threshold that puts ``fraction`` of the image-grid lung in
         ``sev > t`` and the style's top severity (with a requested involvement; the coarse-grid
@@ -149,9 +157,7 @@ class _Disease:
         asym = rng.uniform(-0.25, 0.25)
         sev = sev * (1 + asym * np.sign(self.c_x))
         zone_fraction = target if self.involvement is None else self.involvement
-        sev = self._spread(sev, target, zone_fraction)
-        t, top = self._threshold(sev, target)
-        t, top = self._fine_threshold(sev, zone_fraction, t, top)
+        sev, t, top = self._zone(sev, target, zone_fraction)
         want = {"reticulation"}
         if rng.random() < 0.85:
             want.add("honeycombing")
@@ -183,9 +189,7 @@ class _Disease:
                * np.exp(-b.c_pleura / (s * rng.uniform(25, 40))) * (1 + 0.3 * self.c_post)
                * np.exp(0.25 * patch))
         zone_fraction = target if self.involvement is None else self.involvement
-        sev = self._spread(sev, target, zone_fraction)
-        t, top = self._threshold(sev, target)
-        t, top = self._fine_threshold(sev, zone_fraction, t, top)
+        sev, t, top = self._zone(sev, target, zone_fraction)
         want = {"ground-glass opacity"}
         if rng.random() < 0.85:
             want.add("reticulation")
@@ -229,9 +233,7 @@ class _Disease:
             v = self.involvement
             mosaic_fraction = min(v * (1 - zone_share), 0.5 * (1 - v))
             zone_fraction = v - mosaic_fraction
-        sev = self._spread(sev, target * zone_share, zone_fraction)
-        t, top = self._threshold(sev, target * zone_share)
-        t, top = self._fine_threshold(sev, zone_fraction, t, top)
+        sev, t, top = self._zone(sev, target * zone_share, zone_fraction)
         mosaic = None
         if "mosaic attenuation" in want:
             lob = self._patchy(rng.uniform(12, 20))
