@@ -8,6 +8,7 @@ what ``mrml_results.show_result`` sets up, so a wrong layer, a hidden legend or 
 shows in the pixels, not only in node properties.
 
     .venv/bin/python Testing/slicer_render.py [--png OUT.png]   # prints one JSON line of measurements
+    .venv/bin/python Testing/slicer_render.py --figure docs/slicer_result.png   # the README picture
 
 Run it in its own process (``test_slicer_render.py`` does): an OpenGL context made before torch's
 triton is imported makes that import crash the process (both bring LLVM), and a crash must not
@@ -27,6 +28,8 @@ for _path in (REPO / "ZeroShotILD", REPO / "Testing", REPO):
 SLICE_MANAGERS = ("vtkMRMLVolumeGlyphSliceDisplayableManager", "vtkMRMLModelSliceDisplayableManager",
                   "vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLMarkupsDisplayableManager",
                   "vtkMRMLColorLegendDisplayableManager")
+THREE_D_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager3D", "vtkMRMLMarkupsDisplayableManager",
+                    "vtkMRMLModelDisplayableManager")
 
 
 class SliceView:
@@ -107,6 +110,131 @@ class SliceView:
 
         xy_to_ras = slicer.util.arrayFromVTKMatrix(self.node.GetXYToRAS())
         return (xy_to_ras @ np.array([col, self.size - 1 - row, 0.0, 1.0]))[:3]
+
+
+class ThreeDView:
+    """One offscreen 3-D view of ``headless.scene`` as ``qMRMLThreeDView`` builds it: a view node and
+    the 3-D displayable managers (segmentations as their closed surfaces, markups, models), without
+    Qt; the camera looks at the lungs from the front (anterior), patient's right on the left."""
+
+    def __init__(self, headless, size: int = 400):
+        import slicer
+        import vtk
+
+        self.size = size
+        self.renderer = vtk.vtkRenderer()
+        self.renderer.SetBackground(0.0, 0.0, 0.0)
+        self.window = vtk.vtkRenderWindow()
+        self.window.SetOffScreenRendering(1)
+        self.window.SetMultiSamples(0)
+        self.window.AddRenderer(self.renderer)
+        self.window.SetSize(size, size)
+        self.interactor = vtk.vtkRenderWindowInteractor()
+        self.interactor.SetRenderWindow(self.window)
+        self.interactor.Initialize()
+        factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(headless.app_logic)
+        for manager in THREE_D_MANAGERS:
+            if not factory.IsDisplayableManagerRegistered(manager):
+                factory.RegisterDisplayableManager(manager)
+        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
+        self.managers.SetRenderer(self.renderer)
+        self.managers.Initialize(factory, self.renderer)
+        self.node = headless.scene.AddNewNodeByClass("vtkMRMLViewNode")
+        self.node.SetLayoutName("1")
+        self.managers.SetMRMLDisplayableNode(self.node)
+
+    def look_at(self, bounds_ras) -> None:
+        """Anterior view (from +A towards -A, S up) fitted to the RAS box ``bounds_ras`` (xmin, xmax, ...)."""
+        import numpy as np
+
+        centre = np.array([(bounds_ras[0] + bounds_ras[1]) / 2, (bounds_ras[2] + bounds_ras[3]) / 2,
+                           (bounds_ras[4] + bounds_ras[5]) / 2])
+        camera = self.renderer.GetActiveCamera()
+        camera.SetFocalPoint(*centre)
+        camera.SetPosition(*(centre + [0.0, 1000.0, 0.0]))
+        camera.SetViewUp(0.0, 0.0, 1.0)
+        self.renderer.ResetCamera(list(bounds_ras))
+
+    def render(self):
+        """The view as an RGB uint8 array, row 0 at the top."""
+        import numpy as np
+        import vtk
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        self.renderer.ResetCameraClippingRange()
+        self.window.Render()
+        grab = vtk.vtkWindowToImageFilter()
+        grab.SetInput(self.window)
+        grab.SetInputBufferTypeToRGB()
+        grab.ReadFrontBufferOff()
+        grab.Update()
+        image = grab.GetOutput()
+        w, h, _ = image.GetDimensions()
+        return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
+
+    def ras_to_pixels(self, ras):
+        """(N, 2) (row, col) of the view pixels onto which the RAS points ``ras`` (N, 3) project."""
+        import numpy as np
+        import slicer
+
+        camera = self.renderer.GetActiveCamera()
+        m = slicer.util.arrayFromVTKMatrix(camera.GetCompositeProjectionTransformMatrix(1.0, -1.0, 1.0))
+        p = np.c_[np.asarray(ras, float), np.ones(len(ras))] @ m.T
+        ndc = p[:, :2] / p[:, 3:4]
+        col = (ndc[:, 0] + 1.0) / 2.0 * self.size - 0.5
+        row = self.size - 1 - ((ndc[:, 1] + 1.0) / 2.0 * self.size - 0.5)
+        return np.c_[np.round(row), np.round(col)].astype(int)
+
+
+def measure_3d(headless, nodes, volume, lung_mask, view=None) -> dict:
+    """The Lungs in the 3-D view, from the front and from the patient's left: per view, what their surface
+    adds to the image against where the lung voxels project.
+
+    Renders with every result node hidden but the Lungs, then without them; the pixels that change
+    are the drawn lungs. They must cover most of the lung mask's projection (voxel centres projected
+    through the view's camera) and lie within it (give or take the coarse surface), in the lungs'
+    colour (blue over the black background). Two directions, so that each of R, A, S is checked.
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    from ZeroShotILDMRML import mrml_results
+
+    view = view or ThreeDView(headless)
+    seg = nodes.lungs
+    bounds = [0.0] * 6
+    seg.GetRASBounds(bounds)
+    _visible(nodes, lungs=True, patterns=False, rois=False, legend=False)
+    ras = mrml_results.index_to_ras(volume, np.argwhere(lung_mask))
+    steps = [mrml_results.index_to_ras(volume, pair) for pair in
+             ([[0, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 1, 0]], [[0, 0, 0], [0, 0, 1]])]
+    out = {"has_surface": bool(seg.GetSegmentation().ContainsRepresentation("Closed surface")),
+           "opacity": seg.GetDisplayNode().GetOpacity3D()}
+    for name, azimuth in (("anterior", 0.0), ("left", 90.0)):
+        view.look_at(bounds)
+        camera = view.renderer.GetActiveCamera()
+        camera.Azimuth(azimuth)  # +90: the camera goes round to the patient's left (-R)
+        view.renderer.ResetCamera(bounds)
+        with_lungs = view.render().astype(int)
+        seg.GetDisplayNode().SetVisibility(False)
+        without = view.render().astype(int)
+        seg.GetDisplayNode().SetVisibility(True)
+        drawn = np.abs(with_lungs - without).sum(axis=2) > 20
+        rc = view.ras_to_pixels(ras)
+        inside = (rc[:, 0] >= 0) & (rc[:, 0] < view.size) & (rc[:, 1] >= 0) & (rc[:, 1] < view.size)
+        projected = np.zeros_like(drawn)
+        projected[rc[inside, 0], rc[inside, 1]] = True
+        # Voxel centres are a voxel apart: close the gaps between them (a voxel's size in pixels).
+        voxel_px = int(np.ceil(max(np.ptp(view.ras_to_pixels(step), axis=0).max() for step in steps)))
+        pad = voxel_px + 1
+        projected = ndimage.binary_closing(np.pad(projected, pad), iterations=voxel_px)[pad:-pad, pad:-pad]
+        near = ndimage.binary_dilation(projected, iterations=voxel_px + 2)  # the coarse (3 mm) surface
+        out[name] = {"pixels": int(drawn.sum()), "projected_pixels": int(projected.sum()),
+                     "projection_covered": float((drawn & projected).sum() / max(1, projected.sum())),
+                     "drawn_within_projection": float((drawn & near).sum() / max(1, drawn.sum())),
+                     "colour": (with_lungs[drawn].mean(axis=0) if drawn.any() else np.zeros(3)).tolist()}
+    return out
 
 
 def _visible(nodes, *, lungs=True, patterns=True, rois=True, heatmap=True, legend=True):
@@ -223,7 +351,53 @@ def measure(png=None) -> dict:
             on_edge.append(distance[k, j, i] <= 1.5)
     out["lung_outline_pixels"] = int(len(added))
     out["lung_outline_on_edge"] = float(np.mean(on_edge)) if on_edge else 0.0
+    # 4. The Lungs in 3-D.
+    out["lungs_3d"] = measure_3d(headless, nodes, volume, result.lung_mask)
     return out
+
+
+def figure(png, *, model: str = "phantom-demo", prompt: str = "honeycombing", top_k: int = 8, size: int = 480) -> dict:
+    """The README picture: a phantom analysed as the module does, its default slice view (on the best
+    patch) beside the 3-D view, both drawn by Slicer's displayable managers; written to ``png``."""
+    import ZeroShotILDLib.pipeline  # noqa: F401  torch (and triton) before any GL context, as in measure()
+    import open_clip  # noqa: F401
+    import torchvision.ops  # noqa: F401
+    import numpy as np
+    from PIL import Image
+
+    from ZeroShotILDLib.phantom import generate_phantom
+    from ZeroShotILDLib.settings import AnalysisSettings
+    from ZeroShotILDMRML import mrml_results
+    from ZeroShotILDMRML.headless import add_ct_volume, make_scene
+    from ZeroShotILDMRML.session import AnalysisSession
+
+    p = generate_phantom(3, subtype="idiopathic pulmonary fibrosis")
+    headless = make_scene()
+    volume = add_ct_volume(headless.scene, p.hu, p.spacing_mm, p.origin_mm, p.direction, "Phantom CT")
+    view = SliceView(headless, size=size)
+    session = AnalysisSession(volume, AnalysisSettings(model=model, device="cpu", prompts=[prompt], top_k=top_k,
+                                                       slice_step_mm=5.0))
+    session.compute()
+    nodes = session.apply(app_logic=headless.app_logic)
+    mrml_results.show_result(nodes, volume, app_logic=headless.app_logic, switch_layout=False, jump=False)
+    view.logic.FitSliceToAll()
+    mrml_results.jump_to_patch(nodes.patch_rois[0])
+    slice_rgb = view.render()
+    three_d = ThreeDView(headless, size=size)
+    bounds = [0.0] * 6
+    nodes.lungs.GetRASBounds(bounds)
+    three_d.look_at(bounds)
+    camera = three_d.renderer.GetActiveCamera()
+    camera.Azimuth(-35.0)  # from the front and the patient's right, slightly above: the ROIs as boxes
+    camera.Elevation(20.0)
+    camera.OrthogonalizeViewUp()
+    three_d.renderer.ResetCamera(bounds)
+    three_d_rgb = three_d.render()
+    gap = np.full((size, 6, 3), 40, dtype=np.uint8)
+    Image.fromarray(np.concatenate([slice_rgb, gap, three_d_rgb], axis=1)).save(png)
+    result = session.result
+    return {"png": str(png), "model": result.model_name, "prompt": result.primary_prompt,
+            "shape_zyx": list(result.shape_zyx), "top_k": len(nodes.patch_rois)}
 
 
 def _edge_hits(drawn, pixels) -> float:
@@ -275,7 +449,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--png", help="also save the default view here")
     parser.add_argument("--can-render", action="store_true", help="only check that offscreen rendering works")
+    parser.add_argument("--figure", metavar="OUT.png",
+                        help="only write the README picture (docs/slicer_result.png): slice and 3-D view, phantom-demo")
     args = parser.parse_args(argv)
+    if args.figure:
+        print(json.dumps(figure(args.figure)))
+        return 0
     if args.can_render:
         reason = can_render()
         print(json.dumps({"reason": reason}))

@@ -165,8 +165,12 @@ def test_lung_mask_file_is_used_and_grid_checked(phantom_file, tmp_path, capsys)
 
     voxels = _mask_file(phantom_file, tmp_path / "lungs.nii.gz")
     out = tmp_path / "o"
+    # A label map (1, 2) is not taken whole without being told which values are lung (issue 25).
     code, _, err = _run(["analyze", str(phantom_file), "-o", str(out), "--lung-mask", str(tmp_path / "lungs.nii.gz"),
                          *FAST], capsys)
+    assert code == 2 and "(1, 2)" in err and "--lung-labels" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(["analyze", str(phantom_file), "-o", str(out), "--lung-mask", str(tmp_path / "lungs.nii.gz"),
+                         "--lung-labels", "1,2", *FAST], capsys)
     assert code == 0, err
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lung_mask.nii.gz")))
     assert int(written.sum()) == voxels and written.max() == 1

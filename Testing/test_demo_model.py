@@ -10,6 +10,7 @@ pytest.importorskip("lightning")
 
 from zeroshot_ild_train import demo_model as dm  # noqa: E402
 from zeroshot_ild_train import data as training_data  # noqa: E402
+from ZeroShotILDLib.errors import InputError  # noqa: E402
 from ZeroShotILDLib.results import PatchSet  # noqa: E402
 
 SMALL = dm.PhantomGeometry((48, 128, 128), (2.5, 2.5, 2.5))
@@ -46,7 +47,8 @@ def test_bare_captions_are_the_engine_prompts_and_their_negatives():
     sick = {dm.patch_caption(True, ["honeycombing", "reticulation"], None, rng, bare=1.0) for _ in range(200)}
     well = {dm.patch_caption(False, (), None, rng, bare=1.0) for _ in range(200)}
     texts = lambda captions: {" ".join(training_data.report_sentences(c, "findings+impression")) for c in captions}
-    assert texts(sick) == {"interstitial lung disease", "honeycombing", "reticulation"}
+    # the box's patterns, or "no <p>" for a prompted pattern it lacks (true of it too)
+    assert texts(sick) == {"interstitial lung disease", "honeycombing", "reticulation", "no ground-glass opacity"}
     # exactly what the engine scores against: "no <prompt>" for every prompt, and the normal-lung text
     settings = AnalysisSettings(prompts=["interstitial lung disease", *dm.PATTERN_PROMPTS])
     assert texts(well) == {settings.negative_for(i) for i in range(4)} | {settings.normal_prompt}
@@ -64,7 +66,8 @@ def test_box_lung_share_judges_a_box_on_its_lung():
 
 def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
     recipe = dm.PairRecipe(n_phantoms=2, cohort_seed=5, geometries=(SMALL,), patches_diseased=4, patches_normal=4,
-                           patches_per_pattern=0, retrieved_montages=1, image_size=32, involvement=(0.3, 0.6))
+                           patches_per_pattern=0, patches_absent_per_pattern=3, retrieved_montages=1, image_size=32,
+                           involvement=(0.3, 0.6))
     jsonl = dm.build_pairs(tmp_path / "pairs", recipe, progress=False)
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     by_scan = {}
@@ -78,7 +81,13 @@ def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
         assert kinds.count("report") == 1 and kinds.count("retrieved") == 1
         positive = scan_rows[0]["subtype"] != ""
         patches = [r for r in scan_rows if r["kind"] == "patch"]
-        assert sum(r["ild"] for r in patches) == (4 if positive else 0)
+        # 4 diseased boxes, plus up to 3 per prompted pattern the box lacks, captioned "no <pattern>"
+        absent = [r for r in patches if r["ild"] and r["report"].startswith("IMPRESSION:\nno ")]
+        n_sick = sum(r["ild"] for r in patches)
+        assert (4 < n_sick <= 4 + 3 * len(dm.PATTERN_PROMPTS)) if positive else n_sick == 0
+        assert len(absent) >= n_sick - 4  # the extra ones are the "no <pattern>" hard negatives
+        for r in absent:
+            assert r["statements"] == [r["report"].split("\n")[1]] and r["statements"][0] in r["truths"]
         assert sum(1 - r["ild"] for r in patches) >= 3
         for r in scan_rows:
             if r["kind"] != "patch":
@@ -89,11 +98,13 @@ def test_build_pairs_labels_every_pair_by_the_phantom_truth(tmp_path):
         assert im.size == (32, 32) and im.mode == "L"
     records = dm.read_pairs(jsonl)
     assert len(records) == len(rows)
-    # One-hot over the classes: a named pattern, else ild / no ild, as the row's truth says.
-    assert all(sum(r.labels) == 1.0 and len(r.labels) == len(dm.CLASS_NAMES) for r in records)
+    # Truths then statements over the classes; every caption is true of its own image.
+    half = len(dm.STATEMENTS)
+    assert all(len(r.labels) == 2 * half for r in records)
     for r, row in zip(records, rows):
-        name = dm.CLASS_NAMES[r.labels.index(1.0)]
-        assert (name != "no ild") == bool(row["ild"])
+        truths, said = r.labels[:half], r.labels[half:]
+        assert truths[dm.STATEMENTS.index("ild" if row["ild"] else "normal")] == 1.0
+        assert sum(said) >= 1 and all(t >= s for t, s in zip(truths, said))
     # A second build with the same recipe reuses the finished folder.
     mtime = jsonl.stat().st_mtime_ns
     assert dm.build_pairs(tmp_path / "pairs", recipe, progress=False).stat().st_mtime_ns == mtime
@@ -160,19 +171,32 @@ def test_covid_captions_are_cleaned_and_images_resolved_by_patient():
     assert all(len(s) == 1 for s in by_patient.values())  # never one patient in two splits
 
 
-def test_pair_classes_keep_the_patterns_apart():
-    """A caption naming one pattern puts its pair in that pattern's class, so a honeycomb box is not a positive of
-    a ground-glass box (with (ild, no ild) classes "honeycombing" read every diseased box as honeycombing)."""
-    names = dm.CLASS_NAMES
+def test_statement_labels_make_a_caption_a_positive_of_every_image_it_is_true_of():
+    """A fibrotic box holds reticulation *and* honeycombing: the caption "reticulation" of another box must be a
+    positive of it (one class per caption made it a negative, and "reticulation" under-read fibrosis by half),
+    while a ground-glass box is a negative of "honeycombing" and a positive of "no honeycombing"."""
+    import torch
 
-    def cls(report, ild):
-        return names[dm.pair_class(report, ild).index(1.0)]
+    from zeroshot_ild_train import losses
 
-    assert cls("IMPRESSION:\nhoneycombing", True) == "honeycombing"
-    assert cls("FINDINGS:\nLUNG PARENCHYMA: Ground-glass opacity.\n\nIMPRESSION:\nFibrotic ILD.", True) == \
-        "ground-glass opacity"
-    assert cls("IMPRESSION:\ninterstitial lung disease", True) == "ild"
-    assert cls("FINDINGS: Reticulation and honeycombing at the bases.", True) == "ild"  # several: generic
-    assert cls("IMPRESSION:\nno honeycombing", False) == "no ild"
-    assert cls("FINDINGS: No reticulation, ground-glass opacity or honeycombing.", False) == "no ild"
-    assert sum(dm.pair_class("IMPRESSION:\nnormal lung", False)) == 1.0
+    fibrotic = dm.box_truths(True, ["honeycombing", "reticulation", "traction bronchiectasis"])
+    glass = dm.box_truths(True, ["ground-glass opacity"])
+    normal = dm.box_truths(False, ())
+    texts = [("ild",), ("reticulation",), ("honeycombing",), ("no honeycombing",), ("normal",)]
+    images = [fibrotic, glass, normal, fibrotic, glass]
+    labels = torch.tensor([dm.pair_labels(t, s) for t, s in zip(images, texts)])
+    truths, said = losses.split_statement_labels(labels, dm.CLASS_NAMES)
+    targets = losses.unicl_targets(truths, said)
+    #            texts: ild  ret  hc   no-hc normal
+    assert targets.tolist() == [[1, 1, 1, 0, 0],    # fibrotic
+                                [1, 1, 0, 1, 0],    # ground glass (its own text "reticulation" is pair 1's)
+                                [0, 0, 1, 1, 1],    # normal (its own text "honeycombing": i == j)
+                                [1, 1, 1, 1, 0],    # fibrotic, own text "no honeycombing" (i == j)
+                                [1, 0, 0, 1, 1]]    # ground glass, own text "normal" (i == j)
+    # plain class labels keep UniCL's share-a-label rule
+    plain = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert losses.split_statement_labels(plain, ("ild", "no ild"))[1] is None
+    with pytest.raises(InputError):
+        dm.pair_labels(["ild", "emphysema"], ["ild"])
+    with pytest.raises(ValueError):
+        losses.split_statement_labels(labels, dm.CLASS_NAMES[:-1] + ("says: other",))

@@ -449,27 +449,33 @@ def test_a_finding_is_a_region_isolated_boxes_do_not_count():
     assert ex.box_neighbours(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)).shape == (0, 6)
 
 
-def test_patterns_scored_together_count_only_where_they_are_the_nearest():
-    """Disease boxes look unlike normal lung for every pattern prompt; each pattern keeps only the boxes nearest
-    its own text, so a ground-glass region is not also read as honeycombing."""
+def test_a_pattern_counts_where_it_beats_its_negation_and_co_existing_patterns_both_count():
+    """Disease boxes look unlike normal lung for every pattern prompt; each pattern keeps the boxes nearer its
+    text than "no <pattern>", so a ground-glass region is not also read as honeycombing, while a fibrotic box
+    holding reticulation *and* honeycombing counts for both (the earlier nearest-pattern rule gave it to one)."""
     mask = two_lungs()
     spacing = (1.0, 1.0, 2.0)
     zones = ex.lung_zones(mask, spacing, (0, 0, 0), IDENTITY, rind_mm=2.0)
     patches = grid_patches(mask)
     table = ex.zone_volume_table(zones.codes, patches, spacing)
     n = len(patches)
-    honey, ggo = np.zeros(n, bool), np.zeros(n, bool)
-    honey[: n // 4], ggo[n // 4: n // 2] = True, True
+    honey, ggo, both = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    honey[: n // 6], ggo[n // 6: n // 3], both[n // 3: n // 2] = True, True, True
     rng = np.random.default_rng(0)
     base = rng.normal(-0.05, 0.01, n)
-    scores = {"honeycombing": base + 0.10 * (honey | ggo) + 0.05 * honey,   # both diseases unlike normal lung
-              "ground-glass opacity": base + 0.10 * (honey | ggo) + 0.05 * ggo}
+    sick = honey | ggo | both
+    scores = {"honeycombing": base + 0.10 * sick, "reticulation": base + 0.10 * sick,
+              "ground-glass opacity": base + 0.10 * sick}          # every disease unlike normal lung
+    says = {"honeycombing": honey | both, "reticulation": both, "ground-glass opacity": ggo}
+    negations = {k: (f"no {k}", np.where(says[k], 0.02, -0.02) + rng.normal(0, 0.002, n)) for k in scores}
     ref = normal_reference(offset=-0.05, sd=0.01)
     refs = {k: ref for k in scores}
     alone = ex.extents_for(table, scores, list(scores), "normal lung", z=3.0, references=refs)
-    together = ex.extents_for(table, scores, list(scores), "normal lung", z=3.0, references=refs,
-                              competitors=list(scores))
-    assert alone["honeycombing"]["positive_patches"] == pytest.approx(n // 2, abs=2)  # reads all disease
-    assert together["honeycombing"]["positive_patches"] == pytest.approx(n // 4, abs=2)
-    assert together["ground-glass opacity"]["positive_patches"] == pytest.approx(n // 4, abs=2)
-    assert "nearest" in together["honeycombing"]["rule"] and "nearest" not in alone["honeycombing"]["rule"]
+    gated = ex.extents_for(table, scores, list(scores), "normal lung", z=3.0, references=refs, negations=negations)
+    assert alone["honeycombing"]["positive_patches"] == pytest.approx(sick.sum(), abs=2)  # reads all disease
+    for k in scores:
+        assert gated[k]["positive_patches"] == pytest.approx(says[k].sum(), abs=2), k
+    # one word, one number: the same word asked alone or beside others gets the same extent
+    one = ex.extents_for(table, scores, ["reticulation"], "normal lung", z=3.0, references=refs, negations=negations)
+    assert one["reticulation"]["lung_fraction"] == gated["reticulation"]["lung_fraction"]
+    assert "'no honeycombing'" in gated["honeycombing"]["rule"] and "no honeycombing" not in alone["honeycombing"]["rule"]

@@ -163,6 +163,10 @@ def test_subtypes_one_vs_rest_and_ensembles():
     ild = np.array([x is not None for x in sub])
     only = M.evaluate_subtypes(sub, S, class_names=["ipf", "ssc", "hp"], among=ild, n_resamples=0)
     assert only["ipf"].n == ild.sum()
+    # Patient ids restricted along with ``among``: the subtype CIs resample those patients.
+    pid = np.arange(120) // 2
+    grouped = M.evaluate_subtypes(sub, S, class_names=["ipf", "ssc", "hp"], among=ild, groups=pid, n_resamples=50)
+    assert grouped["ipf"].auroc.unit == "patients" and grouped["ipf"].n_patients == len(set(pid[ild]))
     a, b = rng.random(50), rng.random(50)
     np.testing.assert_allclose(M.ensemble_probabilities([a, b]), (a + b) / 2)
     with pytest.raises(InputError, match="disagree in shape"):
@@ -202,3 +206,93 @@ def test_degenerate_rows_are_marked_in_the_tables():
     assert "†" in lines[2] and "†" not in lines[3]
     assert "**0.720**" not in lines[2] and "**0.615**" in lines[3]  # a degenerate F1 is never the bold best
     assert "Degenerate classifier: the threshold calls every scan positive" in table
+
+
+def _patients(seed, n_patients=40):
+    """Patients with 1-4 images each; a patient's images share its label and scatter around its score."""
+    rng = np.random.default_rng(seed)
+    y_p = (rng.random(n_patients) < 0.45).astype(int)
+    y_p[:2] = [0, 1]
+    s_p = rng.normal(size=n_patients) + 0.9 * y_p
+    sizes = rng.integers(1, 5, n_patients)
+    pid = np.repeat([f"p{i:03d}" for i in range(n_patients)], sizes)
+    y = np.repeat(y_p, sizes)
+    s = np.repeat(s_p, sizes) + 0.2 * rng.normal(size=y.size)
+    return y, s, pid
+
+
+def _independent_cluster_ci(y, s, pid, *, n_resamples, seed, confidence=0.95):
+    """The documented protocol written out with scikit-learn: draw len(patients) patients with
+    replacement (patients in order of first appearance), all their images enter, single-class
+    resamples are redrawn, percentile interval."""
+    patients = list(dict.fromkeys(pid))
+    rows = {p: np.flatnonzero(pid == p) for p in patients}
+    rng = np.random.default_rng(seed)
+    values = []
+    while len(values) < n_resamples:
+        drawn = rng.integers(0, len(patients), len(patients))
+        idx = np.concatenate([rows[patients[d]] for d in drawn])
+        if len(set(y[idx])) < 2:
+            continue
+        values.append(sk.roc_auc_score(y[idx], s[idx]))
+    alpha = (1 - confidence) / 2
+    return np.quantile(values, [alpha, 1 - alpha])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_patient_level_bootstrap_matches_an_independent_computation(seed):
+    y, s, pid = _patients(seed)
+    est = M.bootstrap_ci(M.roc_auc, y, s, n_resamples=300, seed=seed, groups=pid)
+    low, high = _independent_cluster_ci(y, s, pid, n_resamples=300, seed=seed)
+    assert est.unit == "patients" and est.value == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+    assert (est.ci_low, est.ci_high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+
+
+def test_patient_bootstrap_of_copied_images_equals_the_image_bootstrap_of_one_each():
+    # Every patient's image copied three times: resampling patients must give exactly the interval
+    # of the one-image-per-patient set (AUROC ignores copying every case), resampling images a
+    # narrower, overconfident one.
+    y, s = _data(3, n=60)
+    pid = np.repeat(np.arange(60), 3)
+    y3, s3 = np.repeat(y, 3), np.repeat(s, 3)
+    one = M.bootstrap_ci(M.roc_auc, y, s, n_resamples=400, seed=5)
+    patients = M.bootstrap_ci(M.roc_auc, y3, s3, n_resamples=400, seed=5, groups=pid)
+    images = M.bootstrap_ci(M.roc_auc, y3, s3, n_resamples=400, seed=5)
+    assert (patients.ci_low, patients.ci_high) == pytest.approx((one.ci_low, one.ci_high), abs=1e-12)
+    assert images.ci_high - images.ci_low < 0.8 * (patients.ci_high - patients.ci_low)
+    # One image per patient: the cluster bootstrap is the image bootstrap, draw for draw.
+    same = M.bootstrap_ci(M.roc_auc, y, s, n_resamples=200, seed=2, groups=[f"p{i}" for i in range(60)])
+    plain = M.bootstrap_ci(M.roc_auc, y, s, n_resamples=200, seed=2)
+    assert (same.ci_low, same.ci_high) == (plain.ci_low, plain.ci_high)
+
+
+def test_paired_comparison_of_two_models_on_the_same_cases():
+    y, s, pid = _patients(4, n_patients=60)
+    rng = np.random.default_rng(9)
+    worse = s + 1.5 * rng.normal(size=s.size)
+    c = M.paired_comparison(y, s, worse, names=("good", "noisy"), groups=pid, n_resamples=300, seed=1)
+    assert c.auroc_a == pytest.approx(sk.roc_auc_score(y, s)) and c.auroc_b == pytest.approx(sk.roc_auc_score(y, worse))
+    assert c.difference.value == pytest.approx(c.auroc_a - c.auroc_b)
+    assert c.difference.ci_low > 0 and c.p_value < 0.05 and c.n_patients == 60
+    # The difference's interval is the same independent protocol applied to AUROC(a) - AUROC(b).
+    patients = list(dict.fromkeys(pid))
+    rows = {p: np.flatnonzero(pid == p) for p in patients}
+    draw = np.random.default_rng(1)
+    diffs = []
+    while len(diffs) < 300:
+        idx = np.concatenate([rows[patients[d]] for d in draw.integers(0, len(patients), len(patients))])
+        if len(set(y[idx])) == 2:
+            diffs.append(sk.roc_auc_score(y[idx], s[idx]) - sk.roc_auc_score(y[idx], worse[idx]))
+    assert (c.difference.ci_low, c.difference.ci_high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    # A model against itself: no difference, p = 1.
+    same = M.paired_comparison(y, s, s, groups=pid, n_resamples=100, seed=0)
+    assert same.difference.value == 0 and same.p_value == 1.0
+
+
+def test_small_test_set_is_flagged():
+    y, s = _data(0, n=24)
+    est = M.bootstrap_ci(M.roc_auc, y, s, n_resamples=200)
+    note = M.small_test_set_note(y, est, n_patients=12)
+    assert note.startswith("small test set") and "12 patients" in note
+    y, s = _data(0, n=2000)
+    assert M.small_test_set_note(y, M.bootstrap_ci(M.roc_auc, y, s, n_resamples=100)) == ""

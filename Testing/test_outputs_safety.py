@@ -73,11 +73,12 @@ def test_rerun_into_earlier_result_keeps_the_users_files(small_result, small_sca
     out = tmp_path / "res"
     outputs.write_outputs(small_result, small_scan, out)
     manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    assert sorted(manifest["files"]) == sorted(OUTPUT_FILES)
+    # Optional outputs (DICOM results, report.pdf) depend on the input and the installed extras.
+    assert sorted(n for n in manifest["files"] if n not in outputs.OPTIONAL_OUTPUT_FILES) == sorted(OUTPUT_FILES)
+    assert all(len(r["sha256"]) == 64 and r["size"] == (out / n).stat().st_size for n, r in manifest["files"].items())
     (out / "annotations.txt").write_text("radiologist notes", encoding="utf-8")
     (out / "review").mkdir()
     (out / "review" / "slice12.png").write_bytes(b"x")
-    (out / "result.json").write_text("{}", encoding="utf-8")  # stale, ours: must be replaced
     outputs.write_outputs(small_result, small_scan, out)
     assert (out / "annotations.txt").read_text(encoding="utf-8") == "radiologist notes"
     assert (out / "review" / "slice12.png").read_bytes() == b"x"
@@ -85,31 +86,49 @@ def test_rerun_into_earlier_result_keeps_the_users_files(small_result, small_sca
     assert not [p for p in out.iterdir() if p.name.startswith(outputs.STAGING_PREFIX)]
 
 
-def test_pre_manifest_result_folder_with_unrelated_files_is_not_replaced_whole(small_result, small_scan, tmp_path):
+def test_earlier_result_whose_files_changed_is_refused_as_foreign(small_result, small_scan, tmp_path):
+    out = tmp_path / "res"
+    outputs.write_outputs(small_result, small_scan, out)
+    (out / "result.json").write_text("{}", encoding="utf-8")  # edited by someone: no longer what we wrote
+    with pytest.raises(outputs.InputError, match="result.json does not match"):
+        outputs.write_outputs(small_result, small_scan, out)
+    assert (out / "result.json").read_text(encoding="utf-8") == "{}"
+
+
+def test_pre_manifest_result_folder_is_refused_unless_overwrite_and_never_replaced_whole(small_result, small_scan,
+                                                                                         tmp_path):
     out = tmp_path / "thesis"
     out.mkdir()
     (out / "result.json").write_text(json.dumps({"schema": outputs.RESULT_SCHEMA}), encoding="utf-8")
     (out / "thesis.tex").write_text("chapter 1", encoding="utf-8")
     (out / "chest.nii.gz").write_bytes(b"the input scan")
-    outputs.write_outputs(small_result, small_scan, out)
+    with pytest.raises(outputs.InputError, match="no manifest"):
+        outputs.write_outputs(small_result, small_scan, out)
+    outputs.write_outputs(small_result, small_scan, out, overwrite=True)
     assert (out / "thesis.tex").read_text(encoding="utf-8") == "chapter 1"
     assert (out / "chest.nii.gz").read_bytes() == b"the input scan"
     validate_result(out / "result.json")
 
 
-def test_manifest_names_only_files_are_removed_and_never_a_user_file(small_result, small_scan, tmp_path):
+def test_a_manifest_naming_other_files_makes_the_folder_foreign(small_result, small_scan, tmp_path):
     out = tmp_path / "res"
     outputs.write_outputs(small_result, small_scan, out)
-    (out / "old_extra.csv").write_text("written by an older version", encoding="utf-8")
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     doc = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    doc["files"] += ["old_extra.csv", "../outside.txt", ".hidden"]
-    (tmp_path / "outside.txt").write_text("outside", encoding="utf-8")
+    doc["files"]["notes.txt"] = {"size": 4, "sha256": "0" * 64}
     (out / MANIFEST_NAME).write_text(json.dumps(doc), encoding="utf-8")
-    outputs.write_outputs(small_result, small_scan, out)
-    assert not (out / "old_extra.csv").exists()  # ours, no longer written: removed
+    for overwrite in (False, True):
+        try:
+            outputs.write_outputs(dataclasses_replace_notes(small_result), small_scan, out, overwrite=overwrite)
+        except outputs.InputError as exc:
+            assert not overwrite and "notes.txt" in str(exc)
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
-    assert (tmp_path / "outside.txt").exists()  # a manifest never reaches outside the folder
+
+
+def dataclasses_replace_notes(result):
+    import dataclasses
+
+    return dataclasses.replace(result, notes=list(result.notes) + ["again"])
 
 
 def test_foreign_folder_is_refused_before_any_work(phantom_file, tmp_path, capsys, no_analysis):
@@ -131,7 +150,8 @@ def test_overwrite_writes_only_our_names(phantom_file, tmp_path, capsys):
     code, stdout, err = _run(["analyze", str(phantom_file), "-o", str(out), "--overwrite", *FAST], capsys)
     assert code == 0, err
     assert (out / "chest.nii.gz").read_bytes() == b"the input" and (out / "review").is_dir()
-    assert sorted(p.name for p in out.iterdir()) == sorted(["chest.nii.gz", "review", MANIFEST_NAME, *OUTPUT_FILES])
+    assert sorted(p.name for p in out.iterdir() if p.name not in outputs.OPTIONAL_OUTPUT_FILES) == \
+        sorted(["chest.nii.gz", "review", MANIFEST_NAME, *OUTPUT_FILES])
     validate_result(out / "result.json")
 
 
@@ -219,38 +239,29 @@ def _dead_pid():
     return proc.pid
 
 
-def test_leftovers_of_killed_runs_are_cleaned_but_never_a_users_folder(small_result, small_scan, tmp_path):
+def test_leftovers_of_killed_runs_are_cleaned_but_never_a_users_folder(small_result, small_scan, tmp_path,
+                                                                       monkeypatch):
+    from ZeroShotILDLib import atomic_files
+
     out = tmp_path / "res"
+    out.mkdir()
     dead = _dead_pid()
-    legacy_partial = tmp_path / ".res.partial-abc123"
-    legacy_partial.mkdir()
-    (legacy_partial / "result.json").write_text("{}", encoding="utf-8")
-    (legacy_partial / "montage.png").write_bytes(b"x")
+    # A staging folder of a killed run of ours (made by our own function, under a dead pid).
+    monkeypatch.setattr(atomic_files.os, "getpid", lambda: dead)
+    staging = atomic_files.make_staging_dir(out, outputs.STAGING_PREFIX)
+    kept = atomic_files.make_staging_dir(out, outputs.STAGING_PREFIX)  # ours, but a user put a file in it
+    monkeypatch.undo()
+    (staging / "heatmap.nii.gz").write_bytes(b"half")
+    (kept / "result.json").write_bytes(b"half")
+    (kept / "thesis.tex").write_text("x", encoding="utf-8")
+    # Beside --out: earlier versions' names are never ours to clean any more.
     legacy_old = tmp_path / f".res.old-{dead}"
     legacy_old.mkdir()
     (legacy_old / "result.json").write_text("{}", encoding="utf-8")
-    keep_old = tmp_path / f".res.old-{dead + 100000}"  # an old folder that also holds a user's file
-    keep_old.mkdir()
-    (keep_old / "result.json").write_text("{}", encoding="utf-8")
-    (keep_old / "thesis.tex").write_text("x", encoding="utf-8")
-    live_old = tmp_path / f".res.old-{os.getppid()}"  # a live process: not ours to clean
-    live_old.mkdir()
-    (live_old / "result.json").write_text("{}", encoding="utf-8")
-    other = tmp_path / ".other.partial-abc123"  # another output's leftovers: not this run's place
-    other.mkdir()
-    out.mkdir()
-    staging = out / f"{outputs.STAGING_PREFIX}{dead}"
-    staging.mkdir()
-    (staging / "heatmap.nii.gz").write_bytes(b"half")
-    stale_tmp = out / ".result.json.k2j3.partial"
-    stale_tmp.write_bytes(b"half")
-    past = outputs.RUN_STARTED - 60
-    for p in (legacy_partial, stale_tmp):
-        os.utime(p, (past, past))
-    outputs.write_outputs(small_result, small_scan, out)
-    assert not legacy_partial.exists() and not legacy_old.exists() and not staging.exists() and not stale_tmp.exists()
-    assert (keep_old / "thesis.tex").is_file() and not (keep_old / "result.json").exists()
-    assert (live_old / "result.json").is_file() and other.is_dir()
+    outputs.write_outputs(small_result, small_scan, out, overwrite=True)
+    assert not staging.exists()
+    assert (kept / "thesis.tex").is_file() and not (kept / "result.json").exists()
+    assert (legacy_old / "result.json").is_file()
 
 
 def test_result_folder_and_files_follow_the_umask(small_result, small_scan, tmp_path):

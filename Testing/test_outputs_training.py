@@ -31,22 +31,28 @@ def test_dapt_json_has_no_nan(tmp_path):
     assert doc == {"best_val_loss": None, "runs": []}
 
 
-def test_staged_output_keeps_other_files_cleans_dead_leftovers_and_follows_umask(tmp_path):
+def test_staged_output_keeps_other_files_never_touches_lookalikes_and_follows_umask(tmp_path):
+    from ZeroShotILDLib.errors import InputError
     from zeroshot_ild_train.cli import _staged_output, _write_rows
 
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "scores.csv").write_text("the user's", encoding="utf-8")
+    with pytest.raises(InputError, match="not a folder zeroshot-ild-train wrote"):
+        with _staged_output(foreign):
+            pass
+    assert (foreign / "scores.csv").read_text(encoding="utf-8") == "the user's"
     out = tmp_path / "eval"
-    out.mkdir()
-    (out / "my_notes.txt").write_text("mine", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    dead = tmp_path / f".eval.partial-{proc.pid}"
-    (dead / "sub").mkdir(parents=True)
-    (dead / "sub" / "scores.csv").write_text("half", encoding="utf-8")
-    live = tmp_path / f".eval.partial-{os.getppid()}"
-    live.mkdir()
+    lookalike = tmp_path / f".eval.partial-{proc.pid}"  # the old staging name: a user's folder now
+    (lookalike / "sub").mkdir(parents=True)
+    (lookalike / "sub" / "my.txt").write_text("mine", encoding="utf-8")
     old = os.umask(0o022)
     try:
         with _staged_output(out) as tmp:
+            assert tmp.parent == out.resolve()  # staging inside --out, never beside it
+            (out / "my_notes.txt").write_text("mine", encoding="utf-8")
             _write_rows(tmp / "scores.csv", [{"a": 1}])
             (tmp / "plots").mkdir()
             _write_rows(tmp / "plots" / "x.csv", [{"b": 2}])
@@ -55,8 +61,9 @@ def test_staged_output_keeps_other_files_cleans_dead_leftovers_and_follows_umask
     assert (out / "my_notes.txt").read_text(encoding="utf-8") == "mine"
     assert (out / "scores.csv").read_text(encoding="utf-8").splitlines() == ["a", "1"]
     assert stat.S_IMODE((out / "scores.csv").stat().st_mode) == 0o644
-    assert not dead.exists() and live.is_dir()
-    assert not list(tmp_path.glob(f".eval.partial-{os.getpid()}"))
+    assert (lookalike / "sub" / "my.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted([".zeroshot-ild-train-manifest.json", "my_notes.txt",
+                                                            "plots", "scores.csv"])
 
 
 def test_label_head_is_written_atomically_and_reads_back(tmp_path):

@@ -149,3 +149,19 @@ def test_painted_volume_and_extent_agree(analyzed):
     for k in (1, 2):
         assert np.count_nonzero(volume == k) * voxel_ml == pytest.approx(table[:-1][labels == k].sum(), rel=1e-9)
     assert not volume[~result.lung_mask].any()
+
+
+def test_a_model_trained_on_some_findings_maps_only_those(analyzed, monkeypatch):
+    """phantom-demo was trained to name three patterns; "emphysema" from it is noise (it painted a fibrotic
+    phantom's bases as emphysema), so the map leaves it out with a note. A typed prompt still gets its number."""
+    import dataclasses
+
+    analyzer, _ = analyzed
+    model = analyzer.model
+    monkeypatch.setattr(model, "spec", dataclasses.replace(model.spec, named_findings=("honeycombing",)))
+    result = analyzer.reprompt(prompts=["emphysema"], patterns=["honeycombing", "emphysema"])
+    assert result.patterns.names == ["honeycombing"] and list(result.patterns.extent) == ["honeycombing"]
+    assert any("without 'emphysema'" in n and "not trained to name" in n for n in result.notes)
+    assert 0.0 <= result.extent["emphysema"]["lung_fraction"] <= 1.0
+    monkeypatch.setattr(model, "spec", dataclasses.replace(model.spec, named_findings=()))
+    assert analyzer.reprompt(patterns=["honeycombing", "emphysema"]).patterns.names == ["honeycombing", "emphysema"]

@@ -59,8 +59,9 @@ def test_library_dependencies_are_ranges_not_pins():
 
 
 def test_engine_imports_are_declared_and_declarations_are_imported():
-    # The "dicom" extra: imported only where DICOM results are written, and only when installed.
-    declared = _requirements(_project()["dependencies"] + _project()["optional-dependencies"]["dicom"])
+    # The "dicom" and "pdf" extras: imported only where DICOM results / report.pdf are written, and only when installed.
+    extras = _project()["optional-dependencies"]
+    declared = _requirements(_project()["dependencies"] + extras["dicom"] + extras["pdf"])
     imported = _distributions(_imports(REPO / "ZeroShotILDLib"))
     for module, dists in imported.items():
         assert dists & set(declared), f"ZeroShotILDLib imports {module} ({sorted(dists)}) but pyproject does not declare it"
@@ -112,5 +113,5 @@ def test_setup_installs_with_the_constraints_and_stamps_them():
     assert re.search(r"key=.*pyproject\.toml.*\$constraints", script) and re.search(r"stamp=.*\$key", script)
     # One variable picks PyTorch's CPU-only wheels; the demo profile installs no test or training extras.
     assert "ZEROSHOT_ILD_TORCH" in script and "download.pytorch.org/whl/cpu" in script
-    assert re.search(r'demo\) extras=""', script) and "[train,test,dicom]" in script
+    assert re.search(r'demo\) extras=""', script) and "[train,test,dicom,pdf]" in script
     assert "constraints=requirements/constraints.txt" in script

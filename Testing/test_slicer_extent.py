@@ -300,7 +300,8 @@ def test_save_report_rebuilds_the_scan_from_the_volume_when_the_voxels_are_not_k
     assert len(kept_images) == len(rebuilt_images) >= 2
     for a, b in zip(kept_images, rebuilt_images):
         np.testing.assert_array_equal(a, b)  # same overlays from the rebuilt scan, same montage
-    np.testing.assert_array_equal(rebuilt_images[-1], session.result.montage)
+    # The montage is one of the pictures (the pattern map's come after it since issue 21).
+    assert any(np.array_equal(image, session.result.montage) for image in rebuilt_images)
     assert "Extent by zone" in rebuilt_text and "<svg" in rebuilt_text
     for name in session.result.patterns.names:
         assert name in rebuilt_text
@@ -334,7 +335,7 @@ def test_logic_save_report(module, small_phantom, tmp_path):  # noqa: F811
     path = logic.saveReport()
     assert path == tmp_path / "Chest_CT_report.html"
     text, images = _report_images(path)
-    np.testing.assert_array_equal(images[-1], logic.session.result.montage)
+    assert any(np.array_equal(image, logic.session.result.montage) for image in images)
     assert "honeycombing" in text and "Extent by zone" in text
     # Voxels edited after the analysis: the rebuilt scan would not be the analysed one.
     voxels = slicer.util.arrayFromVolume(volume)

@@ -151,6 +151,35 @@ def test_lungs_segmentation_matches_the_engine_mask(analysed):
     np.testing.assert_allclose(values, expected, atol=1e-6)
 
 
+def test_lungs_have_a_see_through_surface_for_3d_on_the_oblique_mirrored_grid(analysed):
+    """The 3-D view needs a closed surface (a labelmap alone draws nothing there); made coarse and
+    cheap (mrml_results.lung_surface), it must still sit on the lungs in any volume orientation."""
+    from scipy import ndimage
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    _, volume, session, nodes = analysed
+    segmentation = nodes.lungs.GetSegmentation()
+    closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    assert segmentation.ContainsRepresentation(closed)
+    assert nodes.lungs.GetDisplayNode().GetPreferredDisplayRepresentationName3D() == closed
+    assert 0 < nodes.lungs.GetDisplayNode().GetOpacity3D() < 1
+    surface = segmentation.GetNthSegment(0).GetRepresentation(closed)
+    points = vtk_to_numpy(surface.GetPoints().GetData())
+    ras_to_ijk = np.linalg.inv(_ijk_to_ras(volume))
+    kji = (np.c_[points, np.ones(len(points))] @ ras_to_ijk.T)[:, 2::-1]
+    mask = session.result.lung_mask.astype(bool)
+    spacing = np.array(volume.GetSpacing())[::-1]  # k, j, i
+    step = np.maximum(1, np.round(mrml_results.LUNG_SURFACE_MM / spacing))
+    # Every surface point lies within about one coarse step of a lung voxel ...
+    outside = ndimage.distance_transform_edt(~mask, sampling=1.0 / step)
+    index = np.clip(np.round(kji).astype(int), 0, np.array(mask.shape) - 1)
+    assert np.quantile(outside[tuple(index.T)], 0.99) <= 1.5
+    # ... and the surface spans the lungs in every direction.
+    lung = np.argwhere(mask)
+    np.testing.assert_allclose(kji.min(axis=0), lung.min(axis=0), atol=float(step.max()) + 1)
+    np.testing.assert_allclose(kji.max(axis=0), lung.max(axis=0), atol=float(step.max()) + 1)
+
+
 def test_heatmap_has_the_input_geometry_and_the_cli_values(analysed, cli_outputs):
     import SimpleITK as sitk
 
@@ -726,7 +755,7 @@ def test_requirements_and_constraints():
     # constraints pin the scipy Slicer ships, so pip keeps that one.
     assert set(names) & protected == {"scipy"}
     installed = {"open-clip-torch": "2.20.0", "scipy": "1.13.1", "edt": "3.1.2", "safetensors": "0.4.5",
-                 "tqdm": "4.67.1", "pillow": "10.4.0", "huggingface-hub": "0.26.2"}
+                 "tqdm": "4.67.1", "pillow": "10.4.0", "huggingface-hub": "0.26.2", "pyyaml": "6.0.2"}
     missing = dependencies.missing_requirements(
         reqs, version_of=lambda name: installed.get(dependencies.canonical_name(name)))
     assert missing == [r for r in reqs if r.lower().startswith(("open_clip_torch", "open-clip-torch"))]

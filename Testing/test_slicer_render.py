@@ -1,4 +1,4 @@
-"""The module's result as Slicer's own slice view draws it, offscreen, checked on the pixels (issue 23).
+"""The module's result as Slicer's own slice and 3-D views draw it, offscreen, checked on the pixels (issue 23).
 
 ``slicer_render.py`` builds a slice view from slicer-core's slice logic and displayable managers
 (no Qt, no X server: EGL or OSMesa), shows an analysed phantom the way the module does
@@ -58,3 +58,15 @@ def test_colour_legend_and_lung_outline_are_drawn(rendered):
     assert rendered["legend_pixels"] > 500  # the legend's bar, labels and title
     assert rendered["lung_outline_pixels"] > 200
     assert rendered["lung_outline_on_edge"] >= 0.9  # the outline lies on the lung mask's edge
+
+
+def test_lungs_are_visible_in_3d_where_they_are(rendered):
+    lungs = rendered["lungs_3d"]
+    assert lungs["has_surface"] and lungs["opacity"] < 1  # see-through, so the ROIs inside show
+    for direction in ("anterior", "left"):  # together they check R, A and S
+        seen = lungs[direction]
+        assert seen["pixels"] > 5000, seen  # of 400x400
+        # The drawn surface covers the lung mask's projection through the view's camera and stays on it.
+        assert seen["projection_covered"] >= 0.9 and seen["drawn_within_projection"] >= 0.95, (direction, seen)
+        red, green, blue = seen["colour"]
+        assert blue > green > red > 10, (direction, seen)  # the Lungs' light blue, see-through over black

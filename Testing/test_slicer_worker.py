@@ -25,8 +25,10 @@ from ZeroShotILDMRML import worker, worker_client  # noqa: E402
 from ZeroShotILDMRML.worker_client import WorkerClient, WorkerError  # noqa: E402
 
 
-def _spawn():
+def _spawn(session=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "ZeroShotILD"), str(REPO)]))
+    if session is not None:  # what WorkerClient passes: the private folder the worker may use
+        env[worker.SESSION_ENV] = str(session)
     return subprocess.Popen([sys.executable, "-m", "ZeroShotILDMRML.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
@@ -36,7 +38,9 @@ def _event(process) -> dict:
 
 
 def test_raw_protocol_hello_bad_request_and_internal_error(tmp_path):
-    process = _spawn()
+    session = tmp_path / "session"
+    session.mkdir(mode=0o700)
+    process = _spawn(session)
     try:
         hello = _event(process)
         assert hello["event"] == "hello" and hello["protocol"] == worker.PROTOCOL and hello["pid"] == process.pid
@@ -47,9 +51,9 @@ def test_raw_protocol_hello_bad_request_and_internal_error(tmp_path):
         assert bad["event"] == "error" and bad["id"] is None and "unreadable request" in bad["message"]
         assert _event(process)["event"] == "hello"
         # A volume file that is not there: an internal error in one line, then the worker exits.
-        request = {"op": "analyse", "id": 7, "volume": str(tmp_path / "missing.npy"), "spacing_mm": [1, 1, 1],
+        request = {"op": "analyse", "id": 7, "volume": str(session / "missing.npy"), "spacing_mm": [1, 1, 1],
                    "origin_mm": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1], "source": "x",
-                   "settings": tiny_settings().to_dict(), "out": str(tmp_path / "out")}
+                   "settings": tiny_settings().to_dict(), "out": str(session / "out")}
         process.stdin.write(json.dumps(request).encode() + b"\n")
         process.stdin.flush()
         error = _event(process)
@@ -130,6 +134,7 @@ def test_reprompt_needs_a_kept_analysis(client):
 def test_pattern_and_extent_settings_are_a_reprompt_not_a_new_analysis(client, small_phantom, small_scan, tiny_model):
     # The panel's pattern prompts, normal prompt, rind depth and extent cut read the kept embeddings:
     # changing them re-prompts (no lung mask, no encoding), with the same answer as in process.
+    pytest.importorskip("slicer", reason="ZeroShotILDMRML.session needs slicer-core (no Python 3.9 wheels)")
     from ZeroShotILDLib.pipeline import Analyzer
     from ZeroShotILDMRML.session import reprompt_changes
 

@@ -41,13 +41,19 @@ def test_summary_has_one_row_per_scan(two_scans, tmp_path, capsys):
         p_ild = doc["probabilities"]["interstitial lung disease"]
         assert float(r["p[interstitial lung disease]"]) == pytest.approx(p_ild, abs=1e-4)
         ext = doc["extent"]["honeycombing"]
-        assert float(r["extent[honeycombing]"]) == pytest.approx(ext["lung_fraction"], abs=1e-4)
+        # Extent in percent, as the report shows it, with the unit in the column name.
+        assert float(r["extent_pct[honeycombing]"]) == pytest.approx(100 * ext["lung_fraction"], abs=0.01)
+        positive_ml = ext["positive_ml"]["left"] + ext["positive_ml"]["right"]
+        assert float(r["extent_ml[honeycombing]"]) == pytest.approx(positive_ml, abs=0.1)
         for zone in ("upper", "lower", "left", "right", "subpleural", "central"):
             want = ext["by_zone"][zone]
-            assert (r[f"extent[honeycombing].{zone}"] == "") if want is None else \
-                float(r[f"extent[honeycombing].{zone}"]) == pytest.approx(want, abs=1e-4)
+            assert (r[f"extent_pct[honeycombing].{zone}"] == "") if want is None else \
+                float(r[f"extent_pct[honeycombing].{zone}"]) == pytest.approx(100 * want, abs=0.01)
         assert r["extent[honeycombing].predominance"] == ext["predominance"]
-        assert "pattern[emphysema]" in r and int(r["notes"]) == len(doc["notes"])
+        assert "pattern_pct[emphysema]" in r
+        # The notes' text, each note once, in order.
+        assert r["notes"].split(" | ") == [" ".join(n.split()) for n in doc["notes"]]
+        assert not any(c.startswith("extent[") and not c.endswith((".predominance", ".calibrated")) for c in r)
         assert "model-not-meaningful" in r["flags"].split(";")
     # nothing else of ours lies beside the folders (no partial files)
     assert sorted(p.name for p in out.iterdir()) == ["a_chest", "b_chest", "summary.csv"]

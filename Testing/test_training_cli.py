@@ -99,6 +99,12 @@ def test_preprocess_shards_resume_and_errors(capsys, cohort, tmp_path):
     assert len(list((folder / "montages").glob("*.png"))) == 8
     code, again, _ = run(capsys, *common)
     assert code == 0 and "0 montages written, 8 already finished" in again
+    # The cohort QC table and its one line: per split scans, patients, text, montages, classes.
+    assert "cohort QC: 8 scans of 8 patients (train 4 / val 2 / test 2)" in again
+    qc = {r["split"]: r for r in read_rows(folder / "cohort_qc.csv")}
+    assert qc["all"]["montages"] == "8" and qc["val"]["ild=1"] == "1" and qc["all"]["without_text"] == "0"
+    cells = [len(json.loads(p.read_text(encoding="utf-8"))["patches"]) for p in (folder / "montages").glob("*.json")]
+    assert qc["all"]["partly_empty_montages"] == str(sum(1 for n in cells if n < 16))
     # A half-written item (montage without its sidecar, as after a crash) is redone, not taken.
     sidecar = sorted((folder / "montages").glob("*.json"))[0]
     sidecar.unlink()
@@ -205,6 +211,17 @@ def test_grid_reproduces_the_table_layout(capsys, cohort, tmp_path):
     table = (out / "grid.md").read_text(encoding="utf-8")
     assert "Patch Montage Method" in table and "Montage Size" in table and "8 × 8" in table
     assert (out / "roc.png").is_file() and (out / "pr.png").is_file()
+    # Every cell's AUROC recomputes from the per-scan scores it was made of.
+    from zeroshot_ild_train import metrics
+
+    scores = read_rows(out / "scores.csv")
+    y = np.array([int(r["ild"]) for r in scores])
+    cells = [c for c in scores[0] if c.startswith("p[")]
+    assert len(cells) == 4
+    for row, cell in zip(rows, cells):
+        assert row["retrieval"] in cell and f"{row['montage_size']}x{row['montage_size']}" in cell
+        s = np.array([float(r[cell]) for r in scores])
+        assert float(row["auroc"]) == pytest.approx(metrics.roc_auc(y, s), abs=1e-9)
     code, _, err = run(capsys, "grid", cohort["manifest"], "--out", out, *ENGINE, "--montage-sizes", "5")
     assert code == 2 and err.count("\n") == 1
 
@@ -230,7 +247,7 @@ def test_reader_study_export_and_analyze(capsys, cohort, tmp_path):
         sheets.append(sheet)
     out = tmp_path / "table"
     code, stdout, _ = run(capsys, "reader-study", "analyze", study, *sheets, "--out", out)
-    assert code == 0 and "% ILD patches" in stdout
+    assert code == 0 and "% patches with ILD" in stdout
     rows = read_rows(out / "reader_study.csv")
     assert {r["method"] for r in rows} == {"random", "clip"}
     assert {r["group"] for r in rows} == {"Positive", "Negative"}
@@ -245,7 +262,18 @@ def test_probe_and_alignment(capsys, cohort, cache, tmp_path):
     assert code == 0 and "1-shot linear probe" in stdout
     result = json.loads((tmp_path / "probe" / "probe.json").read_text(encoding="utf-8"))
     assert result["classes"] == ["no ild", "ild"] and len(result["linear_probe"]["runs"]) == 2
-    code, stdout, _ = run(capsys, "alignment", cohort["manifest"], "--cache", cache, "--out", tmp_path / "align",
+    # The same numbers as a Markdown table beside the JSON.
+    table = (tmp_path / "probe" / "probe.md").read_text(encoding="utf-8")
+    lp = result["linear_probe"]
+    assert f"| 1-shot linear probe | {lp['aca_mean']:.3f} ± {lp['aca_std']:.3f} |" in table
+    assert f"| zero-shot | {result['zero_shot']['aca']:.3f} |" in table
+    # alignment reads text from its split only: a text-less row in another split does not stop it.
+    rows = read_rows(cohort["manifest"])
+    for r in rows:
+        if r["split"] == "train":
+            r["report_text"] = ""
+    textless = write_rows(cohort["folder"] / "textless_train.csv", rows)
+    code, stdout, _ = run(capsys, "alignment", textless, "--cache", cache, "--out", tmp_path / "align",
                           "--model", "tiny-random", "--device", "cpu", "-q")
     assert code == 0 and "report-level cosine" in stdout
     result = json.loads((tmp_path / "align" / "alignment.json").read_text(encoding="utf-8"))
@@ -268,6 +296,16 @@ def test_pickle_as_last_ckpt_is_refused_in_one_line(capsys, cohort, cache, train
     shutil.copytree(trained, run_dir)
     (run_dir / "dapt_summary.json").unlink()  # an interrupted run: resume would really load last.ckpt
     torch.save({"state_dict": {}, "payload": _Payload()}, run_dir / "checkpoints" / "last.ckpt")
+    # As a run killed while writing would leave it (issue 25: a changed file is otherwise foreign).
+    import subprocess
+    import sys
+
+    from training.files import TRAIN_MANIFEST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    doc = json.loads((run_dir / TRAIN_MANIFEST).read_text(encoding="utf-8"))
+    (run_dir / TRAIN_MANIFEST).write_text(json.dumps(dict(doc, running={"pid": dead.pid})), encoding="utf-8")
     code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cache, "--out", run_dir, *TRAIN, "--resume")
     assert code == 2 and err.count("\n") == 1 and "pickled Python objects, refused" in err
     assert "Traceback" not in err
@@ -582,3 +620,73 @@ def test_every_command_has_two_examples():
         examples = text.split("examples:", 1)
         assert len(examples) == 2 and examples[1].count("zeroshot-ild-train") >= 2, name
         assert "``" not in text and "paper 0" not in text, name
+
+
+def test_split_balances_images_when_patients_have_different_numbers_of_scans(capsys, tmp_path):
+    # Positive patients have 1-6 scans, negative ones 1-2: balancing patients would skew the image
+    # shares that every per-image AUROC sees; the split keeps patients whole and balances images.
+    rng = np.random.default_rng(3)
+    rows = []
+    for patient in range(120):
+        positive = patient % 3 == 0
+        for scan in range(int(rng.integers(1, 7 if positive else 3))):
+            rows.append({"scan_path": f"p{patient}_{scan}.nii.gz", "patient_id": f"P{patient}",
+                         "label_covid": int(positive)})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "split.csv"
+    code, stdout, err = run(capsys, "split", manifest, "--out", out, "--val-fraction", "0.15", "--test-fraction", "0.3",
+                            "--stratify", "covid", "--seed", "1")
+    assert code == 0, err
+    split = read_rows(out)
+    by_patient = {}
+    for r in split:
+        by_patient.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_patient.values())
+    overall = np.mean([int(r["label_covid"]) for r in split])
+    for name, fraction in (("val", 0.15), ("test", 0.3)):
+        mine = [int(r["label_covid"]) for r in split if r["split"] == name]
+        assert abs(np.mean(mine) - overall) < 0.03, name  # image class balance kept
+        assert abs(len(mine) / len(split) - fraction) < 0.03, name  # and the split's share of images
+    # Each split's line reports its image and patient balance.
+    val_line = next(line for line in stdout.splitlines() if line.startswith("val:"))
+    assert "% of scans" in val_line and "% of patients positive" in val_line
+
+
+def test_evaluate_shards_merge_to_the_same_summary_as_one_run(capsys, cohort, tmp_path):
+    args = ["evaluate", cohort["manifest"], *ENGINE, "--resamples", "50"]
+    assert run(capsys, *args, "--out", tmp_path / "one")[0] == 0
+    shards = []
+    for i in range(3):
+        code, stdout, err = run(capsys, *args, "--out", tmp_path / f"s{i}", "--shard", f"{i}/3")
+        assert code == 0, err
+        assert f"shard {i}/3" in stdout and not (tmp_path / f"s{i}" / "results.md").exists()
+        shards.append(tmp_path / f"s{i}")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "merged", "--merge-shards", *shards[:2])
+    assert code == 2 and "shard(s) 2 of 3 missing" in err
+    code, _, err = run(capsys, *args, "--out", tmp_path / "merged", "--merge-shards", *shards)
+    assert code == 0, err
+    for name in ("results.csv", "scores.csv", "threshold_scores.csv"):
+        assert read_rows(tmp_path / "merged" / name) == read_rows(tmp_path / "one" / name), name
+    # Shards of another evaluation (another label here) are refused.
+    code, _, err = run(capsys, *args, "--out", tmp_path / "other", "--merge-shards", *shards, "--montage-size", "8")
+    assert code == 2 and "another evaluation" in err
+
+
+def test_score_cache_is_keyed_on_the_weights_content_not_their_path(capsys, cohort, trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "eval"
+    args = ["evaluate", cohort["manifest"], *ENGINE, "--resamples", "20", "--out", out]
+    assert run(capsys, *args, "--models", f"dapt:{trained / 'best.safetensors'}")[0] == 0
+    cached = sorted(p.name for p in (out / ".scan_scores").iterdir())
+    moved = tmp_path / "moved_run"
+    shutil.copytree(trained, moved)
+    assert run(capsys, *args, "--models", f"dapt:{moved / 'best.safetensors'}")[0] == 0
+    # The same weights at another path: every score came from the cache, none was added.
+    assert sorted(p.name for p in (out / ".scan_scores").iterdir()) == cached
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert record["command"] == "evaluate" and str(moved / "best.safetensors") in " ".join(record["argv"])
+    # The checkpoint's own training verdict travels into the evaluation's notes.
+    health = read_checkpoint_metadata(moved / "best.safetensors")["training"]["health"]
+    unhealthy = health["collapsed"] or health["at_chance"]
+    assert ("recorded this checkpoint as not healthy" in (out / "results.md").read_text(encoding="utf-8")) == unhealthy

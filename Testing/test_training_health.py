@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_training_cli import write_rows
+from test_training_cli import read_rows, write_rows
 from zeroshot_ild_train import cli, dapt
 
 ENGINE = ["--model", "tiny-random", "--device", "cpu", "--patch-mm", "40", "--slice-step-mm", "12",
@@ -173,7 +173,8 @@ def test_resume_refuses_changed_flags_and_extends_a_finished_run(capsys, cohort,
     assert [p.name for p in (out / "logs").iterdir()] == ["metrics.csv"]  # no version_1 after resume
     with open(out / "logs" / "metrics.csv", newline="", encoding="utf-8") as handle:
         steps = {int(r["step"]) for r in csv.DictReader(handle) if r.get("val_loss")}
-    assert {1, 3} <= steps  # validations of both parts of the run, in one file
+    # The base model (0) and the validations of both parts of the run, in one file, numbered as the checkpoints.
+    assert {0, 2, 4} <= steps
 
 
 def test_ensemble_paths_are_relative_and_a_copied_run_evaluates(capsys, cohort, tmp_path):
@@ -327,7 +328,7 @@ def test_metrics_csv_is_on_disk_at_every_validation(tmp_path):
     reader = Reader()
     dapt.fit(config(tmp_path / "run", max_steps=4, val_every_steps=2, class_names=()), make_pairs(tmp_path, count=16),
              callbacks=[reader])
-    assert reader.seen == [1, 2]
+    assert reader.seen == [2, 3]  # the base model's row (step 0), then one more per validation
 
 
 def test_print_config_for_nested_commands(capsys):
@@ -370,3 +371,181 @@ def test_sigint_mid_run_exits_130_with_a_resumable_checkpoint(cohort, tmp_path):
     assert "Traceback" not in stderr
     assert 0 < int(dapt.read_lightning_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]) < 200
     assert summary(out)["result"]["interrupted"] == "SIGINT"
+
+
+class _CollapseAt:
+    """Make the validation at ``step`` a collapsed one with the lowest loss of the run: what a
+    collapse looks like when it pulls the loss towards chance from above (issue 24, paper001)."""
+
+    def __init__(self, step: int):
+        import lightning as L
+
+        class Callback(L.Callback):
+            def on_validation_end(cb, trainer, pl_module):
+                import torch
+
+                if trainer.sanity_checking or trainer.global_step != step:
+                    return
+                _, metrics = pl_module.health_history[-1]
+                metrics["val_mean_cosine"], metrics["val_loss"] = 0.999, 0.01
+                initial = pl_module.health_history[0][1]
+                pl_module.current_verdict = dapt.validation_verdict(metrics, initial, pl_module.config, step=step)
+                trainer.callback_metrics["val_loss"] = torch.tensor(0.01)
+
+        self.callback = Callback()
+
+
+def test_a_collapsed_lowest_loss_checkpoint_is_never_best(monkeypatch, capsys, caplog, cohort, tmp_path):
+    from ZeroShotILDLib.models import read_checkpoint_metadata
+
+    collapse = _CollapseAt(4)
+    real_fit = dapt.fit
+    monkeypatch.setattr(dapt, "fit", lambda config, pairs, **kw: real_fit(config, pairs, callbacks=[collapse.callback], **kw))
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], *TRAIN, "--max-steps", "6",
+                            "--out", out, "--lr", "1e-7")
+    assert code == 0, err
+    result = summary(out)["result"]
+    verdicts = {v["step"]: v for v in result["health"]["verdicts"]}
+    assert verdicts[4]["collapsed"] and not verdicts[4]["healthy"]
+    assert verdicts[2]["healthy"] and verdicts[6]["healthy"]
+    # Step 4 has the lowest validation loss, but it is not best, not in the ensemble.
+    assert result["top_k"][0]["step"] != 4 and 4 not in [c["step"] for c in result["top_k"]]
+    ensemble = json.loads((out / "ensemble.json").read_text(encoding="utf-8"))
+    assert 4 not in [c["step"] for c in ensemble["checkpoints"]]
+    assert all(c["healthy"] for c in ensemble["checkpoints"])
+    best = read_checkpoint_metadata(out / "best.safetensors")["training"]
+    assert best["health"]["collapsed"] is False and best["health"]["healthy"] is True
+    assert best["health"]["step"] == best["global_step"] != 4
+    assert best["health"]["val_chance"] == pytest.approx(math.log(4))
+    collapsed_file = next((out / "checkpoints").glob("step0000004-*.safetensors"))
+    assert read_checkpoint_metadata(collapsed_file)["training"]["health"]["collapsed"] is True
+    warnings = [r.getMessage() for r in caplog.records if "not learning" in r.getMessage()]
+    assert len(warnings) == 1 and "collapsed at step 4" in warnings[0] and "best is the healthy step" in warnings[0]
+
+
+def test_a_run_without_a_healthy_validation_says_so(capsys, caplog, cohort, tmp_path):
+    from ZeroShotILDLib.models import read_checkpoint_metadata
+
+    out = tmp_path / "collapsed"
+    code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], *TRAIN, "--max-steps", "4",
+                       "--out", out, "--lr", "1.0")
+    assert code == 0, err
+    health = summary(out)["result"]["health"]
+    assert health["healthy_steps"] == [] and health["best_healthy"] is False
+    warnings = [r.getMessage() for r in caplog.records if "not learning" in r.getMessage()]
+    assert len(warnings) == 1 and "no validation was healthy" in warnings[0] and "lower --lr" in warnings[0]
+    # The fallback best says in its own metadata that it is not healthy: the engine flags its scores.
+    recorded = read_checkpoint_metadata(out / "best.safetensors")["training"]["health"]
+    assert recorded["healthy"] is False
+    from ZeroShotILDLib.results import model_warning
+
+    assert "did not learn" in model_warning("dapt:best", random_weights=False, trained_on="ct", is_phantom=False,
+                                            training_health=recorded)
+
+
+def test_a_ten_step_run_reaches_its_peak_learning_rate(capsys, cohort, tmp_path):
+    from zeroshot_ild_train.dapt_config import warmup_for
+
+    out = tmp_path / "short"
+    code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], *[a for a in TRAIN if a not in ("--warmup-steps", "1")],
+                       "--max-steps", "10", "--val-every", "5", "--out", out, "--lr", "1e-5")
+    assert code == 0, err
+    with open(out / "logs" / "metrics.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    train_rows = [r for r in rows if r.get("lr")]
+    lrs = [float(r["lr"]) for r in train_rows]
+    assert len(lrs) == 10 and max(lrs) == pytest.approx(1e-5)
+    assert summary(out)["warmup_steps"] == 1
+    # Rows are numbered like the checkpoints: base model 0, training steps 1..10, validations 5 and 10.
+    assert [int(r["step"]) for r in train_rows] == list(range(1, 11))
+    val_steps = [int(r["step"]) for r in rows if r.get("val_loss")]
+    assert val_steps == [0, 5, 10]
+    checkpoint_steps = sorted(int(p.name[4:11]) for p in (out / "checkpoints").glob("step*.safetensors")
+                              if not p.name.endswith(".labelhead.safetensors"))
+    assert set(checkpoint_steps) <= {5, 10} and checkpoint_steps
+    assert all(float(r["samples_per_s"]) > 0 for r in train_rows)
+    assert (out / "curves.png").stat().st_size > 0
+    # The default warm-up scales with the run; an explicit one longer than the run is one line.
+    config = dapt.DaptConfig(output_dir="x")
+    assert (warmup_for(config, 10), warmup_for(config, 5000)) == (1, 100)
+    code, _, err = run(capsys, "train", cohort["manifest"], "--cache", cohort["cache"], *TRAIN[:-1], "--max-steps", "4",
+                       "--warmup-steps", "100", "--out", tmp_path / "refused", "-q")
+    assert code == 2 and "longer than the run's 4 steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validation_auroc_on_a_non_ild_label_with_its_own_prompt(capsys, cohort, tmp_path):
+    from ZeroShotILDLib.models import read_checkpoint_metadata
+
+    # No ild column at all: a "normal" label (the opposite of ILD), scored with its own prompt.
+    rows = []
+    for r in read_rows(cohort["manifest"]):
+        r = dict(r)
+        r["label_normal"] = "0" if r.pop("ild") == "1" else "1"
+        rows.append(r)
+    manifest = write_rows(cohort["folder"] / "normal.csv", rows)  # scan paths are relative to it
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", manifest, "--cache", cohort["cache"], *TRAIN, "--max-steps", "2",
+                            "--out", out, "--lr", "1e-7", "--label", "normal", "--prompt", "normal lungs",
+                            "--monitor", "val_auroc")
+    assert code == 0, err
+    data = summary(out)
+    assert data["config"]["val_label"] == "normal" and data["config"]["val_prompt"] == "normal lungs"
+    assert 0.0 <= data["result"]["health"]["last"]["val_auroc"] <= 1.0
+    assert data["result"]["best_score"] == pytest.approx(data["result"]["health"]["last"]["val_auroc"])
+    assert dapt.validation_prompts(dapt.DaptConfig(output_dir="x", val_label="normal", val_prompt="normal lungs")) == \
+        ("normal lungs", "no normal lungs")
+    assert dapt.validation_prompts(dapt.DaptConfig(output_dir="x", val_label="covid")) == ("covid", "no covid")
+    assert read_checkpoint_metadata(out / "best.safetensors")["training"]["val_label"] == "normal"
+    # A label the manifest does not have is one line.
+    code, _, err = run(capsys, "train", manifest, "--cache", cohort["cache"], *TRAIN, "--max-steps", "2",
+                       "--out", tmp_path / "typo", "--label", "nromal")
+    assert code == 2 and "no label 'nromal'" in err
+
+
+def test_resume_needs_a_run_and_every_run_leaves_a_record(capsys, cohort, tmp_path):
+    from zeroshot_ild_train import run_record
+
+    out = tmp_path / "run"
+    common = [cohort["manifest"], "--cache", cohort["cache"], *TRAIN, "--lr", "1e-7"]
+    code, _, err = run(capsys, "train", *common, "--out", out, "--max-steps", "2", "--resume")
+    assert code == 2 and "holds no run to resume" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # a refused run leaves no folder behind
+    assert run(capsys, "train", *common, "--out", out, "--max-steps", "2")[0] == 0
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert record["command"] == "train" and "--max-steps" in record["argv"] and record["exit_code"] == 0
+    assert {"python", "torch", "lightning"} <= set(record["versions"])
+    assert record["git"] is None or len(record["git"]["commit"]) == 40
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["max_steps"] == 2 and saved["lr"] == pytest.approx(1e-7)
+    index = run_record.read_index(tmp_path)
+    assert [(r["command"], r["out"], r["exit_code"]) for r in index] == [("train", "run", "0")]
+    assert index[0]["headline"].startswith("best val_loss")
+    # The index is read from the run folders: nothing is written beside --out.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    code, listed, _ = run(capsys, "runs", tmp_path)
+    assert code == 0 and "train" in listed and "run" in listed
+    # The saved settings continue the run without retyping its flags.
+    code, _, err = run(capsys, "train", "--config", out / "config.yaml", "--max-steps", "4", "--resume")
+    assert code == 0, err
+    assert summary(out)["result"]["global_step"] == 4
+    index = run_record.read_index(tmp_path)
+    assert [r["command"] for r in index] == ["train"]  # one folder, one row: its latest command
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert "--resume" in record["argv"] and record["previous"][0]["exit_code"] == 0
+
+
+def test_an_unhealthy_validation_does_not_reset_early_stopping_patience():
+    import torch
+
+    stop = dapt.HealthAwareEarlyStopping(monitor="val_loss", mode="min", patience=2)
+    stop.verdict = {"healthy": False}
+    assert stop._evaluate_stopping_criteria(torch.tensor(0.5)) == (False, None)  # nothing healthy yet
+    stop.verdict = {"healthy": True}
+    stop._evaluate_stopping_criteria(torch.tensor(1.0))
+    assert float(stop.best_score) == 1.0 and stop.wait_count == 0
+    stop.verdict = {"healthy": False}  # a collapse with a lower loss: no improvement
+    should_stop, _ = stop._evaluate_stopping_criteria(torch.tensor(0.01))
+    assert float(stop.best_score) == 1.0 and stop.wait_count == 1 and not should_stop
+    should_stop, _ = stop._evaluate_stopping_criteria(torch.tensor(0.01))
+    assert should_stop and float(stop.best_score) == 1.0

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import Cancelled, InputError
-from .settings import COMMON_FINDINGS, DEFAULT_PATTERNS, DEFAULT_SUBTYPES, DEVICES, AnalysisSettings, LungMaskSettings
+from .settings import (COMMON_FINDINGS, DEFAULT_PATTERNS, DEFAULT_SUBTYPES, DEVICES, AnalysisSettings, LungMaskSettings,
+                       OneLineArgumentParser)
 
 EXIT_INPUT = 2
 #: A batch ran to the end but some of its scans (or manifest rows) failed; the others' results are written.
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+    parser = OneLineArgumentParser(prog="zeroshot-ild", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true",
@@ -211,14 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="SCAN", help="NIfTI/NRRD/MHA file or DICOM folder")
     _add_out_args(p, "output folder (one sub-folder per scan when several are given)")
     p.add_argument("--lung-mask", action="append", dest="lung_masks", metavar="FILE",
-                   help="use this lung mask (any non-zero voxel is lung: TotalSegmentator, lungmask or a corrected "
-                        "one) instead of segmenting; same grid as the scan. With several scans give one per scan, "
-                        "in the same order")
+                   help="use this lung mask instead of segmenting (one non-zero value, TotalSegmentator lobes "
+                        "10-14, or a label map with --lung-labels); same grid as the scan. With several scans give "
+                        "one per scan, in the same order")
+    p.add_argument("--lung-labels", metavar="A,B,...",
+                   help="the values of a --lung-mask label map that are lung (e.g. 1,2 for lungmask R231); other "
+                        "values (body, airways) are not lung")
     p.add_argument("--dicom-results", action=argparse.BooleanOptionalAction, default=None,
                    help="for a DICOM series: also write the lung mask as DICOM SEG and the probabilities (and "
                         "extent) as a DICOM SR referencing it (default: on when highdicom is installed, "
                         "pip install 'zeroshot-ild[dicom]')")
+    p.add_argument("--shard", metavar="I/N",
+                   help="analyse only part I of N of the inputs (for a cluster job array, e.g. "
+                        "$SLURM_ARRAY_TASK_ID/16); `zeroshot-ild merge-shards OUT` then writes summary.csv")
     _add_settings_args(p)
+    p = sub.add_parser("merge-shards", help="combine the cohort summaries of `analyze --shard i/N` runs",
+                       description="Check that every shard of a sharded analyze run is in OUT and write its "
+                                   "summary.csv, as one unsharded run over the same scans would.",
+                       epilog="examples:\n"
+                              "  zeroshot-ild analyze scans/*.nii.gz -o cohort --shard $SLURM_ARRAY_TASK_ID/16\n"
+                              "  zeroshot-ild merge-shards cohort\n", formatter_class=raw)
+    p.add_argument("out", metavar="OUT", help="the --out folder the shards wrote into")
+    p.add_argument("--overwrite", action="store_true", help="replace a summary.csv there that is not the tool's")
     p = sub.add_parser("calibrate", help="build a model's normal-lung reference for the extent from normal scans",
                        description="Analyse normal scans with a model and store, beside its weights, what normal "
                                    "lung scores for each prompt and pattern: the reference the extent is measured "
@@ -292,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_demo(args, progress)
         if args.command == "calibrate":
             return _cmd_calibrate(args, progress)
+        if args.command == "merge-shards":
+            return _cmd_merge_shards(args)
         return _cmd_analyze(args, progress)
     except InputError as exc:
         progress.close()
@@ -303,6 +320,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CANCELLED
     finally:
         progress.close()
+
+
+def _cmd_merge_shards(args) -> int:
+    from .shards import merge_shards
+
+    summary, scans, failed = merge_shards(Path(args.out), overwrite=args.overwrite)
+    print(f"cohort summary of {scans} scans ({failed} failed): {summary}")
+    return EXIT_PARTIAL if failed else 0
 
 
 def _cmd_models(args) -> int:
@@ -365,7 +390,7 @@ def _cmd_download(args, root: Path, as_json: bool) -> int:
 
 
 def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cache_dir, analyzer=None, *,
-             lung_mask_path=None, overwrite: bool = False, dicom_results=None):
+             lung_mask_path=None, lung_labels=None, overwrite: bool = False, dicom_results=None):
     from .embeddings import EmbeddingCache
     from .ensemble import make_analyzer
     from .outputs import write_outputs
@@ -374,7 +399,7 @@ def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cac
     if analyzer is None:
         analyzer = make_analyzer(settings, progress=progress, cache=EmbeddingCache(cache_dir))
     scan = read_scan(scan_path) if not hasattr(scan_path, "hu") else scan_path
-    mask = read_lung_mask(lung_mask_path, scan) if lung_mask_path else None
+    mask = read_lung_mask(lung_mask_path, scan, lung_labels=lung_labels) if lung_mask_path else None
     result = analyzer.analyze(scan, lung_mask=mask)
     if mask is not None:
         result.notes.append(f"lung mask read from {Path(lung_mask_path).name}, not segmented")
@@ -384,8 +409,11 @@ def _run_one(scan_path, out_dir: Path, settings: AnalysisSettings, progress, cac
     return result, analyzer
 
 
-def read_lung_mask(path, scan):
-    """A lung mask file on the scan's grid as a bool array (non-zero = lung); one-line error otherwise."""
+def read_lung_mask(path, scan, *, lung_labels=None):
+    """A lung mask file on the scan's grid as a bool array; one-line error otherwise.
+
+    Which values are lung: ``lung_labels.lung_mask_from_labels`` (a label map needs ``lung_labels``).
+    """
     import numpy as np
     import SimpleITK as sitk
 
@@ -414,15 +442,17 @@ def read_lung_mask(path, scan):
     if problems:
         raise InputError(f"lung mask {path.name} is not on the scan's grid ({'; '.join(problems)}): resample it "
                          "onto the scan first")
-    mask = sitk.GetArrayFromImage(image) != 0
-    if not mask.any():
-        raise InputError(f"lung mask {path.name} is empty (no non-zero voxel)")
-    return mask
+    from .lung_labels import lung_mask_from_labels
+
+    return lung_mask_from_labels(sitk.GetArrayFromImage(image), lung_labels, name=path.name)
 
 
 def _summary(result, out_dir: Path) -> str:
-    lines = [f"{result.source or 'scan'} -> {out_dir}",
-             f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} scored boxes"]
+    lines = [f"{result.source or 'scan'} -> {out_dir}"]
+    if not result.model_meaningful:
+        # Before any number: a reader must not take in the probabilities before learning they mean nothing.
+        lines.append(f"  WARNING: the scores below are NOT meaningful: {result.model_warning or 'see the notes'}")
+    lines.append(f"  lung volume {result.lung_volume_ml:.0f} mL, {len(result.patches)} scored boxes")
     for k, v in result.finding_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
         ext = result.extent.get(k)
@@ -431,7 +461,7 @@ def _summary(result, out_dir: Path) -> str:
                          f"({ext['predominance']}{'' if ext.get('calibrated') else '; UNCALIBRATED'})")
     for k, v in result.subtype_probabilities.items():
         lines.append(f"  P({k}) = {v:.3f}")
-    lines += [f"  note: {n}" for n in result.notes]
+    lines += [f"  note: {n}" for n in result.notes if result.model_meaningful or n != result.model_warning]
     return "\n".join(lines)
 
 
@@ -453,6 +483,11 @@ def _cmd_analyze(args, progress) -> int:
     for mask in masks:
         if not Path(mask).expanduser().is_file():
             raise InputError(f"lung mask {mask} does not exist: give a NIfTI/NRRD/MHA file")
+    from .lung_labels import parse_lung_labels
+
+    lung_labels = parse_lung_labels(args.lung_labels)
+    if lung_labels and not masks:
+        raise InputError("--lung-labels says which values of a --lung-mask are lung: give --lung-mask too")
     if args.dicom_results:
         from .dicom_results import INSTALL_HINT, highdicom_available
 
@@ -463,11 +498,23 @@ def _cmd_analyze(args, progress) -> int:
     if many and SUMMARY_NAME.lower() in (n.lower() for n in names):
         raise InputError(f"a scan's output folder would be named {SUMMARY_NAME}, the cohort summary's name: rename "
                          "that scan file")
+    all_inputs, shard = list(args.inputs), None
+    if getattr(args, "shard", None):  # this job's part of the cohort; folder names as in an unsharded run
+        from .shards import parse_shard, shard_indices
+
+        shard = parse_shard(args.shard)
+        keep = shard_indices(all_inputs, *shard)
+        args.inputs, names = [all_inputs[k] for k in keep], [names[k] for k in keep]
+        masks = [masks[k] for k in keep] if masks else masks
     targets = [out / name for name in names] if many else [out]
     # Every output place is checked before the first scan is read: no refusal after an hour of work.
     for target in targets:
         prepare_out_dir(target, overwrite=args.overwrite)
     summary = check_summary_path(out, overwrite=args.overwrite) if many else None
+    if shard is not None and many:
+        from .shards import shard_summary_path
+
+        summary = shard_summary_path(out, *shard)
     rows = []
     if many:
         print("output folders:")
@@ -478,7 +525,8 @@ def _cmd_analyze(args, progress) -> int:
     for k, (path, target) in enumerate(zip(args.inputs, targets)):
         try:
             result, analyzer = _run_one(path, target, settings, progress, args.cache_dir, analyzer,
-                                        lung_mask_path=masks[k] if masks else None, overwrite=args.overwrite,
+                                        lung_mask_path=masks[k] if masks else None, lung_labels=lung_labels,
+                                        overwrite=args.overwrite,
                                         dicom_results=args.dicom_results)
         except InputError as exc:
             if not many:
@@ -496,6 +544,10 @@ def _cmd_analyze(args, progress) -> int:
             # Rewritten (atomically) after every scan: a stopped run leaves the rows of the scans it finished.
             rows.append(summary_row(result, str(path), names[k]))
             write_summary(rows, summary)
+    if shard is not None and many:
+        from .shards import write_shard_record
+
+        write_shard_record(out, *shard, all_inputs, keep, rows)
     if summary is not None:
         print(f"cohort summary: {summary}")
     if failed:

@@ -1,21 +1,34 @@
 """DICOM results for a DICOM input, for PACS users: the lung mask (and the pattern map) as DICOM SEG,
-probabilities and extent as a DICOM SR Measurement Report (TID 1500), all referencing the source series.
+probabilities and extent as a DICOM SR Measurement Report (TID 1500), and the report as an
+Encapsulated PDF, all in the source study and referencing the source series.
 
-Built with highdicom (optional: ``pip install 'zeroshot-ild[dicom]'``). Research users keep the
-NIfTI files; these are written beside them when the scan was read from a DICOM series whose slices
+Built with highdicom and pydicom (optional: ``pip install 'zeroshot-ild[dicom]'``). Research users keep
+the NIfTI files; these are written beside them when the scan was read from a DICOM series whose slices
 the analysis used as they are (``Scan.dicom_files``). A series resampled on reading (gantry tilt,
 sagittal or coronal slices turned axial) and multi-frame files get a note instead: the mask's voxels
-would not lie on the source frames.
+would not lie on the source frames. A series whose headers lack what a reference needs (an anonymised
+export without Modality or Frame of Reference) gets one plain note naming what is missing.
 
 Every object carries the source's patient and study modules (DICOM requires them and PACS files by
-them); highdicom copies them from the source headers. Nothing of them is logged or shown.
+them); highdicom copies them from the source headers. Nothing of them is logged or shown. Those
+strings are first made valid for their value representation (length, characters; ``sanitised``) and
+the objects declare UTF-8 (``ISO_IR 192``) when any of them is not ASCII, so a source that broke the
+rules does not make our objects break them. pydicom's and highdicom's warnings (which quote header
+values) are kept off stderr.
 
 Zero-shot probabilities and extents have no standard codes: they are coded in the private scheme
-``99ZSILD`` (the ``99`` prefix is DICOM's mark of a local scheme), the lung by SNOMED CT.
+``99ZSILD`` (the ``99`` prefix is DICOM's mark of a local scheme), declared in every object's Coding
+Scheme Identification Sequence (name, version, responsible organisation); the lung by SNOMED CT. Validators that check
+designators against DICOM's list (dciodvfy) still name ``99ZSILD`` as unrecognised: the declaration is
+how DICOM says what a local scheme is, and there is no registry entry for it to find.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import logging
+import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -28,14 +41,26 @@ from .scan import Scan
 LUNG_SEG_NAME = "lung_mask.seg.dcm"
 PATTERNS_SEG_NAME = "patterns.seg.dcm"
 SR_NAME = "result.sr.dcm"
+PDF_DICOM_NAME = "report.pdf.dcm"
 INSTALL_HINT = "pip install 'zeroshot-ild[dicom]' (highdicom and pydicom)"
 #: Private coding scheme of this tool's concepts (DICOM PS3.16: designators beginning 99 are local).
 SCHEME = "99ZSILD"
 MANUFACTURER = "zeroshot-ild"
 #: Series numbers of the derived series, high so they sort after the scanner's own.
-SERIES_NUMBERS = {LUNG_SEG_NAME: 9901, PATTERNS_SEG_NAME: 9902, SR_NAME: 9903}
+SERIES_NUMBERS = {LUNG_SEG_NAME: 9901, PATTERNS_SEG_NAME: 9902, SR_NAME: 9903, PDF_DICOM_NAME: 9904}
 RESEARCH_LABEL = "research use only, not for diagnosis"
+#: Short enough for a Series Description (LO, 64 characters) with any of our series names in front.
+SHORT_LABEL = "not for diagnosis"
+#: The whole research-use notice, where DICOM allows long text (an SR TEXT item, the PDF's Document Title).
+RESEARCH_TEXT = ("Research software, not a diagnostic device: not for clinical decisions. Zero-shot scores of a "
+                 "vision-language model are not calibrated probabilities of disease.")
 ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "central")
+#: What a SEG needs of every source slice to reference it (PS3.3 C.8.20, highdicom's checks).
+REQUIRED = (("Modality", "Modality"), ("SOPClassUID", "SOP Class UID"), ("SOPInstanceUID", "SOP Instance UID"),
+            ("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
+            ("FrameOfReferenceUID", "Frame of Reference UID"), ("ImagePositionPatient", "Image Position"),
+            ("ImageOrientationPatient", "Image Orientation"), ("PixelSpacing", "Pixel Spacing"),
+            ("SliceThickness", "Slice Thickness"))
 
 
 def highdicom_available() -> bool:
@@ -45,6 +70,37 @@ def highdicom_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@contextmanager
+def quiet_dicom():
+    """pydicom and highdicom report odd header values as warnings and log lines that quote them (a patient's
+    name): inside this block neither reaches stderr."""
+    loggers = [logging.getLogger(n) for n in ("pydicom", "highdicom")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def read_sources(files: Sequence) -> list:
+    """The source slices' headers (no pixels), made fit to copy: Type 2 attributes present, strings valid."""
+    import pydicom
+
+    with quiet_dicom():
+        return [sanitised(_with_type2_attributes(pydicom.dcmread(f, stop_before_pixels=True))) for f in files]
+
+
+def missing_for_reference(sources: Sequence) -> list:
+    """The names of what a reference to the source slices needs and some slice lacks (empty: all there)."""
+    return [name for keyword, name in REQUIRED
+            if any(keyword not in d or d.get(keyword) in (None, "") for d in sources)]
 
 
 def write_dicom_results(result: AnalysisResult, scan: Scan, folder, *, enabled: Optional[bool] = None,
@@ -70,18 +126,20 @@ def write_dicom_results(result: AnalysisResult, scan: Scan, folder, *, enabled: 
     if not highdicom_available():
         result.notes.append(f"DICOM results (SEG, SR) not written: highdicom is not installed; {INSTALL_HINT}")
         return []
-    import pydicom
-
-    sources = [_with_type2_attributes(pydicom.dcmread(f, stop_before_pixels=True)) for f in scan.dicom_files]
+    sources = read_sources(scan.dicom_files)
+    missing = missing_for_reference(sources)
+    if missing:
+        result.notes.append(f"DICOM results (SEG, SR) not written: the source slices have no {_and(missing)}, which "
+                            "DICOM needs to place results on them (a stripped or anonymised export); the NIfTI "
+                            "results are complete")
+        return []
     ny, nx = scan.hu.shape[1:]
     if any((int(d.Rows), int(d.Columns)) != (ny, nx) for d in sources):
         result.notes.append("DICOM results (SEG, SR) not written: the source slices' size differs from the "
                             "analysed volume's")
         return []
     try:
-        with warnings.catch_warnings():
-            # highdicom's warnings quote header values (a patient name it finds odd): never shown.
-            warnings.simplefilter("ignore")
+        with quiet_dicom():
             objects = {LUNG_SEG_NAME: lung_segmentation(result.lung_mask, sources)}
             if pattern_map is not None and pattern_names:
                 patterns_seg = pattern_segmentation(pattern_map, pattern_names, sources)
@@ -92,18 +150,29 @@ def write_dicom_results(result: AnalysisResult, scan: Scan, folder, *, enabled: 
                                                   pattern_extent=pattern_extent)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # The analysis stands without them: a series whose headers break DICOM's rules (slices
-        # naming different studies, no frame of reference) cannot be referenced by a SEG.
-        result.notes.append(f"DICOM results (SEG, SR) not written: the source series' headers do not allow it "
-                            f"({_reason_without_patient(exc, sources[0])})")
+        # naming different studies) cannot be referenced by a SEG.
+        missing = re.search(r"has no attribute '(\w+)'", str(exc))
+        if isinstance(exc, AttributeError) and missing:  # an attribute highdicom needs and the check above misses
+            result.notes.append(f"DICOM results (SEG, SR) not written: the source slices have no {missing[1]}, which "
+                                "DICOM needs to place results on them; the NIfTI results are complete")
+        else:
+            result.notes.append(f"DICOM results (SEG, SR) not written: the source series' headers do not allow it "
+                                f"({_reason_without_patient(exc, sources[0])})")
         return []
     folder = Path(folder)
     written = []
     for name, dataset in objects.items():
-        dataset.save_as(folder / name)
+        declare_character_set(dataset)
+        with quiet_dicom():
+            dataset.save_as(folder / name)
         written.append(name)
     result.notes.append("DICOM results written for PACS: " + ", ".join(written) + " (they reference the source "
                         "series and carry its patient and study data)")
     return written
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _reason_without_patient(exc: Exception, source) -> str:
@@ -135,6 +204,86 @@ def _with_type2_attributes(dataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# Strings copied from the source: valid for their VR
+# ----------------------------------------------------------------------------------------------
+#: Longest value per VR (characters; PS3.5 6.2). PN: per component group.
+MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64, "LT": 10240, "PN": 64,
+              "SH": 16, "ST": 1024, "TM": 14, "UI": 64}
+#: VRs whose values may hold line breaks and tabs (text); the others hold no control character at all.
+_TEXT_VRS = {"LT", "ST", "UT"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")  # keeps TAB, LF, FF, CR
+
+
+def sanitised_value(value: str, vr: str) -> str:
+    """``value`` made valid for ``vr``: control characters removed (text VRs keep TAB, LF, FF, CR), the
+    backslash (DICOM's value separator) removed from single values, cut to the VR's length; CS upper-case
+    letters, digits, space and underscore; DA/TM digits (a date that is not 8 digits is dropped: empty is
+    DICOM's "unknown"). UIDs are not touched here: changing one would break the reference to its image."""
+    text = str(value)
+    text = (_TEXT_CONTROL if vr in _TEXT_VRS else _CONTROL).sub("", text)
+    if vr == "CS":
+        text = re.sub(r"[^A-Z0-9 _]", "", text.upper())
+    elif vr == "DA":
+        text = re.sub(r"[^0-9]", "", text)
+        text = text if len(text) == 8 else ""
+    elif vr == "TM":
+        text = re.sub(r"[^0-9.]", "", text)
+    elif vr in ("DS", "IS"):
+        text = re.sub(r"[^0-9+\-.eE ]", "", text)
+    if vr == "PN":
+        return "=".join(group[:MAX_LENGTH["PN"]] for group in text.replace("\\", "").split("=")[:3])
+    if vr not in _TEXT_VRS:
+        text = text.replace("\\", "")
+    limit = MAX_LENGTH.get(vr)
+    return text[:limit] if limit else text
+
+
+def sanitised(dataset):
+    """``dataset`` (in memory) with every top-level string value valid for its VR (``sanitised_value``).
+    Values that cannot be read as text under the declared character set are dropped to empty."""
+    for element in dataset:
+        vr = element.VR
+        if vr == "UI" or (vr not in MAX_LENGTH and vr not in ("UT", "UC", "UR")) or element.value in (None, ""):
+            continue
+        if vr in ("DS", "IS") and not isinstance(element.value, (str, bytes)):
+            continue  # already numbers (pydicom parsed them): valid by construction
+        try:
+            value = element.value
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace").replace("\ufffd", "")
+            if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+                cleaned = [sanitised_value(v, vr) for v in value]
+                element.value = [v for v in cleaned if v != ""]
+            else:
+                element.value = sanitised_value(value, vr)
+        except (TypeError, ValueError, UnicodeError):
+            element.value = ""
+    return dataset
+
+
+def declare_character_set(dataset) -> None:
+    """Declare UTF-8 (``ISO_IR 192``) when any string value of ``dataset`` (any depth) is not ASCII; pydicom
+    then writes every string in it. ASCII-only objects keep the default repertoire (no declaration)."""
+    def has_non_ascii(ds) -> bool:
+        for element in ds:
+            if element.VR == "SQ":
+                if any(has_non_ascii(item) for item in element.value or []):
+                    return True
+            elif element.VR in MAX_LENGTH or element.VR in ("UT", "UC", "UR"):
+                values = element.value if isinstance(element.value, (list, tuple)) or \
+                    type(element.value).__name__ == "MultiValue" else [element.value]
+                if any(not str(v).isascii() for v in values if v is not None):
+                    return True
+        return False
+
+    if has_non_ascii(dataset):
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet
+
+
+# ----------------------------------------------------------------------------------------------
 # SEG
 # ----------------------------------------------------------------------------------------------
 def _algorithm():
@@ -149,8 +298,20 @@ def _coding_schemes() -> list:
     """Names the private scheme in the object (Coding Scheme Identification Sequence)."""
     import highdicom as hd
 
+    # No Coding Scheme UID (Type 1C, only for schemes identified by an OID): dciodvfy would flag ours as an
+    # unknown UID too, one more warning that says nothing a reader needs.
     return [hd.coding_schemes.CodingSchemeIdentificationItem(
-        designator=SCHEME, name="ZeroShotILD concepts", responsible_organization="zeroshot-ild")]
+        designator=SCHEME, name="ZeroShotILD concepts", version=__version__, responsible_organization="zeroshot-ild")]
+
+
+def series_description(what: str) -> str:
+    """"ZeroShotILD <what>, research only, not for diagnosis", shortened to DICOM's 64 characters (LO) by
+    dropping words of ``what`` or "research only", never "not for diagnosis"."""
+    text = f"ZeroShotILD {what}, research only, {SHORT_LABEL}"
+    if len(text) > 64:
+        tail = f", {SHORT_LABEL}"
+        text = f"ZeroShotILD {what}"[:64 - len(tail)].rstrip(" ,") + tail
+    return text
 
 
 def _private(value: str, meaning: str):
@@ -169,7 +330,7 @@ def _segmentation(pixels: np.ndarray, descriptions: list, sources: Sequence, nam
         segment_descriptions=descriptions, series_instance_uid=generate_uid(),
         series_number=SERIES_NUMBERS[name], sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="ZeroShotILD", software_versions=__version__,
-        device_serial_number="none", series_description=f"{description} ({RESEARCH_LABEL})"[:64],
+        device_serial_number="none", series_description=series_description(description),
         omit_empty_frames=True, coding_schemes=_coding_schemes())
     return seg
 
@@ -183,8 +344,7 @@ def lung_segmentation(lung_mask: np.ndarray, sources: Sequence):
         segment_number=1, segment_label="Lungs", segmented_property_category=codes.SCT.Organ,
         segmented_property_type=codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm(), tracking_uid=hd.UID(), tracking_id="zeroshot-ild lung mask")
-    return _segmentation(np.asarray(lung_mask, dtype=np.uint8), [lung], sources, LUNG_SEG_NAME,
-                         "ZeroShotILD lung mask")
+    return _segmentation(np.asarray(lung_mask, dtype=np.uint8), [lung], sources, LUNG_SEG_NAME, "lung mask")
 
 
 def pattern_segmentation(pattern_map: np.ndarray, pattern_names: Mapping[int, str], sources: Sequence):
@@ -212,8 +372,7 @@ def pattern_segmentation(pattern_map: np.ndarray, pattern_names: Mapping[int, st
             tracking_uid=hd.UID(), tracking_id=f"zeroshot-ild pattern {name}"[:64]))
     values = np.asarray(pattern_map)
     pixels = np.where((values > 0) & (values <= labels[-1]), segment_of[np.clip(values, 0, labels[-1])], 0)
-    return _segmentation(pixels.astype(np.uint8), descriptions, sources, PATTERNS_SEG_NAME,
-                         "ZeroShotILD pattern map")
+    return _segmentation(pixels.astype(np.uint8), descriptions, sources, PATTERNS_SEG_NAME, "pattern map")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +476,105 @@ def measurement_report(result: AnalysisResult, sources: Sequence, lung_seg, *, e
             model_name=result.model_name[:64])))
     content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                       imaging_measurements=groups, title=codes.cid7021.ImagingMeasurementReport)
+    # The whole research-use notice, which no Series Description (64 characters) can hold: a TEXT item at the
+    # end of the report's root container (TID 1500 is extensible), shown by every SR viewer.
+    content[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=RESEARCH_TEXT + ("" if result.model_meaningful else
+                                                      f" The scores are NOT meaningful: {result.model_warning}"),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     evidence = list(sources) + [lung_seg] + ([patterns_seg] if patterns_seg is not None else [])
-    description = "ZeroShotILD results" + ("" if result.model_meaningful else " (scores NOT meaningful)")
+    description = "results" + ("" if result.model_meaningful else ", scores NOT meaningful")
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=content, series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS[SR_NAME],
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
-        coding_schemes=_coding_schemes(), series_description=f"{description}, {RESEARCH_LABEL}"[:64])
+        coding_schemes=_coding_schemes(), series_description=series_description(description))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report as an Encapsulated PDF in the source study
+# ----------------------------------------------------------------------------------------------
+#: Patient and study attributes copied from the source into the Encapsulated PDF (PS3.3 A.45.1: Patient,
+#: General Study), so PACS files the report with its scan.
+_COPIED = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved",
+           "DeidentificationMethod", "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+           "AccessionNumber", "StudyDescription")
+
+
+def encapsulated_pdf(pdf: bytes, source, *, referenced: Sequence = (), title: str = ""):
+    """An Encapsulated PDF instance (PS3.3 A.45.1) holding ``pdf`` in the study of ``source`` (a sanitised
+    source header: ``read_sources``), in a new series of its own. ``referenced``: the source headers of the
+    images the PDF shows (Source Instance Sequence)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+
+    now = _dt.datetime.now()
+    ds = Dataset()
+    for keyword in _COPIED:
+        if keyword in source:
+            setattr(ds, keyword, source.get(keyword))
+    for keyword in _TYPE2:  # required, empty when unknown
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = SERIES_NUMBERS[PDF_DICOM_NAME]
+    ds.SeriesDescription = series_description("report")
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "ZeroShotILD"
+    ds.SoftwareVersions = __version__
+    ds.ConversionType = "WSD"  # made on a workstation, not scanned
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    # The page names the input by its file or folder name only, but that name is the user's and may
+    # identify the patient: say so, the safe answer for de-identification tools.
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = sanitised_value(f"ZeroShotILD report. {RESEARCH_TEXT}", "ST")
+    ds.ConceptNameCodeSequence = []
+    refs = []
+    for image in referenced:
+        item = Dataset()
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        refs.append(item)
+    if refs:
+        ds.SourceInstanceSequence = refs
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    if len(pdf) % 2:  # DICOM values have even length: padded with one NUL, and the true length stated
+        ds.EncapsulatedDocumentLength = len(pdf)
+        pdf = pdf + b"\0"
+    ds.EncapsulatedDocument = pdf
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    declare_character_set(ds)
+    return ds
+
+
+def write_encapsulated_pdf(pdf: bytes, scan: Scan, path, key_slices: Sequence[int] = ()) -> str:
+    """Write ``pdf`` as an Encapsulated PDF in the source study of ``scan`` to ``path``; "" when written,
+    else one line saying why not."""
+    files = scan.dicom_files
+    if files is None or len(files) != scan.hu.shape[0]:
+        return "the scan was not read from a DICOM series on its own planes"
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return f"pydicom is not installed; {INSTALL_HINT}"
+    picked = sorted({int(z) for z in key_slices if 0 <= int(z) < len(files)}) or [0]
+    sources = read_sources([files[z] for z in picked])
+    missing = [name for keyword, name in REQUIRED[1:5] if any(not d.get(keyword) for d in sources)]
+    if missing:
+        return f"the source slices have no {_and(missing)}"
+    from pydicom.filewriter import dcmwrite
+
+    with quiet_dicom():
+        dataset = encapsulated_pdf(pdf, sources[0], referenced=sources)
+        dcmwrite(path, dataset, enforce_file_format=True)
+    return ""

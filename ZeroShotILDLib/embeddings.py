@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .atomic_files import atomic_path
+from .atomic_files import atomic_path, check_cache_folder, special_file
 from .models import LoadedModel
 from .progress import CancelToken, ProgressCallback, no_progress
 
@@ -125,16 +125,28 @@ class EmbeddingCache:
     """
 
     def __init__(self, folder: Optional[os.PathLike] = None, max_entries: int = 4):
-        self.folder = Path(folder).expanduser() if folder else None
+        # Checked now, before any work: one line if it is a file or cannot be written.
+        self.folder = check_cache_folder(folder, option="--cache-dir") if folder else None
         self.max_entries = max_entries
         self._memory: dict[str, dict] = {}
+        self._warned_special = False
+
+    def _special(self, path: Path) -> bool:
+        """A FIFO or device under an entry's name is never read (it would block) nor replaced."""
+        if not special_file(path):
+            return False
+        if not self._warned_special:
+            self._warned_special = True
+            log.warning("ignoring %s in the cache folder: it is not a regular file (FIFO or device); that entry "
+                        "is neither read nor written", path.name)
+        return True
 
     def get(self, key: str) -> Optional[dict]:
         if key in self._memory:
             return self._memory[key]
         if self.folder is not None:
             path = self.folder / f"{key}.npz"
-            if path.is_file():
+            if not self._special(path) and path.is_file():
                 entry = read_npz(path, what="embedding cache entry")
                 if entry is None:
                     return None
@@ -144,11 +156,16 @@ class EmbeddingCache:
 
     def put(self, key: str, entry: dict) -> None:
         self._remember(key, entry)
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.folder / f"{key}.npz") as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, **entry)
+        if self.folder is not None and not self._special(self.folder / f"{key}.npz"):
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(self.folder / f"{key}.npz") as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.savez(handle, **entry)
+            except OSError as exc:
+                # The cache only saves time: a full disk there must not cost the result.
+                log.warning("could not keep the embeddings in the cache %s (%s); the result is not affected",
+                            self.folder, exc.strerror or exc)
 
     def _remember(self, key: str, entry: dict) -> None:
         self._memory[key] = entry

@@ -24,9 +24,11 @@ contrast the pattern map has always used). Raw zero-shot scores have a model- an
 offset, so that score is compared with what *normal* lungs score for the same model and prompt: a
 reference built from normal scans (``calibration.py``, ``zeroshot-ild calibrate``) stored beside
 the weights. A patch counts as X when its score is more than ``z`` robust standard deviations
-above the normal lungs' median. The reference does not move with the scan, so a lung that is 80 %
-diseased reads about 80 % (the earlier per-scan rule, centred on the scan's own median patch,
-read such a lung as 0 %). Without a reference for the model and prompt the extent is still
+above the normal lungs' median, and when it is also nearer X than X's negation ("no X", the pair
+the probabilities use; ``affirmed``): far from normal says *diseased*, the negation says *with what*,
+so "honeycombing" does not read all fibrosis, and co-existing patterns each count. The reference does
+not move with the scan, so a lung that is 80 % diseased reads about 80 % (the earlier per-scan rule,
+centred on the scan's own median patch, read such a lung as 0 %). Without a reference for the model and prompt the extent is still
 computed, with the text alone deciding (the patch is closer to X than to normal lung), and every
 output marks it *uncalibrated*.
 """
@@ -523,28 +525,28 @@ def truth_extent(codes: np.ndarray, disease_mask: np.ndarray, spacing_mm, slice_
     return float(pos.sum() / total.sum()) if total.sum() > 0 else float("nan"), by_zone
 
 
-def nearest_pattern(scores: Mapping, prompt: str, rivals: Sequence[str]) -> np.ndarray:
-    """(N,) bool: boxes whose embedding is nearer ``prompt``'s text than every rival pattern's.
+def affirmed(negation_scores: np.ndarray) -> np.ndarray:
+    """(N,) bool: boxes nearer the finding's text than its negation's (``cos(patch, X) - cos(patch, "no X")
+    > 0``: the probability of X from the prompt pair is above 0.5).
 
-    Why: the contrast with normal lung says "diseased", not "which pattern": on phantom-demo every
-    pattern prompt read all disease as itself (honeycombing extent: mean error 32 points). The
-    contrasts share the normal-lung term, so their difference is the plain similarity difference.
-    Asking the pattern to beat each rival brought honeycombing's error to ~3 points (bench/RESULTS.md).
+    Why: distance from normal lung says "diseased", not "which finding": on phantom-demo every pattern
+    prompt read all disease as itself (honeycombing: mean error 32 points). Patterns co-exist (a fibrotic
+    box is reticulation *and* honeycombing), so they are not made to compete for a box either (the
+    earlier nearest-pattern rule halved reticulation in fibrotic lungs); each word is asked on its own
+    whether the box holds it, by the same prompt pair its probability uses (bench/RESULTS.md).
     """
-    own = np.asarray(scores[prompt], dtype=np.float64)
-    best_rival = np.max(np.stack([np.asarray(scores[r], dtype=np.float64) for r in rivals]), axis=0)
-    return own > best_rival
+    return np.asarray(negation_scores, dtype=np.float64) > 0.0
 
 
 def rule_text(prompt: str, normal_prompt: str, z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM,
               reference: Optional[Mapping] = None, scored: float = 1.0, min_neighbours: int = 0,
-              rivals: Sequence[str] = ()) -> str:
+              negation: Optional[str] = None) -> str:
     scored = scored if np.isfinite(scored) else 0.0
     region = (f" A box counts only when at least {min_neighbours} of its 6 grid neighbours (beside it, above and "
               "below) count too: a finding is a region, a stray box is noise." if min_neighbours > 0 else "")
-    if rivals:
-        region += (" Among the pattern prompts scored together, a box counts only for the pattern whose text it is "
-                   f"nearest ({', '.join(repr(r) for r in rivals)} are the others).")
+    if negation:
+        region += (f" It must also be nearer to '{prompt}' than to '{negation}' (its probability above 0.5): "
+                   "far from normal lung says a box is diseased, this says with what.")
     if reference is None:
         return RULE_UNCALIBRATED.format(prompt=prompt, normal=normal_prompt, rind=rind_mm, scored=scored) + region
     made = (f"reference from {reference.get('scans', '?')} normal scans, {reference.get('patches', '?')} boxes, "
@@ -556,26 +558,27 @@ def extents_for(table: np.ndarray, scores: Mapping, prompts: Sequence[str], norm
                 z: float = DEFAULT_Z, rind_mm: float = DEFAULT_RIND_MM, references: Optional[Mapping] = None,
                 coverage: Optional[Mapping] = None, lung_fraction: Optional[np.ndarray] = None,
                 neighbours: Optional[np.ndarray] = None, min_neighbours: int = 0,
-                competitors: Sequence[str] = (), positives_out: Optional[dict] = None) -> dict:
+                negations: Optional[Mapping] = None, positives_out: Optional[dict] = None) -> dict:
     """{prompt: extent record} from each prompt's contrast ``scores`` (N,) (``references``: prompt -> normal
-    reference or None). Typed prompts and pattern prompts both come through here: one word, one number.
+    reference or None). Typed prompts and pattern prompts both come through here, each on its own: one
+    word, one number, whatever else is scored beside it.
 
-    ``competitors``: the pattern prompts scored together (the pattern map's set). A prompt among them
-    counts only where its text is nearer than every other pattern's (``nearest_pattern``).
+    ``negations``: prompt -> (text of its negation, (N,) ``cos(patch, prompt) - cos(patch, negation)``); a
+    box counts only where it is positive (``affirmed``).
     ``positives_out`` (a dict) receives each prompt's positive boxes, for painting the pattern map.
     """
     out = {}
     share = scored_share(table)[0]
-    competitors = [c for c in dict.fromkeys(competitors) if c in scores]
     for p in prompts:
         ref = (references or {}).get(p)
-        rivals = [c for c in competitors if c != p] if p in competitors else []
-        # The region rule comes last: a box that loses to a rival pattern lends no support to its neighbours.
+        negation = (negations or {}).get(p)
+        # The region rule comes last: a box whose negation wins lends no support to its neighbours.
         positive = positive_patches(scores[p], z, ref, lung_fraction)
-        if rivals:
-            positive &= nearest_pattern(scores, p, rivals)
+        if negation is not None:
+            positive &= affirmed(negation[1])
         positive = supported(positive, neighbours, min_neighbours)
-        text = rule_text(p, normal_prompt, z, rind_mm, ref, share, min_neighbours, rivals)
+        text = rule_text(p, normal_prompt, z, rind_mm, ref, share, min_neighbours,
+                         negation[0] if negation is not None else None)
         out[p] = extent_summary(table, positive, text,
                                 calibrated=ref is not None, reference=ref, coverage=coverage)
         if positives_out is not None:

@@ -7,6 +7,12 @@ run would cost seconds, so a hash is remembered under the file's identity on dis
 size, mtime and ctime in nanoseconds, inode, device) in memory and in a small JSON memo in the
 user cache folder. ``ctime`` cannot be set from user space (``os.utime`` sets only atime and
 mtime), so rewriting a file in place and restoring its mtime still changes the key.
+
+The memo is a file anyone with write access to the cache can edit, so a hit is not trusted on its
+stat alone: each entry also holds a hash of the file's first and last MiB (``_probe``), recomputed
+on every hit (two reads of 1 MiB); an entry whose probe does not match is dropped with a warning
+and the file hashed in full. A memo path that is not a regular file (a FIFO would block the run, a
+device would be read forever) is ignored with one warning and the memo is not written.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import stat as stat_mod
 import threading
 import time
 from pathlib import Path
@@ -32,7 +39,7 @@ _SAVE_EVERY_S = 2.0
 _last_save = float("-inf")
 
 _lock = threading.Lock()
-_memory: dict[str, tuple[tuple, str]] = {}
+_memory: dict[str, tuple[tuple, str, Optional[str]]] = {}
 _disk_loaded_from: Optional[Path] = None
 
 
@@ -50,41 +57,95 @@ def _identity(path: Path) -> tuple[str, tuple]:
     return str(resolved), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _memo_file_ok(path: Path) -> bool:
+    """Whether the memo may be read or written at ``path``: absent, or a regular file (never a FIFO or device)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if stat_mod.S_ISREG(st.st_mode):
+        return True
+    _warn_once(str(path), f"ignoring the hash memo {path}: it is not a regular file (a FIFO or device); "
+                          "hashes are not remembered between runs")
+    return False
+
+
 def _load_disk_memo() -> None:
     global _disk_loaded_from
     path = memo_path()
     if path is None or _disk_loaded_from == path:
         return
     _disk_loaded_from = path
+    if not _memo_file_ok(path):
+        return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for name, (stat, digest) in data.get("files", {}).items():
-            _memory.setdefault(name, (tuple(stat), str(digest)))
+        # O_NONBLOCK: a FIFO swapped in after the check must not block the run; fstat re-checks.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat_mod.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return
+            data = json.loads(handle.read(64 << 20).decode("utf-8"))
+        for name, entry in data.get("files", {}).items():
+            stat, digest = entry[0], entry[1]
+            probe = entry[2] if len(entry) > 2 else None
+            _memory.setdefault(name, (tuple(stat), str(digest), probe))
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, IndexError, KeyError):
         # A damaged memo only costs re-hashing; it is rewritten on the next hash.
         log.debug("ignoring unreadable hash memo %s", path)
 
 
 def _save_disk_memo() -> None:
     path = memo_path()
-    if path is None:
+    if path is None or not _memo_file_ok(path):
         return
     items = list(_memory.items())[-_MEMO_LIMIT:]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"format": "zeroshot-ild-file-hashes/1",
-                                            "files": {k: [list(s), d] for k, (s, d) in items}}))
+        atomic_write_text(path, json.dumps({"format": "zeroshot-ild-file-hashes/2",
+                                            "files": {k: [list(s), d, p] for k, (s, d, p) in items}}))
     except OSError:
         log.debug("could not write hash memo %s", path)
+
+
+def _bind(ends: str, digest: str) -> str:
+    return hashlib.sha256(f"{ends}:{digest}".encode("ascii", "replace")).hexdigest()
+
+
+def _probe(paths) -> str:
+    """SHA-256 of the first and last MiB of each file (cheap: at most 2 MiB read per file)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest.update(str(size).encode("ascii") + b"\0")
+            digest.update(handle.read(_CHUNK))
+            if size > 2 * _CHUNK:
+                handle.seek(size - _CHUNK)
+                digest.update(handle.read(_CHUNK))
+            elif size > _CHUNK:
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def sha256_file(path: os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, hashed only when this version of the file is new to the memo."""
     name, stat = _identity(Path(path))
     # A file changed while it was read must not be remembered under the stat it had before.
-    return _memoised(name, stat, lambda: _hash_bytes(name), still=lambda: _identity(Path(name))[1] == stat)
+    return _memoised(name, stat, lambda: _hash_bytes(name), still=lambda: _identity(Path(name))[1] == stat,
+                     probe=lambda: _probe([name]))
 
 
 def sha256_path(path: os.PathLike) -> str:
@@ -109,7 +170,8 @@ def sha256_path(path: os.PathLike) -> str:
             digest.update(_hash_bytes(child).encode("ascii"))
         return digest.hexdigest()
 
-    return _memoised(name, (listing.hexdigest(),), folder_hash)
+    ends = [files[0], files[-1]] if files else []
+    return _memoised(name, (listing.hexdigest(),), folder_hash, probe=lambda: _probe(ends))
 
 
 def _hash_bytes(path) -> str:
@@ -120,18 +182,25 @@ def _hash_bytes(path) -> str:
     return digest.hexdigest()
 
 
-def _memoised(name: str, stat: tuple, compute, still=None) -> str:
+def _memoised(name: str, stat: tuple, compute, still=None, probe=None) -> str:
     global _last_save
     with _lock:
         _load_disk_memo()
         known = _memory.get(name)
-        if known is not None and known[0] == stat:
+    if known is not None and known[0] == stat:
+        # The stat matches; the digest is trusted only if the file's ends, hashed together with the
+        # digest, still give the recorded check (an edited digest or a swapped file fails it).
+        if probe is None or (known[2] is not None and known[2] == _bind(probe(), known[1])):
             return known[1]
+        if known[2] is not None:
+            _warn_once(f"probe:{name}", f"hash memo entry for {Path(name).name} does not match the file; hashing it "
+                                        "again (the memo may have been edited)")
     value = compute()
+    ends = _bind(probe(), value) if probe is not None else None
     with _lock:
         if still is None or still():
             _memory.pop(name, None)
-            _memory[name] = (stat, value)
+            _memory[name] = (stat, value, ends)
             # Written at most every few seconds while a cohort is hashed, and once more at exit.
             if time.monotonic() - _last_save > _SAVE_EVERY_S:
                 _save_disk_memo()
@@ -161,5 +230,6 @@ def forget() -> None:
     global _disk_loaded_from, _last_save
     with _lock:
         _memory.clear()
+        _warned.clear()
         _disk_loaded_from = None
         _last_save = float("-inf")

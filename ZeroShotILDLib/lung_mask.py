@@ -53,6 +53,7 @@ import edt
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import scan_padding
 from .errors import InputError
 from .progress import CancelToken, ProgressCallback, resolve
 from .settings import LungMaskSettings
@@ -186,6 +187,17 @@ def segment_lungs(hu: np.ndarray, spacing_mm, settings: Optional[LungMaskSetting
         mask = segment_lungs(upright, (spacing[1], spacing[0], spacing[2]), s, progress=progress, cancel=cancel,
                              working_spacing_mm=working_spacing_mm, source=source)
         return np.ascontiguousarray(mask.transpose(0, 2, 1))
+    # Constant bands (a crop pasted on a canvas, a gantry-tilt shear) are the field of view's edge,
+    # not air: a lung cut by the crop that touches them stays lung (see ``scan_padding``).
+    padding = scan_padding.find_padding(hu)
+    if padding is not None:
+        inner, band = scan_padding.unpadded(hu, padding)
+        small = _segment_on_grid(inner, spacing, s, progress, cancel, working_spacing_mm, source)
+        return scan_padding.paste(small, band, hu.shape, padding)
+    return _segment_on_grid(hu, spacing, s, progress, cancel, working_spacing_mm, source)
+
+
+def _segment_on_grid(hu, spacing, s, progress, cancel, working_spacing_mm, source) -> np.ndarray:
     factors = _working_factors(spacing, working_spacing_mm)
     if factors != (1, 1, 1):
         coarse = _block_mean(hu, factors, cancel)

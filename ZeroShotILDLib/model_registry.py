@@ -43,6 +43,9 @@ class ModelSpec:
     how_to_obtain: str = ""
     #: "phantoms" for models that never saw a real CT: their scores on a real scan are meaningless.
     trained_on: str = ""
+    #: The finding texts a model was trained to name (phantom-demo); empty = zero-shot, any text. The
+    #: pattern map leaves out patterns outside this list: the model answers them at random.
+    named_findings: tuple = ()
     model_cfg: Optional[dict] = field(default=None, compare=False, hash=False)
     #: Where ``zeroshot-ild models download`` fetches openly licensed weights (``weights_download``);
     #: None for weights a user must obtain by hand (CheXzero) or that need none.
@@ -65,7 +68,7 @@ def _registry() -> dict[str, ModelSpec]:
     specs = {}
     for entry in data["models"]:
         entry = dict(entry)
-        for key in ("files", "image_mean", "image_std"):
+        for key in ("files", "image_mean", "image_std", "named_findings"):
             entry[key] = tuple(entry.get(key) or ())
         entry["sha256"] = dict(entry.get("sha256") or {})
         specs[entry["name"]] = ModelSpec(**entry)

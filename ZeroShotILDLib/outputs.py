@@ -3,25 +3,27 @@ report.html, patterns.nii.gz/.ctbl, and for a DICOM input the DICOM results (lun
 patterns.seg.dcm, result.sr.dcm); and, for several scans, the cohort summary.csv beside their folders.
 
 The tool only ever replaces or removes files it wrote itself. Every result folder holds a manifest
-(``.zeroshot-ild-manifest.json``) naming the files the tool wrote there; anything else in the folder
-(the user's notes, a ``review/`` folder, the input scan) is never touched. A folder that is neither
-empty nor an earlier result is refused before any work, unless the caller passes ``overwrite``, which
-still writes only the output names above.
+(``.zeroshot-ild-manifest.json``) naming the files the tool wrote there with their sizes and SHA-256;
+an earlier result is recognised only while its files still match (a manifest can be copied, edited or
+forged, so its word alone is not enough). Anything else in the folder (the user's notes, a ``review/``
+folder, the input scan) is never touched. A folder that is neither empty nor a verified earlier result
+is refused before any work, unless the caller passes ``overwrite``, which still writes only the output
+names above and removes nothing.
 
-The files are built in a hidden staging folder inside the result folder (same file system) and then
-renamed into place one by one, so a kill leaves each output either in its old or its new version and
-never half-written. Staging folders carry the writer's process id; the next run into the same place
-removes those of dead processes (only the file names the tool writes, never a whole tree).
+The files are built in a staging folder inside the result folder (same file system) that
+``atomic_files.make_staging_dir`` creates with a random name, and then renamed into place one by one,
+so a kill leaves each output either in its old or its new version and never half-written. The next
+run removes staging folders of dead processes only when they are verifiably ours (a real folder of
+this user with our marker; links are never followed), and from them only the tool's file names.
 """
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import logging
 import math
 import os
-import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +32,9 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import __version__
-from .atomic_files import PARTIAL_SUFFIX, atomic_write_text
+from . import csv_files
+from .atomic_files import (atomic_write_text, default_file_mode, file_record, make_staging_dir, matches_record,
+                           pid_alive, remove_owned_files, staging_pid)
 from .errors import InputError
 from .results import AnalysisResult
 from .scan import Scan
@@ -38,24 +42,25 @@ from .scan import Scan
 RESULT_SCHEMA = "zeroshot-ild-result/1"
 #: The JSON Schema of result.json, shipped with the package.
 RESULT_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "result.schema.json"
-MANIFEST_FORMAT = "zeroshot-ild-manifest/1"
+MANIFEST_FORMAT = "zeroshot-ild-manifest/2"
+#: Manifests of earlier versions: names only, nothing to verify the files against.
+_OLD_MANIFEST_FORMATS = ("zeroshot-ild-manifest/1",)
+_MANIFEST_LIMIT = 1 << 20
 #: The list of files the tool wrote into a result folder; the only files it will ever replace or remove there.
 MANIFEST_NAME = ".zeroshot-ild-manifest.json"
 #: Every file a run writes into ``--out``, in the order they are moved into place (result.json last).
 OUTPUT_FILES = ("patches.csv", "montage.png", "heatmap.nii.gz", "lung_mask.nii.gz", "overlay.png", "patterns.nii.gz",
                 "patterns.ctbl", "report.html", "result.json")
 #: Files only some runs write (DICOM results of a DICOM input); ours all the same, in the manifest when written.
-OPTIONAL_OUTPUT_FILES = ("lung_mask.seg.dcm", "patterns.seg.dcm", "result.sr.dcm")
+OPTIONAL_OUTPUT_FILES = ("lung_mask.seg.dcm", "patterns.seg.dcm", "result.sr.dcm", "report.pdf", "report.pdf.dcm")
 #: Written only when the pattern map is on (``AnalysisSettings.patterns``).
 PATTERN_FILES = ("patterns.nii.gz", "patterns.ctbl")
 #: The cohort table ``analyze`` writes beside the per-scan folders when given several scans.
 SUMMARY_NAME = "summary.csv"
 #: Its first columns: how an earlier summary.csv is recognised as the tool's own (and so replaceable).
 SUMMARY_HEAD = ("input", "folder", "model", "model_meaningful", "lung_volume_ml")
+#: Prefix of staging folders (``mkdtemp`` adds a random part; see ``atomic_files.make_staging_dir``).
 STAGING_PREFIX = ".zeroshot-ild-partial-"
-#: Earlier versions staged beside ``--out``: ``.NAME.partial-XXXX`` and ``.NAME.old-PID``.
-_LEGACY_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-[A-Za-z0-9_]+$")
-_LEGACY_OLD = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
 #: Leftovers older than this process are not a concurrent writer's.
 RUN_STARTED = time.time()
 log = logging.getLogger("zeroshot-ild")
@@ -181,108 +186,125 @@ def json_text(payload, *, notes_key: Optional[str] = "notes", default=None) -> s
 # Output folder: checks before the work, leftovers of killed runs
 # ----------------------------------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    return pid_alive(pid)
 
 
-def _remove_our_files(folder: Path) -> bool:
-    """Remove the tool's own file names (and partial files) from a leftover folder; rmdir it if then empty."""
-    ours = set(OUTPUT_FILES) | set(OPTIONAL_OUTPUT_FILES) | {MANIFEST_NAME}
-    for entry in list(folder.iterdir()):
-        if entry.is_file() and not entry.is_symlink() and (entry.name in ours or _is_our_partial(entry.name)):
-            entry.unlink()
-    try:
-        folder.rmdir()
-        return True
-    except OSError:
-        return False
+def our_names() -> set:
+    """Every name the tool may write into a result folder (the manifest may list no other)."""
+    return set(OUTPUT_FILES) | set(OPTIONAL_OUTPUT_FILES)
 
 
-def _is_our_partial(name: str) -> bool:
-    ours = set(OUTPUT_FILES) | set(OPTIONAL_OUTPUT_FILES) | {MANIFEST_NAME}
-    return name.endswith(PARTIAL_SUFFIX) and any(name.startswith(f".{n}.") for n in ours)
+def _is_our_staging(entry: Path) -> bool:
+    return entry.name.startswith(STAGING_PREFIX) and staging_pid(entry) is not None
 
 
 def clean_leftovers(out_dir: Path) -> None:
-    """Remove what killed runs left in and beside ``out_dir``: only ours, only from dead processes."""
-    if out_dir.is_dir():
-        for entry in out_dir.iterdir():
-            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink():
-                pid = entry.name[len(STAGING_PREFIX):]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                    _remove_our_files(entry)
-            elif _is_our_partial(entry.name) and entry.is_file() and entry.stat().st_mtime < RUN_STARTED:
-                entry.unlink()
-    parent = out_dir.parent
-    if not parent.is_dir():
+    """Remove staging folders that killed runs of ours left inside ``out_dir``.
+
+    Only folders verified as ours (``atomic_files.staging_pid``: a real folder of this user with our
+    marker, never a link) whose writer is dead; from them only the tool's file names; a folder that
+    then still holds anything else is kept with a warning. Nothing beside ``out_dir`` is touched
+    (earlier versions staged there; such ``.OUT.old-PID`` folders are left for the user).
+    """
+    try:
+        entries = list(os.scandir(out_dir))
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for entry in parent.iterdir():
-        if not entry.is_dir() or entry.is_symlink():
+    for entry in entries:
+        if not entry.name.startswith(STAGING_PREFIX):
             continue
-        old, partial = _LEGACY_OLD.match(entry.name), _LEGACY_PARTIAL.match(entry.name)
-        if old and old["name"] == out_dir.name and not _pid_alive(int(old["pid"])):
-            if not _remove_our_files(entry):
-                log.warning(f"kept {entry}: a killed earlier run left it and it holds files the tool did not write")
-        elif partial and partial["name"] == out_dir.name and entry.stat().st_mtime < RUN_STARTED:
-            _remove_our_files(entry)
+        pid = staging_pid(entry.path)
+        if pid is None or pid == os.getpid() or pid_alive(pid):
+            continue
+        if not remove_owned_files(entry.path, our_names() | {MANIFEST_NAME}):
+            log.warning(f"kept {entry.path}: a killed earlier run left it and it holds files the tool did not write")
+
+
+def _read_manifest(out_dir: Path):
+    """(doc, None) for a readable manifest of the current format, (None, reason) otherwise, (None, None) if none."""
+    path = out_dir / MANIFEST_NAME
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_LIMIT:
+        return None, f"{MANIFEST_NAME} is not a manifest the tool wrote"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{MANIFEST_NAME} is damaged"
+    if not isinstance(doc, dict) or doc.get("format") not in (MANIFEST_FORMAT,) + _OLD_MANIFEST_FORMATS:
+        return None, f"{MANIFEST_NAME} is not a manifest the tool wrote"
+    if doc["format"] != MANIFEST_FORMAT:
+        return None, "it was written by an older zeroshot-ild whose manifest records no file hashes"
+    return doc, None
+
+
+def _verify_earlier(out_dir: Path):
+    """(records, None) when ``out_dir`` holds an earlier result of ours, else (None, why it is not one).
+
+    The manifest alone is no evidence (it can be copied, edited or forged): every file it lists must
+    be one of the tool's names and still match the size and SHA-256 recorded when it was written,
+    and no other file with one of the tool's names may be there.
+    """
+    doc, why = _read_manifest(out_dir)
+    if doc is None:
+        if why is None and (out_dir / "result.json").is_file():
+            why = "its result.json has no manifest of the tool beside it"
+        return None, why or "it holds no zeroshot-ild manifest"
+    files = doc.get("files")
+    if not isinstance(files, dict) or "result.json" not in files:
+        return None, f"{MANIFEST_NAME} lists no result"
+    names = our_names()
+    for name, record in files.items():
+        if name not in names:
+            return None, f"{MANIFEST_NAME} names {name!r}, which is not a file the tool writes"
+        if not matches_record(out_dir / name, record):
+            return None, f"{name} does not match what the tool wrote there (changed, replaced or missing)"
+    for name in sorted(names - set(files)):
+        p = out_dir / name
+        if p.exists() or p.is_symlink():
+            return None, f"{name} is there but the tool did not write it"
+    return {k: (v if isinstance(v, list) else [v]) for k, v in files.items()}, None
 
 
 def _earlier_result(out_dir: Path) -> Optional[list]:
-    """The files an earlier run wrote into ``out_dir`` (from its manifest), or None if it holds no result."""
-    manifest = out_dir / MANIFEST_NAME
-    if manifest.is_file():
-        try:
-            doc = json.loads(manifest.read_text(encoding="utf-8"))
-            if doc.get("format") == MANIFEST_FORMAT:
-                return [str(n) for n in doc.get("files", []) if "/" not in str(n) and not str(n).startswith(".")]
-        except (ValueError, OSError, AttributeError):
-            pass
-    result = out_dir / "result.json"
-    if result.is_file():  # written before manifests existed: our names only
-        try:
-            if json.loads(result.read_text(encoding="utf-8")).get("schema") == RESULT_SCHEMA:
-                return [n for n in OUTPUT_FILES if (out_dir / n).is_file()]
-        except (ValueError, OSError, AttributeError):
-            pass
-    return None
+    """The files a verified earlier run wrote into ``out_dir``, or None if it holds no result of ours."""
+    records, _ = _verify_earlier(out_dir)
+    return None if records is None else sorted(records)
 
 
 def _visible_entries(out_dir: Path) -> list:
-    return [e for e in out_dir.iterdir() if not e.name.startswith(STAGING_PREFIX) and not _is_our_partial(e.name)]
+    return [e for e in out_dir.iterdir() if not _is_our_staging(e)]
 
 
 def prepare_out_dir(out_dir: os.PathLike, *, overwrite: bool = False, clean: bool = True) -> Path:
     """Check ``out_dir`` before any work; return it resolved. Nothing is created.
 
-    Accepted: a new or empty folder, or an earlier result (its manifest, or a ``result.json`` of this
-    schema). Refused with one line: a file in the way, a folder that holds other things (unless
-    ``overwrite``), an output name taken by a folder, or a place the process cannot write to.
+    Accepted: a new or empty folder, or an earlier result verified against its manifest (sizes and
+    hashes). Refused with one line: a file in the way, a folder that holds other things (unless
+    ``overwrite``), an output name taken by a folder or a link, or a place the process cannot write to.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if clean:
         try:
             clean_leftovers(out_dir)
         except OSError as exc:
-            log.warning(f"could not clean leftovers of an earlier run near {out_dir}: {exc.strerror or exc}")
+            log.warning(f"could not clean leftovers of an earlier run in {out_dir}: {exc.strerror or exc}")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise InputError(f"output {out_dir} exists and is not a folder: choose another --out")
         for name in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES + (MANIFEST_NAME,):
             p = out_dir / name
-            if (p.exists() or p.is_symlink()) and not p.is_file():
+            if p.is_symlink() or (p.exists() and not p.is_file()):
                 raise InputError(f"{p} is in the way of an output file (it is not a plain file): move it or choose "
                                  "another --out")
-        if _visible_entries(out_dir) and _earlier_result(out_dir) is None and not overwrite:
-            raise InputError(f"output folder {out_dir} is not empty and holds no earlier zeroshot-ild result: choose "
-                             "a new or empty --out, or add --overwrite to write the result files into it (nothing "
-                             "else there is touched)")
+        if _visible_entries(out_dir) and not overwrite:
+            records, why = _verify_earlier(out_dir)
+            if records is None:
+                raise InputError(f"output folder {out_dir} is not empty and holds no earlier zeroshot-ild result "
+                                 f"({why}): choose a new or empty --out, or add --overwrite to write the result "
+                                 "files into it (nothing else there is touched)")
         probe_in = out_dir
     else:
         probe_in = out_dir.parent
@@ -315,7 +337,7 @@ def write_patches_csv(result: AnalysisResult, path: Path) -> None:
     below = ~p.montage_candidates(result.settings.filter_threshold)
     order = np.lexsort((np.arange(len(p)), -result.patch_probabilities[prompts[0]], below))
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        w = csv.writer(handle)
+        w = csv_files.writer(handle)
         w.writerow(["rank", "candidate", "slice_index", "x0", "y0", "x1", "y1", "center_r_mm", "center_a_mm",
                     "center_s_mm", "lung_fraction"] + [f"p[{q}]" for q in prompts])
         for rank, i in enumerate(order, start=1):
@@ -334,7 +356,7 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     from .figures import overlay_figure
     from .heatmap import paint_heatmap
     from .patches import slice_step_voxels
-    from .report import write_report
+    from .report_pdf import write_report_files
 
     labels = names = pattern_extent = None
     if result.patterns is not None:
@@ -350,8 +372,6 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     optional = tuple(write_dicom_results(result, scan, folder, enabled=dicom, extent=result.extent or None,
                                          pattern_map=labels, pattern_names=names, pattern_extent=pattern_extent))
     del labels
-    with open(folder / "result.json", "w", encoding="utf-8") as handle:
-        handle.write(json_text(result_to_dict(result)))
     write_patches_csv(result, folder / "patches.csv")
     Image.fromarray(result.montage).save(folder / "montage.png")
     slab = slice_step_voxels(scan.spacing_mm, result.settings.slice_step_mm)
@@ -361,24 +381,36 @@ def _write_files(result: AnalysisResult, scan: Scan, folder: Path, *, dicom: Opt
     # to_output_sitk: an interval series is written on a regular grid that overlays its slices.
     sitk.WriteImage(scan.to_output_sitk(heat), str(folder / "heatmap.nii.gz"), useCompression=True)
     overlay_figure(scan, result, heat).save(folder / "overlay.png")
-    write_report(result, scan, folder / "report.html", heat, extent=result.extent or None,
-                 pattern_extent=pattern_extent, output_files=list(output_files(result)) + list(optional))
+    # report.pdf and its DICOM copy (report_pdf): whether they were written is a note in result.json, so
+    # result.json is written after them.
+    optional += tuple(write_report_files(result, scan, folder, heat, extent=result.extent or None,
+                                         pattern_extent=pattern_extent,
+                                         output_files=list(output_files(result)) + list(optional),
+                                         dicom_written=bool(optional)))
     del heat
+    with open(folder / "result.json", "w", encoding="utf-8") as handle:
+        handle.write(json_text(result_to_dict(result)))
     sitk.WriteImage(scan.to_output_sitk(result.lung_mask.astype(np.uint8)), str(folder / "lung_mask.nii.gz"),
                     useCompression=True)
     return optional
 
 
-def _write_manifest(out_dir: Path, files) -> None:
-    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(
+def _write_manifest(out_dir: Path, staging: Path, records: dict) -> None:
+    """Write the manifest in the staging folder and rename it into place (nothing half-written in ``out_dir``)."""
+    tmp = staging / MANIFEST_NAME
+    tmp.write_text(json.dumps(
         {"format": MANIFEST_FORMAT, "software": {"name": "zeroshot-ild", "version": __version__},
-         "note": "files the zeroshot-ild tool wrote here; a later run replaces or removes only these",
-         "files": sorted(files)}, indent=2) + "\n")
+         "note": "files the zeroshot-ild tool wrote here, with their sizes and SHA-256; a later run replaces "
+                 "or removes only these, and only while they still match",
+         "files": {k: (v[0] if len(v) == 1 else v) for k, v in sorted(records.items())}}, indent=2) + "\n",
+        encoding="utf-8")
+    os.chmod(tmp, default_file_mode())
+    os.replace(tmp, out_dir / MANIFEST_NAME)
 
 
 def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, overwrite: bool = False,
                   dicom: Optional[bool] = None) -> Path:
-    """Write every output into ``out_dir``, replacing only files an earlier run wrote there.
+    """Write every output into ``out_dir``, replacing only files a verified earlier run wrote there.
 
     ``dicom``: write DICOM SEG/SR results (None: when the scan was read from DICOM and highdicom
     is installed; see ``dicom_results``). See the module docstring for what is and is not touched.
@@ -386,43 +418,47 @@ def write_outputs(result: AnalysisResult, scan: Scan, out_dir: os.PathLike, *, o
     """
     out_dir = prepare_out_dir(out_dir, overwrite=overwrite)
     created = not out_dir.exists()
-    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    staging = None
+    written: list = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)  # plain mkdir: the umask decides who may read it
-        if staging.exists():
-            _remove_our_files(staging)
-        staging.mkdir()
+        staging = make_staging_dir(out_dir, STAGING_PREFIX)
         optional = _write_files(result, scan, staging, dicom=dicom)
         # result.json last: a folder with a new result.json holds every other new file.
         written = [n for n in output_files(result) if n != "result.json"] + list(optional) + ["result.json"]
-        previous = _earlier_result(out_dir) or []
-        # Name the union first: a kill while moving leaves a manifest that covers every file of ours.
-        _write_manifest(out_dir, set(previous) | set(written))
+        new = {n: [file_record(staging / n)] for n in written}
+        previous, _ = _verify_earlier(out_dir)
+        previous = previous or {}  # --overwrite into a foreign folder: nothing of it is ours to remove
+        # Name every version first: a kill while moving leaves a manifest that still verifies.
+        union = {n: previous.get(n, []) + new.get(n, []) for n in set(previous) | set(new)}
+        _write_manifest(out_dir, staging, union)
         for name in written:
             os.replace(staging / name, out_dir / name)
-        for name in set(previous) - set(written):
+        for name in sorted(set(previous) - set(written)):
             stale = out_dir / name
-            if stale.is_file() and not stale.is_symlink():
+            if matches_record(stale, previous[name]):  # checked again just before: still the file we wrote
                 stale.unlink()
-        _write_manifest(out_dir, written)
+        _write_manifest(out_dir, staging, new)
     except OSError as exc:
-        _discard(staging, out_dir if created else None)
+        _discard(staging, written, out_dir if created else None)
         reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
         raise InputError(f"could not write the result to {out_dir}: {reason}; earlier files there are unchanged") from None
     except BaseException:
-        _discard(staging, out_dir if created else None)
+        _discard(staging, written, out_dir if created else None)
         raise
-    _discard(staging, None)
+    _discard(staging, written, None)
     return out_dir
 
 
-def _discard(staging: Path, created_out: Optional[Path]) -> None:
+def _discard(staging: Optional[Path], written, created_out: Optional[Path]) -> None:
+    """Remove what this run created: its staging folder (our names only), and ``--out`` if it made it."""
     try:
-        if staging.is_dir():
-            _remove_our_files(staging)
+        if staging is not None:
+            remove_owned_files(staging, our_names() | set(written) | {MANIFEST_NAME})
         if created_out is not None:
             manifest = created_out / MANIFEST_NAME
-            if manifest.is_file() and not any(e.name != MANIFEST_NAME for e in created_out.iterdir()):
+            if manifest.is_file() and not manifest.is_symlink() \
+                    and not any(e.name != MANIFEST_NAME for e in created_out.iterdir()):
                 manifest.unlink()
             created_out.rmdir()  # only if empty: never a folder with anything else in it
     except OSError:
@@ -456,16 +492,23 @@ def check_summary_path(parent: os.PathLike, *, overwrite: bool = False) -> Path:
 def _is_our_summary(path: Path) -> bool:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            head = next(csv.reader(handle), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+            head = next(csv_files.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv_files.csv.Error):
         return False
     return tuple(head[:len(SUMMARY_HEAD)]) == SUMMARY_HEAD
 
 
-def summary_row(result: AnalysisResult, scan_input: str, folder: str) -> dict:
-    """One scan's row: what it was, probabilities, extent by zone, lung volume, notes (count and short flags).
+#: Separator of the notes in summary.csv's ``notes`` cell (a note may hold ";" and ",", never this).
+NOTES_SEPARATOR = " | "
 
-    Nothing from a DICOM header is written (no patient names); ``input`` is the path as the user gave it.
+
+def summary_row(result: AnalysisResult, scan_input: str, folder: str) -> dict:
+    """One scan's row: what it was, probabilities, extent by zone, lung volume, the notes' text and short flags.
+
+    Units are in the column names and are the report's: extent in percent of the lung (or of the zone's
+    lung) as ``extent_pct[prompt]``, ``extent_pct[prompt].zone``, its volume as ``extent_ml[prompt]``;
+    probabilities ``p[...]`` from 0 to 1. Nothing from a DICOM header is written (no patient names);
+    ``input`` is the path as the user gave it.
     """
     row = {"input": str(scan_input), "folder": folder, "model": result.model_name,
            "model_meaningful": int(bool(result.model_meaningful)),
@@ -476,20 +519,21 @@ def summary_row(result: AnalysisResult, scan_input: str, folder: str) -> dict:
         row[f"p[{k}]"] = _fmt(v)
     from .extent import ZONES
 
-    def extent_columns(prefix: str, record: dict) -> None:
-        row[f"{prefix}"] = _fmt(record["lung_fraction"])
+    def extent_columns(name: str, record: dict) -> None:
+        row[f"extent_pct[{name}]"] = _pct(record["lung_fraction"])
+        row[f"extent_ml[{name}]"] = _ml(record, result.lung_volume_ml)
         for zone in ZONES:
-            row[f"{prefix}.{zone}"] = _fmt(record["by_zone"].get(zone))
-        row[f"{prefix}.predominance"] = record["predominance"]
-        row[f"{prefix}.calibrated"] = "yes" if record.get("calibrated") else "no"
+            row[f"extent_pct[{name}].{zone}"] = _pct(record["by_zone"].get(zone))
+        row[f"extent[{name}].predominance"] = record["predominance"]
+        row[f"extent[{name}].calibrated"] = "yes" if record.get("calibrated") else "no"
 
     for k, record in result.extent.items():
-        extent_columns(f"extent[{k}]", record)
+        extent_columns(k, record)
     if result.patterns is not None:
         for name in result.patterns.names:
             if name in result.patterns.extent:
-                row[f"pattern[{name}]"] = _fmt(result.patterns.extent[name]["lung_fraction"])
-    row["notes"] = len(result.notes)
+                row[f"pattern_pct[{name}]"] = _pct(result.patterns.extent[name]["lung_fraction"])
+    row["notes"] = NOTES_SEPARATOR.join(" ".join(str(n).split()) for n in result.notes)
     row["flags"] = ";".join(_flags(result))
     return row
 
@@ -498,6 +542,24 @@ def _fmt(v) -> str:
     if v is None or not math.isfinite(float(v)):
         return ""
     return f"{float(v):.4f}"
+
+
+def _pct(fraction) -> str:
+    """A 0-1 fraction as percent with two decimals (the report shows one), "" when unknown."""
+    if fraction is None or not math.isfinite(float(fraction)):
+        return ""
+    return f"{100.0 * float(fraction):.2f}"
+
+
+def _ml(record: dict, lung_volume_ml: float) -> str:
+    """The positive lung volume (mL) of an extent record: left + right positive mL (they split the lung)."""
+    sides = [(record.get("positive_ml") or {}).get(k) for k in ("left", "right")]
+    if None not in sides:
+        return f"{sum(float(v) for v in sides):.1f}"
+    fraction = record.get("lung_fraction")
+    if fraction is None or not math.isfinite(float(fraction)):
+        return ""
+    return f"{float(fraction) * float(lung_volume_ml):.1f}"
 
 
 def _flags(result: AnalysisResult) -> list:
@@ -523,7 +585,7 @@ def write_summary(rows: list, path: os.PathLike) -> Path:
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer = csv_files.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())

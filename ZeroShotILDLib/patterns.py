@@ -4,10 +4,11 @@ Step beside scoring: the kept patch embeddings are compared with the text of eve
 and of the normal-lung prompt (text encoding only: re-running it costs one text pass). Whether a
 patch shows a pattern is decided by exactly the rule that decides a typed prompt's extent
 (``extent.extents_for``: its contrast ``cos(patch, pattern) - cos(patch, normal lung)`` against the
-model's normal-lung reference for that text, and, among the patterns scored together, being the
-nearest pattern text), so the pattern "honeycombing" and the prompt "honeycombing" always report
-the same extent: one word, one number. The map is painted from those positives; a patch positive
-for several (possible on ties) takes the one that stands highest above its normal reference.
+model's normal-lung reference for that text, and being nearer the pattern's text than "no <pattern>"),
+so the pattern "honeycombing" and the prompt "honeycombing" always report the same extent: one word,
+one number. Patterns co-exist (fibrosis is reticulation *and* honeycombing), so each pattern's extent
+counts every box positive for it; the map, one label per box, paints the one that stands highest
+above its normal reference where a box is positive for several.
 
 The labels are painted into a uint8 volume (``patterns.nii.gz``: 0 none, 1..P the patterns in
 settings order) with a Slicer colour table (``patterns.ctbl``).

@@ -444,10 +444,14 @@ class Analyzer:
         values = classify_montage(feats, self.text, pairs)
         findings = dict(zip(s.prompts, values[:len(s.prompts)]))
         subtypes = dict(zip(s.subtypes, values[len(s.prompts):]))
+        # A text longer than the text tower's context is cut off without a word: say which (issue 25).
+        too_long = self.text.too_long([t for pair in pairs for t in pair] + [s.normal_prompt, *s.patterns])
+        if too_long:
+            notes.append("prompt(s) longer than the text encoder reads, scored on their beginning only: " + "; ".join(
+                f"'{t[:60]}{'...' if len(t) > 60 else ''}' ({n} tokens, {c} read)" for t, (n, c) in too_long.items()))
         table = self._zone_table(s)
-        extent, pattern_map, reference_note = self._extent(s, table)
-        if reference_note:
-            notes.append(reference_note)
+        extent, pattern_map, extent_notes = self._extent(s, table)
+        notes.extend(extent_notes)
         coverage_note = ((st.zones or {}).get("coverage") or {}).get("note")
         if coverage_note:
             notes.append(coverage_note)
@@ -471,13 +475,22 @@ class Analyzer:
 
     def contrast_scores(self, prompts: Sequence[str]) -> dict:
         """{prompt: (N,) cos(patch, prompt) - cos(patch, normal prompt)} on the kept embeddings (text only)."""
+        return self.contrasts_against(prompts, [self.settings.normal_prompt] * len(prompts))
+
+    def contrasts_against(self, prompts: Sequence[str], others: Sequence[str]) -> dict:
+        """{prompt: (N,) cos(patch, prompt) - cos(patch, other)} for each (prompt, other) pair (text only)."""
         st = self._state
         if st is None:
             raise InputError("no scan analysed yet: run analyze() before contrast_scores()")
-        normal = self.settings.normal_prompt
-        embeddings = self.text.embed_many([*prompts, normal])
-        normal_emb = embeddings[-1].numpy()
-        return {p: extent_mod.contrasts(st.features, e.numpy(), normal_emb) for p, e in zip(prompts, embeddings)}
+        texts = list(dict.fromkeys([*prompts, *others]))
+        emb = {t: e.numpy() for t, e in zip(texts, self.text.embed_many(texts))}
+        return {p: extent_mod.contrasts(st.features, emb[p], emb[o]) for p, o in zip(prompts, others)}
+
+    def negation_text(self, name: str) -> str:
+        """The text a finding is weighed against for its probability: the user's negative when ``name`` is a
+        prompt with one, else "no <name>" (patterns too, so a word gets one negation wherever it is used)."""
+        s = self.settings
+        return s.negative_for(s.prompts.index(name)) if name in s.prompts else f"no {name}"
 
     def references(self, prompts: Sequence[str]) -> tuple[dict, str]:
         """The normal-lung references stored beside the loaded weights for ``prompts`` (see ``calibration``)."""
@@ -494,6 +507,9 @@ class Analyzer:
         st = self._state
         names = list(dict.fromkeys([*s.prompts, *s.patterns]))
         scores = self.contrast_scores(names)
+        negation_texts = [self.negation_text(n) for n in names]
+        negation_scores = self.contrasts_against(names, negation_texts)
+        negations = {n: (t, negation_scores[n]) for n, t in zip(names, negation_texts)}
         references, note = self.references(names)
         coverage = (st.zones or {}).get("coverage")
         positives: dict = {}
@@ -501,21 +517,30 @@ class Analyzer:
             st.neighbours = extent_mod.box_neighbours(st.patches.slice_index, st.patches.row0, st.patches.col0)
         records = extent_mod.extents_for(table, scores, names, s.normal_prompt, s.extent_z, s.subpleural_mm,
                                          references, coverage, st.patches.lung_fraction, st.neighbours,
-                                         s.extent_min_neighbours, competitors=s.patterns, positives_out=positives)
+                                         s.extent_min_neighbours, negations=negations, positives_out=positives)
         extent = {p: records[p] for p in s.prompts}
+        notes = [note] if note else []
         pattern_map = None
-        if s.patterns:
+        # A model trained to name some findings only (phantom-demo) answers any other text at random: such a
+        # pattern would paint the map with noise ("emphysema" over a fibrotic phantom), so it is left out.
+        named = set(self.model.spec.named_findings or ())
+        shown = [p for p in s.patterns if not named or p in named]
+        if len(shown) < len(s.patterns):
+            left = [p for p in s.patterns if p not in shown]
+            notes.append(f"pattern map without {', '.join(repr(p) for p in left)}: model {self.model.spec.name} was "
+                         "not trained to name them (a typed prompt still gets its number)")
+        if shown:
             # Painted from the same positives as each pattern's extent: the map and the numbers agree.
             pattern_map = patterns_mod.pattern_map_from_positives(
-                s.patterns, s.normal_prompt, scores, references, {n: positives[n] for n in s.patterns},
-                rule=records[s.patterns[0]]["rule"], lung_fraction=st.patches.lung_fraction)
-            pattern_map.extent = {name: records[name] for name in s.patterns}
-        uncalibrated = [p for p in names if references.get(p) is None]
+                shown, s.normal_prompt, scores, references, {n: positives[n] for n in shown},
+                rule=records[shown[0]]["rule"], lung_fraction=st.patches.lung_fraction)
+            pattern_map.extent = {name: records[name] for name in shown}
+        uncalibrated = [p for p in [*s.prompts, *shown] if references.get(p) is None]
         if uncalibrated and not note:
-            note = (f"extent uncalibrated for {', '.join(repr(p) for p in uncalibrated[:4])}"
-                    f"{' and others' if len(uncalibrated) > 4 else ''}: no normal-lung reference for these weights; "
-                    "run 'zeroshot-ild calibrate' on a few normal scans")
-        return extent, pattern_map, note
+            notes.append(f"extent uncalibrated for {', '.join(repr(p) for p in uncalibrated[:4])}"
+                         f"{' and others' if len(uncalibrated) > 4 else ''}: no normal-lung reference for these "
+                         "weights; run 'zeroshot-ild calibrate' on a few normal scans")
+        return extent, pattern_map, notes
 
     def _zone_table(self, s: AnalysisSettings) -> np.ndarray:
         """The scan's lung volume per candidate and zone (computed once per scan and rind depth)."""

@@ -1,14 +1,18 @@
-"""The one-page report: ``report.html``, self-contained, for people who will not open result.json.
+"""The report: ``report.html``, self-contained, for people who will not open result.json; it prints on one
+A4 or Letter page for one prompt (two with the pattern map) and is also written as ``report.pdf``
+(``report_pdf``).
 
-Every picture is embedded as a ``data:`` URI (PNG, base64), the style sheet is inline and charts are
+Every picture is embedded as a ``data:`` URI (PNG, base64), the style sheet is inline and the chart is
 inline SVG, so the file opens offline in any browser, can be mailed or archived alone, and makes no
-network request. It shows the montage, the heatmap overlay at the slices of the best patches, the
-probabilities, extent by zone (when the result carries it), the model and whether its scores mean
-anything, the settings, the notes and the research-use notice.
+network request. It shows the key images (heatmap over the CT at the slices of the best patches, each
+captioned with where a PACS viewer finds it: DICOM Instance Number and z in mm), the montage and its
+probabilities, extent by zone in % and mL for every prompt on one chart scale, the pattern map as a
+picture with its legend in the Slicer segment colours, the rule stated once in plain words, the model
+and whether its scores mean anything, the settings (an interval series described as one), the notes and
+the research-use notice.
 
-The input is named by its file or folder name only; nothing from a DICOM header (patient name, ID)
-is read or shown. No PDF: the page prints to one A4/Letter page from any browser (print CSS below),
-and a PDF library (WeasyPrint and its system libraries) would be a heavy dependency for that.
+The input is named by its file or folder name only; nothing from a DICOM header that names the patient
+is read or shown (the Instance Number and Image Position of the key images are read, nothing else).
 """
 from __future__ import annotations
 
@@ -29,36 +33,49 @@ REPORT_NAME = "report.html"
 RESEARCH_TITLE = "Research software, not a diagnostic device"
 RESEARCH_NOTICE = (f"{RESEARCH_TITLE}: not for clinical decisions. Zero-shot scores of a vision-language model are "
                    "not calibrated probabilities of disease.")
-#: Zones in the order the extent chart shows them (the keys of ``extent[prompt]["by_zone"]``).
+#: Zones in the order the extent table and chart show them (the keys of ``extent[prompt]["by_zone"]``).
 ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "central")
-#: Overlays in the report: the slices of the best patches, at most this many distinct slices.
+#: Key images in the report: the slices of the best patches, at most this many distinct slices.
 OVERLAY_SLICES = 3
+#: Pattern map pictures: at most one slice per cranio-caudal third of the lungs.
+PATTERN_SLICES = 3
+#: Bar colours of the chart's prompts, in prompt order (colour-blind-safe Okabe-Ito hues).
+SERIES_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#000000")
 
+# Print: one A4 or Letter page (no @page size: the printer's paper decides; margins fit both). Headings
+# stay with what follows them, and no figure, chart or table row is cut across pages.
 _CSS = """
 *{box-sizing:border-box}
-body{font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1b1f24;
+body{font:13px/1.35 "DejaVu Sans",system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1b1f24;
  margin:0;background:#f3f4f6}
-main{max-width:1180px;margin:0 auto;padding:14px 18px;background:#fff}
-h1{font-size:20px;margin:0 0 2px}h2{font-size:14px;margin:10px 0 6px;border-bottom:1px solid #d0d4da;
- padding-bottom:2px;text-transform:uppercase;letter-spacing:.04em;color:#374151}
-.sub{color:#4b5563;margin:0 0 8px}
-.notice{background:#fff7e6;border:1px solid #f0b429;padding:6px 10px;margin:6px 0;border-radius:4px}
-.warn{background:#fdecec;border:1px solid #d64545;padding:6px 10px;margin:6px 0;border-radius:4px;font-weight:600}
-.ok{color:#1f7a3a;font-weight:600}
-.grid{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:14px}
-.overlays{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:8px}
-figure{margin:0}figure img{width:100%;height:auto;display:block;border:1px solid #d0d4da;background:#000}
-figcaption{font-size:11px;color:#4b5563;margin-top:2px}
-table{border-collapse:collapse;width:100%}td,th{padding:2px 6px;text-align:left;vertical-align:top;
- border-bottom:1px solid #eceef1}th{font-weight:600;color:#374151}
+main{max-width:1120px;margin:0 auto;padding:14px 18px;background:#fff}
+h1{font-size:20px;margin:0 0 2px}h2{font-size:13px;margin:10px 0 5px;border-bottom:1px solid #d0d4da;
+ padding-bottom:2px;text-transform:uppercase;letter-spacing:.04em;color:#374151;break-after:avoid;
+ page-break-after:avoid}
+p{margin:3px 0}.sub{color:#4b5563;margin:0 0 6px}
+.notice{background:#fff7e6;border:1px solid #f0b429;padding:4px 8px;margin:5px 0;border-radius:4px}
+.warn{background:#fdecec;border:1px solid #d64545;padding:4px 8px;margin:5px 0;border-radius:4px;font-weight:600}
+.flag{color:#b42318;font-weight:600}.ok{color:#1f7a3a;font-weight:600}
+.row{display:flex;gap:14px;align-items:flex-start}.row>*{flex:1 1 0;min-width:0}
+.keys{display:flex;gap:8px}.keys figure{flex:1 1 0;min-width:0}
+figure{margin:0;break-inside:avoid;page-break-inside:avoid}
+figure img{width:100%;height:auto;display:block;border:1px solid #d0d4da;background:#000}
+figcaption{font-size:12px;color:#1b1f24;margin-top:2px;font-weight:600}
+.explain{font-size:11.5px;color:#4b5563}
+table{border-collapse:collapse;width:100%}td,th{padding:1px 5px;text-align:left;vertical-align:top;
+ border-bottom:1px solid #eceef1}th{font-weight:600;color:#374151}tr{break-inside:avoid;page-break-inside:avoid}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.bar{height:10px;background:#e5e7eb;border-radius:2px;min-width:80px}
-.bar span{display:block;height:10px;background:#3b6fb6;border-radius:2px}
-ul.notes{margin:0;padding-left:18px}ul.notes li{margin:1px 0}
-footer{margin-top:10px;font-size:11px;color:#6b7280}
-svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;fill:#1b1f24}
-@media print{body{background:#fff}main{padding:0;max-width:none}@page{size:A4;margin:10mm}
- .grid{gap:8px}h2{margin:6px 0 4px}}
+.bar{height:9px;background:#e5e7eb;border-radius:2px;min-width:60px}
+.bar span{display:block;height:9px;background:#3b6fb6;border-radius:2px}
+.swatch{display:inline-block;width:11px;height:11px;border:1px solid #555;vertical-align:-1px;margin-right:4px}
+.block{break-inside:avoid;page-break-inside:avoid}
+ul.notes{margin:0;padding-left:16px;font-size:11.5px}ul.notes li{margin:0}
+footer{margin-top:8px;font-size:11px;color:#6b7280}
+svg{display:block}svg text{fill:#1b1f24}
+@page{margin:8mm}
+@media print{body{background:#fff;font-size:8.3pt;line-height:1.22}main{padding:0;max-width:none}
+ h1{font-size:13pt}h2{font-size:8.6pt;margin:5px 0 3px}.notice,.warn{padding:2px 6px;margin:3px 0}
+ figcaption{font-size:8.2pt}.explain,ul.notes{font-size:7.6pt}footer{font-size:7.4pt;margin-top:4px}}
 """
 
 
@@ -90,60 +107,37 @@ def best_slices(result: AnalysisResult, count: int = OVERLAY_SLICES) -> list:
     return seen
 
 
-def _overlays(scan: Scan, result: AnalysisResult, heat: np.ndarray, count: int) -> list:
-    from .figures import overlay_figure
+def pattern_slices(labels: np.ndarray, lung_mask: np.ndarray, count: int = PATTERN_SLICES) -> list:
+    """Up to ``count`` slices to show the pattern map on: the lungs' slices cut into ``count`` runs (thirds),
+    and in each the slice with the most labelled voxels; runs without any label are left out."""
+    per_slice = np.count_nonzero(np.asarray(labels).reshape(labels.shape[0], -1), axis=1)
+    lung = np.flatnonzero(np.asarray(lung_mask).reshape(lung_mask.shape[0], -1).any(axis=1))
+    if lung.size == 0 or not per_slice.any():
+        return []
+    chosen = []
+    for run in np.array_split(lung, min(count, lung.size)):
+        best = int(run[np.argmax(per_slice[run])])
+        if per_slice[best] > 0:
+            chosen.append(best)
+    return chosen
 
-    out = []
-    for z in best_slices(result, count):
-        image = overlay_figure(scan, result, heat, slice_index=z)
-        if max(image.size) > 640:  # keeps the report small; the full-size overlay is overlay.png
-            scale = 640 / max(image.size)
-            image = image.resize((round(image.width * scale), round(image.height * scale)))
-        out.append((z, png_data_uri(image)))
-    return out
 
+def _key_images(scan: Scan, result: AnalysisResult, heat: np.ndarray, slices: Sequence[int], crop) -> str:
+    from .figures import heat_range, key_image, slice_position
 
-# ----------------------------------------------------------------------------------------------
-# Charts and tables
-# ----------------------------------------------------------------------------------------------
-def extent_chart_svg(by_zone: Mapping[str, float], *, title: str = "", width: int = 520, height: int = 170) -> str:
-    """An inline SVG bar chart of extent (0-1) by zone, in percent of that zone's lung volume."""
-    zones = [z for z in ZONES if z in by_zone] + [z for z in by_zone if z not in ZONES]
-    left, right, top, bottom = 34, 8, 18 if title else 8, 30
-    plot_w, plot_h = width - left - right, height - top - bottom
-    values = [_fraction(by_zone[z]) for z in zones]
-    peak = max([v for v in values if v is not None] + [0.0])
-    # The axis reaches the next 10 % above the largest bar: small extents stay readable.
-    top_pct = min(100, max(10, int(np.ceil(peak * 100 / 10.0)) * 10))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" aria-label="{escape(title or "extent by zone")}">']
-    if title:
-        parts.append(f'<text x="{left}" y="12" font-weight="600">{escape(title)}</text>')
-    for k in range(0, top_pct + 1, max(10, top_pct // 5 // 10 * 10 or 10)):
-        y = top + plot_h * (1 - k / top_pct)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{k}%</text>')
-    slot = plot_w / max(1, len(zones))
-    colours = {"upper": "#6d8fc7", "middle": "#3b6fb6", "lower": "#1d4e89", "left": "#8a6fb6", "right": "#5b3f8c",
-               "subpleural": "#c0773b", "central": "#8c5323"}
-    for k, (zone, value) in enumerate(zip(zones, values)):
-        x = left + k * slot + slot * 0.15
-        bar_w = slot * 0.7
-        label_x = left + (k + 0.5) * slot
-        parts.append(f'<text x="{label_x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{escape(zone)}</text>')
-        if value is None:
-            parts.append(f'<text x="{label_x:.1f}" y="{top + plot_h - 4}" text-anchor="middle">n/a</text>')
-            continue
-        bar_h = plot_h * min(1.0, value * 100 / top_pct)
-        parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - bar_h:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" '
-                     f'fill="{colours.get(zone, "#3b6fb6")}"><title>{escape(zone)}: {value * 100:.1f}%</title></rect>'
-                     f'<text x="{label_x:.1f}" y="{top + plot_h - bar_h - 3:.1f}" text-anchor="middle">'
-                     f'{value * 100:.0f}</text>')
-    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#6b7280"/>')
-    parts.append("</svg>")
+    scale = heat_range(heat, result.lung_mask, slices)
+    parts = []
+    for k, z in enumerate(slices):
+        image = key_image(scan, result, heat, z, crop=crop, scale=scale)
+        caption = slice_position(scan, z).caption() + (" (best patch)" if k == 0 else "")
+        parts.append(f'<figure><img alt="heatmap, {escape(caption)}" src="{png_data_uri(image)}">'
+                     f"<figcaption>{escape(caption)}</figcaption></figure>")
     return "".join(parts)
 
 
+# ----------------------------------------------------------------------------------------------
+# Chart and tables
+# ----------------------------------------------------------------------------------------------
 def _fraction(value) -> Optional[float]:
     try:
         v = float(value)
@@ -157,6 +151,57 @@ def _pct(value) -> str:
     return "n/a" if v is None else f"{v * 100:.1f}%"
 
 
+def _ml(value) -> str:
+    v = _fraction(value)
+    return "" if v is None else f"{v:.0f} mL" if v >= 10 else f"{v:.1f} mL"
+
+
+def extent_chart_svg(series: Mapping[str, Mapping[str, float]], *, width: int = 340, height: int = 104,
+                     colours: Optional[Mapping[str, str]] = None) -> str:
+    """One inline SVG bar chart of extent (0-1) by zone for every prompt in ``series`` ({prompt: by_zone}),
+    grouped by zone and drawn on one scale: the axis reaches the next 10 % above the largest bar of any
+    prompt, so small extents stay readable and bars of different prompts compare by height."""
+    names = list(series)
+    zones = [z for z in ZONES if any(z in (series[n] or {}) for n in names)]
+    zones += [z for n in names for z in (series[n] or {}) if z not in zones]
+    left, right, top, bottom = 28, 4, 6, 16
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = {n: [_fraction((series[n] or {}).get(z)) for z in zones] for n in names}
+    peak = max([v for vs in values.values() for v in vs if v is not None] + [0.0])
+    top_pct = min(100, max(10, int(np.ceil(round(peak * 100, 6) / 10.0)) * 10))
+    colours = dict(colours or {})
+    for k, n in enumerate(names):
+        colours.setdefault(n, SERIES_COLOURS[k % len(SERIES_COLOURS)])
+    # Sized in px with the font on every text element: WeasyPrint's SVG renderer neither scales an inline
+    # SVG to its column nor applies the page's CSS to SVG text.
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+             f'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="9" '
+             f'viewBox="0 0 {width} {height}" aria-label="extent by zone, % of each zone\'s lung volume">']
+    step = 10 if top_pct <= 50 else 20
+    for k in range(0, top_pct + 1, step):
+        y = top + plot_h * (1 - k / top_pct)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
+                     f'<text x="{left - 3}" y="{y + 3:.1f}" text-anchor="end">{k}%</text>')
+    slot = plot_w / max(1, len(zones))
+    bar_w = slot * 0.8 / max(1, len(names))
+    for k, zone in enumerate(zones):
+        label_x = left + (k + 0.5) * slot
+        parts.append(f'<text x="{label_x:.1f}" y="{height - bottom + 12}" text-anchor="middle">{escape(zone)}</text>')
+        for j, n in enumerate(names):
+            value = values[n][k]
+            x = left + k * slot + slot * 0.1 + j * bar_w
+            if value is None:
+                parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 3}" text-anchor="middle" '
+                             f'font-size="7">n/a</text>')
+                continue
+            bar_h = plot_h * min(1.0, value * 100 / top_pct)
+            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - bar_h:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" '
+                         f'fill="{colours[n]}"><title>{escape(n)}, {escape(zone)}: {value * 100:.1f}%</title></rect>')
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#6b7280"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _probability_rows(values: Mapping[str, float]) -> str:
     rows = []
     for name, value in values.items():
@@ -164,61 +209,182 @@ def _probability_rows(values: Mapping[str, float]) -> str:
         shown = "n/a" if v is None else f"{v:.3f}"
         width = 0 if v is None else max(0.0, min(1.0, v)) * 100
         rows.append(f'<tr><td>{escape(str(name))}</td><td class="num">{shown}</td>'
-                    f'<td style="width:40%"><div class="bar"><span style="width:{width:.1f}%"></span></div></td></tr>')
+                    f'<td style="width:28%"><div class="bar"><span style="width:{width:.1f}%"></span></div></td></tr>')
     return "".join(rows)
 
 
-def _extent_section(extent: Mapping[str, Mapping]) -> str:
-    parts = ["<h2>Extent by zone</h2>"]
-    for prompt, entry in extent.items():
+def zone_volumes_ml(result: AnalysisResult) -> dict:
+    """{zone: lung mL} (the whole zone, scored or not) from result.zones, where it is known."""
+    zones = result.zones or {}
+    scored, share = zones.get("scored_lung_ml") or {}, zones.get("scored_share_by_zone") or {}
+    out = {}
+    for zone in ZONES:
+        s, f = _fraction(scored.get(zone)), _fraction(share.get(zone))
+        if s is not None and f:
+            out[zone] = s / f
+    return out
+
+
+def _extent_section(result: AnalysisResult, extent: Mapping[str, Mapping]) -> tuple:
+    """(the extent heading, words and table; the chart), drawn in the page's two columns."""
+    names = list(extent)
+    colours = {n: SERIES_COLOURS[k % len(SERIES_COLOURS)] for k, n in enumerate(names)}
+    volumes = zone_volumes_ml(result)
+    not_imaged = set()
+    for entry in extent.values():
+        not_imaged |= set((entry or {}).get("not_imaged") or [])
+    head = "".join(f'<th class="num" colspan="2"><span class="swatch" style="background:{colours[n]}"></span>'
+                   f"{escape(str(n))}</th>" for n in names)
+    rows = [f'<tr><th>zone</th><th class="num">lung</th>{head}</tr>']
+
+    def cells(entry, zone):
         entry = entry or {}
-        by_zone = entry.get("by_zone") or {}
-        lead = f"<b>{escape(str(prompt))}</b>: {_pct(entry.get('lung_fraction'))} of the lung"
+        if zone is None:
+            value = entry.get("lung_fraction")
+            sides = [_fraction((entry.get("positive_ml") or {}).get(k)) for k in ("left", "right")]
+            # Left and right split the whole lung, so their positive mL add up to the lung's.
+            ml = sum(sides) if None not in sides else (
+                _fraction(value) * result.lung_volume_ml if _fraction(value) is not None else None)
+        else:
+            value, ml = (entry.get("by_zone") or {}).get(zone), (entry.get("positive_ml") or {}).get(zone)
+        if zone in not_imaged:
+            return '<td class="num" colspan="2">not imaged</td>'
+        return f'<td class="num">{_pct(value)}</td><td class="num">{_ml(ml)}</td>'
+
+    rows.append(f'<tr><td><b>whole lung</b></td><td class="num">{_ml(result.lung_volume_ml)}</td>'
+                + "".join(cells(extent[n], None) for n in names) + "</tr>")
+    for zone in ZONES:
+        if not any(zone in ((extent[n] or {}).get("by_zone") or {}) for n in names):
+            continue
+        rows.append(f'<tr><td>{zone}</td><td class="num">{_ml(volumes.get(zone))}</td>'
+                    + "".join(cells(extent[n], zone) for n in names) + "</tr>")
+    words = []
+    for n in names:
+        entry = extent[n] or {}
+        line = f"<b>{escape(str(n))}</b>: {_pct(entry.get('lung_fraction'))} of the lung"
         if entry.get("predominance"):
-            lead += f"; <b>{escape(str(entry['predominance']))}</b>"
+            line += f", {escape(str(entry['predominance']))}"
         if entry.get("calibrated") is False:
-            lead += ' <span class="warn">UNCALIBRATED: no normal-lung reference for this model and prompt</span>'
-        parts.append(f"<p>{lead}</p>")
-        if entry.get("not_imaged"):
-            parts.append(f'<p class="warn">Not imaged: {escape(", ".join(entry["not_imaged"]))} zone(s) '
-                         "(the lungs are cut off by the scan)</p>")
-        elif entry.get("thirds_not_anatomical"):
-            parts.append('<p class="warn">The lungs are cut off at both ends: upper/middle/lower split the '
-                         "imaged part only</p>")
-        if by_zone:
-            parts.append(extent_chart_svg(by_zone, title=f"{prompt}: % of each zone's lung volume"))
-        if entry.get("rule"):
-            parts.append(f'<p class="sub">Rule: {escape(str(entry["rule"]))}</p>')
-    return "".join(parts)
+            line += ' <span class="flag">UNCALIBRATED</span>'
+        words.append(line)
+    parts = ['<div class="block"><h2>Extent by zone (% of the zone\'s lung, and mL)</h2>',
+             f"<p>{'; '.join(words)}.</p>"]
+    if not_imaged:
+        parts.append(f'<p class="flag">Not imaged: {escape(", ".join(sorted(not_imaged)))} (the scan cuts the lungs '
+                     "off there; no figure is given for it)</p>")
+    elif any((e or {}).get("thirds_not_anatomical") for e in extent.values()):
+        parts.append('<p class="flag">The lungs are cut off at both ends: upper/middle/lower split the imaged part '
+                     "only</p>")
+    parts.append(f"<table>{''.join(rows)}</table></div>")
+    chart = extent_chart_svg({n: (extent[n] or {}).get("by_zone") or {} for n in names}, colours=colours)
+    return "".join(parts), f'<figure class="chart">{chart}<figcaption>Extent by zone, % (the table\'s figures; ' \
+        f'one scale for all prompts)</figcaption></figure>'
 
 
-def _patterns_section(patterns: Mapping) -> str:
-    """Extent per pattern: ``{name: fraction}`` or ``{name: {"lung_fraction": f, ...}}``."""
+def rule_in_plain_words(result: AnalysisResult, extent: Mapping[str, Mapping]) -> str:
+    """The extent rule once, for every prompt, in words a reader without the method paper follows (result.json
+    keeps each prompt's full technical rule)."""
+    s = result.settings
+    patch = f"{s.patch_px} px" if s.patch_px else f"{s.patch_mm:g} mm"
+    calibrated = [n for n, e in extent.items() if (e or {}).get("calibrated")]
+    uncalibrated = [n for n, e in extent.items() if not (e or {}).get("calibrated")]
+    text = (f"The lung is cut into {patch} boxes ({_slice_step_text(result)}); the model scores each box against the "
+            f"finding's words and against \u201c{s.normal_prompt}\u201d. ")
+    if calibrated:
+        scans = sorted({str(((extent[n] or {}).get("reference") or {}).get("scans", "?")) for n in calibrated})
+        text += (f"A box counts when its score is more than {s.extent_z:g} times the normal spread above what normal "
+                 f"lungs score with this model (reference: {'/'.join(scans)} normal scans)")
+        text += f" for {', '.join(calibrated)}. " if uncalibrated else ". "
+    if uncalibrated:
+        text += (f"UNCALIBRATED ({', '.join(uncalibrated)}): no normal scans were scored with this model, so a box "
+                 f"counts when it is nearer the finding's words than \u201c{s.normal_prompt}\u201d; that figure "
+                 "depends on the model. ")
+    text += ("It must also be nearer the finding's words than their negation (e.g. \u201cno honeycombing\u201d): far "
+             "from normal says diseased, this says with what. ")
+    if s.extent_min_neighbours:
+        text += f"A box also needs {s.extent_min_neighbours} of its 6 neighbours to count. "
+    text += (f"Extent = lung volume in counted boxes / the zone's lung volume. Zones: thirds of each lung's height; "
+             f"left, right; subpleural = within {s.subpleural_mm:g} mm of the pleura, central = the rest.")
+    share = _fraction((result.zones or {}).get("scored_share"))
+    if share is not None:
+        text += f" {share * 100:.1f}% of the lung lies in a scored box."
+    return text
+
+
+def _patterns_section(scan: Scan, result: AnalysisResult, pattern_extent: Optional[Mapping], crop) -> str:
+    """The pattern map: pictures (with the Slicer segment colours), its legend and each pattern's extent."""
+    pm = result.patterns
+    pattern_extent = dict(pattern_extent or {})
+    names = list(pm.names) if pm is not None else list(pattern_extent)
+    colours = {n: tuple(int(v) for v in c) for n, c in zip(pm.names, pm.colours)} if pm is not None else {}
+    pictures = ""
+    if pm is not None and len(result.patches) and len(pm.labels) == len(result.patches):
+        from .figures import pattern_image, slice_position
+        from .patterns import label_volume
+
+        labels = label_volume(result)
+        shown = sorted(pattern_slices(labels, result.lung_mask), key=lambda z: -slice_position(scan, z).z_mm)
+        figures = []
+        for z in shown:
+            image = pattern_image(scan, labels, pm.colours, z, hu_window=result.settings.hu_window, crop=crop)
+            caption = slice_position(scan, z).caption()
+            figures.append(f'<figure><img alt="pattern map, {escape(caption)}" src="{png_data_uri(image)}">'
+                           f"<figcaption>{escape(caption)}</figcaption></figure>")
+        pictures = f'<div class="keys">{"".join(figures)}</div>' if figures else \
+            '<p class="explain">No box was labelled with a pattern.</p>'
     rows = []
-    for name, value in patterns.items():
+    for name in names:
+        value = pattern_extent.get(name)
         fraction = value.get("lung_fraction") if isinstance(value, Mapping) else value
-        rows.append((str(name), fraction))
-    body = "".join(
-        f'<tr><td>{escape(n)}</td><td class="num">{_pct(f)}</td><td style="width:40%"><div class="bar">'
-        f'<span style="width:{max(0.0, min(1.0, _fraction(f) or 0.0)) * 100:.1f}%"></span></div></td></tr>'
-        for n, f in rows)
-    return f"<h2>Pattern map</h2><table><tr><th>pattern</th><th class=\"num\">lung</th><th></th></tr>{body}</table>"
+        ml = None
+        if isinstance(value, Mapping) and _fraction(fraction) is not None:
+            ml = _fraction(fraction) * result.lung_volume_ml
+        colour = colours.get(name)
+        swatch = (f'<span class="swatch" style="background:rgb{colour}"></span>' if colour else "")
+        flag = ' <span class="flag">UNCALIBRATED</span>' if isinstance(value, Mapping) and \
+            value.get("calibrated") is False else ""
+        rows.append(f"<tr><td>{swatch}{escape(str(name))}{flag}</td><td class=\"num\">{_pct(fraction)}</td>"
+                    f'<td class="num">{_ml(ml)}</td></tr>')
+    legend = (f'<table style="width:auto;min-width:50%"><tr><th>pattern (colour as in Slicer)</th>'
+              f'<th class="num">lung</th><th class="num"></th></tr>{"".join(rows)}</table>')
+    return (f'<section class="pattern"><div class="block"><h2>Pattern map</h2>{pictures}{legend}'
+            '<p class="explain">Each box takes the pattern it shows most (the extent rule above, per pattern); '
+            "uncoloured lung shows none.</p></div></section>")
 
 
-def _settings_rows(result: AnalysisResult) -> str:
+def _slices_text(scan: Scan) -> str:
+    nz = scan.hu.shape[0]
+    if scan.slice_positions_mm is not None and nz > 1:
+        gaps = np.diff(np.asarray(scan.slice_positions_mm, dtype=float))
+        return (f"interval series: {nz} slices acquired at their own positions, {gaps.min():.2f} to "
+                f"{gaps.max():.2f} mm apart (no slice in between), spanning {scan.slice_positions_mm[-1]:.1f} mm")
+    if nz == 1:
+        return f"1 slice, {float(scan.spacing_mm[2]):.2f} mm thick"
+    return f"{nz} slices, evenly {float(scan.spacing_mm[2]):.2f} mm apart"
+
+
+def _slice_step_text(result: AnalysisResult) -> str:
+    """Which slices carry boxes, as the analysis took them (a 1 mm step on a 10 mm series is every slice)."""
+    from .geometry import slice_step_voxels
+
+    k = slice_step_voxels(result.spacing_mm, result.settings.slice_step_mm)
+    return "on every slice" if k == 1 else f"on one slice in {k} (a {result.settings.slice_step_mm:g} mm step)"
+
+
+def _settings_rows(result: AnalysisResult, scan: Scan) -> str:
     s = result.settings
     patch = f"{s.patch_px} px" if s.patch_px else f"{s.patch_mm:g} mm"
     negatives = ", ".join(s.negative_for(i) for i in range(len(s.prompts)))
-    spacing = " x ".join(f"{float(v):.2f}" for v in result.spacing_mm)
-    shape = " x ".join(str(int(v)) for v in result.shape_zyx)
+    nx, ny = int(result.shape_zyx[2]), int(result.shape_zyx[1])
     rows = [
-        ("prompts", ", ".join(s.prompts)), ("negative prompts", negatives), ("subtypes", ", ".join(s.subtypes)),
-        ("patches", f"{patch}, stride {s.stride_fraction:g} of the side, every {s.slice_step_mm:g} mm, "
-                    f"at least {s.filter_threshold:g} lung"),
-        ("montage", f"{s.montage_size}x{s.montage_size}, {s.retrieval} retrieval, seed {s.seed}"),
-        ("HU window", f"{s.hu_window[0]:g} to {s.hu_window[1]:g}"), ("scoring", s.scoring_mode),
-        ("scan", f"{shape} voxels (z, y, x), spacing {spacing} mm (x, y, z)"),
-        ("lung", f"{result.lung_volume_ml:.0f} mL, {len(result.patches)} candidate patches"
+        ("scan", f"{nx} \u00d7 {ny} pixels (x \u00d7 y, as everywhere here) of {float(result.spacing_mm[0]):.2f} "
+                 f"\u00d7 {float(result.spacing_mm[1]):.2f} mm; {_slices_text(scan)}"),
+        ("prompts", ", ".join(s.prompts) + f" (against: {negatives}); subtypes: {', '.join(s.subtypes) or 'none'}"),
+        ("patches", f"{patch} boxes, stride {s.stride_fraction:g} of the side, {_slice_step_text(result)}; "
+                    f"the montage's from boxes with at least {s.filter_threshold:g} lung"),
+        ("montage", f"{s.montage_size} \u00d7 {s.montage_size}, {s.retrieval} retrieval, seed {s.seed}; scoring "
+                    f"{s.scoring_mode}; HU window {s.hu_window[0]:g} to {s.hu_window[1]:g}"),
+        ("lung", f"{result.lung_volume_ml:.0f} mL, {len(result.patches)} scored boxes"
                  + (f", {result.encoded_exactly} encoded exactly" if result.encoded_exactly is not None else "")),
     ]
     return "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
@@ -240,9 +406,11 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
 
     ``heat`` is the primary prompt's heatmap on the scan's grid (as painted for heatmap.nii.gz).
     ``extent`` is result.json's ``extent`` object (per prompt: ``lung_fraction``, ``by_zone``,
-    ``predominance``, ``rule``) and ``pattern_extent`` the share of the lung per pattern; both are
-    drawn only when given.
+    ``positive_ml``, ``predominance``, ``calibrated``) and ``pattern_extent`` the extent per pattern; both
+    are drawn only when given. The pattern map's pictures come from ``result.patterns``.
     """
+    from .figures import body_crop
+
     created = created or _dt.datetime.now(_dt.timezone.utc)
     name = input_name(result.source)
     if result.model_meaningful:
@@ -250,33 +418,38 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
         banner = ""
     else:
         reason = result.model_warning or "the model's scores are not meaningful for this scan"
-        model_line = f"<b>not meaningful</b>: {escape(reason)}"
+        model_line = '<span class="flag">scores NOT meaningful for this scan</span> (see the warning above)'
         banner = (f'<div class="warn">The scores below are NOT meaningful: {escape(reason)}. This report shows what '
                   "the tool computes, not a finding.</div>")
-    overlays = "".join(
-        f'<figure><img alt="heatmap overlay, slice {z}" src="{uri}"><figcaption>slice {z}'
-        f'{" (best patch)" if k == 0 else ""}</figcaption></figure>'
-        for k, (z, uri) in enumerate(_overlays(scan, result, heat, OVERLAY_SLICES)))
-    montage = png_data_uri(result.montage)
-    # One table, so the columns of findings and subtypes line up.
-    probabilities = "<table><tr><th>finding (montage)</th><th class=\"num\">p</th><th></th></tr>" + \
-        _probability_rows(result.finding_probabilities)
+    keys = best_slices(result, OVERLAY_SLICES) if len(result.ranked) else []
+    crop = body_crop(scan, keys or [scan.hu.shape[0] // 2], result.lung_mask)
+    key_html = _key_images(scan, result, heat, keys, crop) if keys else "<p>No patch was scored.</p>"
+    probabilities = ("<table><tr><th>finding (montage)</th><th class=\"num\">p</th><th></th></tr>"
+                     + _probability_rows(result.finding_probabilities))
     if result.subtype_probabilities:
-        probabilities += "<tr><th>subtype</th><th class=\"num\">p</th><th></th></tr>" + \
-            _probability_rows(result.subtype_probabilities)
+        probabilities += ("<tr><th>subtype</th><th class=\"num\">p</th><th></th></tr>"
+                          + _probability_rows(result.subtype_probabilities))
     probabilities += "</table>"
-    notes = "".join(f"<li>{escape(str(n))}</li>" for n in result.notes) or "<li>none</li>"
+    # The model warning is the banner at the top; the notes list does not repeat it.
+    notes = "".join(f"<li>{escape(str(n))}</li>" for n in result.notes
+                    if result.model_meaningful or str(n) != result.model_warning) or "<li>none</li>"
     files = ""
     if output_files:
-        files = f"<p class=\"sub\">Files in this folder: {escape(', '.join(output_files))}</p>"
-    right = [f"<h2>Probabilities</h2>{probabilities}"]
+        files = f"<p class=\"explain\">Files in this folder: {escape(', '.join(output_files))}</p>"
+    checkpoint = f" ({escape(Path(result.settings.checkpoint).name)})" if result.settings.checkpoint else ""
+    extent_html = rule_html = chart_html = ""
     if extent:
-        right.append(_extent_section(extent))
-    if pattern_extent:
-        right.append(_patterns_section(pattern_extent))
-    right.append(f"<h2>Model</h2><p><b>{escape(result.model_name)}</b>"
-                 f"{' (' + escape(Path(result.settings.checkpoint).name) + ')' if result.settings.checkpoint else ''}"
-                 f": {model_line}</p>")
+        extent_html, chart_html = _extent_section(result, extent)
+        rule_html = (f'<div class="block"><h2>How extent is measured</h2><p class="explain">'
+                     f"{escape(rule_in_plain_words(result, extent))}</p></div>")
+    # One prompt: its table fits beside the probabilities. Several: two columns each would be cut at half a
+    # page, so the table takes the page's width below, and the chart and the rule sit beside the probabilities.
+    beside, below = f"{extent_html}{rule_html}", ""
+    if extent and len(extent) > 1:
+        beside, below, chart_html = f"{chart_html}{rule_html}", extent_html, ""
+    patterns_html = ""
+    if result.patterns is not None or pattern_extent:
+        patterns_html = _patterns_section(scan, result, pattern_extent, crop)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -288,26 +461,41 @@ def report_html(result: AnalysisResult, scan: Scan, heat: np.ndarray, *, extent:
 <body>
 <main>
 <h1>ZeroShotILD report</h1>
-<p class="sub">Input <b>{escape(name)}</b> &middot; model <b>{escape(result.model_name)}</b> &middot;
+<p class="sub">Input <b>{escape(name)}</b> &middot; model <b>{escape(result.model_name)}</b>{checkpoint} &middot;
 primary prompt <b>{escape(result.primary_prompt)}</b> &middot; {escape(created.strftime("%Y-%m-%d %H:%M UTC"))}</p>
 <div class="notice"><b>{escape(RESEARCH_TITLE)}</b>{escape(RESEARCH_NOTICE[len(RESEARCH_TITLE):])}</div>
 {banner}
-<div class="grid">
-<section>
-<h2>Heatmap at the best slices</h2>
-<div class="overlays">{overlays}</div>
-<h2>Montage ({result.settings.montage_size}x{result.settings.montage_size} patches)</h2>
-<figure><img alt="montage of the top patches" src="{montage}" style="max-width:360px"></figure>
-</section>
-<section>
-{''.join(right)}
-<h2>Settings</h2>
-<table>{_settings_rows(result)}</table>
-</section>
+<div class="block">
+<h2>Key images: {escape(result.primary_prompt)}</h2>
+<div class="keys">{key_html}</div>
+<p class="explain">Colour: the probability of \u201c{escape(result.primary_prompt)}\u201d per box, over the lungs
+(scale at the right of each image, the same for all three); cyan boxes: the top patches, numbered by rank;
+letters: the patient's sides. Image number and z as a DICOM viewer shows them (z: the patient's head-foot axis).</p>
 </div>
+<div class="row">
+<section class="block">
+<h2>Probabilities (montage)</h2>
+{probabilities}
+<div class="row" style="margin-top:4px;gap:8px">
+<figure style="flex:0 0 90px"><img alt="montage of the top patches" src="{png_data_uri(result.montage)}">
+<figcaption>montage, {result.settings.montage_size} \u00d7 {result.settings.montage_size} patches</figcaption></figure>
+<p><b>Model</b> {escape(result.model_name)}{checkpoint}: {model_line}</p>
+</div>
+{chart_html}
+</section>
+<section>{beside}</section>
+</div>
+{below}
+<div class="block">
+<h2>Scan and settings</h2>
+<table>{_settings_rows(result, scan)}</table>
+</div>
+<div>
 <h2>Notes</h2>
 <ul class="notes">{notes}</ul>
 {files}
+</div>
+{patterns_html}
 <footer>zeroshot-ild {escape(__version__)} &middot; {escape(RESEARCH_NOTICE)}</footer>
 </main>
 </body>

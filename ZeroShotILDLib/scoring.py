@@ -47,9 +47,39 @@ class TextEncoder:
                 self._cache[text] = (mean / mean.norm()).cpu()
         return [self._cache[t] for t in texts]
 
+    def too_long(self, texts: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """{text: (tokens, context length)} for each of ``texts`` (with the templates) that the text encoder
+        cuts off: a CLIP text tower reads a fixed number of tokens (77 for OpenAI CLIP) and drops the rest
+        without a word, so a long prompt is scored on its beginning only."""
+        tokenizer = self.model.tokenizer
+        context = int(getattr(tokenizer, "context_length", 0) or 0)
+        if not context:
+            return {}
+        out = {}
+        for text in dict.fromkeys(texts):
+            counts = [token_count(tokenizer, tpl.format(text)) for tpl in self.templates]
+            longest = max((c for c in counts if c is not None), default=None)
+            if longest is not None and longest > context:
+                out[text] = (longest, context)
+        return out
+
     def pair(self, positive: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
         pos, neg = self.embed_many([positive, negative])
         return pos, neg
+
+
+def token_count(tokenizer, text: str):
+    """Tokens of ``text`` with its start and end tokens, as the text tower would read them uncut; None when the
+    tokenizer does not say (open_clip's SimpleTokenizer: ``encode``; a Hugging Face one: ``tokenizer``)."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):
+        return len(tokenizer.encode(text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and callable(inner):
+        try:
+            return len(inner(text)["input_ids"])
+        except (TypeError, KeyError, ValueError):
+            return None
+    return None
 
 
 def softmax_probability(image_features: np.ndarray, positive: torch.Tensor, negative: torch.Tensor,

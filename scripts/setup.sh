@@ -2,7 +2,7 @@
 # Build the environment (.venv in the clone) if it is missing or stale. Idempotent.
 #
 #   scripts/setup.sh          what the demo and `zeroshot-ild` need (the package and its dependencies)
-#   scripts/setup.sh test     adds the extras the test suite needs: train, test, dicom
+#   scripts/setup.sh test     adds the extras the test suite needs: train, test, dicom, pdf
 #
 # One variable chooses the torch build:
 #   ZEROSHOT_ILD_TORCH=cpu    PyTorch's CPU-only wheels (download.pytorch.org/whl/cpu): no CUDA
@@ -19,7 +19,7 @@ PY=${PYTHON:-python3}
 profile=${1:-demo}
 case "$profile" in
   demo) extras="" ;;
-  test) extras="[train,test,dicom]" ;;
+  test) extras="[train,test,dicom,pdf]" ;;
   *) echo "setup.sh: unknown profile '$profile' (use: demo, test)" >&2; exit 2 ;;
 esac
 torch_build=${ZEROSHOT_ILD_TORCH:-default}

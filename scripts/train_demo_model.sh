@@ -25,8 +25,8 @@ DM=("$PY" -m zeroshot_ild_train.demo_model --threads 2)
 # 90 more (seed 20242) whose positives are all HP-like: the faintest style (patchy ground glass,
 # dark lobules of mosaic attenuation) needs more examples than the fibrotic ones.
 "${DM[@]}" build --out "$WORK/pairs_hp" --phantoms 90 --seed 20242 --subtype "hypersensitivity pneumonitis"
-# DAPT (Lightning, UniCL: one class per pair, the one pattern its caption names or ild / no ild;
-# demo_model.pair_class) from seeded random weights; the checkpoint with the
+# DAPT (Lightning, UniCL with statement targets: a caption is a positive of every image it is true of,
+# demo_model.pair_labels) from seeded random weights; the checkpoint with the
 # lowest validation loss is exported in fp16.
 "${DM[@]}" train --pairs "$WORK/pairs" "$WORK/pairs_hp" --out "$WORK/stage1" \
     --steps 2000 --batch-size 32 --lr 5e-4 --loss unicl --seed 0 --weights "$WEIGHTS"

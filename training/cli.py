@@ -22,15 +22,11 @@ end, so an interrupted command leaves no half-written results.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
 import os
-import re
-import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,12 +34,17 @@ import numpy as np
 
 from ZeroShotILDLib.cli import (EXIT_CANCELLED, EXIT_INPUT, EXIT_PARTIAL, TqdmProgress, _add_settings_args, log_level,
                                 quiet_itk, settings_from_args)
+from ZeroShotILDLib import csv_files
 from ZeroShotILDLib.errors import Cancelled, InputError
-from ZeroShotILDLib.settings import AnalysisSettings
+from ZeroShotILDLib.settings import AnalysisSettings, OneLineArgumentParser
 
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, check_export_target, claim_out_dir, finish_all, staged_output
 
 PROG = "zeroshot-ild-train"
+# One text default for every command that reads report text (train, sweep, preview-text, alignment).
+from .dapt_config import DEFAULT_RECIPE as _DEFAULT_RECIPE, RECIPES as _RECIPES  # noqa: E402  (torch-free)
+
+DEFAULT_TEXT = _RECIPES[_DEFAULT_RECIPE]["text_choice"]
 #: Written by ``preprocess`` beside the montages: the engine settings they were built with.
 CACHE_SETTINGS = "preprocess_settings.json"
 #: Folder inside an evaluate/grid --out where finished per-scan scores are kept (a re-run skips those scans).
@@ -64,40 +65,9 @@ def _bar(iterable, *, total: Optional[int] = None, desc: str, quiet: bool):
     return tqdm(iterable, total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-@contextmanager
 def _staged_output(out: Path):
-    """A staging folder beside ``out`` whose files are moved into ``out`` (one atomic rename each) on success.
-
-    Only the file names the command writes are replaced in ``out``; anything else there stays. The
-    staging folder carries the process id, so the next run removes those left by killed runs.
-    """
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_dead_staging(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()  # plain mkdir: the umask decides who may read the results
-    try:
-        yield tmp
-        out.mkdir(parents=True, exist_ok=True)
-        for path in sorted(tmp.rglob("*")):
-            if path.is_file():
-                target = out / path.relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _clean_dead_staging(out: Path) -> None:
-    """Staging folders ``.NAME.partial-PID`` of processes that no longer run (a kill leaves them)."""
-    from ZeroShotILDLib.outputs import _pid_alive
-
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)$")
-    for entry in out.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match[1])):
-            shutil.rmtree(entry, ignore_errors=True)
+    """Staging inside ``out`` (``training.files.staged_output``): files move into ``out`` one atomic rename each."""
+    return staged_output(out)
 
 
 def _write_json(path: Path, payload) -> Path:
@@ -122,7 +92,7 @@ def _plain(value):
 def _write_rows(path: Path, rows: Sequence[dict]) -> Path:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv_files.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -150,7 +120,7 @@ def _cache_settings(cache: str) -> AnalysisSettings:
     return AnalysisSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _pairs(records, cache: str, class_names=None):
+def _pairs(records, cache: str, class_names=None, label: str = "ild"):
     """PairRecords for the records whose montage is in the cache; one-line error if any is missing."""
     from . import preprocess
     from .data import pairs_from_manifest
@@ -161,33 +131,35 @@ def _pairs(records, cache: str, class_names=None):
     if missing:
         raise InputError(f"{len(missing)} of {len(records)} scans have no finished montage in {cache} "
                          f"(first: {missing[0].source}): run preprocess (every shard) with the same settings")
-    return pairs_from_manifest(records, montages, class_names), settings
+    return pairs_from_manifest(records, montages, class_names, label=label), settings
 
 
 # ----------------------------------------------------------------------------------------------
 # split / preprocess
 # ----------------------------------------------------------------------------------------------
 def _cmd_split(args) -> int:
-    from .manifest import label_value, split_by_patient, split_counts, write_manifest
+    from .manifest import split_by_patient, write_manifest
+
+    from .splits import split_balance, stratified_patient_split
 
     records = _read_manifest(args.manifest, check_files=False)
-    split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
-                             stratify=args.stratify)
+    if args.stratify:  # patients whole, images of each class balanced (AUROC is per image)
+        split = stratified_patient_split(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                         seed=args.seed, stratify=args.stratify)
+    else:
+        split = split_by_patient(records, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                 seed=args.seed)
     out = Path(args.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # write_manifest picks CSV or JSONL by the suffix, so the temporary name keeps it.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial{out.suffix}")
-    try:
-        write_manifest(split, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for name, counts in sorted(split_counts(split).items(), key=lambda kv: str(kv[0])):
-        line = f"{name}: {counts['scans']} scans, {counts['patients']} patients"
-        if args.stratify:
-            values = [label_value(r, args.stratify) for r in split if r.split == name]
-            tally = {str(v): values.count(v) for v in sorted(set(values), key=str)}
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise InputError(f"--out {out} is not a plain file: choose another --out")
+    write_manifest(split, out)  # atomic: a temporary file of its own (O_EXCL) renamed onto --out
+    for row in split_balance(split, args.stratify):
+        line = f"{row['split']}: {row['images']} scans, {row['patients']} patients"
+        tally = {k.split("=", 1)[1]: v for k, v in row.items() if k.startswith("images ")}
+        if tally:
             line += f"; {args.stratify} " + ", ".join(f"{k}: {v}" for k, v in tally.items())
+        if "positive images %" in row:
+            line += f" ({row['positive images %']:.1f} % of scans, {row['positive patients %']:.1f} % of patients positive)"
         print(line)
     print(f"written {out}")
     return 0
@@ -202,8 +174,9 @@ def _cmd_preprocess(args, progress) -> int:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     # The pixel size of 2-D rows comes from the manifest only: train/probe find the montages by it.
     records, _ = _with_pixel_spacing(_read_manifest(args.manifest), None)
-    cache = Path(args.cache).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
+    from ZeroShotILDLib.atomic_files import check_cache_folder
+
+    cache = check_cache_folder(args.cache, option="--cache")  # a file or read-only: one line, before any work
     stored = cache / CACHE_SETTINGS
     if stored.is_file():
         previous = AnalysisSettings.from_dict(json.loads(stored.read_text(encoding="utf-8")))
@@ -214,6 +187,13 @@ def _cmd_preprocess(args, progress) -> int:
     summary = preprocess.preprocess(records, cache, settings, workers=args.workers, shard=shard, progress=progress)
     progress.close()
     print(f"shard {shard[0]}/{shard[1]}: {summary.line()} -> {cache}")
+    from . import cohort_qc
+
+    # The whole cohort as far as it is cached (every shard rewrites it; the last one's is complete).
+    qc = cohort_qc.cohort_qc(records, preprocess.finished_montages(records, cache, settings),
+                             grid_n=settings.montage_size, failed=[scan_id for scan_id, _ in summary.failed])
+    cohort_qc.write_qc(qc, cache / cohort_qc.QC_NAME)
+    print(f"{cohort_qc.qc_line(qc)} -> {cache / cohort_qc.QC_NAME}")
     for scan_id, reason in summary.failed:
         print(f"  failed {scan_id}: {reason}", file=sys.stderr)
     return EXIT_PARTIAL if summary.failed else 0
@@ -259,7 +239,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     g.add_argument("--optimizer", default=d.optimizer, choices=dapt.OPTIMIZERS)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear warm-up steps (default: 10%% of the run's steps, at most 100; longer than the run is refused)")
     g.add_argument("--max-epochs", type=int, default=None,
                    help=f"epoch limit (default: none with --max-steps, else {dapt.DEFAULT_MAX_EPOCHS}); the earlier limit wins")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer-step limit (-1 = none)")
@@ -271,6 +252,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--monitor", default=d.monitor, choices=tuple(dapt.MONITORS),
                    help="checkpoint, early-stopping and sweep criterion: val_loss (Van Uden et al. 2023) or val_auroc "
                    "(zero-shot AUROC on the validation labels)")
+    g.add_argument("--label", default=d.val_label,
+                   help="yes/no label of the validation AUROC (val_auroc): ild or any label_<name> column, e.g. covid")
+    g.add_argument("--prompt", default=None,
+                   help="text scored for that AUROC (default: the label's name, or for ild the preprocessing prompt)")
+    g.add_argument("--negative", default=None, help="its negative text (default: 'no ' + the prompt)")
     g.add_argument("--logger", default=d.logger, choices=dapt.LOGGERS,
                    help="metrics.csv is always written; tensorboard / mlflow add their logs (if installed)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -280,7 +266,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-nodes", type=int, default=d.num_nodes, help="nodes (multi-node DDP; launch with srun/torchrun)")
     g.add_argument("--strategy", default=d.strategy, help="auto (DDP when several processes) | ddp | ddp_spawn ...")
     g.add_argument("--precision", default=d.precision, help="auto (bf16-mixed on GPU, 32-true on CPU) | 32-true | 16-mixed ...")
-    g.add_argument("--workers", type=int, default=d.num_workers, help="data-loader processes per device")
+    g.add_argument("--workers", type=int, default=d.num_workers,
+                   help="data-loader processes per device (default: the CPUs this process may use minus one, at most 4)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -323,18 +310,29 @@ def _config_from_args(args, out: str, class_names: tuple, montage_settings: Anal
         patience_steps=args.patience, top_k=args.top_k, accelerator=args.accelerator, devices=_devices(args.devices),
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, num_workers=args.workers,
         seed=args.seed, progress_bar=not args.quiet and sys.stderr.isatty(), montage_settings=montage_settings.to_dict(),
+        val_label=args.label, val_prompt=args.prompt, val_negative=args.negative,
     )
 
 
 def _training_inputs(args):
     from .data import default_class_names
 
+    from .manifest import check_label, label_value
+
     needs_labels = args.loss in ("unicl", "dlilp")
     records = _read_manifest(args.manifest)
+    label = args.label.strip().lower()
+    if label == "subtype":
+        raise InputError("--label subtype is not a yes/no label: use ild or a label_<name> column")
+    # The validation AUROC's label must exist (a typo is one line); blank everywhere is allowed
+    # for ild only (the default), where the AUROC is then simply not reported.
+    label = check_label(records, label) if (label != "ild" or any(r.ild is not None for r in records)) else label
+    args.label = label
     if not needs_labels:  # image-only rows (e.g. negatives without text) are for evaluation, not for text losses
         def kept(r):
             # Labelled validation images without text stay: they feed the zero-shot AUROC (dapt).
-            return r.report_text is not None or r.report_path is not None or (r.split == "val" and r.ild is not None)
+            return (r.report_text is not None or r.report_path is not None
+                    or (r.split == "val" and (label_value(r, label) is not None or (label == "ild" and r.subtype))))
 
         texted = [r for r in records if r.report_text is not None or r.report_path is not None]
         if not texted:
@@ -346,7 +344,7 @@ def _training_inputs(args):
     classes = tuple(_csv_list(args.classes, what="--classes")) if args.classes else ()
     if needs_labels and not classes:
         classes = default_class_names(records)
-    pairs, settings = _pairs(records, args.cache, classes or None)
+    pairs, settings = _pairs(records, args.cache, classes or None, label=label)
     return pairs, classes, settings
 
 
@@ -356,15 +354,17 @@ def _print_fit(result, label: str = "") -> None:
         score = f"best {result.monitor} {result.best_score:.4f}" if result.best_score is not None else "best checkpoint"
         if result.monitor != "val_loss" and result.best_val_loss is not None:
             score += f" (val loss {result.best_val_loss:.4f})"
+        unhealthy = (result.health or {}).get("best_healthy") is False
         print(f"{head}{score} after {result.global_step} steps"
-              f"{' (stopped early)' if result.stopped_early else ''}: {result.best_checkpoint}")
+              f"{' (stopped early)' if result.stopped_early else ''}: {result.best_checkpoint}"
+              f"{'  (NOT HEALTHY: no validation of this run was)' if unhealthy else ''}")
     else:
         print(f"{head}{result.global_step} steps, no checkpoint scored")
     if result.limited_by:
         print(f"{head}length set by {result.limited_by.replace('_', '-')}")
     last = (result.health or {}).get("last") or {}
     if last:
-        parts = [f"{k[4:]} {v:.3f}" for k, v in last.items() if k != "val_loss"]
+        parts = [f"{k[4:]} {v:.3f}" for k, v in last.items() if k.startswith("val_") and k not in ("val_loss", "val_pairs")]
         print(f"{head}last validation: " + ", ".join(parts))
     if result.relaxation and result.relaxation.get("pair_fraction") is not None:
         r = result.relaxation
@@ -378,6 +378,7 @@ def _print_fit(result, label: str = "") -> None:
 def _cmd_train(args) -> int:
     from . import dapt
 
+    claim_out_dir(args.out, "train")  # a foreign --out is refused before any work
     pairs, classes, settings = _training_inputs(args)
     config = _config_from_args(args, args.out, classes, settings)
     try:
@@ -387,12 +388,15 @@ def _cmd_train(args) -> int:
         return exc.exit_code
     if result.summary_json:  # rank 0 only
         _print_fit(result)
+    if result.best_score is not None:
+        args._headline = f"best {result.monitor} {result.best_score:.4f} at step {result.top_k[0].get('step')}"
     return 0
 
 
 def _cmd_sweep(args) -> int:
     from . import dapt
 
+    claim_out_dir(args.out, "sweep")
     pairs, classes, settings = _training_inputs(args)
     config = _config_from_args(args, args.out, classes, settings)
     rates = _csv_list(args.lrs, float, what="--lrs") or dapt.default_learning_rates()
@@ -413,6 +417,7 @@ def _cmd_export(args) -> int:
     from . import dapt
 
     source = Path(args.checkpoint).expanduser()
+    check_export_target(args.out)  # only a new file or an engine checkpoint of ours is replaced
     if not source.is_file():
         raise InputError(f"{source} does not exist: give a run's checkpoints/last.ckpt")
     if source.suffix != ".ckpt":
@@ -480,10 +485,16 @@ class _Scorer:
 
         from ZeroShotILDLib.file_hashes import sha256_path
 
-        settings = {k: v for k, v in self.base.to_dict().items() if k not in ("device", "batch_size")}
+        settings = {k: v for k, v in self.base.to_dict().items() if k not in ("device", "batch_size", "model",
+                                                                               "checkpoint", "weights_dir")}
+        files = model_hashes.get(variant["model"])
+        # A checkpoint file is named by its content, not its path: a moved or copied run folder
+        # keeps its scores; a registry model (no file) by its name and its weights' hashes.
+        model = [h for h in files if h] if files and all(files[:1]) else variant["model"]
         blob = json.dumps({"scan": record.scan_id, "content": sha256_path(record.scan_path),
-                           "pixel_spacing_mm": record.pixel_spacing_mm, "settings": settings, "variant": variant,
-                           "model_files": model_hashes.get(variant["model"])}, sort_keys=True, default=str)
+                           "pixel_spacing_mm": record.pixel_spacing_mm, "settings": settings,
+                           "variant": {**variant, "model": model}, "model_files": files},
+                          sort_keys=True, default=str)
         return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 
     def _model_hashes(self, variants) -> dict:
@@ -646,9 +657,98 @@ def _row(factors: dict, report) -> dict:
 
 
 def _score_sets(args, base, test, val, variants):
-    """Score test + threshold rows; failed scans are dropped from both (listed, never aborting)."""
+    """Score test + threshold rows; failed scans are dropped from both (listed, never aborting).
+
+    With ``--merge-shards`` the scores come from the shard folders instead (:func:`_merged_scores`).
+    """
+    if getattr(args, "merge_shards", None):
+        scored, failures = _merged_scores(args, base, test + val, variants)
+    else:
+        out_dir = Path(args.out).expanduser()
+        scored, failures = _Scorer(base, cache_dir=out_dir / SCORE_CACHE).score(test + val, variants, quiet=args.quiet)
+    return _drop_failed(scored, failures, test, val)
+
+
+SHARD_FILE = "shard_scores.json"
+
+
+def _shard_signature(base, records, variants, label: str) -> str:
+    """What every shard of one evaluation must share: the scans (all shards'), settings, models, label."""
+    import hashlib
+
+    settings = {k: v for k, v in base.to_dict().items() if k not in ("device", "batch_size")}
+    blob = json.dumps({"scans": sorted(r.scan_id for r in records), "settings": settings, "variants": variants,
+                       "label": label}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def _write_shard(args, base, records, variants, label: str) -> int:
+    """``evaluate --shard i/N``: score this shard's scans and write ``shard_scores.json`` (no tables)."""
+    from .preprocess import parse_shard, shard_records
+
+    index, count = parse_shard(args.shard)
+    mine = shard_records(records, (index, count))
     out_dir = Path(args.out).expanduser()
-    scored, failures = _Scorer(base, cache_dir=out_dir / SCORE_CACHE).score(test + val, variants, quiet=args.quiet)
+    scored, failures = _Scorer(base, cache_dir=out_dir / SCORE_CACHE).score(mine, variants, quiet=args.quiet)
+    failed = dict(failures)
+    scans = {r.scan_id: ({"failed": failed[r.scan_id]} if r.scan_id in failed else
+                         {"p": [float(scored[i]["ild"][n]) for i in range(len(variants))],
+                          "subtypes": [[float(x) for x in scored[i]["subtypes"][n]] for i in range(len(variants))]})
+             for n, r in enumerate(mine)}
+    with _staged_output(out_dir) as tmp:
+        _write_json(tmp / SHARD_FILE, {"format": "zeroshot-ild-train-shard/1", "shard": index, "of": count,
+                                       "signature": _shard_signature(base, records, variants, label),
+                                       "scans": scans})
+    print(f"shard {index}/{count}: {len(mine) - len(failed)} of {len(mine)} scans scored"
+          f"{f', {len(failed)} failed' if failed else ''} -> {out_dir / SHARD_FILE}")
+    return EXIT_PARTIAL if failed else 0
+
+
+def _merged_scores(args, base, records, variants) -> tuple:
+    """Scores of ``records`` from every shard folder of ``--merge-shards``: all shards 0..N-1 present
+    exactly once, of this very evaluation (same scans, settings, models and label), else one line."""
+    label = args.label.strip().lower().removeprefix("label_")
+    signature = _shard_signature(base, records, variants, label)
+    shards: dict = {}
+    count = None
+    for folder in args.merge_shards:
+        path = Path(folder).expanduser() / SHARD_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            index, of = int(data["shard"]), int(data["of"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"--merge-shards {folder}: no readable {SHARD_FILE} (run `evaluate --shard i/N` there)") from None
+        if data.get("signature") != signature:
+            raise InputError(f"--merge-shards {folder}: shard {index}/{of} is of another evaluation (other scans, "
+                             "settings, models or label): give the flags the shards ran with")
+        if count is not None and of != count:
+            raise InputError(f"--merge-shards {folder}: shard {index}/{of} of a {of}-way split, the others are {count}-way")
+        if index in shards:
+            raise InputError(f"--merge-shards: shard {index}/{of} given twice ({shards[index][0]} and {folder})")
+        count = of
+        shards[index] = (folder, data["scans"])
+    missing = [str(i) for i in range(count or 0) if i not in shards]
+    if missing:
+        raise InputError(f"--merge-shards: shard(s) {', '.join(missing)} of {count} missing: run them, then merge")
+    scans = {k: v for _, part in shards.values() for k, v in part.items()}
+    n_sub = len(base.subtypes)
+    out = {i: {"ild": np.full(len(records), np.nan), "subtypes": np.full((len(records), n_sub), np.nan)}
+           for i in range(len(variants))}
+    failures = []
+    for n, r in enumerate(records):
+        entry = scans.get(r.scan_id)
+        if entry is None:
+            raise InputError(f"--merge-shards: scan {r.scan_id} is in no shard: the shards cover another manifest")
+        if "failed" in entry:
+            failures.append((r.scan_id, str(entry["failed"])))
+            continue
+        for i in range(len(variants)):
+            out[i]["ild"][n] = float(entry["p"][i])
+            out[i]["subtypes"][n] = [float(x) for x in entry["subtypes"][i]]
+    return out, failures
+
+
+def _drop_failed(scored, failures, test, val):
     failed = {scan_id for scan_id, _ in failures}
     keep = np.array([r.scan_id not in failed for r in test + val], dtype=bool)
     n = len(test)
@@ -718,9 +818,54 @@ def _finish_failures(out: Path, failures, records, final: Path) -> int:
     return 0
 
 
+def _checkpoint_health_notes(models_: Sequence[str]) -> list:
+    """One line per evaluated DAPT checkpoint whose own training verdict says it is not healthy."""
+    from ZeroShotILDLib.models import read_checkpoint_metadata
+
+    notes = []
+    for model in models_:
+        if not model.startswith("dapt:"):
+            continue
+        try:
+            health = (read_checkpoint_metadata(Path(model[len("dapt:"):]).expanduser()) or {}).get("training", {}).get("health")
+        except (OSError, ValueError, InputError):
+            continue
+        if isinstance(health, dict) and (health.get("collapsed") is True or health.get("at_chance") is True):
+            why = "its image embeddings had collapsed" if health.get("collapsed") is True else "its validation loss was at chance"
+            notes.append(f"{model}: its training run recorded this checkpoint as not healthy ({why} at step "
+                         f"{health.get('step')}): its scores say nothing about what DAPT can learn")
+    return notes
+
+
+def _bootstrap_groups(records, choice: str) -> tuple:
+    """(patient id per record or None, "patients"/"images") for ``--bootstrap auto|patients|images``.
+
+    ``auto`` resamples patients when any row has a patient id (a row without one is its own patient).
+    """
+    has_ids = any(r.patient_id for r in records)
+    if choice == "images" or (choice == "auto" and not has_ids):
+        return None, "images"
+    if choice == "patients" and not has_ids:
+        raise InputError("--bootstrap patients needs a patient_id column: no evaluated row has one")
+    return [r.patient_id or f"scan:{r.scan_id}" for r in records], "patients"
+
+
+def _comparisons_markdown(comparisons, unit: str) -> str:
+    if not comparisons:
+        return ""
+    lines = ["", f"### Paired comparison against {comparisons[0].model_a} (same scans; bootstrap of {unit})", "",
+             "| model | AUROC | difference | 95 % CI | p |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        d = c.difference
+        lines.append(f"| {c.model_b} | {c.auroc_b:.3f} | {-d.value:+.3f} | [{-d.ci_high:+.3f}, {-d.ci_low:+.3f}] "
+                     f"| {c.p_value:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_evaluate(args) -> int:
     from . import metrics, plots
 
+    claim_out_dir(args.out, "evaluate")
     base = settings_from_args(args)
     models_ = list(dict.fromkeys(args.models or [base.model]))
     ensembles = {f"ensemble:{Path(p).expanduser().resolve().parent.name}": _ensemble_members(p) for p in args.ensemble or []}
@@ -729,6 +874,10 @@ def _cmd_evaluate(args) -> int:
     members = list(dict.fromkeys(models_ + [m for ms in ensembles.values() for m in ms]))
     variants = [dict(model=m, filter_threshold=base.filter_threshold, retrieval=base.retrieval,
                      montage_size=base.montage_size) for m in members]
+    if args.shard:
+        if args.merge_shards:
+            raise InputError("--shard scores one part, --merge-shards combines them: give one of the two")
+        return _write_shard(args, base, all_records, variants, label)
     scored, failures, test, val = _score_sets(args, base, test, val, variants)
     use_val = _check_after_failures(args, failures, test, val, label, all_records)
     y_test, y_val = _labels(test, label), _labels(val, label)
@@ -742,9 +891,22 @@ def _cmd_evaluate(args) -> int:
         sub_scores[name] = tuple(metrics.ensemble_probabilities([per_model[m][part]["subtypes"] for m in ms])
                                  for part in ("test", "val"))
     kw = dict(n_resamples=args.resamples, seed=args.seed)
+    groups, unit = _bootstrap_groups(test, args.bootstrap)
     reports = metrics.evaluate_models(scores, y_test, y_val=y_val if use_val else None, ensemble=False,
-                                      val_name=f"{val_name} split", **kw)
+                                      val_name=f"{val_name} split", groups=groups, **kw)
     _warn_degenerate(reports)
+    n_patients = len(set(groups)) if groups is not None else None
+    health_notes = _checkpoint_health_notes(members)
+    for line in health_notes:
+        log.warning("%s", line)
+    first = next(iter(reports.values()))
+    small = metrics.small_test_set_note(y_test, first.auroc, n_patients=n_patients)
+    if small:
+        log.warning("%s", small)
+    # Every other model against the first, on the same scans (paired bootstrap; patients with ids).
+    names = list(scores)
+    comparisons = [metrics.paired_comparison(y_test, scores[names[0]][1], scores[b][1], names=(names[0], b),
+                                             groups=groups, **kw) for b in names[1:]]
     rows = [_row({"model": name}, rep) for name, rep in reports.items()]
     subtype_rows, subtype_ild_rows = [], []
     subtypes = [r.subtype for r in test]
@@ -756,20 +918,24 @@ def _cmd_evaluate(args) -> int:
                     val_kw = dict(val_subtypes=[r.subtype for r in val], val_scores=sub_val,
                                   val_among=None if among is None else y_val == 1)
                 per = metrics.evaluate_subtypes(subtypes, sub, class_names=base.subtypes, among=among,
-                                                val_name=f"{val_name} split", **val_kw, **kw)
+                                                val_name=f"{val_name} split", groups=groups, **val_kw, **kw)
                 target += [_row({"model": name, "subtype": s}, rep) for s, rep in per.items()]
     finding, negative = base.prompts[0], base.negative_for(0)
     out = Path(args.out).expanduser()
     with _staged_output(out) as tmp:
-        caption = (f"## {finding} vs {negative} ({label} labels)\n\n{args.split} split, {n} scans "
+        who = f" from {n_patients} patients" if n_patients is not None else ""
+        caption = (f"## {finding} vs {negative} ({label} labels)\n\n{args.split} split, {n} scans{who} "
                    f"({int(y_test.sum())} positive); {_threshold_caption(val_name if use_val else None)}; "
-                   f"95 % bootstrap CIs ({args.resamples} resamples)")
+                   f"95 % bootstrap CIs ({args.resamples} resamples of {unit})")
         plots.write_grid_tables(rows, tmp / "results", factors=["model"], metrics=("auroc", "auprc", "f1", "mcc"),
                                 caption=caption)
-        extra = _notes_markdown([note]) + _failures_markdown(failures, all_records)
+        extra = (_comparisons_markdown(comparisons, unit) + _notes_markdown([note, small, *health_notes])
+                 + _failures_markdown(failures, all_records))
         if extra:
             with open(tmp / "results.md", "a", encoding="utf-8") as handle:
                 handle.write(extra)
+        if comparisons:
+            _write_rows(tmp / "comparisons.csv", [c.to_dict() for c in comparisons])
         titles = {"subtype": "Subtype"}
         if subtype_rows:
             plots.write_grid_tables(subtype_rows, tmp / "subtypes", factors=["model", "subtype"], titles=titles,
@@ -782,19 +948,31 @@ def _cmd_evaluate(args) -> int:
         curves = {name: (y_test, s) for name, (_, s) in scores.items()}
         plots.plot_roc_curves(curves, tmp / "roc.png", title=f"{finding}: ROC")
         plots.plot_pr_curves(curves, tmp / "pr.png", title=f"{finding}: precision-recall")
-        score_rows = [dict({"scan_id": r.scan_id, label: int(y_test[k]), "subtype": r.subtype or ""},
+        score_rows = [dict({"scan_id": r.scan_id, "patient_id": r.patient_id or "", label: int(y_test[k]),
+                            "subtype": r.subtype or ""},
                            **{f"p[{name}]": float(s[k]) for name, (_, s) in scores.items()})
                       for k, r in enumerate(test)]
         _write_rows(tmp / "scores.csv", score_rows)
+        if use_val:  # the scores the F1 threshold was chosen on, so it can be re-derived
+            y_val_rows = [dict({"scan_id": r.scan_id, "patient_id": r.patient_id or "", label: int(y_val[k])},
+                               **{f"p[{name}]": float(v[k]) for name, (v, _) in scores.items()})
+                          for k, r in enumerate(val)]
+            _write_rows(tmp / "threshold_scores.csv", y_val_rows)
         _write_json(tmp / "settings.json", {"settings": base.to_dict(), "models": models_, "ensembles": ensembles,
                                              "split": args.split, "label": label, "prompt": finding, "negative": negative,
                                              "threshold_split": val_name if use_val else None,
                                              "n_test": n, "n_val": len(val) if use_val else 0,
+                                             "n_test_patients": n_patients, "bootstrap_unit": unit,
+                                             "seed": args.seed, "resamples": args.resamples,
                                              "n_failed": len(failures), "notes": [x for x in [note] if x]})
         code = _finish_failures(tmp, failures, all_records, out)
     for name, rep in reports.items():
         print(f"{name}: AUROC {rep.auroc}  AUPRC {rep.auprc}  F1 {rep.f1} (threshold {rep.threshold:.3f}, "
               f"{rep.threshold_source}){'  DEGENERATE: ' + rep.degenerate if rep.degenerate else ''}")
+    args._headline = "; ".join(f"{name} AUROC {rep.auroc}" for name, rep in reports.items())
+    for c in comparisons:
+        print(f"{c.model_b} - {c.model_a}: AUROC difference {-c.difference.value:+.3f} "
+              f"[{-c.difference.ci_high:+.3f}, {-c.difference.ci_low:+.3f}], p = {c.p_value:.3f} (paired, {unit})")
     print(f"results: {out / 'results.md'}")
     return code
 
@@ -802,6 +980,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_grid(args) -> int:
     from . import metrics, plots
 
+    claim_out_dir(args.out, "grid")
     base = settings_from_args(args)
     retrievals = _csv_list(args.retrievals, what="--retrievals") or [base.retrieval]
     models_ = _csv_list(args.models, what="--models") or [base.model]
@@ -822,11 +1001,13 @@ def _cmd_grid(args) -> int:
     use_val = _check_after_failures(args, failures, test, val, label, all_records)
     y_test, y_val = _labels(test, label), _labels(val, label)
     n = len(test)
+    groups, unit = _bootstrap_groups(test, args.bootstrap)
     rows, curves, reports = [], {}, {}
     for i, v in enumerate(_bar(variants, desc="bootstrap", quiet=args.quiet)):
         s_test, s_val = scored[i]["test"]["ild"], scored[i]["val"]["ild"]
         rep = metrics.evaluate_binary(y_test, s_test, y_val=y_val if use_val else None, s_val=s_val if use_val else None,
-                                      n_resamples=args.resamples, seed=args.seed, val_name=f"{val_name} split")
+                                      n_resamples=args.resamples, seed=args.seed, val_name=f"{val_name} split",
+                                      groups=groups)
         rows.append(_row(v, rep))
         cell = f"{v['retrieval']} / {v['model']} / {v['montage_size']}x{v['montage_size']} / {v['filter_threshold']}"
         curves[cell], reports[cell] = (y_test, s_test), rep
@@ -844,7 +1025,13 @@ def _cmd_grid(args) -> int:
                 handle.write(extra)
         plots.plot_roc_curves(curves, tmp / "roc.png", title=f"{finding}: ROC")
         plots.plot_pr_curves(curves, tmp / "pr.png", title=f"{finding}: precision-recall")
+        # Per-scan scores of every cell: each grid number can be recomputed from them.
+        _write_rows(tmp / "scores.csv", [dict({"scan_id": r.scan_id, "patient_id": r.patient_id or "",
+                                                label: int(y_test[k])},
+                                               **{f"p[{cell}]": float(curves[cell][1][k]) for cell in curves})
+                                          for k, r in enumerate(test)])
         _write_json(tmp / "settings.json", {"settings": base.to_dict(), "label": label, "prompt": finding,
+                                             "bootstrap_unit": unit, "seed": args.seed, "resamples": args.resamples,
                                              "threshold_split": val_name if use_val else None,
                                              "n_failed": len(failures), "notes": [x for x in [note] if x],
                                              "factors": {"retrieval": retrievals, "model": models_,
@@ -863,6 +1050,7 @@ def _cmd_reader_export(args) -> int:
     from . import reader_study
     from .preprocess import is_image, read_any_scan
 
+    claim_out_dir(args.out, "reader-study export")
     base = settings_from_args(args)
     methods = {"random": dataclasses.replace(base, retrieval="random"), "clip": dataclasses.replace(base, retrieval="clip")}
     if args.dapt_model:
@@ -872,11 +1060,18 @@ def _cmd_reader_export(args) -> int:
     if unknown:
         raise InputError(f"--methods {','.join(unknown)}: use random, clip" + (", dapt-clip" if args.dapt_model else
                                                                              " (dapt-clip needs --dapt-model)"))
+    from .manifest import check_label, label_value
+
     records = _read_manifest(args.manifest)
     if args.split and any(r.split for r in records):
         records = [r for r in records if r.split == args.split]
     if not records:
         raise InputError(f"no rows with split {args.split!r} in the manifest")
+    label = args.label.strip().lower()
+    has_label = label != "ild" or any(r.ild is not None or r.subtype for r in records)
+    label = check_label(records, label) if has_label else label
+    # What readers count: the (first) --prompt given, else the label's own name ("ILD" only for the ild label).
+    finding = ((args.prompts or [None])[0] or ("ILD" if label == "ild" else label.replace("_", " "))).strip()
     records, _ = _with_pixel_spacing(records, args.pixel_spacing_mm)
     analyzers = {m: Analyzer(methods[m]) for m in chosen if methods[m].retrieval == "clip"}
     montages, failures = {}, []
@@ -899,10 +1094,14 @@ def _cmd_reader_export(args) -> int:
         written = reader_study.export_reader_study(montages, tmp, grid_n=base.montage_size,
                                                    readers=_csv_list(args.readers, what="--readers"),
                                                    blind=args.blind, seed=args.seed)
-        groups = {r.scan_id: ("Positive" if r.ild == 1 else "Negative") for r in records
-                  if r.ild is not None and r.scan_id in kept}
+        def value(r):
+            v = label_value(r, label)
+            return (1 if r.subtype else v) if label == "ild" else v
+
+        groups = {r.scan_id: ("Positive" if value(r) == 1 else "Negative") for r in records
+                  if value(r) is not None and r.scan_id in kept} if has_label else {}
         _write_json(tmp / "study.json", {"grid_n": base.montage_size, "methods": chosen, "groups": groups,
-                                          "settings": base.to_dict()})
+                                          "label": label, "finding": finding, "settings": base.to_dict()})
         code = _finish_failures(tmp, failures, records, out)
     print(f"{len(written['images'])} numbered montages and {len(written['sheets'])} count sheet(s) in {args.out}"
           + ("  (keep key.csv away from readers)" if args.blind else ""))
@@ -912,6 +1111,7 @@ def _cmd_reader_export(args) -> int:
 def _cmd_reader_analyze(args) -> int:
     from . import plots, reader_study
 
+    claim_out_dir(args.out, "reader-study analyze")
     study = Path(args.study).expanduser()
     meta_path = study / "study.json"
     if not meta_path.is_file():
@@ -922,13 +1122,19 @@ def _cmd_reader_analyze(args) -> int:
                                              key_path=key if key.is_file() else None)
     rows = reader_study.reader_study_table(counts, grid_n=int(meta["grid_n"]), groups=meta.get("groups") or None,
                                            methods=[m for m in meta["methods"] if any(c.method == m for c in counts)])
+    # Studies exported before the finding was recorded counted ILD patches.
+    finding = str(meta.get("finding") or "ILD")
+    label = str(meta.get("label") or "ild")
     with _staged_output(Path(args.out)) as tmp:
         plots.write_grid_tables(rows, tmp / "reader_study", factors=["group", "method"],
-                                metrics=("percent_ild", "icc3_1"), caption="Paper 000 Table 6: reader study",
-                                bold_best=False)
+                                metrics=("percent_ild", "icc3_1"),
+                                caption=f"Paper 000 Table 6: reader study; patches counted: {finding}; "
+                                        f"groups by label {label}",
+                                titles={"percent_ild": f"% of Patch Montage with {finding} (Average)",
+                                        "group": label}, bold_best=False)
     for r in rows:
-        print(f"{r['group']} / {r['method']}: {r['percent_ild']:.1f} % ILD patches, ICC(3,1) {r['icc3_1']:.3f} "
-              f"({r['n_readers']} readers, {r['n_scans']} scans)")
+        print(f"{r['group']} / {r['method']}: {r['percent_ild']:.1f} % patches with {finding}, "
+              f"ICC(3,1) {r['icc3_1']:.3f} ({r['n_readers']} readers, {r['n_scans']} scans)")
     return 0
 
 
@@ -968,6 +1174,7 @@ def _cmd_probe(args) -> int:
 
     from .manifest import check_label, label_value
 
+    claim_out_dir(args.out, "probe")
     records = _read_manifest(args.manifest)
     label = check_label(records, args.label)
     if label == "subtype":
@@ -1010,6 +1217,7 @@ def _cmd_probe(args) -> int:
             k=args.k, seeds=seeds)
     with _staged_output(Path(args.out)) as tmp:
         _write_json(tmp / "probe.json", result)
+        (tmp / "probe.md").write_text(_probe_markdown(result, args.model), encoding="utf-8")
     lp = result["linear_probe"]
     print(f"{args.k}-shot linear probe ({len(classes)} classes, {len(seeds)} draws): ACA {lp['aca_mean']:.3f} "
           f"± {lp['aca_std']:.3f}; zero-shot ACA {result['zero_shot'].get('aca', float('nan')):.3f}")
@@ -1020,16 +1228,48 @@ def _cmd_probe(args) -> int:
     return 0
 
 
+def _probe_markdown(result: dict, model: str) -> str:
+    """``probe.json`` as a Markdown table (the numbers as they are in the JSON, 3 decimals)."""
+    def num(x) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+    lp, zs = result["linear_probe"], result["zero_shot"]
+    n_draws = len(lp["runs"])
+    lines = [f"## Linear probe and zero-shot: {model}", "",
+             f"Classes: {', '.join(result['classes'])}; {result['k']}-shot linear probe over {n_draws} draws "
+             "(mean ± SD); zero-shot texts: " + ", ".join(f"\"{t}\"" for t in result["zero_shot_texts"]), "",
+             "| method | ACA | accuracy | AUROC |", "|---|---|---|---|",
+             f"| {result['k']}-shot linear probe | {num(lp['aca_mean'])} ± {num(lp['aca_std'])} | "
+             f"{num(lp.get('accuracy_mean'))} | {num(lp.get('auroc_mean'))} |",
+             f"| zero-shot | {num(zs.get('aca'))} | {num(zs.get('accuracy'))} | {num(zs.get('auroc'))} |"]
+    bn = result.get("base_new")
+    if bn:
+        lines += ["", "| base / new | zero-shot ACA | linear probe ACA |", "|---|---|---|"]
+        for side in ("base", "new"):
+            part = bn[side]
+            lines.append(f"| {side}: {', '.join(part['classes'])} | {num(part['zero_shot']['aca'])} | "
+                         f"{num(part['linear_probe']['aca_mean'])} |")
+        lines += [f"| Avg. (arithmetic, paper 002) | {num(bn['zero_shot_avg'])} | {num(bn['linear_probe_avg'])} |",
+                  f"| harmonic mean (extra) | {num(bn['zero_shot_hmean'])} | {num(bn['linear_probe_hmean'])} |"]
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_alignment(args) -> int:
     from ZeroShotILDLib.models import load_model
 
     from . import alignment, reports
 
-    records = _read_manifest(args.manifest, require_report=True)
+    # Only the chosen split is read for text: rows without a report elsewhere (e.g. image-only
+    # negatives kept for evaluation) are not this command's business.
+    records = _read_manifest(args.manifest)
     if args.split and any(r.split for r in records):
         records = [r for r in records if r.split == args.split]
     if not records:
         raise InputError(f"no rows with split {args.split!r} in the manifest")
+    textless = [r for r in records if r.report_text is None and r.report_path is None]
+    if textless:
+        raise InputError(f"{len(textless)} of the {len(records)} rows of split {args.split!r} have no report "
+                         f"(first: {textless[0].source}): alignment compares images with their reports")
     model = load_model(args.model, checkpoint=args.checkpoint, weights_dir=args.weights_dir, device=args.device)
     pairs, _ = _pairs(records, args.cache)
     counts = reports.text_yield([p.report for p in pairs], args.text_choice)
@@ -1079,6 +1319,31 @@ def _cmd_preview_text(args) -> int:
     return 0
 
 
+def _cmd_runs(args) -> int:
+    """The index of a results root: one line per run or evaluation folder under it (its ``run.json``),
+    on stdout. Read-only: the index is never stored beside a user's folders."""
+    from . import run_record
+
+    root = Path(args.root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder: give the folder that holds your run folders")
+    rows = run_record.read_index(root)
+    if args.csv:
+        from ZeroShotILDLib import csv_files
+
+        writer = csv_files.DictWriter(sys.stdout, fieldnames=list(run_record.INDEX_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    if not rows:
+        print(f"no runs under {root} (a run folder holds run.json)")
+        return 0
+    for r in rows:
+        print(f"{r['finished_utc']}  {r['command']:<20} {r['out']:<28} exit {r['exit_code']:<3} "
+              f"{r['git_commit'][:10]:<10} {r['headline']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------
@@ -1121,6 +1386,8 @@ EPILOGS = {
                  "zeroshot-ild-train alignment split.csv --cache montages --out align --model dapt:run1.safetensors",
     "preview-text": "zeroshot-ild-train preview-text cohort.csv --text impression\n"
                     "zeroshot-ild-train preview-text cohort.csv --text findings+impression -n 5",
+    "runs": "zeroshot-ild-train runs results/\n"
+            "zeroshot-ild-train runs results/ --csv > runs.csv",
 }
 
 
@@ -1137,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import reports
 
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=_epilog(""),
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=_epilog(""),
                                      formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true",
@@ -1193,6 +1460,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "chooses it on the evaluated rows and labels F1/MCC optimistic)")
         p.add_argument("--label", default="ild", help="yes/no label to evaluate: ild or any label_<name> column (e.g. covid)")
         p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+        p.add_argument("--bootstrap", default="auto", choices=("auto", "patients", "images"),
+                       help="resampled unit of the CIs: auto = patients when the manifest has patient ids "
+                            "(images of one patient are not independent), else images")
         _add_pixel_spacing_arg(p)
         _add_settings_args(p)
         if name == "evaluate":
@@ -1201,6 +1471,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "to pick the patches and to classify (the best configuration of Van Uden et al. 2023)")
             p.add_argument("--ensemble", action="append", metavar="ENSEMBLE_JSON",
                            help="a run's ensemble.json: average the probabilities of its top-k checkpoints")
+            p.add_argument("--shard", help="score only part i/N of the scans into --out (shard_scores.json, no tables), "
+                                           "e.g. $SLURM_ARRAY_TASK_ID/16; combine with --merge-shards")
+            p.add_argument("--merge-shards", nargs="+", metavar="SHARD_DIR",
+                           help="the --out folders of every shard: checks all N are there and of this evaluation, then "
+                                "writes the tables exactly as one unsharded run would")
         else:
             p.add_argument("--retrievals", help="comma list of clip,random")
             p.add_argument("--models", help="comma list of models (registry names, dapt:<ckpt>)")
@@ -1218,6 +1493,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--readers", help="comma list of reader codes (one sheet each)")
     q.add_argument("--blind", action="store_true", help="neutral image names, shuffled; key.csv maps them back")
     q.add_argument("--split", default="test", help="rows to export when the manifest has splits")
+    q.add_argument("--label", default="ild", help="yes/no label that groups the scans (Positive/Negative): ild or any "
+                                                   "label_<name> column")
     _add_pixel_spacing_arg(q)
     _add_settings_args(q)
     q = rs.add_parser("analyze", help="read filled sheets, write the reader-study table (Van Uden et al. 2023, Table 6)",
@@ -1247,13 +1524,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--cache", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
+    p.add_argument("--text", dest="text_choice", default=DEFAULT_TEXT, choices=reports.TEXT_CHOICES,
+                   help=f"report part (default {DEFAULT_TEXT}, the default recipe's, as for train)")
     p.add_argument("--split", default="test", help="rows to use when the manifest has splits")
     _add_model_args(p)
 
+    p = add_command("runs", help="list the runs and evaluations under a results folder (their run.json; stdout only)")
+    p.add_argument("root", help="folder holding run/evaluation folders")
+    p.add_argument("--csv", action="store_true", help="CSV on stdout instead of aligned lines")
+
     p = add_command("preview-text", help="show what --text picks from the first reports of a manifest (stdout only)")
     p.add_argument("manifest")
-    p.add_argument("--text", dest="text_choice", default="findings+impression", choices=reports.TEXT_CHOICES)
+    p.add_argument("--text", dest="text_choice", default=DEFAULT_TEXT, choices=reports.TEXT_CHOICES,
+                   help=f"report part (default {DEFAULT_TEXT}, the default recipe's, as for train)")
     p.add_argument("-n", "--rows", type=int, default=3, help="reports shown (default 3; counts cover every row)")
     _add_config_args(parser)
     return parser
@@ -1316,23 +1599,17 @@ def _settings_keys(command: argparse.ArgumentParser) -> dict:
 
 def _load_config(path: str, command: argparse.ArgumentParser, name: str) -> dict:
     """dest -> value from a YAML file; unknown keys are refused in one line."""
-    import yaml
+    from ZeroShotILDLib.settings import config_value, read_config_file
 
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"--config {file.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--config {file.name} must be a mapping of settings (key: value), not {type(data).__name__}")
+    # Size, encoding, YAML syntax, nesting and every value's type: one line naming the key (settings.py).
+    data = read_config_file(file)
     keys = _settings_keys(command)
     unknown = sorted(str(k) for k in data if str(k) not in keys)
     if unknown:
         raise InputError(f"--config {file.name}: unknown settings for `{name}`: {', '.join(unknown)} "
                          f"(see `{PROG} {name} --print-config`)")
-    return {keys[str(k)].dest: v for k, v in data.items()}
+    return {keys[k].dest: config_value(k, v, keys[k], where=f"--config {file.name}") for k, v in data.items()}
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
@@ -1383,27 +1660,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _print_config(args)
     progress = TqdmProgress(enabled=not args.quiet, prog=PROG)
     try:
-        if args.command == "split":
-            return _cmd_split(args)
-        if args.command == "preprocess":
-            return _cmd_preprocess(args, progress)
-        if args.command == "train":
-            return _cmd_train(args)
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "grid":
-            return _cmd_grid(args)
-        if args.command == "reader-study":
-            return _cmd_reader_export(args) if args.action == "export" else _cmd_reader_analyze(args)
-        if args.command == "probe":
-            return _cmd_probe(args)
-        if args.command == "preview-text":
-            return _cmd_preview_text(args)
-        return _cmd_alignment(args)
+        code = _run_command(args, progress)
+        _record_run(args, argv, code)
+        return code
     except InputError as exc:
         progress.close()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -1414,6 +1673,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CANCELLED
     finally:
         progress.close()
+        finish_all()  # record what this command wrote into its --out (training.files)
+
+
+def _record_run(args, argv: Sequence[str], code: int) -> None:
+    """``run.json`` + ``config.yaml`` in a finished command's ``--out`` folder and a row in the index above
+    it (``training.run_record``); rank 0 of a multi-process run only."""
+    from . import run_record
+
+    out = getattr(args, "out", None)
+    if code not in (0, EXIT_PARTIAL) or not out or not Path(out).expanduser().is_dir():
+        return
+    if int(os.environ.get("RANK", "0") or 0) != 0 or int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
+        return
+    command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
+    settings = {k: v for k, v in vars(args).items() if k not in _CONFIG_EXCLUDED and not k.startswith("_")}
+    try:
+        run_record.write_run_record(Path(out), command, argv, settings, exit_code=code,
+                                    headline=getattr(args, "_headline", ""))
+    except OSError as exc:  # the results are written; a missing record is not worth failing them for
+        log.warning("no run record in %s (%s)", out, exc)
+
+
+def _run_command(args, progress) -> int:
+    if args.command == "preprocess":
+        return _cmd_preprocess(args, progress)
+    if args.command == "reader-study":
+        return _cmd_reader_export(args) if args.action == "export" else _cmd_reader_analyze(args)
+    commands = {"split": _cmd_split, "train": _cmd_train, "sweep": _cmd_sweep, "export": _cmd_export,
+                "evaluate": _cmd_evaluate, "grid": _cmd_grid, "probe": _cmd_probe, "preview-text": _cmd_preview_text,
+                "runs": _cmd_runs}
+    return commands.get(args.command, _cmd_alignment)(args)
 
 
 if __name__ == "__main__":

@@ -165,12 +165,11 @@ def run(data, out_dir, *, base_model: str, max_steps: int = 150, batch_size: int
     summary = preprocess.preprocess(train_val, out_dir / "montages", settings, workers=1)
     montages = preprocess.finished_montages(train_val, out_dir / "montages", settings)
     kept = [r for r in train_val if r.scan_id in montages]
-    pairs = [dataclasses.replace(p, ild=int(r.labels["covid"]))
-             for r, p in zip(kept, pairs_from_manifest(kept, montages, class_names=()))]
+    pairs = pairs_from_manifest(kept, montages, class_names=(), label="covid")
     train = [p for p in pairs if p.split == "train"]
     val = [p for p in pairs if p.split == "val"]
     config = dapt.DaptConfig(output_dir=str(out_dir / "dapt"), model=base_model, loss="clip", text_choice="full",
-                             sentences_per_sample=3, monitor=monitor,
+                             sentences_per_sample=3, monitor=monitor, val_label="covid", val_prompt=prompts[0],
                              montage_settings=dataclasses.replace(settings, prompts=[prompts[0]]).to_dict(), batch_size=batch_size, learning_rate=learning_rate,
                              warmup_steps=min(20, max_steps // 5), max_steps=max_steps, max_epochs=1000,
                              val_every_steps=max(25, max_steps // 3), top_k=1, accelerator="cpu", precision="32-true",

@@ -16,15 +16,19 @@ Every validation logs, besides ``val_loss``, the loss's chance level (``val_chan
 with every logit equal), the zero-shot AUROC of the validation labels with the run's own prompt
 (``val_auroc``, when the manifest has ILD labels of both classes), the spread of the image
 embeddings (``val_mean_cosine``, ``val_effective_rank``) and image->text retrieval
-(``val_recall_at_1``/``_5``). A run whose embeddings collapse or whose loss stays at chance says
-so (``FitResult.health``, a warning, the summary).
+(``val_recall_at_1``/``_5``). Every validation gets a verdict (:func:`validation_verdict`:
+collapsed, at chance or healthy); best and the top-k are chosen among healthy checkpoints only,
+each exported checkpoint records its own verdict, and a run whose embeddings collapse or whose
+loss stays at chance says so (``FitResult.health``, one warning line with advice, the summary).
+The warm-up is 10 % of the run's real steps (at most 100) unless given.
 
 Output folder of :func:`fit`::
 
     checkpoints/step0000100-val_loss1.2345.safetensors   top-k engine checkpoints (dapt:<path>)
     checkpoints/last.safetensors                         the latest weights, engine format
     checkpoints/last.ckpt                                Lightning state for ``resume=True``
-    best.safetensors                                     copy of the best top-k checkpoint
+    best.safetensors                                     copy of the best (healthy) top-k checkpoint
+    curves.png                                           loss vs chance, AUROC, learning rate per step
     ensemble.json                                        top-k paths, best first, for averaging
     dapt_summary.json                                    settings, split sizes, losses, steps
     logs/metrics.csv                                     loss and health curves (one folder per run,
@@ -38,7 +42,6 @@ prototypes beside each checkpoint as ``<name>.labelhead.safetensors`` (:func:`lo
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -55,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ZeroShotILDLib import models
+from ZeroShotILDLib import csv_files
 from ZeroShotILDLib.errors import InputError
 
 try:
@@ -70,7 +74,7 @@ from .distributed import all_gather_no_grad, all_gather_with_grad
 # The settings and the names they take live in a torch-free module (the CLI's --help reads them).
 from .dapt_config import (  # noqa: F401
     CHANCE_MARGIN, COLLAPSE_COSINE, COLLAPSE_SPREAD_RATIO, DEFAULT_MAX_EPOCHS, DEFAULT_RECIPE, LOGGERS, LOGIT_SCALE_MAX,
-    LOSS_VIEWS, LOSSES, MONITORS, OPTIMIZERS, RECIPES, DaptConfig, recipe_config,
+    LOSS_VIEWS, LOSSES, MONITORS, OPTIMIZERS, RECIPES, DaptConfig, default_workers, recipe_config, warmup_for,
 )
 from .files import atomic_path, atomic_write_text
 
@@ -231,6 +235,12 @@ class DaptModule(L.LightningModule):
         self.health_history: list = []
         #: Positive pairs (and steps) where eq. 3 changed the similarity, over all training steps.
         self.relax_counts = {"pairs_active": 0, "pairs": 0, "steps_active": 0, "steps": 0}
+        #: Warm-up steps of the schedule (:func:`warmup_for`); set by :func:`fit`.
+        self.warmup_steps = 1
+        #: Training loss / its chance level, summed since the last validation (the verdict's advice).
+        self._train_ratio = [0.0, 0]
+        #: Verdict of the latest validation (:func:`validation_verdict`); the checkpoint callback reads it.
+        self.current_verdict: Optional[dict] = None
 
     # -- features --------------------------------------------------------------------------
     def normalize(self, pixels01: torch.Tensor) -> torch.Tensor:
@@ -315,7 +325,7 @@ class DaptModule(L.LightningModule):
         if cfg.loss == "dlilp" or not self.training:
             has_text = all_gather_no_grad(batch["has_text"].bool())[valid]
         if not self.training:
-            entry = {"image": first.detach(), "ild": all_gather_no_grad(batch["ild"].long())[valid]}
+            entry = {"image": first.detach(), "target": all_gather_no_grad(batch["target"].long())[valid]}
             if cfg.loss != "dlilp":
                 # Validation pairs without text (labelled images kept for the zero-shot AUROC)
                 # take no part in a loss that needs text.
@@ -339,7 +349,8 @@ class DaptModule(L.LightningModule):
         elif cfg.loss == "uniclip":
             loss = losses.uniclip_loss(image["original"], image["weak"], text, scale, relaxed=cfg.relaxed_positives, **relax)
         elif cfg.loss == "unicl":
-            loss = losses.unicl_loss(first, text, labels, scale)
+            truths, statements = losses.split_statement_labels(labels, cfg.class_names)
+            loss = losses.unicl_loss(first, text, truths, scale, statements=statements)
         else:  # dlilp
             label_features = gather(self.label_head(raw_views[names[0]]))
             loss = losses.dlilp_loss(label_features, self.label_head.prototypes, labels, first, text, has_text,
@@ -352,6 +363,12 @@ class DaptModule(L.LightningModule):
         self.log("train_loss", loss, batch_size=size, on_step=True, on_epoch=False, prog_bar=True)
         self.log("logit_scale", self.clip.logit_scale.detach().exp(), batch_size=size, on_step=True, on_epoch=False)
         self.log("train_chance", self._chance, batch_size=size, on_step=True, on_epoch=False)
+        # The learning rate this step used (the schedule steps after the optimizer).
+        self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self._trainer is not None
+                 else self.config.learning_rate, batch_size=size, on_step=True, on_epoch=False)
+        if loss is not None and self._chance and math.isfinite(self._chance):
+            self._train_ratio[0] += float(loss.detach()) / self._chance
+            self._train_ratio[1] += 1
         if self._relaxes:
             c = self.relax_counts
             self.log("relax_active_fraction", c["pairs_active"] / max(1, c["pairs"]), batch_size=size,
@@ -372,10 +389,8 @@ class DaptModule(L.LightningModule):
         return loss
 
     def _prompt_pair(self) -> tuple:
-        from ZeroShotILDLib.settings import AnalysisSettings
-
-        settings = AnalysisSettings.from_dict(self.config.montage_settings) if self.config.montage_settings else AnalysisSettings()
-        return settings.prompts[0], settings.negative_for(0)
+        """(prompt, negative) of the validation AUROC: ``--prompt``/``--negative``, else the montages' prompt."""
+        return validation_prompts(self.config)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_store:
@@ -383,14 +398,15 @@ class DaptModule(L.LightningModule):
         store = self._val_store
         self._val_store = []
         image = torch.cat([s["image"] for s in store]).float()
-        ild = torch.cat([s["ild"] for s in store]).cpu().numpy()
+        target = torch.cat([s["target"] for s in store]).cpu().numpy()
         count = sum(s.get("size", 0) for s in store)
         losses_seen = {"val_loss": sum(s.get("loss", 0.0) for s in store) / count,
                        "val_chance": sum(s.get("chance", 0.0) for s in store) / count} if count else {}
         metrics = embedding_health(image, torch.cat([s["text"] for s in store]).float(),
                                    torch.cat([s["paired_image"] for s in store]).float())
-        known = ild >= 0
-        if known.any() and len(set(ild[known].tolist())) == 2:
+        metrics["val_pairs"] = float(sum(int(s["text"].shape[0]) for s in store))
+        known = target >= 0
+        if known.any() and len(set(target[known].tolist())) == 2:
             from .metrics import roc_auc
 
             positive, negative = self._prompt_pair()
@@ -399,15 +415,27 @@ class DaptModule(L.LightningModule):
                 prompts = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
             # The engine's softmax over (prompt, negative) is monotone in this difference.
             score = (image @ prompts[0] - image @ prompts[1]).cpu().numpy()
-            metrics["val_auroc"] = roc_auc(ild[known], score[known])
+            metrics["val_auroc"] = roc_auc(target[known], score[known])
         step = int(self.trainer.global_step) if self._trainer is not None else 0
         sanity = self._trainer is not None and self.trainer.sanity_checking
         if sanity and step > 0:
             return  # a resumed run's sanity pass repeats the last validation
-        self.health_history.append((step, {**metrics, **losses_seen}))
-        if not sanity:
-            for name, value in metrics.items():
-                self.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
+        if not sanity and self._train_ratio[1]:
+            metrics["train_loss_ratio"] = self._train_ratio[0] / self._train_ratio[1]
+        self._train_ratio = [0.0, 0]
+        entry = {**metrics, **losses_seen}
+        self.health_history.append((step, entry))
+        initial = self.health_history[0][1] if self.health_history[0][0] == 0 and len(self.health_history) > 1 else None
+        self.current_verdict = None if sanity else validation_verdict(entry, initial, self.config, step=step)
+        if sanity:
+            # The base model's row (step 0) in metrics.csv: the baseline every later row is read against.
+            if self._trainer is not None and self.trainer.is_global_zero:
+                for logger in self.trainer.loggers:
+                    logger.log_metrics({k: float(v) for k, v in entry.items()}, step=-getattr(logger, "STEP_OFFSET", 0))
+            return
+        for name, value in metrics.items():
+            self.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
+        self.log("val_healthy", float(self.current_verdict["healthy"]), on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["zeroshot_ild_dapt"] = {"relax_counts": dict(self.relax_counts),
@@ -441,16 +469,8 @@ class DaptModule(L.LightningModule):
         # Not trainer.estimated_stepping_batches: that builds the train loader before a resumed
         # run's step counter is restored, and data-loader workers would then prefetch the
         # batches of the epoch's start instead of those after the checkpoint.
-        total = int(self.total_steps)
-        warmup = int(cfg.warmup_steps)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total, warmup = int(self.total_steps), int(self.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # -- export ----------------------------------------------------------------------------
@@ -460,11 +480,12 @@ class DaptModule(L.LightningModule):
         training.update(training_extra)
         # The run's health so far travels with the weights: the engine reads it to decide whether
         # this checkpoint's scores mean anything (a collapsed or at-chance run's do not).
-        verdict = health_verdict(self.health_history, self.config) if self.health_history else {}
+        # The verdict is this checkpoint's own (its validation's), not the run's last one: a best
+        # checkpoint chosen before a later collapse is healthy, a collapsed one says so.
+        step = int(training_extra.get("global_step", -1))
+        verdict = checkpoint_verdict(self.health_history, self.config, step)
         if verdict:
-            training["health"] = {"collapsed": bool(verdict.get("collapsed")),
-                                  "at_chance": bool(verdict.get("at_chance")),
-                                  "validations": int(verdict.get("validations", 0))}
+            training["health"] = verdict
         path = models.save_checkpoint(path, self.clip, self.spec, extra={"training": _jsonable(training)})
         if self.label_head is not None:
             save_label_head(label_head_path(path), self.label_head)
@@ -499,39 +520,150 @@ def embedding_health(image: torch.Tensor, text: torch.Tensor, paired_image: Opti
     return out
 
 
-def health_verdict(history: Sequence, config: DaptConfig) -> dict:
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Share of the peak learning rate used by optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warm-up reaching 1 at step ``warmup - 1``, then cosine decay to 0 at ``total``.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def validation_prompts(config: DaptConfig) -> tuple:
+    """(prompt, negative) scored by the validation AUROC.
+
+    ``val_prompt`` (else the label's name for a label other than ``ild``, else the prompt the
+    montages were built with) and ``val_negative`` (else ``no <prompt>``): no ILD wording unless
+    the label is ``ild`` or the prompt says so.
+    """
+    from ZeroShotILDLib.settings import AnalysisSettings
+
+    settings = AnalysisSettings.from_dict(config.montage_settings) if config.montage_settings else AnalysisSettings()
+    if config.val_prompt:
+        prompt = str(config.val_prompt).strip()
+    elif config.val_label.strip().lower() not in ("ild", "label_ild"):
+        prompt = config.val_label.strip().lower().removeprefix("label_").replace("_", " ")
+    else:
+        return settings.prompts[0], (str(config.val_negative).strip() if config.val_negative else settings.negative_for(0))
+    return prompt, (str(config.val_negative).strip() if config.val_negative else f"no {prompt}")
+
+
+def validation_verdict(metrics: dict, initial: Optional[dict], config: DaptConfig, *, step: int = -1) -> dict:
+    """Health of one validation: ``collapsed``, ``at_chance`` and ``healthy`` (neither).
+
+    ``collapsed``: the mean pairwise image cosine is at least ``config.collapse_cosine`` and, when
+    the base model was measured (``initial``, the validation before any step), the spread
+    ``1 - cosine`` is at most ``COLLAPSE_SPREAD_RATIO`` of the base model's (a base model whose
+    montage embeddings were already that close is not called collapsed by training).
+    ``at_chance``: the validation loss is not more than ``config.chance_margin`` (relative) below
+    the loss's chance level ``val_chance``. The chance level and the values read travel along.
+    """
+    cosine = metrics.get("val_mean_cosine")
+    base = initial.get("val_mean_cosine") if initial else None
+    collapsed = bool(cosine is not None and cosine >= config.collapse_cosine
+                     and (base is None or (1.0 - cosine) <= COLLAPSE_SPREAD_RATIO * (1.0 - base)))
+    loss, chance = metrics.get("val_loss"), metrics.get("val_chance")
+    ratio = loss / chance if (chance and loss is not None and math.isfinite(loss)) else None
+    at_chance = ratio is None or ratio >= 1.0 - config.chance_margin
+    out = {"step": int(step), "collapsed": collapsed, "at_chance": bool(at_chance),
+           "healthy": not collapsed and not at_chance, "val_loss": loss, "val_chance": chance,
+           "chance_margin": config.chance_margin, "val_mean_cosine": cosine, "base_mean_cosine": base,
+           "collapse_cosine": config.collapse_cosine}
+    if "val_auroc" in metrics:
+        out["val_auroc"] = metrics["val_auroc"]
+    return out
+
+
+def validation_verdicts(history: Sequence, config: DaptConfig) -> list:
+    """:func:`validation_verdict` of every validation after training started, in order."""
+    history = list(history)
+    initial = history[0][1] if history and history[0][0] == 0 else None
+    return [validation_verdict(m, initial, config, step=s) for s, m in history if s > 0]
+
+
+def checkpoint_verdict(history: Sequence, config: DaptConfig, step: int) -> dict:
+    """What an exported checkpoint's metadata says about its health (``training.health``).
+
+    The verdict of the validation at ``step`` (the checkpoint's own), else of the latest one before
+    it, with ``validated`` saying which; ``run`` adds the whole run's verdict so far. The engine
+    reads ``collapsed`` and ``at_chance`` (``ZeroShotILDLib.results.model_warning``).
+    """
+    verdicts = validation_verdicts(history, config)
+    if not verdicts:
+        return {}
+    own = [v for v in verdicts if v["step"] == step]
+    before = [v for v in verdicts if v["step"] <= step] if step >= 0 else verdicts
+    chosen = own[-1] if own else (before[-1] if before else verdicts[-1])
+    run = health_verdict(history, config)
+    return {**chosen, "validated": bool(own), "validations": len(verdicts),
+            "run": {"collapsed": run.get("collapsed"), "at_chance": run.get("at_chance"),
+                    "healthy_steps": run.get("healthy_steps")}}
+
+
+def health_verdict(history: Sequence, config: DaptConfig, *, warmup_steps: Optional[int] = None,
+                   best_step: Optional[int] = None) -> dict:
     """Whether a run collapsed or stayed at chance, from its validations' health metrics.
 
-    ``collapsed``: the last validation's mean pairwise image cosine is at least
-    ``config.collapse_cosine`` and, when the base model was measured (the sanity validation at
-    step 0), the spread ``1 - cosine`` shrank to a quarter of the base model's or less: a base
-    model whose montage embeddings were already that close is not called collapsed by training. ``at_chance``: no validation after training started scored a loss
-    more than ``config.chance_margin`` (relative) below the chance level. ``warning`` is one line
-    saying what went wrong, or None.
+    ``collapsed``: the last validation collapsed (:func:`validation_verdict`); ``collapsed_steps``
+    every validation that did. ``at_chance``: no validation after training started scored a loss
+    more than ``config.chance_margin`` (relative) below the chance level. ``verdicts``: every
+    validation's verdict; ``healthy_steps`` the steps whose checkpoints may be chosen as best.
+    ``warning`` is one line saying what went wrong and what to try, from what happened (the
+    training loss against its chance level, the warm-up), or None.
     """
     history = list(history)
     if not history:
         return {}
     initial = history[0][1] if history[0][0] == 0 else None
     trained = [m for step, m in history if step > 0] or [history[-1][1]]
+    verdicts = validation_verdicts(history, config) or [validation_verdict(trained[-1], None, config)]
     last = trained[-1]
-    out: dict = {"validations": len(trained), "last": last, "initial": initial}
+    out: dict = {"validations": len(trained), "last": last, "initial": initial, "verdicts": verdicts,
+                 "healthy_steps": [v["step"] for v in verdicts if v["healthy"]],
+                 "collapsed_steps": [v["step"] for v in verdicts if v["collapsed"]]}
     cosine = last.get("val_mean_cosine")
-    base = initial.get("val_mean_cosine") if initial else None
-    out["collapsed"] = bool(cosine is not None and cosine >= config.collapse_cosine
-                            and (base is None or (1.0 - cosine) <= COLLAPSE_SPREAD_RATIO * (1.0 - base)))
+    out["collapsed"] = bool(verdicts[-1]["collapsed"])
     ratios = [m["val_loss"] / m["val_chance"] for m in trained
               if m.get("val_chance") and math.isfinite(m.get("val_loss", float("nan")))]
     out["at_chance"] = bool(ratios) and min(ratios) >= 1.0 - config.chance_margin
-    problems = []
-    if out["collapsed"]:
+    problems, advice = [], []
+    if out["collapsed"] or out["collapsed_steps"]:
         before = f" (base model {initial['val_mean_cosine']:.3f})" if initial and "val_mean_cosine" in initial else ""
-        problems.append(f"image embeddings collapsed: mean pairwise cosine {cosine:.3f}{before}, "
-                        f"effective rank {last.get('val_effective_rank', float('nan')):.2f}")
+        if out["collapsed"]:
+            problems.append(f"image embeddings collapsed: mean pairwise cosine {cosine:.3f}{before}, "
+                            f"effective rank {last.get('val_effective_rank', float('nan')):.2f}")
+        else:
+            problems.append(f"image embeddings collapsed at step {out['collapsed_steps'][0]}{before}")
+        advice.append("try a lower --lr (the updates destroyed the image features)")
     if out["at_chance"]:
         best = min(trained, key=lambda m: m.get("val_loss", float("inf")))
         problems.append(f"validation loss stayed at chance (best {best['val_loss']:.4f}, chance {best['val_chance']:.4f})")
-    out["warning"] = ("run is not learning: " + "; ".join(problems) + ": try a lower --lr, more data or check the texts"
+        train_ratios = [m["train_loss_ratio"] for m in trained if "train_loss_ratio" in m]
+        steps_done = max((s for s, _ in history), default=0)
+        if warmup_steps is not None and steps_done < warmup_steps:
+            advice.append(f"the run ended after {steps_done} steps, inside its {warmup_steps}-step warm-up: train longer")
+        elif train_ratios and train_ratios[-1] < 1.0 - config.chance_margin:
+            advice.append(f"the training loss fell to {train_ratios[-1]:.2f} of chance while validation did not: the "
+                          "model memorises its training texts; add pairs or more distinct texts, or stop earlier")
+        elif train_ratios:
+            advice.append(f"the training loss stayed at chance too ({train_ratios[-1]:.2f} of it): train longer or "
+                          "try a higher --lr; check that texts describe their images")
+        else:
+            advice.append("train longer, or check the texts")
+    # Retrieval below chance (k / N) says the image and text towers pull apart, even with a loss below chance.
+    pairs = last.get("val_pairs")
+    below = [f"recall@{k} {last[f'val_recall_at_{k}']:.3f} < chance {k / pairs:.3f}" for k in (1, 5)
+             if pairs and f"val_recall_at_{k}" in last and last[f"val_recall_at_{k}"] < k / pairs]
+    out["notes"] = [f"image->text retrieval below chance at the last validation ({', '.join(below)})"] if below else []
+    healthy_note = ""
+    if problems and verdicts and not out["healthy_steps"]:
+        healthy_note = "; no validation was healthy, so no checkpoint of this run is"
+    elif problems and best_step is not None:
+        healthy_note = f"; best is the healthy step {best_step}"
+    out["advice"] = advice
+    out["warning"] = ("run is not learning: " + "; ".join(problems) + healthy_note + ": " + "; ".join(advice)
                       if problems else None)
     return out
 
@@ -593,7 +725,7 @@ class DaptDataModule(L.LightningDataModule):
     def _loader(self, dataset, sampler):
         from torch.utils.data import DataLoader
 
-        workers = int(self.config.num_workers)
+        workers = int(self.config.num_workers) if self.config.num_workers is not None else default_workers()
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 
@@ -625,9 +757,17 @@ class EngineCheckpoint(ModelCheckpoint):
     ``last.ckpt``, whenever ``last.safetensors`` is. After every validation the current top-k
     list is written to ``ensemble_json`` (rank 0), so it is on disk whatever the strategy and
     even while training still runs.
+
+    Top-k is chosen among healthy checkpoints (:func:`validation_verdict`): an unhealthy one
+    (collapsed, or at chance) ranks after every healthy one, whatever its score, and is left out
+    of ``ensemble_json`` once any healthy checkpoint exists. A collapse pulls the validation loss
+    towards chance from above, so the lowest loss alone would often pick a collapsed model.
     """
 
     FILE_EXTENSION = ".safetensors"
+    #: Added to (min) or subtracted from (max) an unhealthy checkpoint's score in Lightning's top-k
+    #: bookkeeping: a two-tier ranking, healthy first; the real scores are kept in ``scores``.
+    UNHEALTHY_OFFSET = 1e6
 
     def __init__(self, *args, ensemble_json: Union[str, Path], config: DaptConfig, **kwargs):
         super().__init__(*args, **kwargs)
@@ -635,6 +775,17 @@ class EngineCheckpoint(ModelCheckpoint):
         self.config = config
         #: checkpoint path -> {"val_loss", "val_auroc"} at the time it was written.
         self.scores: dict = {}
+        #: checkpoint path -> its validation's verdict (:func:`validation_verdict`).
+        self.verdicts: dict = {}
+
+    def _save_monitor_checkpoint(self, trainer, monitor_candidates: dict) -> None:
+        current = monitor_candidates.get(self.monitor)
+        verdict = getattr(trainer.lightning_module, "current_verdict", None)
+        if current is not None and verdict is not None and not verdict["healthy"]:
+            offset = self.UNHEALTHY_OFFSET if self.mode == "min" else -self.UNHEALTHY_OFFSET
+            current = current + offset
+        if self.check_monitor_top_k(trainer, current):
+            self._update_best_and_save(current, trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         path = Path(filepath)
@@ -643,6 +794,9 @@ class EngineCheckpoint(ModelCheckpoint):
         metrics = trainer.callback_metrics
         scores = {k: float(metrics[k]) for k in MONITORS if k in metrics}
         self.scores[str(Path(filepath).resolve())] = scores
+        verdict = getattr(trainer.lightning_module, "current_verdict", None)
+        if verdict is not None and not path.stem.startswith(self.CHECKPOINT_NAME_LAST):
+            self.verdicts[str(path.resolve())] = {k: verdict[k] for k in ("healthy", "collapsed", "at_chance")}
         if trainer.is_global_zero:
             extra = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **scores}
             trainer.lightning_module.export(path, **extra)
@@ -663,19 +817,42 @@ class EngineCheckpoint(ModelCheckpoint):
             top_k = []
             for _, p in ranked:
                 scores = self.scores.get(p, {})
+                verdict = self.verdicts.get(p, {"healthy": True, "collapsed": False, "at_chance": False})
                 top_k.append({"path": p, "val_loss": scores.get("val_loss"), "val_auroc": scores.get("val_auroc"),
-                              "monitor": self.monitor, "score": float(self.best_k_models[p]) if p in self.best_k_models
-                              else scores.get(self.monitor), "step": _step_of(p)})
+                              "monitor": self.monitor, "score": scores.get(self.monitor), "step": _step_of(p),
+                              **verdict})
+            # Only healthy checkpoints are ensembled (and become best) once there is one.
+            if any(c["healthy"] for c in top_k):
+                top_k = [c for c in top_k if c["healthy"]]
             write_ensemble(self.ensemble_json, top_k, self.config, global_step=int(trainer.global_step))
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["scores"] = {p: dict(v) for p, v in self.scores.items()}
+        state["verdicts"] = {p: dict(v) for p, v in self.verdicts.items()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.scores = {str(p): {k: float(x) for k, x in v.items()} for p, v in (state_dict.get("scores") or {}).items()}
+        self.verdicts = {str(p): {k: bool(x) for k, x in v.items()} for p, v in (state_dict.get("verdicts") or {}).items()}
+
+
+class HealthAwareEarlyStopping(EarlyStopping):
+    """EarlyStopping that counts an unhealthy validation (:func:`validation_verdict`) as no improvement:
+    a collapse that lowers the loss must not reset the patience any more than it may become best."""
+
+    def _run_early_stopping_check(self, trainer) -> None:
+        self.verdict = getattr(trainer.lightning_module, "current_verdict", None)
+        super()._run_early_stopping_check(trainer)
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple:
+        verdict = getattr(self, "verdict", None)
+        if verdict is None or verdict.get("healthy", True) or not torch.isfinite(current):
+            return super()._evaluate_stopping_criteria(current)
+        if not torch.isfinite(self.best_score):
+            return False, None  # nothing healthy yet to be patient about
+        return super()._evaluate_stopping_criteria(self.best_score.clone().to(current.device))
 
 
 class _ValidateAtEnd(L.Callback):
@@ -751,11 +928,11 @@ def _check_records(train: list, val: list, config: DaptConfig, world: int) -> No
     if config.loss != "dlilp":
         # Validation pairs without text but with a label only feed the zero-shot AUROC.
         val_ids = {id(r) for r in val}
-        no_text = [r for r in train + val if not (r.report or "").strip() and not (id(r) in val_ids and r.ild is not None)]
+        no_text = [r for r in train + val if not (r.report or "").strip() and not (id(r) in val_ids and r.target is not None)]
         if no_text:
             where = no_text[0].source or no_text[0].scan_id or no_text[0].image_path
             raise InputError(f"{len(no_text)} pairs have no report (first: {where}): loss {config.loss} needs text for every "
-                             "pair (validation images without text are kept only when they have an ILD label)")
+                             f"pair (validation images without text are kept only when they have a {config.val_label} label)")
         if not any((r.report or "").strip() for r in val):
             raise InputError(f"no validation pair has a report: loss {config.loss} needs text to be validated")
     if config.loss in ("unicl", "dlilp"):
@@ -899,10 +1076,22 @@ def _check_logger(config: DaptConfig) -> None:
         raise InputError("--logger mlflow needs MLflow: pip install mlflow (or use --logger csv)")
 
 
+class _StepCSVLogger(CSVLogger):
+    """``metrics.csv`` with every row numbered by the optimizer steps completed when it was measured,
+    as the checkpoints are (``step0000020-…`` and the validation row ``20``; the base model's row is
+    ``0``, the first training step's ``1``). Lightning passes the 0-based index of the step."""
+
+    #: Added to Lightning's step; the base model's row is written with ``-STEP_OFFSET``.
+    STEP_OFFSET = 1
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(metrics, None if step is None else int(step) + self.STEP_OFFSET)
+
+
 def _loggers(config: DaptConfig, output: Path) -> list:
     """CSV always (``logs/metrics.csv``, one folder per run, appended to on resume), plus the chosen one."""
     
-    loggers = [CSVLogger(str(output), name="logs", version="", flush_logs_every_n_steps=max(1, config.val_every_steps))]
+    loggers = [_StepCSVLogger(str(output), name="logs", version="", flush_logs_every_n_steps=max(1, config.val_every_steps))]
     _check_logger(config)
     if config.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -914,6 +1103,42 @@ def _loggers(config: DaptConfig, output: Path) -> list:
         loggers.append(MLFlowLogger(experiment_name="zeroshot-ild-dapt", run_name=output.name,
                                     tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or (output / "mlruns").as_uri()))
     return loggers
+
+
+class _Throughput(L.Callback):
+    """Log ``samples_per_s``: pairs of the global batch per second of each training step (data
+    loading included, validation not)."""
+
+    def __init__(self):
+        self._started: Optional[float] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if self._started is None:
+            return
+        elapsed = time.perf_counter() - self._started
+        samples = pl_module.config.batch_size * max(1, trainer.world_size)
+        if elapsed > 0:
+            pl_module.log("samples_per_s", samples / elapsed, on_step=True, on_epoch=False, batch_size=samples)
+
+
+def _plot_curves(metrics_csv: Path, path: Path) -> Optional[Path]:
+    """``curves.png`` beside the summary; a run is never failed by its plot (one warning line)."""
+    if not metrics_csv.is_file():
+        return None
+    try:
+        from .plots import plot_training_curves
+
+        return plot_training_curves(metrics_csv, path)
+    except Exception as exc:  # matplotlib missing or a broken font cache: the run itself is done
+        log.warning("no curves plot (%s): the numbers are in %s", exc, metrics_csv)
+        return None
 
 
 class _FlushLogs(L.Callback):
@@ -934,18 +1159,18 @@ class _PreviousLogs:
         self.rows: list = []
         if path.is_file():
             with path.open(newline="", encoding="utf-8") as handle:
-                self.rows = list(csv.DictReader(handle))
+                self.rows = list(csv_files.DictReader(handle))
 
     def merge(self, up_to_step: int) -> None:
         if not self.rows or not self.path.is_file():
             return
         with self.path.open(newline="", encoding="utf-8") as handle:
-            new = list(csv.DictReader(handle))
+            new = list(csv_files.DictReader(handle))
         old = [r for r in self.rows if _int_or(r.get("step"), -1) < up_to_step]
         rows = old + new
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with atomic_path(self.path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer = csv_files.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -1035,10 +1260,14 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     output.mkdir(parents=True, exist_ok=True)
     checkpoints = output / "checkpoints"
     resume_path = checkpoints / RESUME_NAME
-    resume = resume or _slurm_requeued()
+    requeued = _slurm_requeued()
+    summary_path = output / "dapt_summary.json"
+    if resume and not requeued and _resume_source(output, resume_path) is None and not summary_path.is_file():
+        raise InputError(f"--resume: {output} holds no run to resume (no checkpoints/{RESUME_NAME}): leave out --resume "
+                         "to start a new run there, or give the run's own --out")
+    resume = resume or requeued
     if not resume and resume_path.exists():
         raise InputError(f"{output} already holds a run: pass --resume to continue it or choose another output folder")
-    summary_path = output / "dapt_summary.json"
     previous: Optional[dict] = None
     if resume:
         check_resume_settings(config, _stored_settings(output))
@@ -1059,6 +1288,7 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     _check_logger(config)
     steps_per_epoch = len(train_records) // (config.batch_size * world)
     total_steps, trainer_epochs, limited_by = plan_steps(config, steps_per_epoch)
+    warmup = warmup_for(config, total_steps)
     if limited_by == "max_epochs" and config.max_steps and config.max_steps > 0:
         log.warning("--max-epochs %d ends the run at %d steps, before --max-steps %d", config.max_epochs, total_steps,
                     config.max_steps)
@@ -1071,21 +1301,29 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
     precision = resolve_precision(config.precision, config.accelerator)
     loaded = models.load_model(config.model, checkpoint=config.checkpoint, weights_dir=config.weights_dir, device="cpu")
     module = DaptModule(loaded, config)
-    module.total_steps = total_steps
+    module.total_steps, module.warmup_steps = total_steps, warmup
     data = DaptDataModule(train_records, val_records, config, loaded.image_size)
+    texts = [" ".join(s) for s in data.train_set.sentences]
+    distinct = len(set(texts))
+    if distinct < 0.9 * len(texts) and config.loss not in ("unicl", "dlilp"):
+        # Pairs with the same text are each other's negatives in a contrastive batch (the label-aware
+        # losses make pairs that share a label positives instead).
+        log.warning("%d training pairs have only %d distinct texts (--text %s): pairs sharing a text are each other's "
+                    "negatives; expect a noisy loss and consider deduplicating or --loss unicl", len(texts), distinct,
+                    config.text_choice)
     # Validate at least once, at the end, even for runs shorter than the interval.
     val_every = max(1, min(config.val_every_steps, total_steps))
     patience = max(1, math.ceil(config.patience_steps / val_every))
     monitor, mode = config.monitor, MONITORS[config.monitor]
-    if monitor == "val_auroc" and len({r.ild for r in val_records if r.ild is not None}) < 2:
-        raise InputError("--monitor val_auroc needs validation scans with ILD labels of both classes (an ild column): "
-                         "use --monitor val_loss or label the validation patients")
+    if monitor == "val_auroc" and len({r.target for r in val_records if r.target is not None}) < 2:
+        raise InputError(f"--monitor val_auroc needs validation scans with {config.val_label} labels of both classes: "
+                         "use --monitor val_loss, choose another --label or label the validation patients")
 
     checkpoint_cb = EngineCheckpoint(dirpath=str(checkpoints), filename=f"step{{step:07d}}-{monitor}{{{monitor}:.4f}}",
                                      auto_insert_metric_name=False, monitor=monitor, mode=mode,
                                      save_top_k=config.top_k, save_last=True, ensemble_json=output / "ensemble.json",
                                      config=config)
-    early_cb = EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
+    early_cb = HealthAwareEarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
     signals = _SignalCatcher(checkpoints)
     strategy = config.strategy
     if strategy == "auto" and world > 1:
@@ -1099,7 +1337,8 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
             gradient_clip_val=config.gradient_clip_norm, gradient_clip_algorithm="norm",
             accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
             precision=precision, use_distributed_sampler=False, deterministic=config.deterministic,
-            callbacks=[checkpoint_cb, early_cb, _ValidateAtEnd(total_steps), _FlushLogs(), signals, *callbacks],
+            callbacks=[checkpoint_cb, early_cb, _ValidateAtEnd(total_steps), _Throughput(), _FlushLogs(), signals,
+                       *callbacks],
             logger=_loggers(config, output), plugins=_slurm_plugins(),
             enable_progress_bar=config.progress_bar, enable_model_summary=False, log_every_n_steps=1,
         )
@@ -1117,7 +1356,7 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         finally:
             signals.uninstall()
             if old_logs is not None:  # Lightning's CSV writer started the file afresh
-                old_logs.merge(resumed_step)
+                old_logs.merge(resumed_step + 1)  # rows up to the resumed step are the old run's
 
     result = FitResult(output_dir=str(output), best_checkpoint=None, best_val_loss=None,
                        last_checkpoint=str(checkpoints / "last.safetensors"),
@@ -1136,6 +1375,7 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         result.global_step = max(result.global_step, int(ensemble.get("global_step", 0)))
         result.ensemble_json = str(ensemble_path)
     result.stopped_early = not stopped and result.global_step < total_steps
+    (output / "best.safetensors").unlink(missing_ok=True)  # a resumed run's earlier best may no longer be
     if result.top_k:
         best_source = result.top_k[0]["path"]
         result.best_val_loss = result.top_k[0].get("val_loss")
@@ -1145,7 +1385,9 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
         if label_head_path(best_source).is_file():
             shutil.copyfile(label_head_path(best_source), label_head_path(best))
         result.best_checkpoint = str(best)
-    result.health = health_verdict(module.health_history, config)
+    best_step = result.top_k[0].get("step") if result.top_k else None
+    result.health = health_verdict(module.health_history, config, warmup_steps=warmup, best_step=best_step)
+    result.health["best_healthy"] = bool(result.top_k and result.top_k[0].get("healthy", True))
     if module._relaxes:
         c = module.relax_counts
         result.relaxation = {"threshold": config.relax_threshold, "pairs_active": c["pairs_active"], "pairs": c["pairs"],
@@ -1154,12 +1396,16 @@ def fit(config: DaptConfig, records: Sequence[PairRecord], *, resume: bool = Fal
                              "step_fraction": c["steps_active"] / c["steps"] if c["steps"] else None}
     if result.health.get("warning"):
         log.warning("%s", result.health["warning"])
+    for note in result.health.get("notes") or []:
+        log.warning("%s", note)
     result.summary_json = str(summary_path)
     _write_json(summary_path, {"config": config.to_json(), "result": dataclasses.asdict(result),
                                "precision": precision, "world_size": world,
                                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                               "limited_by": limited_by, "val_every_steps": val_every,
+                               "limited_by": limited_by, "val_every_steps": val_every, "warmup_steps": warmup,
+                               "train_distinct_texts": distinct,
                                "patience_validations": patience, "health_history": module.health_history})
+    _plot_curves(csv_file, output / "curves.png")
     if stopped:
         raise RunInterrupted(stopped, 128 + _signal_number(stopped), result)
     return result
@@ -1232,7 +1478,10 @@ def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Opt
     for rate in rates:
         run_dir = output / f"lr_{rate:.2e}"
         run_config = dataclasses.replace(config, learning_rate=float(rate), output_dir=str(run_dir))
-        runs[rate] = fit(run_config, (), train_records=train, val_records=val, resume=resume, callbacks=callbacks)
+        # --resume continues the rates that started; the others start now.
+        started = (run_dir / "dapt_summary.json").is_file() or _resume_source(run_dir, run_dir / "checkpoints" / RESUME_NAME)
+        runs[rate] = fit(run_config, (), train_records=train, val_records=val, resume=resume and bool(started),
+                         callbacks=callbacks)
     sign = 1.0 if MONITORS[config.monitor] == "min" else -1.0
 
     def unhealthy(r: FitResult) -> bool:
@@ -1253,7 +1502,7 @@ def sweep(config: DaptConfig, records: Sequence[PairRecord], learning_rates: Opt
                                                         "warning": warning, "runs": rows, "config": config.to_json()})
     summary_csv = output / "sweep.csv"
     with atomic_path(summary_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv_files.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return SweepResult(best_learning_rate=best_rate, best=runs.get(best_rate) if best_rate is not None else None,

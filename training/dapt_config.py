@@ -73,7 +73,10 @@ class DaptConfig:
         batch_size : samples per device and step; the loss sees batch_size x devices x nodes.
         learning_rate : peak learning rate after warm-up (1e-4).
         optimizer : ``adamw`` or ``adam``; weight_decay (0.1) applies to matrices only.
-        warmup_steps : linear warm-up (100 optimizer steps), then cosine decay to 0 at the end.
+        warmup_steps : linear warm-up in optimizer steps, then cosine decay to 0 at the end.
+            None (default): 10 % of the run's real number of steps, at most 100 (paper 000's 100
+            steps on a long run; one step on a 10-step run), so every run reaches ``learning_rate``.
+            An explicit value longer than the run is refused (:func:`warmup_for`).
         max_epochs (None), max_steps (-1 = none): whichever ends training first; with neither
             given, paper 000's 10 epochs; an explicit max_steps alone is never cut by epochs.
         gradient_clip_norm : max global L2 norm of the gradients (1.0; None = off).
@@ -86,11 +89,16 @@ class DaptConfig:
         monitor : ``val_loss`` (paper 000) or ``val_auroc`` (zero-shot AUROC on validation
             labels): ranks checkpoints, drives early stopping and the sweep.
         collapse_cosine, chance_margin : thresholds of the health verdict (0.95, 0.02).
+        val_label : the label whose zero-shot AUROC every validation reports (``val_auroc``):
+            ``ild`` (default) or the name of any ``label_<name>`` column, e.g. ``covid``.
+        val_prompt, val_negative : the texts scored for that AUROC; default the prompt the
+            montages were built with (``montage_settings``), its negative ``no <prompt>``.
         logger : ``csv`` (always written), ``tensorboard`` or ``mlflow`` in addition.
     Hardware
         accelerator (``auto``/``cpu``/``gpu``), devices (per node), num_nodes, strategy
         (``auto`` = DDP when more than one process), precision (``auto`` = bf16-mixed on GPUs
-        that support it, else 16-mixed; 32-true on CPU), num_workers (data loader processes).
+        that support it, else 16-mixed; 32-true on CPU), num_workers (data loader processes; None:
+        one fewer than the CPUs this process may use, at most 4, :func:`default_workers`).
     Reproducibility
         seed : seeds the model head initialisation, the sample order, sentence sampling and
         augmentations; deterministic : ask torch for deterministic kernels (slower on GPU).
@@ -122,7 +130,7 @@ class DaptConfig:
     learning_rate: float = 1e-4
     optimizer: str = "adamw"
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None
     max_epochs: Optional[int] = None
     max_steps: int = -1
     gradient_clip_norm: Optional[float] = 1.0
@@ -134,13 +142,16 @@ class DaptConfig:
     monitor: str = "val_loss"
     collapse_cosine: float = COLLAPSE_COSINE
     chance_margin: float = CHANCE_MARGIN
+    val_label: str = "ild"
+    val_prompt: Optional[str] = None
+    val_negative: Optional[str] = None
     logger: str = "csv"
     accelerator: str = "auto"
     devices: Union[int, str] = 1
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"
-    num_workers: int = 4
+    num_workers: Optional[int] = None
     seed: int = 0
     deterministic: bool = False
     progress_bar: bool = True
@@ -171,6 +182,10 @@ class DaptConfig:
             raise InputError(f"relax threshold must lie in (0, 1), got {self.relax_threshold}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise InputError(f"val fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.warmup_steps is not None and int(self.warmup_steps) < 0:
+            raise InputError(f"warmup steps must be 0 or more, got {self.warmup_steps}")
+        if self.val_prompt is not None and not str(self.val_prompt).strip():
+            raise InputError("the validation prompt is empty: give --prompt a text")
         if self.sentences_per_sample < 0:
             raise InputError(f"sentences per sample must be 0 (whole text) or more, got {self.sentences_per_sample}")
 
@@ -186,6 +201,45 @@ class DaptConfig:
         if not self.augment and self.loss in ("clip", "relaxed", "unicl", "dlilp"):
             views = ("original",)
         return views
+
+
+#: Warm-up of a run without an explicit ``warmup_steps``: this share of its steps, at most ...
+WARMUP_FRACTION = 0.1
+#: ... this many steps (paper 000's warm-up).
+WARMUP_MAX_STEPS = 100
+
+
+def warmup_for(config: "DaptConfig", total_steps: int) -> int:
+    """Warm-up steps of a run of ``total_steps`` optimizer steps.
+
+    Default: ``WARMUP_FRACTION`` of the run, at least 1 and at most ``WARMUP_MAX_STEPS``, so the
+    learning rate reaches its peak in every run (at step ``warmup``; :func:`dapt.lr_factor`). An
+    explicit ``warmup_steps`` longer than the run is refused in one line: that run would never reach ``learning_rate``.
+    """
+    total = max(1, int(total_steps))
+    if config.warmup_steps is None:
+        return max(1, min(WARMUP_MAX_STEPS, math.ceil(WARMUP_FRACTION * total)))
+    warmup = int(config.warmup_steps)
+    if warmup > total:
+        raise InputError(f"--warmup-steps {warmup} is longer than the run's {total} steps: the learning rate would "
+                         f"never reach --lr {config.learning_rate:g}; lower --warmup-steps or leave it out "
+                         f"(default: {WARMUP_FRACTION:.0%} of the run, at most {WARMUP_MAX_STEPS})")
+    return warmup
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's count."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS / Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(cap: int = 4) -> int:
+    """Data-loader processes when none are asked for: one CPU stays for the training process."""
+    return max(0, min(cap, available_cpus() - 1))
 
 
 def recipe_config(recipe: str) -> dict:

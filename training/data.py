@@ -59,6 +59,8 @@ class PairRecord:
         Where the record came from (manifest line), for messages.
     ild : int or None
         1 (ILD, or any subtype), 0 (no ILD) or None (unlabelled).
+    target : int or None
+        The run's validation label (default: ``ild``), scored by the zero-shot validation AUROC.
     """
 
     image_path: str
@@ -68,8 +70,15 @@ class PairRecord:
     patient_id: Optional[str] = None
     split: Optional[str] = None
     source: str = ""
-    #: The manifest's ILD label (1, 0) when it has one: validation scores zero-shot AUROC on it.
+    #: The manifest's ILD label (1, 0) when it has one.
     ild: Optional[int] = None
+    #: The run's validation label (1, 0; ``DaptConfig.val_label``, ``ild`` by default): validation
+    #: scores zero-shot AUROC on it. Left out, it is ``ild``.
+    target: Optional[int] = None
+
+    def __post_init__(self):
+        if self.target is None and self.ild is not None:
+            object.__setattr__(self, "target", int(self.ild))  # frozen: set once, at construction
 
     @property
     def patient_key(self) -> str:
@@ -89,7 +98,8 @@ def default_class_names(records: Sequence) -> tuple:
     return tuple(names)
 
 
-def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[Sequence[str]] = None) -> list:
+def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[Sequence[str]] = None,
+                        label: str = "ild") -> list:
     """Training pairs from manifest records and their cached montages.
 
     Parameters
@@ -101,6 +111,9 @@ def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[
         Order of the label vector; default :func:`default_class_names`. ``ild`` is 1 for
         ILD (or any subtype), ``no ild`` is 1 for ``ild = 0``, a subtype class is 1 for that
         subtype, other names read ``label_<name>``; unknown labels count as 0.
+    label : str
+        The yes/no label each pair carries as ``target`` for the validation AUROC: ``ild`` (ILD
+        or any subtype) or a ``label_<name>`` column (``covid`` or ``label_covid``).
 
     Returns
     -------
@@ -108,6 +121,8 @@ def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[
         In input order, with the manifest's split and patient id.
     """
     classes = tuple(class_names) if class_names is not None else default_class_names(records)
+    key = label.strip().lower()
+    key = key[len("label_"):] if key.startswith("label_") else key
     lookup = montage_paths if callable(montage_paths) else montage_paths.__getitem__
     out = []
     for r in records:
@@ -127,9 +142,15 @@ def pairs_from_manifest(records: Sequence, montage_paths, class_names: Optional[
             image = lookup(r.scan_id)
         except KeyError:
             raise InputError(f"{r.source}: no cached montage for this scan: run the preprocessing first") from None
+        ild_value = 1 if (r.ild == 1 or subtype) else (0 if r.ild == 0 else None)
+        if key == "ild":
+            target = ild_value
+        else:
+            value = r.labels.get(key)
+            target = None if value is None else int(bool(float(value)))
         out.append(PairRecord(image_path=str(image), report=r.read_report() or "", labels=tuple(values),
                               scan_id=r.scan_id, patient_id=r.patient_id, split=r.split, source=r.source,
-                              ild=1 if (r.ild == 1 or subtype) else (0 if r.ild == 0 else None)))
+                              ild=ild_value, target=target))
     return out
 
 
@@ -276,7 +297,8 @@ class MontagePairDataset(Dataset):
     ``(index, epoch, False)`` for a padding item, or as a plain index, which means ``EVAL_EPOCH``.
     Each item is a dict with ``views`` (name -> (1, S, S) float tensor), ``text`` (str, "" when
     the record has no report), ``has_text`` (bool), ``labels`` ((num_classes,) float tensor),
-    ``valid`` (bool, False for padding), ``index`` and ``ild`` (1, 0, or -1 when unknown).
+    ``valid`` (bool, False for padding), ``index`` and ``target`` (the validation label: 1, 0, or -1
+    when unknown).
     """
 
     def __init__(self, records: Sequence[PairRecord], *, image_size: int, views: Sequence[str] = ("weak",),
@@ -325,7 +347,7 @@ class MontagePairDataset(Dataset):
             values = torch.as_tensor([float(v) for v in record.labels[: self.num_classes]], dtype=torch.float32)
             labels[: values.numel()] = values
         return {"views": views, "text": text, "has_text": bool(text), "labels": labels, "valid": bool(valid),
-                "index": index, "ild": -1 if record.ild is None else int(record.ild)}
+                "index": index, "target": -1 if record.target is None else int(record.target)}
 
 
 class GlobalBatchSampler(Sampler):

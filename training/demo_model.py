@@ -68,13 +68,19 @@ from ZeroShotILDLib.phantom import PATTERNS
 from ZeroShotILDLib.settings import DEFAULT_PROMPT, AnalysisSettings
 from ZeroShotILDLib.outputs import json_text
 from zeroshot_ild_train.files import atomic_path, atomic_write_text
+from zeroshot_ild_train.losses import SAYS_PREFIX
 
 #: The architecture of the demo model (``ZeroShotILDLib/model_configs/zsild-phantom.json``).
 ARCHITECTURE = "zsild-phantom"
 #: Where the committed weights live (the registry's ``phantom-demo`` entry points here).
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "ZeroShotILDLib" / "weights" / "phantom_demo.safetensors"
-#: Label classes of every pair (UniCL targets: pairs sharing a class are positives of each other).
-CLASS_NAMES = ("ild", "no ild", "honeycombing", "reticulation", "ground-glass opacity")
+#: Statements a caption can make and a box can make true. Patterns co-exist in real lungs (fibrosis
+#: is reticulation *and* honeycombing), so a box carries every statement true of it.
+STATEMENTS = ("ild", "normal", "honeycombing", "reticulation", "ground-glass opacity",
+              "no honeycombing", "no reticulation", "no ground-glass opacity")
+#: Label columns of every pair: what is true of its image, then what its caption says
+#: (``losses.split_statement_labels``: a caption is a positive of every image it is true of).
+CLASS_NAMES = STATEMENTS + tuple(SAYS_PREFIX + name for name in STATEMENTS)
 #: Pixel statistics the model is normalised with (as the registry's phantom-demo entry says).
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -132,6 +138,11 @@ class PairRecipe:
     patches_normal: int = 12
     disease_min_fraction: float = 0.5
     pattern_min_fraction: float = 0.3
+    #: ... and known absent below this share ("no <pattern>"); in between a box says neither.
+    pattern_absent_fraction: float = 0.05
+    #: Per diseased phantom and prompted pattern, diseased boxes *without* it captioned "no <pattern>":
+    #: hard negatives (the faint haze of fibrosis is not ground glass; ground glass is not reticulation).
+    patches_absent_per_pattern: int = 4
     #: Candidate boxes need this share of lung: the engine scores boxes that straddle the pleura.
     min_lung_fraction: float = 0.1
     #: Share of the chosen boxes taken among those with less than half lung (chest wall in view).
@@ -139,6 +150,9 @@ class PairRecipe:
     #: Extra ``retrieved`` montages per phantom (each a new draw of 16 boxes).
     retrieved_montages: int = 2
     image_size: int = 64
+    #: How pairs are labelled (``pair_labels``); part of the recipe so a folder built under another
+    #: labelling is rebuilt, not reused.
+    labelling: str = "statements"
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -173,31 +187,70 @@ _PATTERN_FINDINGS = {
 
 def patch_caption(diseased: bool, patterns: Sequence[str], subtype: Optional[str], rng: np.random.Generator,
                   bare: float = 0.0) -> str:
-    """A short report for one patch crop, built from the phantom's ground truth.
+    """The caption of :func:`patch_text` alone."""
+    return patch_text(diseased, patterns, subtype, rng, bare)[0]
+
+
+def patch_text(diseased: bool, patterns: Sequence[str], subtype: Optional[str], rng: np.random.Generator,
+               bare: float = 0.0, absent: Optional[Sequence[str]] = None) -> tuple:
+    """(caption, statements): a short report for one patch crop, built from the phantom's ground truth,
+    and the ``STATEMENTS`` it makes.
 
     Diseased: one of ``patterns`` (those inside the box) as FINDINGS and an ILD impression
     (sometimes naming the subtype, so the subtype prompts mean something too). Normal: a
     normal-lung finding and a negated impression. Both follow the FINDINGS/IMPRESSION layout of
     the phantom reports, so one ``text_choice`` serves every pair. With probability ``bare`` the
-    caption is instead a bare prompt exactly as the engine scores it: "interstitial lung disease"
-    or a pattern of the box; "no interstitial lung disease", "normal lung" or "no <pattern>".
+    caption is instead a bare prompt exactly as the engine scores it: "interstitial lung disease",
+    a pattern of the box or "no <pattern>" for a prompted pattern it lacks (``absent``: those known
+    absent; default every prompted pattern not in ``patterns``); "no interstitial lung disease",
+    "normal lung" or "no <pattern>".
     """
+    prompted = [p for p in patterns if p in PATTERN_PROMPTS]
+    absent = [p for p in PATTERN_PROMPTS if p not in prompted] if absent is None else list(absent)
     if rng.random() < bare:
         if diseased:
-            options = [DEFAULT_PROMPT, *(p for p in patterns if p in PATTERN_PROMPTS)]
+            options = [(DEFAULT_PROMPT, ("ild",)), *((p, (p,)) for p in prompted),
+                       *((f"no {p}", (f"no {p}",)) for p in absent)]
         else:
-            options = list(_BARE_NORMAL)
-        return f"IMPRESSION:\n{options[int(rng.integers(len(options)))]}"
+            options = [(t, _negated(t) or ("normal",)) for t in _BARE_NORMAL]
+        text, said = options[int(rng.integers(len(options)))]
+        return f"IMPRESSION:\n{text}", tuple(said)
     if diseased:
-        options = [s for p in patterns for s in _PATTERN_FINDINGS.get(p, ())] or ["Interstitial abnormality."]
-        finding = options[int(rng.integers(len(options)))]
+        options = [(s, p) for p in patterns for s in _PATTERN_FINDINGS.get(p, ())] or [("Interstitial abnormality.", "")]
+        finding, named = options[int(rng.integers(len(options)))]
         impression = _ILD_IMPRESSIONS[int(rng.integers(len(_ILD_IMPRESSIONS)))]
         if subtype and rng.random() < 0.3:
             impression = f"{subtype[0].upper()}{subtype[1:]}."
+        said = ("ild", named) if named in PATTERN_PROMPTS else ("ild",)
     else:
         finding = _NORMAL_FINDINGS[int(rng.integers(len(_NORMAL_FINDINGS)))]
         impression = _NORMAL_IMPRESSIONS[int(rng.integers(len(_NORMAL_IMPRESSIONS)))]
-    return f"FINDINGS:\nLUNG PARENCHYMA: {finding}\n\nIMPRESSION:\n{impression}"
+        said = ("normal", *_negated(finding))
+    return f"FINDINGS:\nLUNG PARENCHYMA: {finding}\n\nIMPRESSION:\n{impression}", said
+
+
+def _negated(text: str) -> tuple:
+    """The "no <pattern>" statements of a negative sentence ("No reticulation, ... or honeycombing.")."""
+    low = text.lower()
+    if not low.startswith("no "):
+        return ()
+    return tuple(f"no {p}" for p in PATTERN_PROMPTS if p in low)
+
+
+def box_truths(diseased: bool, patterns: Sequence[str], absent: Optional[Sequence[str]] = None) -> tuple:
+    """The ``STATEMENTS`` true of a box: ild, the prompted patterns it holds and "no <p>" for those
+    known absent (``absent``; default: every prompted pattern it does not hold); or normal and every "no <p>".
+
+    Why "known absent": a box with a little honeycombing at its pleural edge holds neither
+    "honeycombing" (too little to name) nor "no honeycombing" (false); calling it "no honeycombing"
+    taught the model to deny the thin subpleural band where honeycombing lives.
+    """
+    if not diseased:
+        return ("normal", *(f"no {p}" for p in PATTERN_PROMPTS))
+    present = [p for p in PATTERN_PROMPTS if p in patterns]
+    absent = [p for p in PATTERN_PROMPTS if p not in present] if absent is None else \
+        [p for p in PATTERN_PROMPTS if p in absent and p not in present]
+    return ("ild", *present, *(f"no {p}" for p in absent))
 
 
 def box_disease_fraction(disease_mask: np.ndarray, patches) -> np.ndarray:
@@ -295,21 +348,40 @@ def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Gene
                                                    & (disease >= recipe.disease_min_fraction)), np.concatenate(chosen))
                 chosen.append(pick_mixed(pool, recipe.patches_per_pattern))
         chosen_d = np.concatenate(chosen)
+        absent_boxes = []
+        for name in PATTERN_PROMPTS:
+            share = shares.get(name)
+            without = diseased_pool if share is None else diseased_pool[share[diseased_pool] < recipe.pattern_absent_fraction]
+            picked = pick(np.setdiff1d(without, chosen_d), recipe.patches_absent_per_pattern)
+            absent_boxes += [(int(i), name) for i in picked]
+        absent_images = crops(np.array([i for i, _ in absent_boxes], dtype=np.int64)) if absent_boxes else []
+        for (i, name), image in zip(absent_boxes, absent_images):
+            present = [n for n in PATTERNS if shares.get(n) is not None and shares[n][i] >= recipe.pattern_min_fraction]
+            absent = [n for n in PATTERN_PROMPTS if shares.get(n) is None or shares[n][i] < recipe.pattern_absent_fraction]
+            out.items.append(("patch", image, f"IMPRESSION:\nno {name}", True, box_truths(True, present, absent),
+                              (f"no {name}",)))
         for i, image in zip(chosen_d, crops(chosen_d)):
+            # Only what this box holds: its caption and its truths must both be true of it.
             present = [name for name in PATTERNS if shares.get(name) is not None
-                       and shares[name][i] >= recipe.pattern_min_fraction] or labels["patterns"]
-            out.items.append(("patch", image, patch_caption(True, present, labels["subtype"], rng, bare=0.5), True))
+                       and shares[name][i] >= recipe.pattern_min_fraction]
+            absent = [name for name in PATTERN_PROMPTS if shares.get(name) is None
+                      or shares[name][i] < recipe.pattern_absent_fraction]
+            caption, said = patch_text(True, present, labels["subtype"], rng, bare=0.5, absent=absent)
+            out.items.append(("patch", image, caption, True, box_truths(True, present, absent), said))
     third = recipe.patches_normal // 3
     chosen_n = np.unique(np.concatenate([
         pick(np.setdiff1d(clean, np.flatnonzero(pleural)), recipe.patches_normal - 2 * third),
         pick(dense_clean, third), pick(clean[pleural[clean]], third)]).astype(np.int64))
     for image in crops(chosen_n):
-        out.items.append(("patch", image, patch_caption(False, (), None, rng, bare=0.5), False))
+        caption, said = patch_text(False, (), None, rng, bare=0.5)
+        out.items.append(("patch", image, caption, False, box_truths(False, ()), said))
 
     # The scan's montage as DAPT preprocessing builds it (random retrieval), with the report.
     scan = scan_from_array(phantom.hu, phantom.spacing_mm, phantom.origin_mm, phantom.direction, source=scan_id)
     montage, _ = montage_for_scan(scan, settings, image_size=size)
-    out.items.append(("report", montage, phantom.report, ild))
+    # A montage mixes boxes: of a diseased lung only "ild" is known true, of a normal one everything normal.
+    truths, said = (("ild",), ("ild",)) if ild else (box_truths(False, ()), ("normal",))
+    out.items.append(("report", montage, phantom.report, ild, truths, said))
 
     # Montages of what a good retrieval picks among the montage's own candidates (>= half lung):
     # diseased boxes, or the densest normal boxes.
@@ -324,7 +396,7 @@ def phantom_pairs(phantom, scan_id: str, recipe: PairRecipe, rng: np.random.Gene
     for _ in range(recipe.retrieved_montages):
         chosen = pick(pool, 16)
         pixels = patch_pixels(phantom.hu, patches, chosen, image_size=size, hu_window=settings.hu_window)
-        out.items.append(("retrieved", build_montage(pixels, 4, size), phantom.report, ild))
+        out.items.append(("retrieved", build_montage(pixels, 4, size), phantom.report, ild, truths, said))
     return out
 
 
@@ -352,7 +424,8 @@ def model_retrieved_pairs(phantom, scan_id: str, analyzer, image_size: int, rng:
     for chosen in draws:
         # Cells re-cut at the cache size (the analyzer's own montage is at the model's input size).
         pixels = patch_pixels(scan.hu, result.patches, chosen, image_size=image_size, hu_window=settings.hu_window)
-        out.items.append(("model-retrieved", build_montage(pixels, 4, image_size), phantom.report, ild))
+        truths, said = (("ild",), ("ild",)) if ild else (box_truths(False, ()), ("normal",))
+        out.items.append(("model-retrieved", build_montage(pixels, 4, image_size), phantom.report, ild, truths, said))
     return out
 
 
@@ -413,11 +486,12 @@ def build_pairs(out_dir, recipe: PairRecipe = PairRecipe(), *, retrieval_model: 
             pairs = phantom_pairs(phantom, scan_id, recipe, rng)
         else:
             pairs = model_retrieved_pairs(phantom, scan_id, analyzer, recipe.image_size, rng)
-        for k, (kind, image, report, ild) in enumerate(pairs.items):
+        for k, (kind, image, report, ild, truths, said) in enumerate(pairs.items):
             path = out_dir / "images" / f"{scan_id}_{k:03d}.png"
             with atomic_path(path) as tmp:
                 Image.fromarray(image).save(tmp, format="PNG")
             rows.append({"image_path": str(path.resolve()), "report": report, "kind": kind, "ild": int(ild),
+                         "truths": list(truths), "statements": list(said),
                          "scan_id": f"{scan_id}_{k:03d}", "patient_id": scan_id,
                          "subtype": phantom.labels["subtype"] or ""})
         bar.update(1)
@@ -436,8 +510,7 @@ def _model_identity(model: Optional[str]) -> Optional[str]:
 
 
 def read_pairs(jsonl) -> list:
-    """``pairs.jsonl`` -> ``zeroshot_ild_train.data.PairRecord`` with one-hot ``CLASS_NAMES`` labels (``pair_class``),
-    patient = phantom."""
+    """``pairs.jsonl`` -> ``zeroshot_ild_train.data.PairRecord`` labelled by ``pair_labels``, patient = phantom."""
     from .data import PairRecord
 
     path = Path(jsonl)
@@ -446,25 +519,28 @@ def read_pairs(jsonl) -> list:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
+        if "truths" not in row or "statements" not in row:
+            raise InputError(f"{path} was built by an older recipe (no truths/statements per pair): build it again")
         out.append(PairRecord(image_path=row["image_path"], report=row["report"],
-                              labels=pair_class(row["report"], bool(row["ild"])), scan_id=row["scan_id"],
+                              labels=pair_labels(row["truths"], row["statements"]), scan_id=row["scan_id"],
                               patient_id=row["patient_id"], source=row["scan_id"]))
     return out
 
 
-def pair_class(report: str, ild: bool) -> tuple:
-    """One-hot UniCL class of a pair over ``CLASS_NAMES``: the one pattern its caption names, else ild / no ild.
+def pair_labels(truths: Sequence[str], statements: Sequence[str]) -> tuple:
+    """Label vector over ``CLASS_NAMES``: what the image shows (``STATEMENTS``), then what its caption says.
 
-    Why exclusive classes: with (ild, no ild) every diseased box is a positive of every other, so the
-    model learns that a honeycomb box and a ground-glass box are the same thing, and the prompt
-    "honeycombing" then reads all disease as honeycombing. A caption naming one pattern puts its pair
-    in that pattern's class; reports naming several, and the generic ILD captions, stay "ild".
+    Why not one class per pair: a fibrotic box is reticulation *and* honeycombing. With one class
+    per caption, a box captioned "honeycombing" was a negative of every "reticulation" caption
+    although it holds reticulation, so the model learnt to pick one pattern per box and
+    "reticulation" under-read fibrotic lungs by half. Here a caption is a positive of every image
+    it is true of (``losses.statement_targets``): "reticulation" of all boxes with reticulation,
+    "no honeycombing" of every box without honeycombing, diseased or not.
     """
-    text = report.lower()
-    named = [p for p in PATTERN_PROMPTS if p in text and f"no {p}" not in text]
-    name = named[0] if ild and len(named) == 1 else ("ild" if ild else "no ild")
-    return tuple(float(c == name) for c in CLASS_NAMES)
-
+    unknown = sorted(set(truths) - set(STATEMENTS)) + sorted(set(statements) - set(STATEMENTS))
+    if unknown:
+        raise InputError(f"unknown statements {unknown}: expected some of {list(STATEMENTS)}")
+    return (tuple(float(c in truths) for c in STATEMENTS) + tuple(float(c in statements) for c in STATEMENTS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,8 +579,8 @@ def dapt_config(out_dir, init_checkpoint, *, max_steps: int, batch_size: int, le
 
     ``augment=False``: the weak augmentation's brightness/contrast jitter (x0.5-2) would erase
     the density differences that *are* ground-glass opacity and fibrosis on a fixed lung window.
-    UniCL with one class per pair (``pair_class``: a named pattern, else ild / no ild): many pairs share
-    a caption, which plain CLIP would treat as negatives of each other.
+    UniCL with statement targets (``pair_labels``: a caption is a positive of every image it is true
+    of): many pairs share a caption, which plain CLIP would treat as negatives of each other.
     """
     from .dapt import DaptConfig
 

@@ -16,7 +16,7 @@ UniCLIP eqs. 9-10) and paper 002 (UniCL, DLILP); see ``../shared/notes/models.md
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -183,11 +183,51 @@ def uniclip_loss(original: torch.Tensor, weak: torch.Tensor, text: torch.Tensor,
     return -per_term.mean()
 
 
-def unicl_targets(labels: torch.Tensor) -> torch.Tensor:
+#: Class names starting with this are what a pair's *text* says (see :func:`split_statement_labels`).
+SAYS_PREFIX = "says: "
+
+
+def split_statement_labels(labels: torch.Tensor, class_names) -> tuple:
+    """(truths, statements) of labels laid out as C truth columns then C ``SAYS_PREFIX`` columns, or
+    (labels, None) for plain class labels.
+
+    Why two halves: UniCL's "share a label" makes a box with reticulation *and* honeycombing, captioned
+    "honeycombing", a positive of every other reticulation box's caption "reticulation" only by
+    accident of which pattern its caption named. With what the image holds and what the text says
+    kept apart, a text is a positive of exactly the images it is true of (:func:`statement_targets`).
+    """
+    names = list(class_names or ())
+    says = [i for i, n in enumerate(names) if str(n).startswith(SAYS_PREFIX)]
+    if not says:
+        return labels, None
+    half = len(names) // 2
+    if len(says) != half or says != list(range(half, len(names))) or \
+            [n[len(SAYS_PREFIX):] for n in names[half:]] != names[:half]:
+        raise ValueError("statement labels need C truth classes followed by the same C classes prefixed "
+                         f"{SAYS_PREFIX!r}")
+    return labels[:, :half], labels[:, half:]
+
+
+def statement_targets(truths: torch.Tensor, statements: torch.Tensor) -> torch.Tensor:
+    """S[i, j] = 1 when text j says something (a non-empty statement set) and all of it is true of image i
+    (``statements[j] <= truths[i]``), or i == j (its own text)."""
+    truths, statements = truths.float(), statements.float()
+    said = statements.sum(dim=1)
+    # statements[j] . truths[i] counts the true statements; all of them true <=> it equals the count said
+    true_count = truths @ statements.t()
+    s = ((true_count >= said.unsqueeze(0) - 0.5) & (said.unsqueeze(0) > 0)).to(truths.dtype)
+    return torch.maximum(s, torch.eye(truths.shape[0], device=truths.device, dtype=truths.dtype))
+
+
+def unicl_targets(labels: torch.Tensor, statements: Optional[torch.Tensor] = None) -> torch.Tensor:
     """UniCL's target matrix S = clip(Y Y^T + I, 0, 1) for multi-hot labels Y (N, C).
 
     ``S[i, j] = 1`` when image i and text j share at least one label, or i == j (its own text).
+    With ``statements`` (what each text says; ``labels`` then hold what each image shows) the
+    targets are :func:`statement_targets` instead.
     """
+    if statements is not None:
+        return statement_targets(labels, statements)
     labels = labels.float()
     s = labels @ labels.t() + torch.eye(labels.shape[0], device=labels.device, dtype=labels.dtype)
     return s.clamp(0.0, 1.0)
@@ -199,7 +239,7 @@ def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def unicl_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-               logit_scale: Scale) -> torch.Tensor:
+               logit_scale: Scale, statements: Optional[torch.Tensor] = None) -> torch.Tensor:
     """UniCL (paper 002): CLIP's loss with every text of a shared label counted as a positive.
 
     Targets come from :func:`unicl_targets`: row-normalised for image -> text, column-normalised
@@ -215,7 +255,7 @@ def unicl_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels
     logit_scale : Tensor or float
         1/tau.
     """
-    s = unicl_targets(labels).to(image_features.dtype)
+    s = unicl_targets(labels, statements).to(image_features.dtype)
     logits = logit_scale * (image_features @ text_features.t())
     image_to_text = _soft_cross_entropy(logits, s / s.sum(dim=1, keepdim=True))
     text_to_image = _soft_cross_entropy(logits.t(), (s / s.sum(dim=0, keepdim=True)).t())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ZeroShotILDLib import csv_files
+from ZeroShotILDLib.atomic_files import atomic_write_text
 from ZeroShotILDLib.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -264,7 +267,7 @@ def read_manifest(path: Union[str, Path], *, check_files: bool = True,
                     records.append(_record(raw, base=base, where=where, check_files=check_files))
         elif suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                reader = csv_files.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 if not reader.fieldnames:
                     raise InputError(f"manifest {path.name} is empty; it needs a header row")
                 header = [h.strip().lower() for h in reader.fieldnames if h]
@@ -323,6 +326,8 @@ def write_manifest(records: Sequence[ManifestRecord], path: Union[str, Path]) ->
     base = path.resolve().parent
     label_names = sorted({k for r in records for k in r.labels})
     extra_names = sorted({k for r in records for k in r.extra})
+    # Decided once: a test inside the loop made writing (and `split`) quadratic in the rows.
+    has_spacing = any(x.pixel_spacing_mm is not None for x in records)
     rows = []
     for r in records:
         row = {
@@ -331,7 +336,7 @@ def write_manifest(records: Sequence[ManifestRecord], path: Union[str, Path]) ->
             "ild": "" if r.ild is None else r.ild, "subtype": r.subtype or "",
             "split": r.split or "", "patient_id": r.patient_id or "",
         }
-        if any(x.pixel_spacing_mm is not None for x in records):
+        if has_spacing:
             row["pixel_spacing_mm"] = "" if r.pixel_spacing_mm is None else r.pixel_spacing_mm
         for name in label_names:
             v = r.labels.get(name)
@@ -341,22 +346,24 @@ def write_manifest(records: Sequence[ManifestRecord], path: Union[str, Path]) ->
             row[f"extra_{name}"] = "" if v is None else v
         rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open("w", encoding="utf-8") as f:
-            for row in rows:
-                # Empty core fields are left out; label/extra keys stay so every row has them.
-                f.write(json.dumps({k: (None if v == "" and k.startswith("label_") else v)
-                                    for k, v in row.items()
-                                    if v != "" or k.startswith(("label_", "extra_"))}) + "\n")
+        for row in rows:
+            # Empty core fields are left out; label/extra keys stay so every row has them.
+            buffer.write(json.dumps({k: (None if v == "" and k.startswith("label_") else v)
+                                     for k, v in row.items()
+                                     if v != "" or k.startswith(("label_", "extra_"))}) + "\n")
     elif path.suffix.lower() in (".csv", ".tsv"):
         fields = list(rows[0]) if rows else ["scan_path"]
-        with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields,
-                               delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            w.writeheader()
-            w.writerows(rows)
+        # csv_files: a scan id or report starting with "=" is not a formula in a spreadsheet.
+        w = csv_files.DictWriter(buffer, fieldnames=fields, delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                                 lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(rows)
     else:
         raise InputError(f"manifest {path.name}: unknown format; use .csv, .tsv or .jsonl")
+    # Atomic (a temporary file made with O_EXCL, renamed): never half-written, never through a link.
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 

@@ -16,6 +16,14 @@ Conventions
   ``InputError``; ``macro_auroc`` skips such classes (NaN per class) and says which.
 - Bootstrap: resample cases with replacement; a resample holding a single class is discarded
   and redrawn (it has no AUROC), and the number of redraws is reported. CIs are percentiles.
+  With ``groups`` (patient ids) the resampled unit is the patient (cluster bootstrap): all
+  images of a drawn patient enter together, so images of one patient, which are not
+  independent, do not narrow the interval. Each resample draws as many patients as there are,
+  with replacement, from ``rng.integers(0, n_patients, n_patients)`` over the patients in order
+  of first appearance; with one image per patient it is exactly the image bootstrap.
+- Two models on the same cases: :func:`paired_comparison` resamples once for both (paired
+  bootstrap, patient-level with ``groups``) and reports the AUROC difference, its CI and a
+  two-sided bootstrap p-value.
 """
 from __future__ import annotations
 
@@ -196,6 +204,8 @@ class Estimate:
     n_resamples: int = 0
     #: Resamples discarded and redrawn because they held a single class.
     n_redrawn: int = 0
+    #: What was resampled: "images" (each case) or "patients" (cluster bootstrap over ``groups``).
+    unit: str = "images"
 
     def __str__(self) -> str:
         if self.n_resamples:
@@ -203,10 +213,31 @@ class Estimate:
         return f"{self.value:.3f}"
 
 
+def _clusters(groups, n: int) -> Optional[list]:
+    """Indices of each group's cases, groups in order of first appearance; None without groups."""
+    if groups is None:
+        return None
+    keys = list(groups)
+    if len(keys) != n:
+        raise InputError(f"patient ids and labels differ in length ({len(keys)} vs {n})")
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    return [np.asarray(v, dtype=np.int64) for v in members.values()]
+
+
+def resample_indices(rng: np.random.Generator, n: int, clusters: Optional[list]) -> np.ndarray:
+    """One bootstrap resample of ``n`` cases: cases, or whole clusters (patients), with replacement."""
+    if clusters is None:
+        return rng.integers(0, n, n)
+    drawn = rng.integers(0, len(clusters), len(clusters))
+    return np.concatenate([clusters[c] for c in drawn])
+
+
 def bootstrap(metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]], y_true, y_score,
               *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-              confidence: float = DEFAULT_CONFIDENCE, max_draws: Optional[int] = None
-              ) -> dict[str, Estimate]:
+              confidence: float = DEFAULT_CONFIDENCE, max_draws: Optional[int] = None,
+              groups: Optional[Sequence] = None) -> dict[str, Estimate]:
     """Several metrics on the full data and on the same bootstrap resamples.
 
     Parameters
@@ -223,6 +254,8 @@ def bootstrap(metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]], 
     max_draws : int, optional
         Give up after this many draws (default ``100 * n_resamples``): with very few cases of
         one class almost every resample is single-class.
+    groups : (n,) sequence, optional
+        Patient id of each case: resample patients (cluster bootstrap), not cases.
 
     Returns
     -------
@@ -237,8 +270,10 @@ def bootstrap(metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]], 
     if not 0 < confidence < 1:
         raise InputError(f"confidence must be between 0 and 1, got {confidence}")
     values = {name: float(f(y, s)) for name, f in metrics.items()}
+    clusters = _clusters(groups, y.size)
+    unit = "images" if clusters is None else "patients"
     if n_resamples <= 0:
-        return {name: Estimate(v, confidence=confidence) for name, v in values.items()}
+        return {name: Estimate(v, confidence=confidence, unit=unit) for name, v in values.items()}
     max_draws = max_draws or 100 * n_resamples
     rng = np.random.default_rng(seed)
     samples = {name: np.empty(n_resamples) for name in metrics}
@@ -248,10 +283,10 @@ def bootstrap(metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]], 
         if done + redrawn >= max_draws:
             raise InputError(f"bootstrap: {redrawn} of {done + redrawn} resamples held a single "
                              f"class; too few cases of one class for confidence intervals")
-        idx = rng.integers(0, n, n)
+        idx = resample_indices(rng, n, clusters)
         yb = y[idx]
         k = int(yb.sum())
-        if k == 0 or k == n:
+        if k == 0 or k == yb.size:
             redrawn += 1
             continue
         sb = s[idx]
@@ -262,8 +297,82 @@ def bootstrap(metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]], 
     out = {}
     for name, v in values.items():
         lo, hi = np.quantile(samples[name], [alpha, 1.0 - alpha])
-        out[name] = Estimate(v, float(lo), float(hi), confidence, done, redrawn)
+        out[name] = Estimate(v, float(lo), float(hi), confidence, done, redrawn, unit)
     return out
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """AUROC of two models on the same cases and their difference (a - b), paired bootstrap."""
+
+    model_a: str
+    model_b: str
+    auroc_a: float
+    auroc_b: float
+    difference: Estimate
+    #: Two-sided bootstrap p-value of "no difference": twice the share of resampled differences
+    #: on the far side of 0 (at least 1 / n_resamples).
+    p_value: float
+    n: int
+    n_patients: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        d = self.difference
+        return {"model_a": self.model_a, "model_b": self.model_b, "auroc_a": self.auroc_a, "auroc_b": self.auroc_b,
+                "difference": d.value, "difference_low": d.ci_low, "difference_high": d.ci_high,
+                "p_value": self.p_value, "n": self.n, "n_patients": self.n_patients, "unit": d.unit,
+                "n_resamples": d.n_resamples, "confidence": d.confidence}
+
+
+def paired_comparison(y_true, s_a, s_b, *, names: tuple = ("a", "b"), groups: Optional[Sequence] = None,
+                      n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                      confidence: float = DEFAULT_CONFIDENCE) -> PairedComparison:
+    """Paired bootstrap comparison of two models' AUROC on the same cases.
+
+    Both models are scored on the same resamples (patients with ``groups``), so the interval of
+    the difference accounts for the cases they share; separate CIs that overlap say nothing
+    about a paired difference.
+    """
+    y, a = _binary(y_true, s_a)
+    _, b = _binary(y_true, s_b)
+    both = np.stack([a, b], axis=1)
+    est = bootstrap({"difference": lambda yy, ss: _auroc_unchecked(yy, ss[:, 0]) - _auroc_unchecked(yy, ss[:, 1])},
+                    y, both, n_resamples=n_resamples, seed=seed, confidence=confidence, groups=groups)["difference"]
+    p_value = float("nan")
+    if n_resamples > 0:
+        # The resampled differences again (same seed, same draws) for the p-value.
+        rng, clusters = np.random.default_rng(seed), _clusters(groups, y.size)
+        diffs = []
+        while len(diffs) < est.n_resamples:
+            idx = resample_indices(rng, y.size, clusters)
+            yb = y[idx]
+            if 0 < int(yb.sum()) < yb.size:
+                diffs.append(_auroc_unchecked(yb, a[idx]) - _auroc_unchecked(yb, b[idx]))
+        diffs = np.asarray(diffs)
+        tail = min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0)))
+        p_value = min(1.0, max(2.0 * tail, 1.0 / diffs.size))
+    return PairedComparison(model_a=names[0], model_b=names[1], auroc_a=_auroc_unchecked(y, a),
+                            auroc_b=_auroc_unchecked(y, b), difference=est, p_value=p_value, n=int(y.size),
+                            n_patients=None if groups is None else len(set(groups)))
+
+
+#: A test set with fewer cases than this in either class gives AUROC intervals too wide to compare models.
+SMALL_CLASS = 20
+#: ... and an AUROC interval at least this wide is flagged as well.
+WIDE_CI = 0.2
+
+
+def small_test_set_note(y_true, auroc: Optional[Estimate] = None, *, n_patients: Optional[int] = None) -> str:
+    """"" or one line saying the test set is too small for its confidence interval to be useful."""
+    y = _binary(y_true)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    wide = auroc is not None and auroc.n_resamples and (auroc.ci_high - auroc.ci_low) >= WIDE_CI
+    if min(pos, neg) >= SMALL_CLASS and not wide:
+        return ""
+    who = f" from {n_patients} patients" if n_patients is not None else ""
+    width = f"; the AUROC interval is {auroc.ci_high - auroc.ci_low:.2f} wide" if wide else ""
+    return (f"small test set: {pos} positive and {neg} negative scans{who}{width}: differences between models "
+            f"of this size are not measurable here")
 
 
 def bootstrap_ci(metric: Callable, y_true, y_score, **kwargs) -> Estimate:
@@ -288,6 +397,8 @@ class BinaryReport:
     threshold_source: str
     n: int
     n_positive: int
+    #: Patients behind the ``n`` scans when patient ids were given (the bootstrap then resamples patients).
+    n_patients: Optional[int] = None
     #: "" or what is wrong with the threshold on the evaluated scans: it calls every scan positive
     #: (F1 = 2p/(1+p), MCC 0) or every scan negative; AUROC/AUPRC still rank, F1 means nothing.
     degenerate: str = ""
@@ -301,7 +412,8 @@ class BinaryReport:
             out[f"{name}_low"] = e.ci_low
             out[f"{name}_high"] = e.ci_high
         out.update(threshold=self.threshold, threshold_source=self.threshold_source, degenerate=self.degenerate,
-                   n=self.n, n_positive=self.n_positive, n_resamples=self.auroc.n_resamples,
+                   n=self.n, n_positive=self.n_positive, n_patients=self.n_patients,
+                   bootstrap_unit=self.auroc.unit, n_resamples=self.auroc.n_resamples,
                    n_redrawn=self.auroc.n_redrawn, confidence=self.auroc.confidence)
         return out
 
@@ -323,7 +435,8 @@ def degenerate_threshold(y_true, y_score, threshold: float) -> str:
 
 def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                    confidence: float = DEFAULT_CONFIDENCE, val_name: str = "validation") -> BinaryReport:
+                    confidence: float = DEFAULT_CONFIDENCE, val_name: str = "validation",
+                    groups: Optional[Sequence] = None) -> BinaryReport:
     """Paper 000's evaluation: AUROC, AUPRC and F1 (plus MCC) with bootstrap 95 % CIs.
 
     Parameters
@@ -338,6 +451,8 @@ def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
     confidence : float, default 0.95
     val_name : str, default "validation"
         How ``threshold_source`` names the set the threshold came from.
+    groups : (n,) sequence, optional
+        Patient id of each test case: the bootstrap resamples patients (cluster bootstrap).
 
     Returns
     -------
@@ -361,11 +476,12 @@ def evaluate_binary(y_test, s_test, *, y_val=None, s_val=None,
             "f1": lambda yy, ss: _f1(*_confusion(yy, ss, threshold)[:3]),
             "mcc": lambda yy, ss: float(_mcc(*_confusion(yy, ss, threshold))),
         },
-        y, s, n_resamples=n_resamples, seed=seed, confidence=confidence,
+        y, s, n_resamples=n_resamples, seed=seed, confidence=confidence, groups=groups,
     )
     return BinaryReport(auroc=est["auroc"], auprc=est["auprc"], f1=est["f1"], mcc=est["mcc"],
                         threshold=threshold, threshold_source=source, n=int(y.size),
-                        n_positive=int(y.sum()), degenerate=degenerate_threshold(y, s, threshold))
+                        n_positive=int(y.sum()), n_patients=None if groups is None else len(set(groups)),
+                        degenerate=degenerate_threshold(y, s, threshold))
 
 
 def ensemble_probabilities(probabilities: Sequence) -> np.ndarray:
@@ -519,7 +635,7 @@ def evaluate_multilabel(y_test, s_test, *, y_val=None, s_val=None,
 
 
 def evaluate_subtypes(subtypes, scores, *, class_names: Sequence[str], val_subtypes=None,
-                      val_scores=None, among=None, val_among=None, **kwargs) -> dict:
+                      val_scores=None, among=None, val_among=None, groups=None, **kwargs) -> dict:
     """One-vs-rest results per ILD subtype (paper 000 Table 4).
 
     Parameters
@@ -534,6 +650,8 @@ def evaluate_subtypes(subtypes, scores, *, class_names: Sequence[str], val_subty
         Validation data for the F1 thresholds.
     among, val_among : (n,) bool arrays, optional
         Restrict to these scans (e.g. ILD-positive scans only); default all scans.
+    groups : (n,) sequence, optional
+        Patient id of each scan: patient-level bootstrap (restricted by ``among`` as well).
     **kwargs
         Passed to ``evaluate_binary``.
 
@@ -555,6 +673,8 @@ def evaluate_subtypes(subtypes, scores, *, class_names: Sequence[str], val_subty
         return lab, sc
 
     lab, sc = prep(subtypes, scores, among)
+    if groups is not None:
+        groups = list(groups) if among is None else [g for g, keep in zip(groups, np.asarray(among, bool)) if keep]
     vlab = vsc = None
     if val_subtypes is not None:
         vlab, vsc = prep(val_subtypes, val_scores, val_among)
@@ -568,7 +688,7 @@ def evaluate_subtypes(subtypes, scores, *, class_names: Sequence[str], val_subty
             yv = (vlab == name.strip().lower()).astype(np.int64)
             if yv.sum() > 0:
                 kw.update(y_val=yv, s_val=vsc[:, j])
-        out[name] = evaluate_binary(y, sc[:, j], **kw)
+        out[name] = evaluate_binary(y, sc[:, j], groups=groups, **kw)
     return out
 
 

@@ -5,12 +5,13 @@ here touches pyplot's global state or needs a display.
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ZeroShotILDLib import csv_files
 
 from . import metrics as M
 
@@ -28,6 +29,60 @@ FACTOR_TITLES = {
 }
 METRIC_TITLES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "mcc": "MCC",
                  "percent_ild": "% of Patch Montage with ILD (Average)", "icc3_1": "ICC(3,1) Score"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+
+def training_curves_figure(rows: Sequence[Mapping], *, title: Optional[str] = None):
+    """Loss (train, validation and their chance levels), validation AUROC and learning rate against
+    the optimizer step, from the rows of a run's ``logs/metrics.csv``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(name: str) -> tuple:
+        points = [(float(r["step"]), float(r[name])) for r in rows
+                  if r.get(name) not in (None, "") and r.get("step") not in (None, "")]
+        points = [(x, y) for x, y in points if math.isfinite(y)]
+        return tuple(zip(*points)) if points else ((), ())
+
+    fig = Figure(figsize=(7.0, 7.0), dpi=130)
+    FigureCanvasAgg(fig)
+    loss_ax, auc_ax, lr_ax = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    for name, style in (("train_loss", dict(lw=0.8, alpha=0.6)), ("train_chance", dict(ls=":", lw=0.8)),
+                        ("val_loss", dict(marker="o", lw=1.5)), ("val_chance", dict(ls="--", lw=1.0))):
+        x, y = series(name)
+        if x:
+            loss_ax.plot(x, y, label=name.replace("_", " "), **style)
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize=7)
+    loss_ax.grid(True, alpha=0.3)
+    for name in ("val_auroc", "val_recall_at_5", "val_mean_cosine"):
+        x, y = series(name)
+        if x:
+            auc_ax.plot(x, y, marker="o", lw=1.2, label=name.replace("_", " "))
+    auc_ax.axhline(0.5, ls="--", lw=0.8, color="grey")
+    auc_ax.set_ylim(0, 1.02)
+    auc_ax.legend(fontsize=7)
+    auc_ax.grid(True, alpha=0.3)
+    x, y = series("lr")
+    if x:
+        lr_ax.plot(x, y, lw=1.2)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.grid(True, alpha=0.3)
+    if title:
+        loss_ax.set_title(title)
+    return fig
+
+
+def plot_training_curves(metrics_csv: Union[str, Path], path: Union[str, Path], *, title: Optional[str] = None) -> Path:
+    """Write :func:`training_curves_figure` of ``metrics_csv`` as a PNG."""
+    import csv
+
+    with open(metrics_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return _save(training_curves_figure(rows, title=title), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +193,7 @@ def write_grid_csv(rows: Sequence[Mapping], path: Union[str, Path], *,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+        w = csv_files.writer(f)
         w.writerow(header)
         for r in rows:
             line = [r.get(k, "") for k in factors]

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ZeroShotILDLib.atomic_files import atomic_write_bytes, atomic_write_text
+from ZeroShotILDLib.atomic_files import atomic_write_bytes, atomic_write_text, special_file
 from ZeroShotILDLib.errors import InputError
 from ZeroShotILDLib.file_hashes import sha256_path
 from ZeroShotILDLib.progress import CancelToken, ProgressCallback, no_progress
@@ -253,6 +253,12 @@ def preprocess(records: Sequence, out_dir, settings: AnalysisSettings, *, worker
     for r in mine:
         spacing = getattr(r, "pixel_spacing_mm", None)
         png = montage_path(out_dir, r.scan_id, settings, r.scan_path, spacing)
+        if special_file(png) or special_file(png.with_suffix(".json")):
+            # A FIFO would block the reader and a device be read forever: neither read nor replaced.
+            summary.failed.append((r.scan_id, f"a FIFO or device is at its cache path {png.name}: remove it"))
+            if len(summary.failed) == 1 or not any("FIFO" in f[1] for f in summary.failed[:-1]):
+                log.warning("ignoring %s in the cache: it is not a regular file (FIFO or device)", png.name)
+            continue
         if is_finished(png):
             summary.skipped += 1
         else:

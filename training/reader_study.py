@@ -18,7 +18,6 @@ rater reliability", Psychol. Bull. 86(2):420-428; model names as in Koo & Li (20
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ZeroShotILDLib import csv_files
 from ZeroShotILDLib.errors import InputError
 
 SHEET_COLUMNS = ("image", "scan_id", "method", "reader", "count")
@@ -229,14 +229,14 @@ def export_reader_study(montages: Mapping[tuple, object], out_dir: Union[str, Pa
         rows.append({"image": name, "scan_id": str(scan_id), "method": str(method)})
     key = out / "key.csv"
     with key.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "scan_id", "method", "grid_n"])
+        w = csv_files.DictWriter(f, fieldnames=["image", "scan_id", "method", "grid_n"])
         w.writeheader()
         w.writerows({**r, "grid_n": grid_n} for r in rows)
     sheets = []
     for reader in (list(readers) or [""]):
         sheet = out / (f"counts_{_safe(reader)}.csv" if reader else "counts.csv")
         with sheet.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(SHEET_COLUMNS))
+            w = csv_files.DictWriter(f, fieldnames=list(SHEET_COLUMNS))
             w.writeheader()
             for r in rows:
                 w.writerow({"image": r["image"],
@@ -285,7 +285,7 @@ def read_reader_counts(paths: Iterable[Union[str, Path]], *, grid_n: int,
     key = {}
     if key_path is not None:
         with Path(key_path).open(newline="", encoding="utf-8-sig") as f:
-            key = {r["image"]: (r["scan_id"], r["method"]) for r in csv.DictReader(f)}
+            key = {r["image"]: (r["scan_id"], r["method"]) for r in csv_files.DictReader(f)}
     max_count = int(grid_n) ** 2
     out: list[ReaderCount] = []
     seen: dict = {}
@@ -294,7 +294,7 @@ def read_reader_counts(paths: Iterable[Union[str, Path]], *, grid_n: int,
         if not path.is_file():
             raise InputError(f"reader sheet {path} does not exist")
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv_files.DictReader(f)
             cols = [c.strip().lower() for c in (reader.fieldnames or [])]
             for need in ("reader", "count"):
                 if need not in cols:

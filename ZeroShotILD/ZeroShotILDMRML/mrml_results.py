@@ -92,6 +92,9 @@ EXTENT_ZONES = ("upper", "middle", "lower", "left", "right", "subpleural", "cent
 PATTERN_COLUMN_PREFIX = "pattern: "
 
 LUNG_COLOR = (0.55, 0.75, 1.0)
+#: The Lungs in 3-D: see-through, from a surface on a grid of about this voxel size (mm).
+LUNG_OPACITY_3D = 0.35
+LUNG_SURFACE_MM = 3.0
 OUTLINE_COLOR = (0.0, 1.0, 1.0)
 #: Heatmap voxels at or below this are outside every patch and drawn transparent.
 OUTSIDE_THRESHOLD = 1e-6
@@ -311,7 +314,62 @@ def _write_lungs(builder: _Builder, lung_mask: np.ndarray):
     # Outline only in slice views, so the heatmap underneath stays readable.
     display.SetOpacity2DFill(0.0)
     display.SetOpacity2DOutline(0.8)
+    # In 3-D the lungs show as a see-through surface (the ROIs inside stay visible). A segmentation
+    # made from a labelmap has no surface until one is made, and Slicer's own conversion (smoothed,
+    # full resolution) takes seconds of the main thread on a full CT, so a coarse one is built here.
+    surface = lung_surface(lung_mask, ijk_to_ras(ref))
+    if surface.GetNumberOfPoints():
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName(),
+                                  surface)
+    display.SetPreferredDisplayRepresentationName3D(
+        slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName())
+    display.SetOpacity3D(LUNG_OPACITY_3D)
     return seg
+
+
+def lung_surface(lung_mask: np.ndarray, ijk_to_ras4: np.ndarray, *, voxel_mm: float = LUNG_SURFACE_MM):
+    """A smoothed closed surface (vtkPolyData, RAS mm) of a [z,y,x] mask, from a ~``voxel_mm`` grid.
+
+    For the 3-D view only: every ``voxel_mm / spacing``-th voxel along each axis (the mask itself is
+    not resampled, so this is cheap), padded by one empty voxel so the surface closes at the volume's
+    edges, then SurfaceNets with its own smoothing (flying edges where VTK lacks it) and the IJK-to-RAS
+    matrix. The segmentation's labelmap stays the source: editing it in Slicer replaces this surface.
+    """
+    spacing = np.linalg.norm(np.asarray(ijk_to_ras4, dtype=np.float64)[:3, :3], axis=0)  # i, j, k
+    step_kji = [max(1, int(round(voxel_mm / s))) for s in spacing[::-1]]
+    coarse = np.ascontiguousarray(lung_mask[tuple(slice(n // 2, None, n) for n in step_kji)], dtype=np.uint8)
+    coarse = np.pad(coarse, 1)
+    if not coarse.any():
+        return vtk.vtkPolyData()
+    image = vtk.vtkImageData()
+    image.SetDimensions(*coarse.shape[::-1])
+    image.SetSpacing(*[float(n) for n in step_kji[::-1]])  # in input voxels, i j k
+    image.SetOrigin(*[float(n // 2 - n) for n in step_kji[::-1]])  # the pad voxel sits one step before
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    image.GetPointData().SetScalars(numpy_to_vtk(coarse.ravel(), deep=True))
+    if hasattr(vtk, "vtkSurfaceNets3D"):
+        nets = vtk.vtkSurfaceNets3D()
+        nets.SetLabel(0, 1)
+        nets.SetOutputMeshTypeToTriangles()
+        nets.SmoothingOn()
+    else:
+        nets = vtk.vtkDiscreteFlyingEdges3D()
+        nets.SetValue(0, 1)
+    nets.SetInputData(image)
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(_vtk_matrix(ijk_to_ras4))
+    to_ras = vtk.vtkTransformPolyDataFilter()
+    to_ras.SetTransform(transform)
+    to_ras.SetInputConnection(nets.GetOutputPort())
+    last = to_ras
+    if np.linalg.det(np.asarray(ijk_to_ras4, dtype=np.float64)[:3, :3]) < 0:
+        last = vtk.vtkReverseSense()  # a mirroring matrix turns the triangles inside out: lit from inside
+        last.SetInputConnection(to_ras.GetOutputPort())
+    last.Update()
+    surface = vtk.vtkPolyData()
+    surface.DeepCopy(last.GetOutput())
+    return surface
 
 
 def _import_labels(builder: _Builder, seg, labels: np.ndarray, name: str, segment_ids=None) -> None:

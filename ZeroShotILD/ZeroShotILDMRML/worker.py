@@ -46,6 +46,11 @@ Requests (client -> worker):
   checked, resumable), with ``progress`` events in MB; the final ``result`` carries ``"weights": "<folder>"``
   instead of a result folder. Added in protocol 1 without a version change: an older worker answers it
   with an ``error`` (unknown request), which the panel shows.
+- Files: the worker owns only the private folder its client made for this session (``mkdtemp``,
+  mode 0700), named in the environment variable ``ZEROSHOT_ILD_WORKER_SESSION`` when it is started.
+  ``volume`` must be a regular ``.npy`` file inside it and ``out`` a folder inside it; anything else is
+  an ``input`` error, and then nothing is read, written or deleted. Without that folder (a worker
+  started by hand) no analyse request is served.
 - ``{"op": "cancel", "id": 1}``: stop request 1 (read by a thread, so it lands while the engine
   runs: the engine stops at its next check, between batches). A client that sees no ``cancelled``
   within a second stops the worker instead.
@@ -71,6 +76,7 @@ import json
 import os
 import platform
 import queue
+import stat
 import sys
 import threading
 import time
@@ -353,7 +359,9 @@ class Worker:
 
         r = job.request
         settings = AnalysisSettings.from_dict(r["settings"]).validate()
-        volume = Path(r["volume"])
+        # Both checked before anything is read, written or deleted (see "Files" in the protocol).
+        volume = session_volume(r.get("volume"))
+        session_path(r.get("out"), "result folder")
         try:
             # The same conversion as ``volumes.scan_from_volume_node`` in-process: a private int16 copy.
             scan = scan_from_array(np.load(volume, mmap_mode="r", allow_pickle=False), r["spacing_mm"],
@@ -376,7 +384,8 @@ class Worker:
         self.analyzer = analyzer  # only now: a failed or cancelled run keeps the previous analysis
         if not is_ensemble(settings.model):
             self._model, self._model_key = analyzer.model, key
-        self.send("result", id=job.id, path=str(write_result(result, r["out"])), final=True)
+        self.send("result", id=job.id, path=str(write_result(result, session_path(r["out"], "result folder"))),
+                  final=True)
 
     def _download(self, job: _Job) -> None:
         from ZeroShotILDLib.weights_download import download_model
@@ -398,19 +407,74 @@ class Worker:
         if analyzer is None:
             raise InputError("the analysis worker holds no analysis (it was restarted): press Apply to analyse again")
         r = job.request
+        out = session_path(r.get("out"), "result folder")
         values = {k: v for k, v in r["settings"].items() if k in REPROMPT_FIELDS}
         prompts, negatives, subtypes = values.pop("prompts"), values.pop("negatives", None), values.pop("subtypes", None)
         result = analyzer.reprompt(prompts, negatives, subtypes, **values)
         if r.get("exact", True) and _needs_exact_rescoring(analyzer):
-            self.send("result", id=job.id, path=str(write_result(result, Path(r["out"]) / "preview",
+            self.send("result", id=job.id, path=str(write_result(result, out / "preview",
                                                                  with_lung_mask=False)), final=False)
             with self._lock:
                 job.supersedable = True
                 if not self._requests.empty():  # a newer request is already waiting
                     job.token.cancel()
             result = analyzer.reprompt(exact=True)
-        self.send("result", id=job.id, path=str(write_result(result, Path(r["out"]) / "final", with_lung_mask=False)),
+        self.send("result", id=job.id, path=str(write_result(result, out / "final", with_lung_mask=False)),
                   final=True)
+
+
+#: Set by ``worker_client.WorkerClient`` to the private folder it made for this worker.
+SESSION_ENV = "ZEROSHOT_ILD_WORKER_SESSION"
+
+
+def session_folder() -> Optional[Path]:
+    """The client's private folder for this worker (resolved), or None when there is no usable one.
+
+    Usable: a real folder (not a link) of this user that only this user can enter (``mkdtemp``'s
+    0700; not checked on Windows, which has no such bits).
+    """
+    text = os.environ.get(SESSION_ENV)
+    if not text:
+        return None
+    try:
+        st = os.lstat(text)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    if os.name == "posix" and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+        return None
+    return Path(os.path.realpath(text))
+
+
+def session_path(path, what: str) -> Path:
+    """``path`` if it lies inside the session folder (after resolving links), else an InputError line."""
+    from ZeroShotILDLib.errors import InputError
+
+    session = session_folder()
+    if session is None:
+        raise InputError(f"the analysis worker has no session folder from its client ({SESSION_ENV}): {what} refused, "
+                         "nothing read or deleted")
+    if not isinstance(path, str) or not path:
+        raise InputError(f"the request names no {what}")
+    real = Path(os.path.realpath(path))
+    if real == session or session not in real.parents:
+        raise InputError(f"{what} {path} is outside the worker's session folder: refused, nothing read, written or "
+                         "deleted")
+    return real
+
+
+def session_volume(path) -> Path:
+    """The request's volume: a regular ``.npy`` file (not a link) inside the session folder."""
+    from ZeroShotILDLib.errors import InputError
+
+    real = session_path(path, "volume")
+    if real.suffix != ".npy":
+        raise InputError(f"volume {path} is not a .npy file written by the client: refused, nothing read or deleted")
+    st = os.lstat(path)  # missing: FileNotFoundError, the client's own bug (an internal error)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"volume {path} is not a regular file: refused, nothing read or deleted")
+    return real
 
 
 def _model_key(settings) -> tuple:

@@ -194,6 +194,8 @@ class WorkerClient:
         env = dict(self.env if self.env is not None else os.environ)
         env["PYTHONIOENCODING"] = "utf-8"
         self._folder = Path(tempfile.mkdtemp(prefix="ZeroShotILD-worker-", dir=self.temp_dir))
+        # The worker reads volumes from, deletes in and writes results to this folder only (worker.SESSION_ENV).
+        env["ZEROSHOT_ILD_WORKER_SESSION"] = str(self._folder)
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)

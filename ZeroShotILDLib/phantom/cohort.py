@@ -1,13 +1,13 @@
 """Cohorts of phantoms, in memory or written to disk with a manifest."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from ..atomic_files import atomic_path
+from .. import csv_files
 from ..errors import InputError
 from .checks import _check_count, _check_seed, _is_number
 from .constants import MANIFEST_COLUMNS, SUBTYPES
@@ -115,7 +115,7 @@ def write_cohort(out_dir, n, seed=0, positive_fraction=0.5, fmt=".nii.gz", **kwa
         })
     # A reader (or a killed run's next attempt) never sees a half-written manifest.
     with atomic_path(manifest) as partial, open(partial, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
+        writer = csv_files.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     return manifest
