@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .results import AnalysisResult
-from .scan import Scan
+from .scan import Scan, dicom_header
 
 # Anchor colours of a perceptually ordered "inferno"-like ramp (black-purple-orange-yellow).
 _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -149,14 +149,8 @@ def slice_position(scan: Scan, z: int) -> SlicePosition:
 
 def _dicom_instance(path) -> tuple:
     """(Instance Number, Image Position z) of a DICOM file's header; None for what it lacks or cannot be read."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+    reader = dicom_header(path)
+    if reader is None:
         return None, None
 
     def number(key: str, index: int = 0):

@@ -710,7 +710,8 @@ class _Slice:
     localizer: bool
 
 
-def _read_header(path: Path) -> Optional[_Slice]:
+def dicom_header(path) -> Optional["sitk.ImageFileReader"]:
+    """A GDCM reader holding ``path``'s header (no pixels), or None when it cannot be read as DICOM."""
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
@@ -718,6 +719,13 @@ def _read_header(path: Path) -> Optional[_Slice]:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
+        return None
+    return reader
+
+
+def _read_header(path: Path) -> Optional[_Slice]:
+    reader = dicom_header(path)
+    if reader is None:
         return None
 
     def tag(key: str) -> str:
