@@ -32,6 +32,22 @@ THREE_D_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager3D", "vtkMRMLMarkupsD
                     "vtkMRMLModelDisplayableManager")
 
 
+def grab_window(window):
+    """What the render ``window`` shows, as an RGB uint8 array with row 0 at the top (VTK's row 0 is the bottom)."""
+    import numpy as np
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.SetInputBufferTypeToRGB()
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    image = grab.GetOutput()
+    w, h, _ = image.GetDimensions()
+    return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
+
+
 class SliceView:
     """One offscreen slice view ("Red", axial) of ``headless.scene``, ``size`` pixels square."""
 
@@ -79,21 +95,10 @@ class SliceView:
 
     def render(self):
         """The view as an RGB uint8 array, row 0 at the top."""
-        import numpy as np
-        import vtk
-        from vtk.util.numpy_support import vtk_to_numpy
-
         self.logic.ResizeSliceNode(self.size, self.size)
         self.mapper.SetInputConnection(self.logic.GetImageDataConnection())
         self.window.Render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(self.window)
-        grab.SetInputBufferTypeToRGB()
-        grab.ReadFrontBufferOff()
-        grab.Update()
-        image = grab.GetOutput()
-        w, h, _ = image.GetDimensions()
-        return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
+        return grab_window(self.window)
 
     def ras_to_pixel(self, ras):
         """(row, col) of the view pixel showing RAS point ``ras`` (on the current slice)."""
@@ -158,20 +163,9 @@ class ThreeDView:
 
     def render(self):
         """The view as an RGB uint8 array, row 0 at the top."""
-        import numpy as np
-        import vtk
-        from vtk.util.numpy_support import vtk_to_numpy
-
         self.renderer.ResetCameraClippingRange()
         self.window.Render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(self.window)
-        grab.SetInputBufferTypeToRGB()
-        grab.ReadFrontBufferOff()
-        grab.Update()
-        image = grab.GetOutput()
-        w, h, _ = image.GetDimensions()
-        return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
+        return grab_window(self.window)
 
     def ras_to_pixels(self, ras):
         """(N, 2) (row, col) of the view pixels onto which the RAS points ``ras`` (N, 3) project."""

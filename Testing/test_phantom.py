@@ -609,3 +609,26 @@ def test_saved_phantom_carries_the_signature_and_an_edited_one_does_not(tmp_path
     ph.hu = edited
     ph.save(tmp_path / "phantom_0001.nii.gz")
     assert not carries_signature(read_scan(tmp_path / "phantom_0001.nii.gz").hu)
+
+
+def test_with_patterns_draws_a_rare_combination_on_the_same_chest_and_zone():
+    """Ground glass under UIP-like fibrosis (one lung in seven by the style's own draw) on request: the
+    chest, lungs and diseased zone are those of the same seed without it; only the pattern is added."""
+    kw = dict(shape_zyx=(40, 112, 112), spacing_mm=(3.0, 3.0, 3.0), subtype=SUBTYPES[0], involvement=0.5)
+    plain = generate_phantom(5, **kw)
+    assert "ground-glass opacity" not in plain.labels["patterns"]  # the seed's own draw has none
+    forced = generate_phantom(5, with_patterns=["ground-glass opacity"], **kw)
+    assert "ground-glass opacity" in forced.labels["patterns"]
+    assert forced.labels["with_patterns"] == ["ground-glass opacity"]
+    assert np.array_equal(plain.lung_mask, forced.lung_mask) and np.array_equal(plain.disease_mask, forced.disease_mask)
+    ggo = forced.pattern_masks["ground-glass opacity"]
+    assert not (ggo & ~forced.disease_mask).any() and ggo.sum() > 0.3 * forced.disease_mask.sum()
+    # The added ground glass is denser than the haze of the same zone without it.
+    zone = forced.disease_mask & ggo
+    assert np.median(forced.hu[zone]) > np.median(plain.hu[zone]) + 50
+    with pytest.raises(InputError, match="not drawn by the hypersensitivity pneumonitis style"):
+        generate_phantom(5, shape_zyx=(40, 112, 112), spacing_mm=(3.0, 3.0, 3.0), subtype=SUBTYPES[2],
+                         with_patterns=["honeycombing"])
+    # Normal lungs ignore it.
+    assert generate_phantom(5, ild=False, with_patterns=["ground-glass opacity"], **{k: v for k, v in kw.items()
+                            if k in ("shape_zyx", "spacing_mm")}).labels["patterns"] == []

@@ -1,4 +1,6 @@
 """CheXzero parity: our loader + scoring against CheXzero's zero_shot.py formula on the same weights."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -46,9 +48,12 @@ def chexzero_checkpoint(tmp_path_factory):
 
     torch.manual_seed(1234)
     model = open_clip.create_model("ViT-B-32-quickgelu")
-    path = tmp_path_factory.mktemp("chexzero") / "best_64_5e-05_original_22000_0.864.pt"
+    folder = tmp_path_factory.mktemp("chexzero")
+    path = folder / "best_64_5e-05_original_22000_0.864.pt"
     torch.save(model.state_dict(), path)
-    return path
+    yield path
+    # 600 MB: gone with the module, not kept until the session ends (CI's disk is shared with three venvs).
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("templates", [("{}",), ("{}", "a chest CT showing {}", "{} on CT")])

@@ -35,6 +35,15 @@ def read_rows(path: Path) -> list:
         return list(csv.DictReader(handle))
 
 
+def splits_by_patient(rows: list) -> dict:
+    """{patient_id: set of splits} of a split CSV's rows, after checking that no patient spans two splits."""
+    by_patient: dict = {}
+    for r in rows:
+        by_patient.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_patient.values()), "a patient spans two splits"
+    return by_patient
+
+
 def write_rows(path: Path, rows: list) -> Path:
     """A manifest CSV with the columns of the first row (the test cohorts' split files)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -454,10 +463,7 @@ def test_split_stratifies_by_label_and_keeps_patients_whole(capsys, tmp_path):
                             "--stratify", "covid")
     assert code == 0, err
     split = read_rows(out)
-    by_patient = {}
-    for r in split:
-        by_patient.setdefault(r["patient_id"], set()).add(r["split"])
-    assert all(len(s) == 1 for s in by_patient.values())
+    by_patient = splits_by_patient(split)
     positives = {name: sum(1 for p, s in by_patient.items() if s == {name} and int(p[1:]) % 4 == 0)
                  for name in ("train", "val", "test")}
     assert positives == {"train": 4, "val": 2, "test": 4}  # 40 / 20 / 40 % of the 10 positive patients
@@ -638,10 +644,7 @@ def test_split_balances_images_when_patients_have_different_numbers_of_scans(cap
                             "--stratify", "covid", "--seed", "1")
     assert code == 0, err
     split = read_rows(out)
-    by_patient = {}
-    for r in split:
-        by_patient.setdefault(r["patient_id"], set()).add(r["split"])
-    assert all(len(s) == 1 for s in by_patient.values())
+    by_patient = splits_by_patient(split)
     overall = np.mean([int(r["label_covid"]) for r in split])
     for name, fraction in (("val", 0.15), ("test", 0.3)):
         mine = [int(r["label_covid"]) for r in split if r["split"] == name]

@@ -37,10 +37,19 @@ if [ ! -f "$venv/.deps-$key" ]; then
   "$venv/bin/python" -m pip install --quiet -c "$constraints" "$wheel"
   touch "$venv/.deps-$key"
 fi
+"$venv/bin/python" -m pip uninstall --quiet --yes jsonargparse 2>/dev/null || true
 "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
-
 cd "$work"  # nothing of the source tree is importable from here
 export ZEROSHOT_ILD_WEIGHTS="$work/weights" ZEROSHOT_ILD_HASH_MEMO=""
+# Without the [train] extra, zeroshot-ild-train must say so in one line (not a traceback).
+if "$venv/bin/zeroshot-ild-train" --help > bare-train.txt 2>&1 \
+    || [ "$(wc -l < bare-train.txt)" -ne 1 ] || ! grep -q "zeroshot-ild\[train\]" bare-train.txt; then
+  cat bare-train.txt; echo "check_wheel: zeroshot-ild-train without the [train] extra gave no one-line hint" >&2; exit 1
+fi
+# zeroshot-ild-train's parser is jsonargparse's, from the [train] extra (pure Python, PyYAML only): the
+# `zeroshot-ild-train --help` below needs it, the rest of that extra (Lightning, ...) it does not.
+"$venv/bin/python" -m pip install --quiet -c "$constraints" jsonargparse
+
 echo "check_wheel: zeroshot-ild --version / models / demo / zeroshot-ild-train --help from the wheel" >&2
 "$venv/bin/zeroshot-ild" --version
 "$venv/bin/python" - <<'PY'

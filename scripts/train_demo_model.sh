@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Recreate ZeroShotILDLib/weights/phantom_demo.safetensors (the `zeroshot-ild demo` model) and its
-# benchmark (training/RESULTS.md). CPU only (2 threads), about 15-25 minutes on 2 cores. The work
+# benchmark (training/RESULTS.md). CPU only (one torch thread per process, as the shipped file was
+# trained: two threads beside other work ran 15x slower), about 15-25 minutes on 2 cores. The work
 # folder holds synthetic reports and caches; it is not part of the repository.
 #
 #   scripts/train_demo_model.sh [WORK_DIR [WEIGHTS]]
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/zeroshot-ild-demo-model}"
 WEIGHTS="${2:-ZeroShotILDLib/weights/phantom_demo.safetensors}"
 PY="${PYTHON:-.venv/bin/python}"
-DM=("$PY" -m zeroshot_ild_train.demo_model --threads 2)
+DM=("$PY" -m zeroshot_ild_train.demo_model --threads 1)
 
 # Data: 240 phantoms (cohort seed 20240; three resolutions; 60 % ILD, UIP-, NSIP- and HP-like
 # balanced, 3-100 % of the lung involved; noise 8-40 HU; lung -880..-815 HU) -> single-patch pairs
@@ -29,7 +30,7 @@ DM=("$PY" -m zeroshot_ild_train.demo_model --threads 2)
 # demo_model.pair_labels) from seeded random weights; the checkpoint with the
 # lowest validation loss is exported in fp16.
 "${DM[@]}" train --pairs "$WORK/pairs" "$WORK/pairs_hp" --out "$WORK/stage1" \
-    --steps 2000 --batch-size 32 --lr 5e-4 --loss unicl --seed 0 --weights "$WEIGHTS"
+    --steps 3000 --batch-size 32 --lr 5e-4 --loss unicl --seed 0 --weights "$WEIGHTS"
 # Benchmark: 40 fresh phantoms (cohort seed 777, never used in training; 3-100 % involved), engine
 # defaults: patch AUROC per style and per pattern prompt, scan AUROC, 95 % CIs.
 "${DM[@]}" evaluate --model "dapt:$WEIGHTS" --phantoms 40 --seed 777 --out "$WORK/eval.json"

@@ -119,6 +119,9 @@ class PairRecipe:
     positive_fraction: float = 0.6
     #: One style for every positive (e.g. more of the faintest, HP-like); None: the three balanced.
     subtype: Optional[str] = None
+    #: Patterns every positive phantom draws whatever its style's own draw (``generate_phantom``'s
+    #: ``with_patterns``): e.g. ground glass under UIP-like fibrosis, drawn by the style in one lung in seven.
+    with_patterns: tuple = ()
     #: Per positive phantom, the share of the lung diseased is drawn uniformly from this range
     #: (``generate_cohort(involvement=...)``); None keeps the generator's 12-30 %.
     involvement: Optional[tuple] = (0.03, 1.0)
@@ -434,6 +437,8 @@ def cohort_options(recipe: "PairRecipe") -> dict:
     out = {"positive_fraction": recipe.positive_fraction}
     if recipe.subtype:
         out["subtype"] = recipe.subtype
+    if recipe.with_patterns:
+        out["with_patterns"] = tuple(recipe.with_patterns)
     for key in ("involvement", "noise_hu", "lung_hu"):
         value = getattr(recipe, key)
         if value is not None:
@@ -662,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--phantoms", type=int, default=PairRecipe.n_phantoms)
     b.add_argument("--seed", type=int, default=PairRecipe.cohort_seed)
     b.add_argument("--subtype", help="one ILD style for every positive phantom (default: the three, balanced)")
+    b.add_argument("--positive-fraction", type=float, default=PairRecipe.positive_fraction,
+                   help="share of the phantoms with ILD (default %(default)s)")
+    b.add_argument("--with-pattern", action="append", default=[], metavar="PATTERN",
+                   help="a pattern every positive phantom draws whatever its style's own draw (repeatable; "
+                        "e.g. 'ground-glass opacity' with --subtype 'idiopathic pulmonary fibrosis')")
     b.add_argument("--retrieval-model", help="stage 2: montages retrieved by this (stage-1) model instead of "
                    "patch and ground-truth montage pairs")
     t = sub.add_parser("train", help="DAPT from scratch on the pairs -> demo weights")
@@ -696,7 +706,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         if args.command == "build":
-            recipe = PairRecipe(n_phantoms=args.phantoms, cohort_seed=args.seed, subtype=args.subtype)
+            recipe = PairRecipe(n_phantoms=args.phantoms, cohort_seed=args.seed, subtype=args.subtype,
+                                positive_fraction=args.positive_fraction, with_patterns=tuple(args.with_pattern))
             path = build_pairs(args.out, recipe, retrieval_model=args.retrieval_model, progress=not args.quiet)
             print(f"{sum(1 for _ in open(path, encoding='utf-8'))} pairs in {path}")
         elif args.command == "train":

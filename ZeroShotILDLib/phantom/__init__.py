@@ -32,11 +32,11 @@ Modules, one job each: ``generate`` (the public entry), ``builder`` (the passes 
 from __future__ import annotations
 
 from .cohort import generate_cohort, write_cohort
-from .constants import MANIFEST_COLUMNS, PATTERNS, SUBTYPES, TABLE_CORE_HU, TABLE_CORE_MM, TABLE_SHELL_MM
+from .constants import MANIFEST_COLUMNS, PATTERNS, STYLE_PATTERNS, SUBTYPES, TABLE_CORE_HU, TABLE_CORE_MM, TABLE_SHELL_MM
 from .generate import add_full_width_table, generate_phantom
 from .volume import Phantom
 
 __all__ = [
-    "MANIFEST_COLUMNS", "PATTERNS", "SUBTYPES", "TABLE_CORE_HU", "TABLE_CORE_MM", "TABLE_SHELL_MM",
+    "MANIFEST_COLUMNS", "PATTERNS", "STYLE_PATTERNS", "SUBTYPES", "TABLE_CORE_HU", "TABLE_CORE_MM", "TABLE_SHELL_MM",
     "Phantom", "add_full_width_table", "generate_cohort", "generate_phantom", "write_cohort",
 ]

@@ -17,9 +17,10 @@ from .volume import Phantom
 from ..phantom_signature import stamp
 
 class _Builder:
-    def __init__(self, grid, anat, seed, ild, subtype, noise_hu, padding_value, involvement=None):
+    def __init__(self, grid, anat, seed, ild, subtype, noise_hu, padding_value, involvement=None, with_patterns=()):
         self.grid, self.an, self.seed = grid, anat, seed
         self.ild, self.subtype, self.involvement = ild, subtype, involvement
+        self.with_patterns = tuple(with_patterns)
         self.noise_hu, self.padding_value = noise_hu, padding_value
         self.info = {}   # facts for the report
 
@@ -147,7 +148,7 @@ class _Builder:
         tree_rng = np.random.default_rng([self.seed, _STREAM_ANATOMY, an.p["tree_seed"]])
         self._tubes(cv, tree_rng)
         disease = _Disease(self, cv, np.random.default_rng([self.seed, _STREAM_DISEASE]),
-                           self.involvement if self.ild else None)
+                           self.involvement if self.ild else None, self.with_patterns if self.ild else ())
         if self.ild:
             patterns = disease.draw(self.subtype)
         else:
@@ -169,6 +170,8 @@ class _Builder:
             "disease_fraction": round(frac, 4),
             "involvement": self.involvement,
         }
+        if self.with_patterns and self.ild:
+            labels["with_patterns"] = list(self.with_patterns)
         report = _make_report(np.random.default_rng([self.seed, _STREAM_REPORT]), labels, self.info)
         return Phantom(hu=hu16, spacing_mm=tuple(g.spacing), origin_mm=tuple(g.origin),
                        direction=_DIRECTION, lung_mask=cv.lung, disease_mask=cv.disease,

@@ -16,6 +16,13 @@ PATTERNS = (
 MANIFEST_COLUMNS = ("scan_path", "report_text", "ild", "subtype", "patient_id", "split")
 
 _IPF, _SSC, _HP = SUBTYPES
+#: The patterns each style may draw (each with its own probability; ``with_patterns`` forces them).
+STYLE_PATTERNS = {
+    _IPF: ("reticulation", "honeycombing", "traction bronchiectasis", "ground-glass opacity"),
+    _SSC: ("ground-glass opacity", "reticulation", "traction bronchiectasis", "honeycombing"),
+    _HP: ("ground-glass opacity", "mosaic attenuation", "centrilobular nodules", "reticulation",
+          "traction bronchiectasis"),
+}
 _AIR_HU = -1000.0
 #: Full-width table: carbon shells around a foam core whose density is that of aerated lung.
 TABLE_SHELL_MM, TABLE_CORE_MM, TABLE_CORE_HU = 3.0, 30.0, -920.0

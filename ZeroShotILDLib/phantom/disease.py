@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 class _Disease:
     """Draws ILD patterns (or benign findings) into the canvas and records facts for the report."""
 
-    def __init__(self, builder: _Builder, cv: _Canvas, rng, involvement=None):
+    def __init__(self, builder: _Builder, cv: _Canvas, rng, involvement=None, with_patterns=()):
         self.b, self.cv, self.rng = builder, cv, rng
+        #: Patterns drawn whatever the style's own draw says (``generate_phantom(with_patterns=...)``).
+        self.with_patterns = frozenset(with_patterns)
         self.an, self.grid = builder.an, builder.grid
         self.info = {}
         #: Requested fraction of the lung inside the disease mask; None: the style's own draw.
@@ -165,6 +167,7 @@ class _Disease:
             want.add("traction bronchiectasis")
         if rng.random() < 0.15:
             want.add("ground-glass opacity")
+        want |= self.with_patterns  # after the draws above: the random streams do not change
         drawn = self._fibrosis(rng, sev, t, top, want, haze_hu=rng.uniform(-800, -740),
                                ggo_hu=rng.uniform(-620, -520), fine_mm=s * rng.uniform(3.5, 5.0),
                                line_mm=s * rng.uniform(0.4, 0.6))
@@ -197,6 +200,7 @@ class _Disease:
             want.add("traction bronchiectasis")
         if rng.random() < 0.1:
             want.add("honeycombing")
+        want |= self.with_patterns
         drawn = self._fibrosis(rng, sev, t, top, want, haze_hu=None, ggo_hu=rng.uniform(-560, -380),
                                fine_mm=s * rng.uniform(3.0, 4.0), line_mm=s * rng.uniform(0.3, 0.45),
                                line_gain=0.6)
@@ -225,6 +229,7 @@ class _Disease:
             want.add("reticulation")
             if rng.random() < 0.4:
                 want.add("traction bronchiectasis")
+        want |= self.with_patterns
         zone_share = 0.7 if "mosaic attenuation" in want else 1.0
         if self.involvement is None:
             zone_fraction, mosaic_fraction = target * zone_share, target * (1 - zone_share)

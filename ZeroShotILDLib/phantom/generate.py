@@ -1,7 +1,7 @@
 """``generate_phantom`` and ``add_full_width_table``: one chest, or a table for a real one."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -9,7 +9,7 @@ from ..errors import InputError
 from .anatomy import _sample_anatomy
 from .builder import _Builder
 from .checks import _check_geometry, _check_seed, _is_number
-from .constants import _STREAM_ANATOMY, SUBTYPES, TABLE_CORE_HU, TABLE_CORE_MM, TABLE_SHELL_MM
+from .constants import _STREAM_ANATOMY, STYLE_PATTERNS, SUBTYPES, TABLE_CORE_HU, TABLE_CORE_MM, TABLE_SHELL_MM
 from .fields import _Grid
 from .volume import Phantom
 
@@ -27,6 +27,7 @@ def generate_phantom(
     position: str = "supine",
     lung_hu: Optional[float] = None,
     involvement: Optional[float] = None,
+    with_patterns: Sequence[str] = (),
 ) -> Phantom:
     """Generate one synthetic chest HRCT phantom.
 
@@ -68,6 +69,12 @@ def generate_phantom(
         their density per involved lung at any extent. A value > 0 implies ILD; 0 gives normal
         lungs (``ild`` False, no subtype) whatever ``ild`` and ``subtype`` say. None keeps the
         style's own draw (12-30 %), so every seed gives the phantom it always gave.
+    with_patterns : sequence of str, default ()
+        Patterns drawn whatever the style's own draw says, each one the style can draw
+        (``STYLE_PATTERNS``; e.g. ground glass under UIP-like fibrosis, which the style draws in
+        one lung in seven). For training sets that need more of a rare combination; the random
+        streams are not changed, so the same seed gives the same chest and zone. Ignored for
+        normal lungs.
 
     Returns
     -------
@@ -112,6 +119,14 @@ def generate_phantom(
         subtype = SUBTYPES[int(draw_subtype)]
     if not ild:
         subtype = None
+    if isinstance(with_patterns, str):
+        with_patterns = (with_patterns,)
+    with_patterns = tuple(dict.fromkeys(with_patterns))
+    if with_patterns and ild:
+        unknown = [p for p in with_patterns if p not in STYLE_PATTERNS[subtype]]
+        if unknown:
+            raise InputError(f"with_patterns {unknown} are not drawn by the {subtype} style: use some of "
+                             f"{', '.join(STYLE_PATTERNS[subtype])}.")
 
     if table not in ("curved", "full", "none"):
         raise InputError(f"table must be 'curved', 'full' or 'none', got {table!r}.")
@@ -129,7 +144,8 @@ def generate_phantom(
         anat.p["table_gap"] = float(table_gap_mm)
     if lung_hu is not None:
         anat.hu["lung"] = float(lung_hu)
-    return _Builder(geom, anat, seed, ild, subtype, float(noise_hu), padding_value, involvement).build()
+    return _Builder(geom, anat, seed, ild, subtype, float(noise_hu), padding_value, involvement,
+                    with_patterns if ild else ()).build()
 
 
 def add_full_width_table(hu, spacing_mm, body, *, side: str = "below", gap_mm: float = 0.0,
