@@ -629,6 +629,8 @@ def test_with_patterns_draws_a_rare_combination_on_the_same_chest_and_zone():
     with pytest.raises(InputError, match="not drawn by the hypersensitivity pneumonitis style"):
         generate_phantom(5, shape_zyx=(40, 112, 112), spacing_mm=(3.0, 3.0, 3.0), subtype=SUBTYPES[2],
                          with_patterns=["honeycombing"])
+    with pytest.raises(InputError, match="list of pattern names"):
+        generate_phantom(5, with_patterns=7, **kw)
     # Normal lungs ignore it.
     assert generate_phantom(5, ild=False, with_patterns=["ground-glass opacity"], **{k: v for k, v in kw.items()
                             if k in ("shape_zyx", "spacing_mm")}).labels["patterns"] == []

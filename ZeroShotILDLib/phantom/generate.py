@@ -73,8 +73,9 @@ def generate_phantom(
         Patterns drawn whatever the style's own draw says, each one the style can draw
         (``STYLE_PATTERNS``; e.g. ground glass under UIP-like fibrosis, which the style draws in
         one lung in seven). For training sets that need more of a rare combination; the random
-        streams are not changed, so the same seed gives the same chest and zone. Ignored for
-        normal lungs.
+        streams are not changed, so the same seed gives the same chest and diseased zone (but for
+        mosaic attenuation, whose dark lobules take their share of the lung outside the zone).
+        Ignored for normal lungs.
 
     Returns
     -------
@@ -121,6 +122,8 @@ def generate_phantom(
         subtype = None
     if isinstance(with_patterns, str):
         with_patterns = (with_patterns,)
+    if not (isinstance(with_patterns, (tuple, list)) and all(isinstance(p, str) for p in with_patterns)):
+        raise InputError(f"with_patterns must be a list of pattern names, got {with_patterns!r}.")
     with_patterns = tuple(dict.fromkeys(with_patterns))
     if with_patterns and ild:
         unknown = [p for p in with_patterns if p not in STYLE_PATTERNS[subtype]]
