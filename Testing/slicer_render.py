@@ -48,6 +48,32 @@ def grab_window(window):
     return np.array(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, 3)[::-1])
 
 
+def _offscreen_view(headless, factory, managers, size: int) -> tuple:
+    """(renderer, window, interactor, displayable-manager group) of an offscreen ``size``-pixel view whose
+    ``factory`` (slice or 3-D) has ``managers`` registered, as Slicer's view widgets set them up without Qt.
+    The interactor is there because markups widgets need one."""
+    import slicer
+    import vtk
+
+    renderer = vtk.vtkRenderer()
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetMultiSamples(0)
+    window.AddRenderer(renderer)
+    window.SetSize(size, size)
+    interactor = vtk.vtkRenderWindowInteractor()
+    interactor.SetRenderWindow(window)
+    interactor.Initialize()
+    factory.SetMRMLApplicationLogic(headless.app_logic)
+    for manager in managers:
+        if not factory.IsDisplayableManagerRegistered(manager):
+            factory.RegisterDisplayableManager(manager)
+    group = slicer.vtkMRMLDisplayableManagerGroup()
+    group.SetRenderer(renderer)
+    group.Initialize(factory, renderer)
+    return renderer, window, interactor, group
+
+
 class SliceView:
     """One offscreen slice view ("Red", axial) of ``headless.scene``, ``size`` pixels square."""
 
@@ -56,24 +82,9 @@ class SliceView:
         import vtk
 
         self.size = size
-        self.renderer = vtk.vtkRenderer()
+        self.renderer, self.window, self.interactor, self.managers = _offscreen_view(
+            headless, slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance(), SLICE_MANAGERS, size)
         self.renderer.GetActiveCamera().ParallelProjectionOn()
-        self.window = vtk.vtkRenderWindow()
-        self.window.SetOffScreenRendering(1)
-        self.window.SetMultiSamples(0)
-        self.window.AddRenderer(self.renderer)
-        self.window.SetSize(size, size)
-        self.interactor = vtk.vtkRenderWindowInteractor()  # markups widgets need one
-        self.interactor.SetRenderWindow(self.window)
-        self.interactor.Initialize()
-        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
-        factory.SetMRMLApplicationLogic(headless.app_logic)
-        for manager in SLICE_MANAGERS:
-            if not factory.IsDisplayableManagerRegistered(manager):
-                factory.RegisterDisplayableManager(manager)
-        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
-        self.managers.SetRenderer(self.renderer)
-        self.managers.Initialize(factory, self.renderer)
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(headless.app_logic)
         headless.app_logic.GetSliceLogics().AddItem(self.logic)
@@ -124,27 +135,11 @@ class ThreeDView:
 
     def __init__(self, headless, size: int = 400):
         import slicer
-        import vtk
 
         self.size = size
-        self.renderer = vtk.vtkRenderer()
+        self.renderer, self.window, self.interactor, self.managers = _offscreen_view(
+            headless, slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance(), THREE_D_MANAGERS, size)
         self.renderer.SetBackground(0.0, 0.0, 0.0)
-        self.window = vtk.vtkRenderWindow()
-        self.window.SetOffScreenRendering(1)
-        self.window.SetMultiSamples(0)
-        self.window.AddRenderer(self.renderer)
-        self.window.SetSize(size, size)
-        self.interactor = vtk.vtkRenderWindowInteractor()
-        self.interactor.SetRenderWindow(self.window)
-        self.interactor.Initialize()
-        factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
-        factory.SetMRMLApplicationLogic(headless.app_logic)
-        for manager in THREE_D_MANAGERS:
-            if not factory.IsDisplayableManagerRegistered(manager):
-                factory.RegisterDisplayableManager(manager)
-        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
-        self.managers.SetRenderer(self.renderer)
-        self.managers.Initialize(factory, self.renderer)
         self.node = headless.scene.AddNewNodeByClass("vtkMRMLViewNode")
         self.node.SetLayoutName("1")
         self.managers.SetMRMLDisplayableNode(self.node)
@@ -411,7 +406,6 @@ def can_render() -> str:
     """"" when an offscreen OpenGL window renders here, else why not (one line)."""
     import numpy as np
     import vtk
-    from vtk.util.numpy_support import vtk_to_numpy
 
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
@@ -420,11 +414,8 @@ def can_render() -> str:
     window.AddRenderer(renderer)
     window.SetSize(8, 8)
     window.Render()
-    grab = vtk.vtkWindowToImageFilter()
-    grab.SetInput(window)
-    grab.Update()
-    pixels = vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars())
-    if pixels is None or not np.all(pixels[:, 0] == 255):
+    pixels = grab_window(window)
+    if pixels.size == 0 or not np.all(pixels[..., 0] == 255):
         return f"offscreen rendering with {window.GetClassName()} gave no image"
     return ""
 

@@ -238,3 +238,19 @@ def special_file(path) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def read_own_json(path, limit_bytes: int) -> tuple:
+    """(document, None), or (None, why): "absent", "foreign" (not a regular file, a link, or over
+    ``limit_bytes``) or "damaged" (unreadable or not JSON). For the manifests the tool writes into
+    an output folder, which decide what it may replace there: each caller words its own messages."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, "absent"
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit_bytes:
+        return None, "foreign"
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")), None
+    except (OSError, ValueError):
+        return None, "damaged"

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import stat
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from . import __version__
 from . import csv_files
 from .atomic_files import (atomic_write_text, default_file_mode, file_record, make_staging_dir, matches_record,
-                           pid_alive, remove_owned_files, staging_pid)
+                           pid_alive, read_own_json, remove_owned_files, staging_pid)
 from .errors import InputError
 from .results import AnalysisResult
 from .scan import Scan
@@ -222,18 +221,12 @@ def clean_leftovers(out_dir: Path) -> None:
 
 def _read_manifest(out_dir: Path):
     """(doc, None) for a readable manifest of the current format, (None, reason) otherwise, (None, None) if none."""
-    path = out_dir / MANIFEST_NAME
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    doc, problem = read_own_json(out_dir / MANIFEST_NAME, _MANIFEST_LIMIT)
+    if problem == "absent":
         return None, None
-    if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_LIMIT:
-        return None, f"{MANIFEST_NAME} is not a manifest the tool wrote"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if problem == "damaged":
         return None, f"{MANIFEST_NAME} is damaged"
-    if not isinstance(doc, dict) or doc.get("format") not in (MANIFEST_FORMAT,) + _OLD_MANIFEST_FORMATS:
+    if problem or not isinstance(doc, dict) or doc.get("format") not in (MANIFEST_FORMAT,) + _OLD_MANIFEST_FORMATS:
         return None, f"{MANIFEST_NAME} is not a manifest the tool wrote"
     if doc["format"] != MANIFEST_FORMAT:
         return None, "it was written by an older zeroshot-ild whose manifest records no file hashes"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ZeroShotILDLib.atomic_files import (STAGING_MARK, atomic_path, atomic_write_bytes, atomic_write_text,
-                                         make_staging_dir, pid_alive, staging_pid)
+                                         make_staging_dir, pid_alive, read_own_json, staging_pid)
 from ZeroShotILDLib.errors import InputError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "claim_out_dir", "staged_output",
@@ -113,18 +113,12 @@ def _files_now(out: Path) -> dict:
 
 def _read_manifest(out: Path):
     """(doc, None) or (None, why the folder is not ours)."""
-    path = out / TRAIN_MANIFEST
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    doc, problem = read_own_json(out / TRAIN_MANIFEST, _MANIFEST_LIMIT)
+    if problem == "absent":
         return None, "it holds no zeroshot-ild-train manifest"
-    if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_LIMIT:
-        return None, f"{TRAIN_MANIFEST} is not a manifest of zeroshot-ild-train"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if problem == "damaged":
         return None, f"{TRAIN_MANIFEST} is damaged"
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
+    if problem or not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
         return None, f"{TRAIN_MANIFEST} is not a manifest of zeroshot-ild-train"
     return doc, None
 
